@@ -1,0 +1,506 @@
+"""Fused temperature-softmax divergence: the Triton kernels behind ``kd_loss``.
+
+Math (pydistill/reference/softmax_divergence.py is the oracle). Per row, z = softcap(logits)
+(-inf stays -inf), x = z / T, p = softmax(x_t), q = softmax(x_s)::
+
+    loss = hard_weight * (lse(z_s) - z_s[y]) + soft_scale * D(p, q),  soft_scale = w * T^2 (t2)
+
+Forward, one program per row, the vocabulary streamed in tiles of BLOCK_V, fp32 math:
+
+  pass 1   online max / sum-exp of x_s and x_t (and of z_s when T != 1, for the hard CE).
+           kl and reverse_kl also get D itself in this pass, online and max-stabilised:
+               A = sum_j e^{a_j - m_a} ((a_j - m_a) - (b_j - m_b)),
+               KL(a || b) = A / l_a - log l_a + log l_b
+           where A is rescaled by e^{m_a - m_a'} and shifted by l_a ((m_a - m_a') - (m_b - m_b'))
+           whenever a running max moves (a = x_t, b = x_s for kl; swapped for reverse_kl).
+           Read: s, t once. Write: one float per row (and 8 stats floats).
+  pass 2   jsd / tvd / skew_*: with both logsumexps known, D, S_q and S_p (below). Tiles in
+           reverse order, so the first tiles re-read are the ones pass 1 read last.
+
+Gradient. With h_j = dD/dq_j and u_j = dD/dp_j, the softmax chain rule gives
+
+    dD/ds_j = (1/T) q_j (h_j - S_q),  S_q = sum_k q_k h_k
+    dD/dt_j = (1/T) p_j (u_j - S_p),  S_p = sum_k p_k u_k
+
+    divergence        q h                           S_q      p u                            S_p
+    kl                -p                            -1       p (log p - log q + 1)          D + 1
+    reverse_kl        q (log q - log p + 1)         D + 1    -q                             -1
+    jsd               (1-b) q (log q - log m)       pass 2   b p (log p - log m)            pass 2
+    tvd               q g,  g = sign(q - p) / 2     pass 2   -p g                           pass 2
+    skew_kl           -(1-a) q p / m                pass 2   p (log p - log m - a p / m)    pass 2
+    skew_reverse_kl   q (log q - log m - a q / m)   pass 2   -(1-a) p q / m                 pass 2
+
+    m = b p + (1-b) q (jsd), a p + (1-a) q (skew_kl), a q + (1-a) p (skew_reverse_kl)
+
+so kl and reverse_kl need no pass 2 even for their gradient. The hard term adds
+hard_weight (softmax(z_s)_j - [j = y]); soft-capping multiplies by 1 - (z / c)^2.
+
+The gradient pass runs either at the end of the forward (``kd_fwd(..., grad_s=...)``, then the
+backward only scales it by grad_output: ``kd_scale_grad_``, which returns at once on the device
+when grad_output is 1) or in the backward from the saved per-row statistics (``kd_bwd``, which
+folds grad_output into the same pass). Bytes moved per element for kl, forward + backward, in
+units of one logits tensor: recompute 2 + 3 = 5; gradient-in-forward 5 when grad_output = 1
+(minus what pass 3 finds in L2, since it walks the row backwards) and 7 otherwise. The floor
+is 3 (read s, read t, write the gradient).
+"""
+import triton
+import triton.language as tl
+
+KL, REVERSE_KL, JSD, TVD, SKEW_KL, SKEW_REVERSE_KL = range(6)
+DIVERGENCE_CODES = {
+    "kl": KL,
+    "reverse_kl": REVERSE_KL,
+    "jsd": JSD,
+    "tvd": TVD,
+    "skew_kl": SKEW_KL,
+    "skew_reverse_kl": SKEW_REVERSE_KL,
+}
+N_STATS = 8  # per row: lse_s, lse_t, lse_1, D, S_q, S_p, (spare x2)
+NEG_INF = float("-inf")
+
+
+@triton.jit
+def _softcap(z, cap):
+    # cap * tanh(z / cap) from one exp of a non-positive argument (no overflow);
+    # -inf (masked vocabulary) stays -inf.
+    y = z / cap
+    e = tl.exp(-2.0 * tl.abs(y))
+    th = (1.0 - e) / (1.0 + e)
+    th = tl.where(y < 0, -th, th)
+    return tl.where(z == float("-inf"), z, cap * th)
+
+
+@triton.jit
+def _load_logits(ptr, cols, mask, softcap, HAS_SOFTCAP: tl.constexpr):
+    z = tl.load(ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    if HAS_SOFTCAP:
+        z = _softcap(z, softcap)
+    return z
+
+
+@triton.jit
+def _finite_or_zero(m):
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _online_kl_update(acc, l_a, m_a, m_a_new, m_b, m_b_new, x_a, e_a, x_b):
+    # acc = sum e^{a - m_a} ((a - m_a) - (b - m_b)) over the tiles seen so far; move it to the
+    # new maxima, then add this tile. Maxima are used in their finite form (-inf -> 0), which
+    # keeps a student row that is -inf so far at +inf instead of NaN.
+    ma, ma_new = _finite_or_zero(m_a), _finite_or_zero(m_a_new)
+    mb, mb_new = _finite_or_zero(m_b), _finite_or_zero(m_b_new)
+    carried = tl.where(l_a > 0, tl.exp(ma - ma_new) * (acc + l_a * ((ma - ma_new) - (mb - mb_new))), 0.0)
+    terms = tl.where(x_a > float("-inf"), e_a * ((x_a - ma_new) - (x_b - mb_new)), 0.0)
+    return carried + tl.sum(terms, axis=0)
+
+
+@triton.jit
+def _pointwise(log_p, log_q, beta, DIV: tl.constexpr):
+    # Per element: p, q, the divergence term d, q h and p u (table in the module docstring).
+    # Every product with a probability is masked where that probability is 0, so entries that
+    # are -inf in the logits contribute exactly 0 and never NaN.
+    p = tl.exp(log_p)
+    q = tl.exp(log_q)
+    if DIV == KL:
+        d = tl.where(p > 0, p * (log_p - log_q), 0.0)
+        qh = -p
+        pu = tl.where(p > 0, p * (log_p - log_q + 1.0), 0.0)
+    elif DIV == REVERSE_KL:
+        d = tl.where(q > 0, q * (log_q - log_p), 0.0)
+        qh = tl.where(q > 0, q * (log_q - log_p + 1.0), 0.0)
+        pu = -q
+    elif DIV == JSD:
+        log_m = tl.log(beta * p + (1.0 - beta) * q)
+        pu = beta * tl.where(p > 0, p * (log_p - log_m), 0.0)
+        qh = (1.0 - beta) * tl.where(q > 0, q * (log_q - log_m), 0.0)
+        d = pu + qh
+    elif DIV == TVD:
+        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+        d = 0.5 * tl.abs(p - q)
+        qh = q * g
+        pu = -p * g
+    elif DIV == SKEW_KL:
+        m = beta * p + (1.0 - beta) * q
+        r = tl.where(m > 0, p / m, 0.0)
+        log_ratio = log_p - tl.log(m)
+        d = tl.where(p > 0, p * log_ratio, 0.0)
+        qh = -(1.0 - beta) * q * r
+        pu = tl.where(p > 0, p * (log_ratio - beta * r), 0.0)
+    else:  # SKEW_REVERSE_KL
+        m = beta * q + (1.0 - beta) * p
+        r = tl.where(m > 0, q / m, 0.0)
+        log_ratio = log_q - tl.log(m)
+        d = tl.where(q > 0, q * log_ratio, 0.0)
+        qh = tl.where(q > 0, q * (log_ratio - beta * r), 0.0)
+        pu = -(1.0 - beta) * p * r
+    return p, q, d, qh, pu
+
+
+@triton.jit
+def _grad_pass(
+    s_row, t_row, gs_row, gt_row, label, active, V, n_tiles,
+    inv_t, softcap, beta, hard_weight, soft_coef, row_scale,
+    lse_s, lse_t, lse_1, s_q, s_p,
+    DIV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr,
+    HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
+    GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # Writes every element of the gradient rows (zeros for an ignored row, whose loads are
+    # masked off so they move no bytes). Tiles in reverse order: see the module docstring.
+    offs = tl.arange(0, BLOCK_V)
+    for k in range(0, n_tiles):
+        cols = (n_tiles - 1 - k) * BLOCK_V + offs
+        in_row = cols < V
+        mask = in_row & active
+        z_s = _load_logits(s_row, cols, mask, softcap, HAS_SOFTCAP)
+        x_s = z_s * inv_t
+        g_s = tl.zeros([BLOCK_V], dtype=tl.float32)
+        g_t = tl.zeros([BLOCK_V], dtype=tl.float32)
+        if HAS_SOFT:
+            z_t = _load_logits(t_row, cols, mask, softcap, HAS_SOFTCAP)
+            p, q, d, qh, pu = _pointwise(z_t * inv_t - lse_t, x_s - lse_s, beta, DIV)
+            g_s = soft_coef * (qh - q * s_q)
+            g_t = soft_coef * (pu - p * s_p)
+        if HAS_HARD:
+            if CE_SEPARATE:
+                soft1 = tl.exp(z_s - lse_1)
+            else:
+                soft1 = tl.exp(x_s - lse_s)
+            g_s += hard_weight * (soft1 - tl.where(cols == label, 1.0, 0.0))
+        if GRAD_S:
+            if HAS_SOFTCAP:
+                th = z_s / softcap
+                g_s = g_s * tl.where(z_s == float("-inf"), 0.0, 1.0 - th * th)
+            g_s = tl.where(active, g_s * row_scale, 0.0)
+            tl.store(gs_row + cols, g_s.to(gs_row.dtype.element_ty), mask=in_row)
+        if GRAD_T:
+            if HAS_SOFTCAP:
+                th_t = z_t / softcap
+                g_t = g_t * tl.where(z_t == float("-inf"), 0.0, 1.0 - th_t * th_t)
+            g_t = tl.where(active, g_t * row_scale, 0.0)
+            tl.store(gt_row + cols, g_t.to(gt_row.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def _row_offset(row, n_inner, stride_outer, stride_inner):
+    # Rows of a (..., V) tensor whose leading dims collapse to (outer, inner): covers the
+    # contiguous case (outer = 1) and slices such as logits[:, :-1] without a copy.
+    return (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+
+
+@triton.jit
+def _kd_fwd_kernel(
+    s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, gs_ptr, gt_ptr, scale_ptr,
+    n_inner, s_stride_outer, s_stride_inner, t_stride_outer, t_stride_inner, scale_stride,
+    V, inv_t, softcap, beta, hard_weight, soft_scale, grad_scale, ignore_index,
+    DIV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LABELS: tl.constexpr,
+    HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
+    NEEDS_PASS2: tl.constexpr, HAS_SCALE_PTR: tl.constexpr,
+    GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, STORE_STATS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + _row_offset(row, n_inner, s_stride_outer, s_stride_inner)
+    t_row = t_ptr + _row_offset(row, n_inner, t_stride_outer, t_stride_inner)
+    label = -1
+    active = True
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        active = label != ignore_index
+    n_tiles = tl.cdiv(V, BLOCK_V)
+    n_live = tl.where(active, n_tiles, 0)
+    offs = tl.arange(0, BLOCK_V)
+
+    # ---- pass 1: online logsumexps (+ online kl / reverse_kl) ------------------------------
+    m_s = float("-inf")
+    l_s = 0.0
+    m_t = float("-inf")
+    l_t = 0.0
+    m_1 = float("-inf")
+    l_1 = 0.0
+    acc = 0.0
+    for k in range(0, n_live):
+        cols = k * BLOCK_V + offs
+        mask = cols < V
+        z_s = _load_logits(s_row, cols, mask, softcap, HAS_SOFTCAP)
+        x_s = z_s * inv_t
+        m_s_new = tl.maximum(m_s, tl.max(x_s, axis=0))
+        e_s = tl.exp(x_s - _finite_or_zero(m_s_new))
+        if HAS_SOFT:
+            x_t = _load_logits(t_row, cols, mask, softcap, HAS_SOFTCAP) * inv_t
+            m_t_new = tl.maximum(m_t, tl.max(x_t, axis=0))
+            e_t = tl.exp(x_t - _finite_or_zero(m_t_new))
+            if DIV == KL:
+                acc = _online_kl_update(acc, l_t, m_t, m_t_new, m_s, m_s_new, x_t, e_t, x_s)
+            if DIV == REVERSE_KL:
+                acc = _online_kl_update(acc, l_s, m_s, m_s_new, m_t, m_t_new, x_s, e_s, x_t)
+            l_t = l_t * tl.exp(m_t - _finite_or_zero(m_t_new)) + tl.sum(e_t, axis=0)
+            m_t = m_t_new
+        l_s = l_s * tl.exp(m_s - _finite_or_zero(m_s_new)) + tl.sum(e_s, axis=0)
+        m_s = m_s_new
+        if CE_SEPARATE:
+            m_1_new = tl.maximum(m_1, tl.max(z_s, axis=0))
+            l_1 = l_1 * tl.exp(m_1 - _finite_or_zero(m_1_new)) + tl.sum(
+                tl.exp(z_s - _finite_or_zero(m_1_new)), axis=0
+            )
+            m_1 = m_1_new
+    lse_s = m_s + tl.log(l_s)
+    lse_t = m_t + tl.log(l_t)
+    if CE_SEPARATE:
+        lse_1 = m_1 + tl.log(l_1)
+    else:
+        lse_1 = lse_s
+
+    # ---- divergence and the sums its gradient needs -----------------------------------------
+    div = 0.0
+    s_q = 0.0
+    s_p = 0.0
+    if HAS_SOFT:
+        if DIV == KL:
+            div = acc / l_t - tl.log(l_t) + tl.log(l_s)
+            s_q = -1.0
+            s_p = div + 1.0
+        elif DIV == REVERSE_KL:
+            div = acc / l_s - tl.log(l_s) + tl.log(l_t)
+            s_q = div + 1.0
+            s_p = -1.0
+        elif NEEDS_PASS2:
+            d_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            q_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            p_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            for k in range(0, n_live):
+                cols = (n_live - 1 - k) * BLOCK_V + offs
+                mask = cols < V
+                x_s = _load_logits(s_row, cols, mask, softcap, HAS_SOFTCAP) * inv_t
+                x_t = _load_logits(t_row, cols, mask, softcap, HAS_SOFTCAP) * inv_t
+                p, q, d, qh, pu = _pointwise(x_t - lse_t, x_s - lse_s, beta, DIV)
+                d_acc += d
+                q_acc += qh
+                p_acc += pu
+            div = tl.sum(d_acc, axis=0)
+            s_q = tl.sum(q_acc, axis=0)
+            s_p = tl.sum(p_acc, axis=0)
+
+    loss = soft_scale * div
+    if HAS_HARD:
+        valid = (label >= 0) & (label < V)
+        z_y = tl.load(s_row + label, mask=valid & active, other=float("nan")).to(tl.float32)
+        if HAS_SOFTCAP:
+            z_y = _softcap(z_y, softcap)
+        loss += hard_weight * (lse_1 - z_y)
+    tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
+
+    if STORE_STATS:
+        st = stats_ptr + row * 8
+        tl.store(st + 0, lse_s)
+        tl.store(st + 1, lse_t)
+        tl.store(st + 2, lse_1)
+        tl.store(st + 3, div)
+        tl.store(st + 4, s_q)
+        tl.store(st + 5, s_p)
+
+    if GRAD_S or GRAD_T:
+        row_scale = grad_scale
+        if HAS_SCALE_PTR:
+            row_scale = row_scale * tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        _grad_pass(
+            s_row, t_row, gs_ptr + row * V, gt_ptr + row * V, label, active, V, n_tiles,
+            inv_t, softcap, beta, hard_weight, soft_scale * inv_t, row_scale,
+            lse_s, lse_t, lse_1, s_q, s_p,
+            DIV, HAS_SOFTCAP, HAS_HARD, HAS_SOFT, CE_SEPARATE, GRAD_S, GRAD_T, BLOCK_V,
+        )
+
+
+@triton.jit
+def _kd_bwd_kernel(
+    s_ptr, t_ptr, labels_ptr, stats_ptr, gs_ptr, gt_ptr, scale_ptr,
+    n_inner, s_stride_outer, s_stride_inner, t_stride_outer, t_stride_inner, scale_stride,
+    V, inv_t, softcap, beta, hard_weight, soft_scale, grad_scale, ignore_index,
+    DIV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LABELS: tl.constexpr,
+    HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
+    HAS_SCALE_PTR: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + _row_offset(row, n_inner, s_stride_outer, s_stride_inner)
+    t_row = t_ptr + _row_offset(row, n_inner, t_stride_outer, t_stride_inner)
+    label = -1
+    active = True
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        active = label != ignore_index
+    st = stats_ptr + row * 8
+    row_scale = grad_scale
+    if HAS_SCALE_PTR:
+        row_scale = row_scale * tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+    _grad_pass(
+        s_row, t_row, gs_ptr + row * V, gt_ptr + row * V, label, active, V, tl.cdiv(V, BLOCK_V),
+        inv_t, softcap, beta, hard_weight, soft_scale * inv_t, row_scale,
+        tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 4), tl.load(st + 5),
+        DIV, HAS_SOFTCAP, HAS_HARD, HAS_SOFT, CE_SEPARATE, GRAD_S, GRAD_T, BLOCK_V,
+    )
+
+
+@triton.jit
+def _kd_scale_grad_kernel(grad_ptr, scale_ptr, scale_stride, V, BLOCK_V: tl.constexpr):
+    # grad[row] *= scale[row]; a no-op decided on the device when the scale is 1 (the usual
+    # loss.backward()), so the backward of the gradient-in-forward mode costs nothing then.
+    row = tl.program_id(0).to(tl.int64)
+    scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+    if scale != 1.0:
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        ptr = grad_ptr + row * V + cols
+        g = tl.load(ptr, mask=mask).to(tl.float32)
+        tl.store(ptr, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------
+# Launchers: validate, allocate, compute the grid. Inputs arrive validated by the API.
+# ------------------------------------------------------------------------------------------
+import torch  # noqa: E402  (kept below the kernels: this file reads kernel-first)
+
+from pydistill._utils import empty  # noqa: E402
+
+# Tile size override for tests (small tiles exercise the multi-tile paths at small V).
+BLOCK_V_OVERRIDE = None
+
+
+def _block_v(vocab: int) -> int:
+    if BLOCK_V_OVERRIDE is not None:
+        return BLOCK_V_OVERRIDE
+    return min(4096, triton.next_power_of_2(vocab))
+
+
+def _num_warps(block_v: int) -> int:
+    return 4 if block_v <= 1024 else 8 if block_v <= 4096 else 16
+
+
+def _leading_dims(x: torch.Tensor):
+    """x with unit stride along V, and its leading dims merged into at most two
+    (size, stride) pairs; None when they do not merge that far."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    dims = []
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1]):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == stride * size:
+            dims[-1] = (dims[-1][0] * size, stride)
+        else:
+            dims.append((size, stride))
+    return x, (dims if len(dims) <= 2 else None)
+
+
+def _row_layouts(student: torch.Tensor, teacher: torch.Tensor):
+    """Address the rows of student and teacher (..., V) as
+    base + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner, with one n_inner
+    for both. Covers contiguous inputs and slices such as logits[:, :-1] without a copy;
+    anything else is copied to contiguous rows."""
+    s, ds = _leading_dims(student)
+    t, dt = _leading_dims(teacher)
+    if ds is None or dt is None or (len(ds) == 2 and len(dt) == 2 and ds[1][0] != dt[1][0]):
+        s, t = student.contiguous(), teacher.contiguous()
+        ds = dt = [(s.numel() // s.shape[-1], s.shape[-1])]
+    two = ds if len(ds) == 2 else dt if len(dt) == 2 else None
+    n_inner = two[1][0] if two is not None else 1
+
+    def strides(dims):
+        if len(dims) == 2:
+            return dims[0][1], dims[1][1]
+        row_stride = dims[0][1] if dims else 0
+        return n_inner * row_stride, row_stride
+
+    return s, t, n_inner, strides(ds), strides(dt)
+
+
+def _flags(cfg, divergence: str, n_labels: bool):
+    hard = cfg.hard_weight != 0.0
+    soft = cfg.has_soft
+    div = DIVERGENCE_CODES[divergence]
+    return dict(
+        DIV=div,
+        HAS_SOFTCAP=cfg.softcap is not None,
+        HAS_LABELS=n_labels,
+        HAS_HARD=hard,
+        HAS_SOFT=soft,
+        CE_SEPARATE=hard and cfg.temperature != 1.0,
+    )
+
+
+def _scalars(cfg):
+    return (
+        1.0 / cfg.temperature,
+        float(cfg.softcap) if cfg.softcap is not None else 1.0,
+        float(cfg.beta),
+        float(cfg.hard_weight),
+        float(cfg.soft_scale),
+    )
+
+
+def kd_fwd(student, teacher, labels, cfg, divergence, *, grad_s=None, grad_t=None,
+           grad_scale=1.0, scale=None, store_stats=False):
+    """Per-row losses (float32, N) and, optionally, per-row stats (N, 8) and the gradients
+    (written into ``grad_s`` / ``grad_t``: contiguous (N, V) buffers), scaled by
+    ``grad_scale * scale[row or 0]``."""
+    vocab = student.shape[-1]
+    s, t, n_inner, (so_s, si_s), (so_t, si_t) = _row_layouts(student, teacher)
+    n_rows = student.numel() // vocab
+    device = student.device
+    loss = empty(n_rows, dtype=torch.float32, device=device)
+    stats = empty((n_rows, N_STATS), dtype=torch.float32, device=device) if store_stats else loss
+    labels_flat = labels.reshape(-1) if labels is not None else loss
+    scale_t, scale_stride = (scale, scale.stride(0) if scale.numel() > 1 else 0) if scale is not None else (loss, 0)
+    block = _block_v(vocab)
+    if n_rows == 0:
+        return loss, stats
+    _kd_fwd_kernel[(n_rows,)](
+        s, t, labels_flat, loss, stats,
+        grad_s if grad_s is not None else loss, grad_t if grad_t is not None else loss, scale_t,
+        n_inner, so_s, si_s, so_t, si_t, scale_stride,
+        vocab, *_scalars(cfg), float(grad_scale), int(cfg.ignore_index),
+        **_flags(cfg, divergence, labels is not None),
+        NEEDS_PASS2=DIVERGENCE_CODES[divergence] >= JSD,
+        HAS_SCALE_PTR=scale is not None,
+        GRAD_S=grad_s is not None, GRAD_T=grad_t is not None, STORE_STATS=store_stats,
+        BLOCK_V=block, num_warps=_num_warps(block),
+    )
+    return loss, stats
+
+
+def kd_bwd(student, teacher, labels, stats, cfg, divergence, *, grad_s=None, grad_t=None,
+           grad_scale=1.0, scale=None):
+    """Gradient pass from the stats saved by ``kd_fwd(store_stats=True)``."""
+    vocab = student.shape[-1]
+    s, t, n_inner, (so_s, si_s), (so_t, si_t) = _row_layouts(student, teacher)
+    n_rows = student.numel() // vocab
+    if n_rows == 0:
+        return
+    labels_flat = labels.reshape(-1) if labels is not None else stats
+    scale_t, scale_stride = (scale, scale.stride(0) if scale.numel() > 1 else 0) if scale is not None else (stats, 0)
+    block = _block_v(vocab)
+    _kd_bwd_kernel[(n_rows,)](
+        s, t, labels_flat, stats,
+        grad_s if grad_s is not None else stats, grad_t if grad_t is not None else stats, scale_t,
+        n_inner, so_s, si_s, so_t, si_t, scale_stride,
+        vocab, *_scalars(cfg), float(grad_scale), int(cfg.ignore_index),
+        **_flags(cfg, divergence, labels is not None),
+        HAS_SCALE_PTR=scale is not None,
+        GRAD_S=grad_s is not None, GRAD_T=grad_t is not None,
+        BLOCK_V=block, num_warps=_num_warps(block),
+    )
+
+
+def kd_scale_grad_(grad: torch.Tensor, scale: torch.Tensor):
+    """grad (N, V, contiguous) *= scale (1 or N float32 values), skipped on the device where
+    the scale is exactly 1."""
+    n_rows, vocab = grad.shape
+    if n_rows == 0:
+        return grad
+    block = min(4096, triton.next_power_of_2(vocab))
+    stride = scale.stride(0) if scale.numel() > 1 else 0
+    _kd_scale_grad_kernel[(n_rows, triton.cdiv(vocab, block))](
+        grad, scale, stride, vocab, BLOCK_V=block, num_warps=_num_warps(block)
+    )
+    return grad

@@ -1,0 +1,15 @@
+"""pydistill: fused kernels for knowledge-distillation losses.
+
+    import pydistill as pdl
+    loss = pdl.kd_loss(student_logits, teacher_logits, temperature=2.0)
+
+Importing needs neither a GPU, nor Triton, nor a compiled extension: kernels are imported
+when a backend that needs them is first used.
+"""
+from pydistill._version import __version__
+from pydistill.functional import kd_loss
+from pydistill.modules import KDLoss
+from pydistill.reference.softmax_divergence import DIVERGENCES, REDUCTIONS
+from pydistill._dispatch import BACKENDS
+
+__all__ = ["__version__", "kd_loss", "KDLoss", "DIVERGENCES", "REDUCTIONS", "BACKENDS"]

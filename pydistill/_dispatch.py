@@ -1,0 +1,121 @@
+"""Backend dispatch: the one table that decides which implementation runs.
+
+``backend="auto"`` picks, for CUDA tensors, the first entry of ``TABLE[op]`` that is
+available and supports the input dtypes; for CPU tensors always ``torch``. An explicit
+backend is honoured or refused with an error that names what can run. The environment
+variable ``PYDISTILL_BACKEND`` replaces ``auto`` (an explicit ``backend=`` argument wins).
+
+Why this order (kd_loss): the Triton kernel fuses softcap, both tempered softmaxes, the
+divergence and its gradient into one streaming kernel (2 passes over the logits for kl /
+reverse_kl instead of the 6+ of eager PyTorch); the torch backend is the chunked fallback
+and the only one that computes in float64. (Measured on the CPU only so far: the Triton
+ordering is by construction, to be confirmed by bench/ on a GPU.)
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+_HALF_AND_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Impl:
+    target: str  # "module:attribute" of the autograd Function, imported on first use
+    dtypes: tuple  # dtypes of the floating inputs it accepts
+
+
+# op -> backend -> implementation. The order of each op's entries is the order in which
+# ``auto`` tries them on CUDA tensors (fastest measured first); CPU tensors always get torch.
+TABLE = {
+    "kd_loss": {
+        "triton": Impl("pydistill.ops.softmax_divergence:TritonKDLoss", _HALF_AND_SINGLE),
+        "torch": Impl(
+            "pydistill.reference.softmax_divergence:ChunkedKDLoss",
+            _HALF_AND_SINGLE + (torch.float64,),
+        ),
+    },
+}
+
+
+def implementation(op: str, backend: str):
+    module, attr = TABLE[op][backend].target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        importlib.import_module("triton.language")
+    except Exception:  # a broken Triton install must not break pydistill
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_unavailable(backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run on ``device``, else the reason, in words."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not _triton_importable():
+            return "Triton is not installed (pip install triton)"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreting():
+            return None
+        return (
+            f"Triton kernels need CUDA tensors (got {device.type}); on the CPU they run only "
+            "under the interpreter (TRITON_INTERPRET=1, for tests)"
+        )
+    if backend == "cuda":
+        return (
+            "the CUDA C++ backend (pydistill._C) is not built in this version; "
+            "use backend='triton' or 'torch'"
+        )
+    return f"unknown backend {backend!r}"
+
+
+def resolve(op: str, backend: str, device: torch.device, dtypes) -> str:
+    """The concrete backend ('triton' / 'torch' / ...) that runs ``op`` on tensors of
+    ``dtypes`` on ``device``."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a str, one of {BACKENDS}, got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("PYDISTILL_BACKEND", "") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"PYDISTILL_BACKEND: expected one of {BACKENDS}, got {backend!r}")
+    table = TABLE[op]
+    if backend == "auto":
+        if device.type == "cuda":
+            for candidate, impl in table.items():
+                if all(d in impl.dtypes for d in dtypes) and why_unavailable(candidate, device) is None:
+                    return candidate
+        return "torch"
+    reason = why_unavailable(backend, device) if backend in table or backend == "cuda" else None
+    if backend not in table and reason is None:
+        reason = f"no {backend} implementation of {op} exists yet"
+    if reason is not None:
+        runnable = [b for b in table if why_unavailable(b, device) is None]
+        raise ValueError(f"backend={backend!r} cannot run {op} here: {reason}. Runnable here: {runnable}")
+    impl = table[backend]
+    for d in dtypes:
+        if d not in impl.dtypes:
+            raise TypeError(
+                f"backend={backend!r} does not support dtype {d} for {op}; it supports "
+                f"{[str(x) for x in impl.dtypes]}"
+            )
+    return backend

@@ -1,0 +1,107 @@
+"""Argument checks shared by every public function.
+
+Each failure is a ValueError or TypeError that names the argument, what was expected and
+what was given. The checks read only shapes, dtypes, devices and Python scalars, so they
+never synchronise with the device (label ranges are checked only for CPU tensors).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(name: str, x, *, floating: bool = True) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if floating and x.dtype not in _FLOATING:
+        raise TypeError(
+            f"{name}: expected a floating tensor ({', '.join(map(str, _FLOATING))}), got {x.dtype}"
+        )
+    return x
+
+
+def logits_pair(student_name: str, student, teacher_name: str, teacher):
+    """Student and teacher logits of identical shape (..., V), V >= 1, on one device."""
+    tensor(student_name, student)
+    tensor(teacher_name, teacher)
+    if student.dim() < 1:
+        raise ValueError(f"{student_name}: expected shape (..., V), got a 0-dim tensor")
+    if student.shape[-1] == 0:
+        raise ValueError(f"{student_name}: expected a vocabulary size V >= 1, got shape {tuple(student.shape)}")
+    if teacher.shape[-1] != student.shape[-1]:
+        raise ValueError(
+            f"{teacher_name}: expected vocabulary size {student.shape[-1]} (that of {student_name}), "
+            f"got shape {tuple(teacher.shape)}"
+        )
+    if teacher.shape != student.shape:
+        raise ValueError(
+            f"{teacher_name}: expected shape {tuple(student.shape)} (that of {student_name}), "
+            f"got {tuple(teacher.shape)}"
+        )
+    same_device(teacher_name, teacher, student_name, student)
+
+
+def same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor):
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got {x.device}")
+
+
+def labels(name: str, y, lead_shape: torch.Size, ref_name: str, ref: torch.Tensor, *,
+           vocab: int, ignore_index: int, check_range: bool):
+    if y is None:
+        return None
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name}: expected an integer torch.Tensor or None, got {type(y).__name__}")
+    if y.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected dtype torch.int64 or torch.int32, got {y.dtype}")
+    if y.shape != lead_shape:
+        raise ValueError(
+            f"{name}: expected shape {tuple(lead_shape)} (the leading dims of {ref_name}), got {tuple(y.shape)}"
+        )
+    same_device(name, y, ref_name, ref)
+    if check_range and y.device.type == "cpu" and y.numel() > 0:
+        bad = (y != ignore_index) & ((y < 0) | (y >= vocab))
+        if bool(bad.any()):
+            value = int(y[bad][0])
+            raise ValueError(
+                f"{name}: expected values in [0, {vocab}) or ignore_index={ignore_index}, got {value}"
+            )
+    return y
+
+
+def real(name: str, value, *, low=None, high=None, low_open=False, finite=True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
+    value = float(value)
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ValueError(f"{name}: expected a number {bound}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name}: expected a number <= {high}, got {value}")
+    return value
+
+
+def integer(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    return int(value)
+
+
+def boolean(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
+def choice(name: str, value, choices) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected a str, one of {tuple(choices)}, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+    return value

@@ -1,0 +1,297 @@
+"""Temperature-softmax divergence loss (``kd_loss``): the reference math, written once.
+
+Per row i (student logits s, teacher logits t, both of size V)::
+
+    z      = c * tanh(z / c)                  (optional soft-capping; -inf stays -inf)
+    log p  = log_softmax(t / T)               (teacher)
+    log q  = log_softmax(s / T)               (student)
+    loss_i = hard_weight * CE(s, y_i) + soft_weight * T^2 * D(p, q)   (T^2 only if t2)
+
+with ``D`` one of ``DIVERGENCES`` (mixture weight ``beta``)::
+
+    kl               sum p (log p - log q)
+    reverse_kl       sum q (log q - log p)
+    jsd              beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q;
+                     beta = 0 is kl and beta = 1 is reverse_kl (TRL's generalized_jsd_loss)
+    tvd              1/2 sum |p - q|
+    skew_kl          KL(p || beta p + (1 - beta) q)          (DistiLLM, beta = alpha)
+    skew_reverse_kl  KL(q || beta q + (1 - beta) p)
+
+``CE`` is the cross-entropy of the (soft-capped) student logits at temperature 1. Rows whose
+label equals ``ignore_index`` contribute 0 and are not counted; ``mean`` (= ``batchmean``)
+divides by the number of counted rows (0, not NaN, when none count).
+
+Everything is computed in float32 (float64 for float64 inputs) with plain autograd-able
+PyTorch ops. The module is three things at once: the oracle every backend is tested
+against (in float64), the baseline of the benchmarks, and, through ``ChunkedKDLoss``, the
+``torch`` backend that runs anywhere.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
+REDUCTIONS = ("mean", "batchmean", "sum", "none")
+
+# Elements of one (rows, V) float32 intermediate per chunk of the torch backend. About a
+# dozen such intermediates live at once inside a chunk, so the working set is ~50 MB:
+# large enough that per-chunk overheads vanish, small enough to stay far below one
+# (N, V) float32 copy at the sizes where memory matters.
+CHUNK_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """The hyper-parameters of ``kd_loss``; already validated when built by the API."""
+
+    divergence: str = "kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    ignore_index: int = -100
+    hard_weight: float = 0.0
+    soft_weight: float = 1.0
+    t2: bool = True
+    softcap: Optional[float] = None
+    reduction: str = "mean"
+
+    @property
+    def soft_scale(self) -> float:
+        """Factor in front of D: soft_weight * T^2 (or soft_weight when t2 is off)."""
+        return self.soft_weight * (self.temperature**2 if self.t2 else 1.0)
+
+    @property
+    def has_soft(self) -> bool:
+        """Whether the divergence term is present: soft_weight != 0 and D not identically 0
+        (skew_kl / skew_reverse_kl at beta = 1 compare a distribution with itself)."""
+        degenerate = self.divergence in ("skew_kl", "skew_reverse_kl") and self.beta == 1.0
+        return self.soft_weight != 0.0 and not degenerate
+
+    def canonical_divergence(self) -> str:
+        """The divergence actually computed: endpoints of the mixed ones collapse onto kl /
+        reverse_kl (TRL's convention for jsd; exact identities for the skewed ones)."""
+        d, b = self.divergence, self.beta
+        if d == "jsd" and b == 0.0:
+            return "kl"
+        if d == "jsd" and b == 1.0:
+            return "reverse_kl"
+        if d == "skew_kl" and b == 0.0:
+            return "kl"
+        if d == "skew_reverse_kl" and b == 0.0:
+            return "reverse_kl"
+        return d
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def softcap_logits(z: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """``c * tanh(z / c)``; entries equal to -inf (masked vocabulary) stay -inf."""
+    if softcap is None:
+        return z
+    return torch.where(z == -math.inf, z, softcap * torch.tanh(z / softcap))
+
+
+def tempered_log_softmax(logits: torch.Tensor, temperature: float, softcap=None, dtype=None):
+    """``log_softmax(softcap(logits) / T)`` in ``dtype`` (default: float32 / float64)."""
+    z = logits.to(dtype or compute_dtype(logits.dtype))
+    return torch.log_softmax(softcap_logits(z, softcap) / temperature, dim=-1)
+
+
+def _weighted_log_ratio(w, log_w, log_v):
+    """sum_j w_j (log w_j - log v_j) with 0 log 0 = 0, and gradients free of NaN where
+    w_j = 0 (an entry masked with -inf carries no probability and no gradient)."""
+    keep = w > 0
+    diff = torch.where(keep, log_w, 0.0) - torch.where(keep, log_v, 0.0)
+    return torch.where(keep, w * diff, 0.0).sum(-1)
+
+
+def _log_mixture(log_a, log_b, weight_a: float):
+    """log(weight_a * a + (1 - weight_a) * b), -inf where a = b = 0, NaN-free gradients."""
+    if weight_a == 1.0:
+        return log_a
+    if weight_a == 0.0:
+        return log_b
+    la = log_a + math.log(weight_a)
+    lb = log_b + math.log1p(-weight_a)
+    both = (la == -math.inf) & (lb == -math.inf)
+    mixed = torch.logaddexp(torch.where(both, 0.0, la), torch.where(both, 0.0, lb))
+    return torch.where(both, -math.inf, mixed)
+
+
+def divergence(log_p: torch.Tensor, log_q: torch.Tensor, name: str, beta: float = 0.5):
+    """Per-row D(p, q) from teacher log-probs ``log_p`` and student log-probs ``log_q``."""
+    p, q = log_p.exp(), log_q.exp()
+    if name == "kl" or (name == "jsd" and beta == 0.0):
+        return _weighted_log_ratio(p, log_p, log_q)
+    if name == "reverse_kl" or (name == "jsd" and beta == 1.0):
+        return _weighted_log_ratio(q, log_q, log_p)
+    if name == "jsd":
+        log_m = _log_mixture(log_p, log_q, beta)
+        return beta * _weighted_log_ratio(p, log_p, log_m) + (1.0 - beta) * _weighted_log_ratio(
+            q, log_q, log_m
+        )
+    if name == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    if name == "skew_kl":
+        return _weighted_log_ratio(p, log_p, _log_mixture(log_p, log_q, beta))
+    if name == "skew_reverse_kl":
+        return _weighted_log_ratio(q, log_q, _log_mixture(log_q, log_p, beta))
+    raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {name!r}")
+
+
+def per_row_loss(student_logits, teacher_logits, labels, cfg: KDConfig):
+    """Per-row losses (shape of the leading dims, ignored rows 0) and the count of counted
+    rows (a 0-dim tensor on the device)."""
+    dtype = compute_dtype(student_logits.dtype, teacher_logits.dtype)
+    s = student_logits.to(dtype)
+    t = teacher_logits.to(dtype)
+    lead = s.shape[:-1]
+    if labels is not None:
+        counted = labels != cfg.ignore_index
+        # Ignored rows may hold anything (NaN included): they must not leak into the
+        # gradient through 0 * NaN, so they are replaced before any arithmetic.
+        s = torch.where(counted[..., None], s, 0.0)
+        t = torch.where(counted[..., None], t, 0.0)
+        count = counted.sum()
+    else:
+        counted = None
+        count = torch.tensor(lead.numel(), device=s.device)
+    loss = torch.zeros(lead, dtype=dtype, device=s.device)
+    if cfg.soft_weight != 0.0:
+        log_q = tempered_log_softmax(s, cfg.temperature, cfg.softcap)
+        log_p = tempered_log_softmax(t, cfg.temperature, cfg.softcap)
+        loss = loss + cfg.soft_scale * divergence(log_p, log_q, cfg.divergence, cfg.beta)
+    if cfg.hard_weight != 0.0:
+        z = softcap_logits(s, cfg.softcap)
+        # An out-of-range label gives NaN, as in the kernels, rather than a device assert.
+        in_range = (labels >= 0) & (labels < z.shape[-1])
+        target = torch.where(counted & in_range, labels, 0).long()
+        ce = torch.logsumexp(z, dim=-1) - z.gather(-1, target[..., None]).squeeze(-1)
+        loss = loss + cfg.hard_weight * torch.where(in_range, ce, math.nan)
+    if counted is not None:
+        loss = torch.where(counted, loss, 0.0)
+    return loss, count
+
+
+def reduce_rows(rows: torch.Tensor, count: torch.Tensor, reduction: str):
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / count.clamp(min=1).to(total.dtype)
+
+
+def kd_loss(student_logits, teacher_logits, labels=None, cfg: KDConfig = KDConfig()):
+    """The reference ``kd_loss``: plain autograd, any dtype (float64 in the tests)."""
+    rows, count = per_row_loss(student_logits, teacher_logits, labels, cfg)
+    return reduce_rows(rows, count, cfg.reduction)
+
+
+# --------------------------------------------------------------------------------------
+# The torch backend: the same math, row chunk by row chunk, gradient in the forward pass.
+# --------------------------------------------------------------------------------------
+
+
+def chunk_rows(vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
+    return max(1, elements // max(vocab, 1))
+
+
+class ChunkedKDLoss(torch.autograd.Function):
+    """``kd_loss`` over row chunks: each chunk's loss and gradient are computed in the
+    forward (autograd on the chunk), written into one preallocated gradient, and the
+    chunk's intermediates are freed before the next. Peak extra memory is the gradient
+    (input dtype) plus one chunk's working set, instead of the several (N, V) float32
+    intermediates that autograd of the naive expression keeps alive.
+
+    The backward scales the stored gradient by ``grad_output`` in place and hands it over,
+    so it can run once: backward through the loss a second time (``retain_graph=True``)
+    raises. Use the reference ``kd_loss`` when that is needed.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, cfg: KDConfig):
+        vocab = student_logits.shape[-1]
+        lead = student_logits.shape[:-1]
+        s2 = student_logits.reshape(-1, vocab)
+        t2 = teacher_logits.reshape(-1, vocab)
+        y = labels.reshape(-1) if labels is not None else None
+        n_rows = s2.shape[0]
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = compute_dtype(student_logits.dtype, teacher_logits.dtype)
+
+        if y is not None:
+            count = (y != cfg.ignore_index).sum()
+        else:
+            count = torch.tensor(n_rows, device=s2.device)
+        row_weight = None
+        if cfg.reduction in ("mean", "batchmean"):
+            row_weight = 1.0 / count.clamp(min=1).to(dtype)
+
+        grad_s = torch.empty_like(s2, memory_format=torch.contiguous_format) if need_s else None
+        grad_t = torch.empty_like(t2, memory_format=torch.contiguous_format) if need_t else None
+        rows_out = torch.empty(n_rows, dtype=dtype, device=s2.device)
+        step = chunk_rows(vocab)
+        for start in range(0, n_rows, step):
+            sl = slice(start, min(n_rows, start + step))
+            s_c = s2[sl].detach().requires_grad_(need_s)
+            t_c = t2[sl].detach().requires_grad_(need_t)
+            with torch.enable_grad():
+                rows, _ = per_row_loss(s_c, t_c, y[sl] if y is not None else None, cfg)
+            if (need_s or need_t) and rows.requires_grad:
+                inputs = [x for x, need in ((s_c, need_s), (t_c, need_t)) if need]
+                weight = torch.ones_like(rows) if row_weight is None else row_weight.expand_as(rows)
+                grads = list(torch.autograd.grad(rows, inputs, weight, allow_unused=True))
+                for need, out in ((need_s, grad_s), (need_t, grad_t)):
+                    if need:
+                        g = grads.pop(0)  # None: the input does not enter (soft_weight = 0)
+                        out[sl] = g if g is not None else 0.0
+            elif need_s or need_t:  # the loss does not depend on the inputs (D = 0)
+                for need, out in ((need_s, grad_s), (need_t, grad_t)):
+                    if need:
+                        out[sl] = 0.0
+            rows_out[sl] = rows.detach()
+
+        ctx.grads = (grad_s, grad_t)
+        ctx.shapes = (student_logits.shape, teacher_logits.shape)
+        ctx.reduction = cfg.reduction
+        if cfg.reduction == "none":
+            return rows_out.reshape(lead)
+        return reduce_rows(rows_out, count, cfg.reduction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError(
+                "kd_loss(backend='torch') computes its gradient in the forward pass and hands "
+                "it over in the first backward; a second backward through the same loss "
+                "(retain_graph=True) is not supported. Recompute the loss instead."
+            )
+        out = []
+        for grad, shape in zip(grads, ctx.shapes):
+            if grad is not None:
+                _scale_rows_(grad, grad_loss, ctx.reduction)
+                grad = grad.view(shape)
+            out.append(grad)
+        return out[0], out[1], None, None
+
+
+def _scale_rows_(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: str):
+    """grad[i] *= grad_loss (scalar) or grad_loss[i] (reduction='none'), in float32, in
+    place, chunk by chunk. Skipped when grad_loss is known to be 1 without a device sync."""
+    g = grad_loss.reshape(-1, 1) if reduction == "none" else grad_loss.reshape(1, 1)
+    if g.device.type == "cpu" and bool((g == 1).all()):
+        return
+    g = g.to(compute_dtype(grad.dtype))
+    step = chunk_rows(grad.shape[-1])
+    for start in range(0, grad.shape[0], step):
+        sl = slice(start, min(grad.shape[0], start + step))
+        g_c = g if g.shape[0] == 1 else g[sl]
+        grad[sl] = grad[sl].to(g.dtype) * g_c

@@ -1,0 +1,43 @@
+"""One suite, three environments:
+
+* CPU, no GPU: the torch backend on CPU tensors, and the Triton kernels under the Triton
+  interpreter (TRITON_INTERPRET=1 is set here before any kernel is imported);
+* GPU: every backend on CUDA tensors (the interpreter stays off);
+* CUDA C++ extension built: its backend joins (later).
+
+Nothing here queries a GPU beyond ``torch.cuda.is_available()``, which needs none.
+"""
+import os
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import pydistill._utils  # noqa: E402
+from pydistill import _dispatch  # noqa: E402
+
+pydistill._utils.POISON_OUTPUTS = True
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+def available_backends(op="kd_loss"):
+    return [b for b in _dispatch.TABLE[op] if _dispatch.why_unavailable(b, DEVICE) is None]
+
+
+def pytest_report_header(config):
+    return (
+        f"pydistill: device={DEVICE}, backends={available_backends()}, "
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, torch={torch.__version__}"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_env(monkeypatch):
+    # A developer's PYDISTILL_* settings must not change what the tests exercise.
+    monkeypatch.delenv("PYDISTILL_BACKEND", raising=False)
+    monkeypatch.delenv("PYDISTILL_KD_GRAD", raising=False)
