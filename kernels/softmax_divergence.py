@@ -46,17 +46,14 @@ is 3 (read s, read t, write the gradient).
 import triton
 import triton.language as tl
 
-KL, REVERSE_KL, JSD, TVD, SKEW_KL, SKEW_REVERSE_KL = range(6)
-DIVERGENCE_CODES = {
-    "kl": KL,
-    "reverse_kl": REVERSE_KL,
-    "jsd": JSD,
-    "tvd": TVD,
-    "skew_kl": SKEW_KL,
-    "skew_reverse_kl": SKEW_REVERSE_KL,
-}
+DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3, "skew_kl": 4, "skew_reverse_kl": 5}
+# Globals read inside @triton.jit code must be constexpr.
+KL = tl.constexpr(DIVERGENCE_CODES["kl"])
+REVERSE_KL = tl.constexpr(DIVERGENCE_CODES["reverse_kl"])
+JSD = tl.constexpr(DIVERGENCE_CODES["jsd"])
+TVD = tl.constexpr(DIVERGENCE_CODES["tvd"])
+SKEW_KL = tl.constexpr(DIVERGENCE_CODES["skew_kl"])
 N_STATS = 8  # per row: lse_s, lse_t, lse_1, D, S_q, S_p, (spare x2)
-NEG_INF = float("-inf")
 
 
 @triton.jit
@@ -190,6 +187,20 @@ def _row_offset(row, n_inner, stride_outer, stride_inner):
 
 
 @triton.jit
+def _row_start(row, s_ptr, t_ptr, labels_ptr, n_inner, s_stride_outer, s_stride_inner,
+               t_stride_outer, t_stride_inner, ignore_index, HAS_LABELS: tl.constexpr):
+    # The row's student and teacher pointers, its label and whether it counts.
+    s_row = s_ptr + _row_offset(row, n_inner, s_stride_outer, s_stride_inner)
+    t_row = t_ptr + _row_offset(row, n_inner, t_stride_outer, t_stride_inner)
+    label = tl.full([], -1, tl.int64)
+    active = tl.full([], 1, tl.int1)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        active = label != ignore_index
+    return s_row, t_row, label, active
+
+
+@triton.jit
 def _kd_fwd_kernel(
     s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, gs_ptr, gt_ptr, scale_ptr,
     n_inner, s_stride_outer, s_stride_inner, t_stride_outer, t_stride_inner, scale_stride,
@@ -201,13 +212,10 @@ def _kd_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + _row_offset(row, n_inner, s_stride_outer, s_stride_inner)
-    t_row = t_ptr + _row_offset(row, n_inner, t_stride_outer, t_stride_inner)
-    label = -1
-    active = True
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row).to(tl.int64)
-        active = label != ignore_index
+    s_row, t_row, label, active = _row_start(
+        row, s_ptr, t_ptr, labels_ptr, n_inner, s_stride_outer, s_stride_inner,
+        t_stride_outer, t_stride_inner, ignore_index, HAS_LABELS,
+    )
     n_tiles = tl.cdiv(V, BLOCK_V)
     n_live = tl.where(active, n_tiles, 0)
     offs = tl.arange(0, BLOCK_V)
@@ -323,13 +331,10 @@ def _kd_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + _row_offset(row, n_inner, s_stride_outer, s_stride_inner)
-    t_row = t_ptr + _row_offset(row, n_inner, t_stride_outer, t_stride_inner)
-    label = -1
-    active = True
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row).to(tl.int64)
-        active = label != ignore_index
+    s_row, t_row, label, active = _row_start(
+        row, s_ptr, t_ptr, labels_ptr, n_inner, s_stride_outer, s_stride_inner,
+        t_stride_outer, t_stride_inner, ignore_index, HAS_LABELS,
+    )
     st = stats_ptr + row * 8
     row_scale = grad_scale
     if HAS_SCALE_PTR:
@@ -415,81 +420,61 @@ def _row_layouts(student: torch.Tensor, teacher: torch.Tensor):
     return s, t, n_inner, strides(ds), strides(dt)
 
 
-def _flags(cfg, divergence: str, n_labels: bool):
+def _launch_args(student, teacher, labels, cfg, divergence, grad_s, grad_t, grad_scale, scale,
+                 placeholder):
+    """Keyword arguments shared by the forward and backward kernels. ``placeholder`` stands
+    in for pointers a variant never dereferences (absent labels, gradients, scales)."""
+    vocab = student.shape[-1]
+    s, t, n_inner, (so_s, si_s), (so_t, si_t) = _row_layouts(student, teacher)
     hard = cfg.hard_weight != 0.0
-    soft = cfg.has_soft
-    div = DIVERGENCE_CODES[divergence]
+    block = _block_v(vocab)
     return dict(
-        DIV=div,
-        HAS_SOFTCAP=cfg.softcap is not None,
-        HAS_LABELS=n_labels,
-        HAS_HARD=hard,
-        HAS_SOFT=soft,
-        CE_SEPARATE=hard and cfg.temperature != 1.0,
-    )
-
-
-def _scalars(cfg):
-    return (
-        1.0 / cfg.temperature,
-        float(cfg.softcap) if cfg.softcap is not None else 1.0,
-        float(cfg.beta),
-        float(cfg.hard_weight),
-        float(cfg.soft_scale),
+        s_ptr=s, t_ptr=t,
+        labels_ptr=labels.reshape(-1) if labels is not None else placeholder,
+        gs_ptr=grad_s if grad_s is not None else placeholder,
+        gt_ptr=grad_t if grad_t is not None else placeholder,
+        scale_ptr=scale if scale is not None else placeholder,
+        n_inner=n_inner, s_stride_outer=so_s, s_stride_inner=si_s,
+        t_stride_outer=so_t, t_stride_inner=si_t,
+        scale_stride=scale.stride(0) if scale is not None and scale.numel() > 1 else 0,
+        V=vocab, inv_t=1.0 / cfg.temperature,
+        softcap=float(cfg.softcap) if cfg.softcap is not None else 1.0,
+        beta=float(cfg.beta), hard_weight=float(cfg.hard_weight), soft_scale=float(cfg.soft_scale),
+        grad_scale=float(grad_scale), ignore_index=int(cfg.ignore_index),
+        DIV=DIVERGENCE_CODES[divergence], HAS_SOFTCAP=cfg.softcap is not None,
+        HAS_LABELS=labels is not None, HAS_HARD=hard, HAS_SOFT=cfg.has_soft,
+        CE_SEPARATE=hard and cfg.temperature != 1.0, HAS_SCALE_PTR=scale is not None,
+        GRAD_S=grad_s is not None, GRAD_T=grad_t is not None,
+        BLOCK_V=block, num_warps=_num_warps(block),
     )
 
 
 def kd_fwd(student, teacher, labels, cfg, divergence, *, grad_s=None, grad_t=None,
            grad_scale=1.0, scale=None, store_stats=False):
-    """Per-row losses (float32, N) and, optionally, per-row stats (N, 8) and the gradients
-    (written into ``grad_s`` / ``grad_t``: contiguous (N, V) buffers), scaled by
-    ``grad_scale * scale[row or 0]``."""
-    vocab = student.shape[-1]
-    s, t, n_inner, (so_s, si_s), (so_t, si_t) = _row_layouts(student, teacher)
-    n_rows = student.numel() // vocab
-    device = student.device
-    loss = empty(n_rows, dtype=torch.float32, device=device)
-    stats = empty((n_rows, N_STATS), dtype=torch.float32, device=device) if store_stats else loss
-    labels_flat = labels.reshape(-1) if labels is not None else loss
-    scale_t, scale_stride = (scale, scale.stride(0) if scale.numel() > 1 else 0) if scale is not None else (loss, 0)
-    block = _block_v(vocab)
-    if n_rows == 0:
-        return loss, stats
-    _kd_fwd_kernel[(n_rows,)](
-        s, t, labels_flat, loss, stats,
-        grad_s if grad_s is not None else loss, grad_t if grad_t is not None else loss, scale_t,
-        n_inner, so_s, si_s, so_t, si_t, scale_stride,
-        vocab, *_scalars(cfg), float(grad_scale), int(cfg.ignore_index),
-        **_flags(cfg, divergence, labels is not None),
-        NEEDS_PASS2=DIVERGENCE_CODES[divergence] >= JSD,
-        HAS_SCALE_PTR=scale is not None,
-        GRAD_S=grad_s is not None, GRAD_T=grad_t is not None, STORE_STATS=store_stats,
-        BLOCK_V=block, num_warps=_num_warps(block),
-    )
+    """Per-row losses (float32, N) and, with ``store_stats``, the per-row stats (N, 8) that
+    ``kd_bwd`` needs. With ``grad_s`` / ``grad_t`` (contiguous (N, V) buffers) the gradients are
+    written too, scaled by ``grad_scale * scale[row]`` (``scale``: 1 or N float32 values)."""
+    n_rows = student.numel() // student.shape[-1]
+    loss = empty(n_rows, dtype=torch.float32, device=student.device)
+    stats = empty((n_rows, N_STATS), dtype=torch.float32, device=student.device) if store_stats else loss
+    if n_rows > 0:
+        args = _launch_args(student, teacher, labels, cfg, divergence, grad_s, grad_t,
+                            grad_scale, scale, placeholder=loss)
+        _kd_fwd_kernel[(n_rows,)](
+            loss_ptr=loss, stats_ptr=stats, STORE_STATS=store_stats,
+            NEEDS_PASS2=divergence not in ("kl", "reverse_kl"), **args,
+        )
     return loss, stats
 
 
 def kd_bwd(student, teacher, labels, stats, cfg, divergence, *, grad_s=None, grad_t=None,
            grad_scale=1.0, scale=None):
-    """Gradient pass from the stats saved by ``kd_fwd(store_stats=True)``."""
-    vocab = student.shape[-1]
-    s, t, n_inner, (so_s, si_s), (so_t, si_t) = _row_layouts(student, teacher)
-    n_rows = student.numel() // vocab
-    if n_rows == 0:
-        return
-    labels_flat = labels.reshape(-1) if labels is not None else stats
-    scale_t, scale_stride = (scale, scale.stride(0) if scale.numel() > 1 else 0) if scale is not None else (stats, 0)
-    block = _block_v(vocab)
-    _kd_bwd_kernel[(n_rows,)](
-        s, t, labels_flat, stats,
-        grad_s if grad_s is not None else stats, grad_t if grad_t is not None else stats, scale_t,
-        n_inner, so_s, si_s, so_t, si_t, scale_stride,
-        vocab, *_scalars(cfg), float(grad_scale), int(cfg.ignore_index),
-        **_flags(cfg, divergence, labels is not None),
-        HAS_SCALE_PTR=scale is not None,
-        GRAD_S=grad_s is not None, GRAD_T=grad_t is not None,
-        BLOCK_V=block, num_warps=_num_warps(block),
-    )
+    """The gradient pass alone, from the stats saved by ``kd_fwd(store_stats=True)``."""
+    n_rows = student.numel() // student.shape[-1]
+    if n_rows > 0:
+        args = _launch_args(student, teacher, labels, cfg, divergence, grad_s, grad_t,
+                            grad_scale, scale, placeholder=stats)
+        _kd_bwd_kernel[(n_rows,)](stats_ptr=stats, **args)
 
 
 def kd_scale_grad_(grad: torch.Tensor, scale: torch.Tensor):

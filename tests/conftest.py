@@ -25,14 +25,38 @@ pydistill._utils.POISON_OUTPUTS = True
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
+def _interpreter_broken():
+    """Triton < 3.7's interpreter turns loop bounds into Python ints with int() on a 1-element
+    array, which NumPy >= 2 refuses; such a pair cannot run the kernels on the CPU (compiled
+    kernels on a GPU are unaffected)."""
+    if CUDA or os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        import numpy
+        import triton
+        from packaging.version import Version
+    except ImportError:
+        return None
+    if Version(triton.__version__).release < (3, 7) and Version(numpy.__version__).major >= 2:
+        return f"Triton {triton.__version__}'s interpreter needs numpy<2 (have {numpy.__version__})"
+    return None
+
+
+INTERPRETER_PROBLEM = _interpreter_broken()
+
+
 def available_backends(op="kd_loss"):
-    return [b for b in _dispatch.TABLE[op] if _dispatch.why_unavailable(b, DEVICE) is None]
+    ok = [b for b in _dispatch.TABLE[op] if _dispatch.why_unavailable(b, DEVICE) is None]
+    if INTERPRETER_PROBLEM is not None:
+        ok = [b for b in ok if b != "triton"]
+    return ok
 
 
 def pytest_report_header(config):
     return (
         f"pydistill: device={DEVICE}, backends={available_backends()}, "
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, torch={torch.__version__}"
+        + (f"; triton skipped: {INTERPRETER_PROBLEM}" if INTERPRETER_PROBLEM else "")
     )
 
 

@@ -31,8 +31,6 @@ OUT_EPS = {torch.float64: 0.0, torch.float32: 0.0, torch.float16: 2.0**-9,
            torch.bfloat16: 2.0**-6 if INTERPRETED else 2.0**-7}
 OUT_ATOL = {torch.float16: 2.0**-24}  # float16 subnormal spacing: small gradients round to it
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: -inf lanes
-
 
 @pytest.fixture
 def block_v():
@@ -560,3 +558,27 @@ def test_module_validates_at_construction():
         pdl.KDLoss(temperature=0)
     with pytest.raises(ValueError, match="divergence"):
         pdl.KDLoss(divergence="js")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs ~14 GB of GPU memory")
+def test_more_than_2_to_the_31_elements_index_with_int64():
+    # rows past element 2^31 must be addressed with 64-bit offsets
+    vocab = 262_144
+    n_rows = (1 << 31) // vocab + 2
+    try:
+        s = torch.empty((n_rows, vocab), dtype=torch.bfloat16, device=DEVICE).normal_(0, 3)
+        t = torch.empty((n_rows, vocab), dtype=torch.bfloat16, device=DEVICE).normal_(0, 3)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    for backend in [b for b in BACKENDS if b != "torch"]:
+        x = s.requires_grad_()
+        rows = pdl.kd_loss(x, t, reduction="none", temperature=2.0, backend=backend)
+        rows[-3:].sum().backward()
+        tail_s, tail_t = s[-3:].detach(), t[-3:]
+        cfg = R.KDConfig(temperature=2.0, reduction="none")
+        _, gt_s, _ = reference(tail_s, tail_t, None, cfg, torch.ones(3, device=DEVICE), torch.float64)
+        want = R.kd_loss(tail_s.double(), tail_t.double(), None, cfg)
+        torch.testing.assert_close(rows[-3:].double(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad[-3:].double(), gt_s, rtol=2**-7, atol=1e-9)
+        assert (x.grad[:-3] == 0).all()
+        x.grad = None

@@ -1,0 +1,77 @@
+"""Compile Triton kernels ahead of time for a GPU architecture, without a GPU.
+
+The Triton interpreter runs kernels as NumPy and accepts code that the compiler rejects
+(non-constexpr globals, type mismatches between branches, ...). This module runs the real
+compiler (Triton -> TTGIR -> LLVM -> PTX -> cubin with the ptxas bundled in Triton) for a
+target named explicitly, so a CPU-only machine proves that every kernel variant compiles.
+
+Argument types follow the naming convention of kernels/: ``*_ptr`` are pointers (element
+type from ``pointer_types``, float32 otherwise), ``*_stride*``, ``n_*``, ``V`` and
+``ignore_index`` are integers, everything else is a float32 scalar.
+
+Run as a script (with TRITON_INTERPRET unset) it compiles the variants named on the command
+line and prints one line each; tests/test_kernels_compile.py drives it in a subprocess.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+INT_ARGS = re.compile(r"(_stride|^n_|^V$|^ignore_index$)")
+
+
+def signature(fn, consts, pointer_types, int_type="i32"):
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + pointer_types.get(name, "fp32")
+        elif INT_ARGS.search(name):
+            sig[name] = int_type
+        else:
+            sig[name] = "fp32"
+    return sig
+
+
+def compile_variant(fn, consts, pointer_types, arch, num_warps, int_type="i32"):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature=signature(fn, consts, pointer_types, int_type), constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+
+
+def ptxas_report(compiled, arch):
+    """(registers, spill-store bytes) as ptxas reports them for the kernel's PTX."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    target = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    out = subprocess.run([ptxas, f"-arch={target}", "-v", f.name, "-o", os.devnull],
+                         capture_output=True, text=True).stderr
+    os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", out)
+    spills = re.search(r"(\d+) bytes spill stores", out)
+    return (int(regs.group(1)) if regs else None, int(spills.group(1)) if spills else None)
+
+
+def main(variants):
+    import importlib
+
+    for v in variants:
+        module = importlib.import_module(v["module"])
+        fn = getattr(module, v["kernel"])
+        compiled = compile_variant(fn, v["consts"], v["pointer_types"], v["arch"], v["num_warps"],
+                                   v.get("int_type", "i32"))
+        regs, spills = ptxas_report(compiled, v["arch"])
+        print(json.dumps({"name": v["name"], "registers": regs, "spill_bytes": spills}), flush=True)
+
+
+if __name__ == "__main__":
+    main(json.load(open(sys.argv[1])))

@@ -1,0 +1,128 @@
+"""Packaging and dispatch: what a user sees before any kernel runs."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import pydistill as pdl
+from pydistill import _dispatch
+
+from conftest import CUDA, DEVICE, available_backends
+
+
+def run_python(code: str, **env):
+    """Run ``code`` in a fresh interpreter outside the repository (so only the installed
+    package is importable) and return its stdout."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PYDISTILL_")}
+    full_env.update(env)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd="/", env=full_env,
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_import_needs_no_triton_and_no_gpu():
+    out = run_python(
+        """
+        import sys
+        sys.modules["triton"] = None  # as if Triton were not installed
+        import torch, pydistill as pdl
+        assert "pydistill.kernels.softmax_divergence" not in sys.modules
+        s = torch.randn(3, 5, requires_grad=True)
+        pdl.kd_loss(s, torch.randn(3, 5)).backward()
+        try:
+            pdl.kd_loss(s, torch.randn(3, 5), backend="triton")
+        except ValueError as e:
+            print(e)
+        """,
+        CUDA_VISIBLE_DEVICES="",
+    )
+    assert "Triton is not installed" in out and "Runnable here: ['torch']" in out
+
+
+def test_kernels_are_a_subpackage_not_a_top_level_package():
+    out = run_python(
+        """
+        import importlib.util
+        print(importlib.util.find_spec("kernels") is None)
+        print(importlib.util.find_spec("pydistill.kernels") is not None)
+        """
+    )
+    assert out.split() == ["True", "True"]
+
+
+def test_auto_is_torch_on_cpu_tensors():
+    assert _dispatch.resolve("kd_loss", "auto", torch.device("cpu"), (torch.float32,)) == "torch"
+    assert _dispatch.resolve("kd_loss", "auto", torch.device("cpu"), (torch.bfloat16,)) == "torch"
+
+
+@pytest.mark.skipif(not CUDA, reason="auto on CUDA tensors")
+def test_auto_on_cuda_prefers_triton_and_falls_back_for_float64():
+    dev = torch.device("cuda")
+    assert _dispatch.resolve("kd_loss", "auto", dev, (torch.bfloat16,)) == "triton"
+    assert _dispatch.resolve("kd_loss", "auto", dev, (torch.float64,)) == "torch"
+
+
+def test_environment_override(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("PYDISTILL_BACKEND", "torch")
+    assert _dispatch.resolve("kd_loss", "auto", cpu, (torch.float32,)) == "torch"
+    monkeypatch.setenv("PYDISTILL_BACKEND", "tritonn")
+    with pytest.raises(ValueError, match="PYDISTILL_BACKEND.*'tritonn'"):
+        _dispatch.resolve("kd_loss", "auto", cpu, (torch.float32,))
+    # an explicit argument wins over the environment
+    assert _dispatch.resolve("kd_loss", "torch", cpu, (torch.float32,)) == "torch"
+
+
+def test_environment_override_reaches_the_kernels(monkeypatch):
+    if "triton" not in available_backends():
+        pytest.skip("Triton cannot run here")
+    calls = []
+    from pydistill.ops import softmax_divergence as ops
+
+    original = ops.TritonKDLoss.forward
+
+    def spy(ctx, *args):
+        calls.append(1)
+        return original(ctx, *args)
+
+    monkeypatch.setattr(ops.TritonKDLoss, "forward", staticmethod(spy))
+    monkeypatch.setenv("PYDISTILL_BACKEND", "triton")
+    pdl.kd_loss(torch.randn(2, 9, device=DEVICE), torch.randn(2, 9, device=DEVICE))
+    assert calls == [1]
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"backend='triton'.*CUDA tensors.*Runnable here: \['torch'\]"):
+        pdl.kd_loss(torch.randn(2, 5), torch.randn(2, 5), backend="triton")
+
+
+def test_unknown_grad_schedule_is_a_clear_error(monkeypatch):
+    from pydistill.ops import softmax_divergence as ops
+
+    monkeypatch.setenv("PYDISTILL_KD_GRAD", "later")
+    with pytest.raises(ValueError, match="PYDISTILL_KD_GRAD.*'later'"):
+        ops.grad_mode()
+
+
+def test_public_names():
+    for name in ["kd_loss", "KDLoss", "DIVERGENCES", "REDUCTIONS", "BACKENDS", "__version__"]:
+        assert hasattr(pdl, name)
+    assert pdl.DIVERGENCES == ("kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
+    assert set(pdl.REDUCTIONS) == {"mean", "batchmean", "sum", "none"}
+
+
+def test_dispatch_table_entries_import():
+    # every entry of the one table points at an autograd Function that exists
+    for op, backends in _dispatch.TABLE.items():
+        for backend in backends:
+            if backend not in available_backends(op):
+                continue
+            fn = _dispatch.implementation(op, backend)
+            assert issubclass(fn, torch.autograd.Function)
