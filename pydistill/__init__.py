@@ -10,6 +10,7 @@ from pydistill._version import __version__
 from pydistill.functional import kd_loss
 from pydistill.modules import KDLoss
 from pydistill.reference.softmax_divergence import DIVERGENCES, REDUCTIONS
-from pydistill._dispatch import BACKENDS
+from pydistill._dispatch import BACKENDS, resolve_backend
 
-__all__ = ["__version__", "kd_loss", "KDLoss", "DIVERGENCES", "REDUCTIONS", "BACKENDS"]
+__all__ = ["__version__", "kd_loss", "KDLoss", "DIVERGENCES", "REDUCTIONS", "BACKENDS",
+           "resolve_backend"]

@@ -119,3 +119,14 @@ def resolve(op: str, backend: str, device: torch.device, dtypes) -> str:
                 f"{[str(x) for x in impl.dtypes]}"
             )
     return backend
+
+
+def resolve_backend(op: str, *tensors: torch.Tensor, backend: str = "auto") -> str:
+    """The backend that ``op`` (e.g. ``"kd_loss"``) runs on for these input tensors: what
+    ``backend="auto"`` (or ``PYDISTILL_BACKEND``) resolves to, or an explicit choice checked
+    the same way the loss would check it (ValueError / TypeError when it cannot run)."""
+    if op not in TABLE:
+        raise ValueError(f"op: expected one of {tuple(TABLE)}, got {op!r}")
+    if not tensors:
+        raise ValueError("tensors: expected at least one input tensor")
+    return resolve(op, backend, tensors[0].device, tuple(t.dtype for t in tensors))

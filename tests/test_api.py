@@ -126,3 +126,13 @@ def test_dispatch_table_entries_import():
                 continue
             fn = _dispatch.implementation(op, backend)
             assert issubclass(fn, torch.autograd.Function)
+
+
+def test_resolve_backend_is_public_and_checks_like_the_loss():
+    x = torch.empty(2, 3)
+    assert pdl.resolve_backend("kd_loss", x, x) == "torch"
+    with pytest.raises(ValueError, match="op: expected one of"):
+        pdl.resolve_backend("kd", x)
+    if "triton" in available_backends():
+        with pytest.raises(TypeError, match="float64"):
+            pdl.resolve_backend("kd_loss", x.double(), backend="triton")

@@ -1,0 +1,1 @@
+"""End-to-end distillation runs on pydistill: ``python -m pydistill.examples.<name>``."""
