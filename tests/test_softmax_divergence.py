@@ -10,6 +10,7 @@ kernel forgets to write fails.
 """
 import math
 import os
+import zlib
 
 import pytest
 import torch
@@ -125,10 +126,26 @@ def check_against_reference(backend, student, teacher, labels=None, *, teacher_g
     # a loss is a sum of O(1) terms: float32 resolves it to ~1e-7 even where the exact value
     # is 0 (e.g. skew_kl at beta = 1, KL(p || p)), which the reference hits by identity
     assert_close("loss", loss.detach(), gt_loss, r32_loss, loss.dtype, atol=1e-7)
-    assert_close("grad student", grads[0], gt_s, r32_s, student.dtype)
+    rows = smooth_rows(student, teacher, cfg)
+    assert_close("grad student", grads[0][rows], gt_s[rows], r32_s[rows], student.dtype)
     if teacher_grad:
-        assert_close("grad teacher", grads[1], gt_t, r32_t, teacher.dtype)
+        assert_close("grad teacher", grads[1][rows], gt_t[rows], r32_t[rows], teacher.dtype)
     return loss, grads
+
+
+def smooth_rows(student, teacher, cfg):
+    """Rows where the gradient is a continuous function of the inputs. tvd's is not where
+    p_j = q_j (it jumps with sign(q - p)): an element that float32 and float64 put on
+    different sides of a near-tie flips its gradient legitimately, so such rows (found from
+    the float64 probabilities) are left out of the gradient comparison."""
+    lead = student.shape[:-1]
+    if cfg.divergence != "tvd":
+        return torch.ones(lead, dtype=torch.bool, device=student.device)
+    log_p = R.tempered_log_softmax(teacher.double(), cfg.temperature, cfg.softcap)
+    log_q = R.tempered_log_softmax(student.double(), cfg.temperature, cfg.softcap)
+    p, q = log_p.exp(), log_q.exp()
+    tie = (p - q).abs() <= 1e-5 * (p + q)
+    return ~(tie & (p + q > 0)).any(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +302,7 @@ def layout_inputs(name, dtype, seed):
 def test_matrix_dtype_layout(backend, divergence, dtype, layout, request):
     if backend == "triton":
         request.getfixturevalue("block_v")(128)  # ragged multi-tile rows at V = 507 / 257 / 300
-    s, t = layout_inputs(layout, dtype, seed=hash((divergence, layout)) % 1000)
+    s, t = layout_inputs(layout, dtype, seed=zlib.crc32(f"{divergence}-{layout}".encode()) % 1000)
     lead = s.shape[:-1]
     y = make_labels(lead, s.shape[-1], ignore=(1,))
     check_against_reference(backend, s, t, y, divergence=divergence, temperature=2.0, beta=0.3)

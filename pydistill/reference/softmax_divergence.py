@@ -178,12 +178,15 @@ def per_row_loss(student_logits, teacher_logits, labels, cfg: KDConfig):
     return loss, count
 
 
-def reduce_rows(rows: torch.Tensor, count: torch.Tensor, reduction: str):
+def reduce_rows(rows: torch.Tensor, count, reduction: str):
+    """``count``: the number of counted rows, a 0-dim device tensor or a Python int."""
     if reduction == "none":
         return rows
     total = rows.sum()
     if reduction == "sum":
         return total
+    if isinstance(count, int):
+        return total / max(count, 1)
     return total / count.clamp(min=1).to(total.dtype)
 
 
@@ -194,7 +197,9 @@ def kd_loss(student_logits, teacher_logits, labels=None, cfg: KDConfig = KDConfi
 
 
 # --------------------------------------------------------------------------------------
-# The torch backend: the same math, row chunk by row chunk, gradient in the forward pass.
+# The torch backend: the same math in closed form, row chunk by row chunk, gradient in the
+# forward pass. Its gradients are the table of kernels/softmax_divergence.py; the tests check
+# them against autograd of the functions above.
 # --------------------------------------------------------------------------------------
 
 
@@ -202,12 +207,151 @@ def chunk_rows(vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
     return max(1, elements // max(vocab, 1))
 
 
+def _weighted(w, x):
+    """w * x, and 0 wherever w == 0 (x may be infinite or NaN there)."""
+    return torch.where(w > 0, w * x, 0.0)
+
+
+def divergence_terms(log_p, log_q, p, q, name: str, beta: float, need_teacher: bool):
+    """Per-row D and, for the softmax chain rule dD/ds_j = q_j (h_j - S_q) / T (and
+    dD/dt_j = p_j (u_j - S_p) / T), the elementwise q h, p u and the per-row S_q, S_p, with
+    h = dD/dq and u = dD/dp. ``name`` is a canonical divergence (see
+    KDConfig.canonical_divergence). p u and S_p are None unless ``need_teacher``."""
+    pu = s_p = None
+    if name == "kl":
+        d = _weighted(p, log_p - log_q)
+        div = d.sum(-1)
+        qh, s_q = -p, torch.full_like(div, -1.0)
+        if need_teacher:
+            pu, s_p = d + p, div + 1.0
+        return div, qh, s_q, pu, s_p
+    if name == "reverse_kl":
+        d = _weighted(q, log_q - log_p)
+        div = d.sum(-1)
+        qh, s_q = d + q, div + 1.0
+        if need_teacher:
+            pu, s_p = -q, torch.full_like(div, -1.0)
+        return div, qh, s_q, pu, s_p
+    if name == "jsd":
+        log_m = torch.log(beta * p + (1.0 - beta) * q)
+        qh = (1.0 - beta) * _weighted(q, log_q - log_m)
+        pu = beta * _weighted(p, log_p - log_m)
+        div = (qh + pu).sum(-1)
+    elif name == "tvd":
+        g = 0.5 * torch.sign(q - p)
+        div = 0.5 * (p - q).abs().sum(-1)
+        qh, pu = q * g, -p * g
+    elif name == "skew_kl":
+        m = beta * p + (1.0 - beta) * q
+        r = torch.where(m > 0, p / m, 0.0)
+        log_ratio = log_p - torch.log(m)
+        div = _weighted(p, log_ratio).sum(-1)
+        qh = -(1.0 - beta) * q * r
+        pu = _weighted(p, log_ratio - beta * r) if need_teacher else None
+    elif name == "skew_reverse_kl":
+        m = beta * q + (1.0 - beta) * p
+        r = torch.where(m > 0, q / m, 0.0)
+        log_ratio = log_q - torch.log(m)
+        div = _weighted(q, log_ratio).sum(-1)
+        qh = _weighted(q, log_ratio - beta * r)
+        pu = -(1.0 - beta) * p * r if need_teacher else None
+    else:
+        raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {name!r}")
+    s_q = qh.sum(-1)
+    if need_teacher:
+        s_p = pu.sum(-1)
+    else:
+        pu = None
+    return div, qh, s_q, pu, s_p
+
+
+def _softcap_slope(z, softcap):
+    """d cap(x) / dx at cap(x) = z: 1 - (z / c)^2, and 0 at masked (-inf) entries."""
+    th = z / softcap
+    return torch.where(z == -math.inf, 0.0, 1.0 - th * th)
+
+
+def chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out_t=None):
+    """Per-row losses of one chunk of rows (s, t: (rows, V); labels: (rows,) or None), and
+    the gradients of sum(row_scale * loss) w.r.t. s and t in closed form, written into
+    ``out_s`` / ``out_t`` (contiguous (rows, V) buffers of the inputs' dtypes) when given.
+    Float32 math (float64 for float64 inputs); in-place wherever a temporary is dead, since
+    on the CPU the allocations cost as much as the arithmetic."""
+    dtype = compute_dtype(s.dtype, t.dtype)
+    counted = labels != cfg.ignore_index if labels is not None else None
+    z_s = softcap_logits(s.to(dtype), cfg.softcap)
+    if counted is not None:  # ignored rows may hold anything, NaN included
+        z_s = z_s.masked_fill(~counted[:, None], 0.0)
+    rows = torch.zeros(s.shape[0], dtype=dtype, device=s.device)
+    g_s = None
+    need_t = out_t is not None and cfg.has_soft
+    if cfg.has_soft:
+        z_t = softcap_logits(t.to(dtype), cfg.softcap)
+        if counted is not None:
+            z_t = z_t.masked_fill(~counted[:, None], 0.0)
+        scaled = (lambda z: z) if cfg.temperature == 1.0 else (lambda z: z * (1.0 / cfg.temperature))
+        log_q = torch.log_softmax(scaled(z_s), dim=-1)
+        log_p = torch.log_softmax(scaled(z_t), dim=-1)
+        q, p = log_q.exp(), log_p.exp()
+        name = cfg.canonical_divergence()
+        coef = cfg.soft_scale / cfg.temperature
+        if name == "kl" and not need_t:  # the common case, with fewer passes: q h - q S_q = q - p
+            # p (log p - log q) is NaN only at 0 * inf (masked entries: zero them) or in a row
+            # with a NaN input, whose first log-prob is then NaN too (keep it NaN)
+            nan_row = torch.isnan(log_q[:, 0]) | torch.isnan(log_p[:, 0])
+            d = log_p.sub_(log_q).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+            div = d.sum(-1).masked_fill_(nan_row, math.nan)
+            del d, log_p, log_q
+            if out_s is not None:
+                g_s = q.sub_(p)
+        else:
+            div, qh, s_q, pu, s_p = divergence_terms(log_p, log_q, p, q, name, cfg.beta, need_t)
+            if out_s is not None:
+                g_s = qh.sub_(q * s_q[:, None])
+            if need_t:
+                g_t = pu.sub_(p.mul_(s_p[:, None]))
+                if cfg.softcap is not None:
+                    g_t.mul_(_softcap_slope(z_t, cfg.softcap))
+        rows.add_(div, alpha=cfg.soft_scale)
+        # the soft gradient is carried without its factor soft_scale / T until the end
+    if cfg.hard_weight != 0.0:
+        lse = torch.logsumexp(z_s, dim=-1)
+        in_range = (labels >= 0) & (labels < z_s.shape[-1])
+        target = torch.where(counted & in_range, labels, 0).long()[:, None]
+        ce = lse - z_s.gather(-1, target).squeeze(-1)
+        rows.add_(torch.where(in_range, ce, math.nan), alpha=cfg.hard_weight)
+        if out_s is not None:
+            soft1 = (z_s - lse[:, None]).exp_()
+            soft1.scatter_add_(-1, target, torch.full(target.shape, -1.0, dtype=dtype, device=s.device))
+            if g_s is None:
+                g_s, coef = soft1, cfg.hard_weight
+            else:
+                g_s.add_(soft1, alpha=cfg.hard_weight / coef)
+    if counted is not None:
+        rows = torch.where(counted, rows, 0.0)
+        row_scale = torch.where(counted, row_scale, 0.0)
+    weight = row_scale[:, None] if isinstance(row_scale, torch.Tensor) and row_scale.dim() else row_scale
+    if out_s is not None:
+        if g_s is None:
+            out_s.zero_()
+        else:
+            if cfg.softcap is not None:
+                g_s.mul_(_softcap_slope(z_s, cfg.softcap))
+            torch.mul(g_s, weight * coef, out=out_s)
+    if out_t is not None:
+        if need_t:
+            torch.mul(g_t, weight * (cfg.soft_scale / cfg.temperature), out=out_t)
+        else:  # no divergence term: the teacher does not enter the loss
+            out_t.zero_()
+    return rows
+
+
 class ChunkedKDLoss(torch.autograd.Function):
-    """``kd_loss`` over row chunks: each chunk's loss and gradient are computed in the
-    forward (autograd on the chunk), written into one preallocated gradient, and the
-    chunk's intermediates are freed before the next. Peak extra memory is the gradient
-    (input dtype) plus one chunk's working set, instead of the several (N, V) float32
-    intermediates that autograd of the naive expression keeps alive.
+    """``kd_loss`` over row chunks: each chunk's loss and closed-form gradient are computed
+    in the forward and written into one preallocated gradient, and the chunk's intermediates
+    are freed before the next. Peak extra memory is the gradient (input dtype) plus one
+    chunk's working set (~10 chunk-sized float32 tensors), instead of the several (N, V)
+    float32 intermediates that autograd of the naive expression keeps alive.
 
     The backward scales the stored gradient by ``grad_output`` in place and hands it over,
     so it can run once: backward through the loss a second time (``retain_graph=True``)
@@ -224,38 +368,26 @@ class ChunkedKDLoss(torch.autograd.Function):
         n_rows = s2.shape[0]
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dtype = compute_dtype(student_logits.dtype, teacher_logits.dtype)
+        device = s2.device
 
+        mean = cfg.reduction in ("mean", "batchmean")
         if y is not None:
             count = (y != cfg.ignore_index).sum()
-        else:
-            count = torch.tensor(n_rows, device=s2.device)
-        row_weight = None
-        if cfg.reduction in ("mean", "batchmean"):
-            row_weight = 1.0 / count.clamp(min=1).to(dtype)
+            row_scale = 1.0 / count.clamp(min=1).to(dtype) if mean else torch.ones((), dtype=dtype, device=device)
+        else:  # every row counts: plain Python numbers, no device tensors
+            count = n_rows
+            row_scale = 1.0 / max(n_rows, 1) if mean else 1.0
 
         grad_s = torch.empty_like(s2, memory_format=torch.contiguous_format) if need_s else None
         grad_t = torch.empty_like(t2, memory_format=torch.contiguous_format) if need_t else None
-        rows_out = torch.empty(n_rows, dtype=dtype, device=s2.device)
+        rows_out = torch.empty(n_rows, dtype=dtype, device=device)
         step = chunk_rows(vocab)
         for start in range(0, n_rows, step):
             sl = slice(start, min(n_rows, start + step))
-            s_c = s2[sl].detach().requires_grad_(need_s)
-            t_c = t2[sl].detach().requires_grad_(need_t)
-            with torch.enable_grad():
-                rows, _ = per_row_loss(s_c, t_c, y[sl] if y is not None else None, cfg)
-            if (need_s or need_t) and rows.requires_grad:
-                inputs = [x for x, need in ((s_c, need_s), (t_c, need_t)) if need]
-                weight = torch.ones_like(rows) if row_weight is None else row_weight.expand_as(rows)
-                grads = list(torch.autograd.grad(rows, inputs, weight, allow_unused=True))
-                for need, out in ((need_s, grad_s), (need_t, grad_t)):
-                    if need:
-                        g = grads.pop(0)  # None: the input does not enter (soft_weight = 0)
-                        out[sl] = g if g is not None else 0.0
-            elif need_s or need_t:  # the loss does not depend on the inputs (D = 0)
-                for need, out in ((need_s, grad_s), (need_t, grad_t)):
-                    if need:
-                        out[sl] = 0.0
-            rows_out[sl] = rows.detach()
+            rows_out[sl] = chunk_loss_and_grads(
+                s2[sl].detach(), t2[sl].detach(), y[sl] if y is not None else None, cfg,
+                row_scale, grad_s[sl] if need_s else None, grad_t[sl] if need_t else None,
+            )
 
         ctx.grads = (grad_s, grad_t)
         ctx.shapes = (student_logits.shape, teacher_logits.shape)
@@ -287,7 +419,7 @@ def _scale_rows_(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: str):
     """grad[i] *= grad_loss (scalar) or grad_loss[i] (reduction='none'), in float32, in
     place, chunk by chunk. Skipped when grad_loss is known to be 1 without a device sync."""
     g = grad_loss.reshape(-1, 1) if reduction == "none" else grad_loss.reshape(1, 1)
-    if g.device.type == "cpu" and bool((g == 1).all()):
+    if g.device.type == "cpu" and (g.item() == 1.0 if g.numel() == 1 else bool((g == 1).all())):
         return
     g = g.to(compute_dtype(grad.dtype))
     step = chunk_rows(grad.shape[-1])
