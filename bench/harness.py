@@ -1,0 +1,436 @@
+"""The machinery every bench/bench_*.py shares: provenance, floors, timing, peak memory,
+and the CSV / Markdown output. Written once; a benchmark script only says what to run.
+
+Timing. Each measured call is preceded by ``prepare(i)``, outside the timed region, which
+hands over the i-th of several input sets: enough sets that the data touched between two
+uses of one set exceeds twice the last-level cache (the GPU's L2; a single set when it is
+that large by itself), so a repetition does not measure the cache. On CUDA a call is timed
+with CUDA events between two synchronisations; on the CPU with ``time.perf_counter``. The
+``warmup`` calls (Triton JIT, autotuning, torch.compile; none where the caller has already
+run the code) are not timed; the next call runs under the peak-memory probe and sizes the
+number of repetitions to a time budget; the median of the repetitions is reported.
+
+Peak extra memory. On CUDA: ``torch.cuda.max_memory_allocated`` during the call minus what
+was allocated just before it. On the CPU: the process's resident-set high-water mark
+(VmHWM, reset by writing 5 to /proc/self/clear_refs) minus its resident set before the call,
+after ``gc.collect()`` and ``malloc_trim`` so that freed heap pages do not hide new ones.
+
+Floors. The device's copy bandwidth (bytes read + bytes written by a large copy, median of
+several) and, on CUDA, its bf16 matrix-product rate (8192^3 on random data). A memory-bound
+op's floor is the bytes it must move divided by the first; a GEMM-bound op's, its FLOPs
+divided by the second.
+"""
+from __future__ import annotations
+
+import csv
+import ctypes
+import datetime
+import gc
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Columns of provenance that every result row carries (stable: plots and later runs rely on
+# the names).
+PROVENANCE_COLUMNS = (
+    "device", "torch", "triton", "cuda", "python", "git_rev", "date_utc",
+    "copy_gbps", "bf16_tflops",
+)
+
+
+# --------------------------------------------------------------------------------------
+# Device and provenance
+# --------------------------------------------------------------------------------------
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    """A file-name-safe short name: 'cpu', or the GPU's name ('nvidia-h100-80gb-hbm3')."""
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def git_revision() -> str:
+    """Short revision of the checkout, '-dirty' when tracked files differ from it.
+    BENCH_GIT_REV overrides (for a copy of the tree without its .git)."""
+    override = os.environ.get("BENCH_GIT_REV")
+    if override:
+        return override
+
+    def git(*args):
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+
+    try:
+        rev = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("-dirty" if dirty else "")
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except Exception:  # absent or broken: the row says so instead of the run failing
+        return ""
+    return getattr(triton, "__version__", "?")
+
+
+@dataclass(frozen=True)
+class Floors:
+    copy_bytes_per_s: float  # bytes read + bytes written per second by a large copy
+    matmul_flops_per_s: Optional[float]  # bf16 8192^3 on CUDA; None on the CPU
+
+
+def provenance(device: torch.device, floors: Floors) -> dict:
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "cuda": torch.version.cuda or "",
+        "python": platform.python_version(),
+        "git_rev": git_revision(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "copy_gbps": floors.copy_bytes_per_s / 1e9,
+        "bf16_tflops": floors.matmul_flops_per_s / 1e12 if floors.matmul_flops_per_s else None,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Floors
+# --------------------------------------------------------------------------------------
+
+
+def _median_wall(fn, device, reps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(reps):
+        dt, _out = _timed_call(lambda _: fn(), None, device)
+        times.append(dt)
+    return statistics.median(times)
+
+
+def measure_floors(device: torch.device) -> Floors:
+    # 1 GiB on a GPU (far beyond its L2), 256 MiB on a CPU (beyond its caches, quick to fill).
+    elements = (1 << 28) if device.type == "cuda" else (1 << 26)
+    src = torch.randn(elements, device=device)
+    dst = torch.empty_like(src)
+    t = _median_wall(lambda: dst.copy_(src), device, reps=10 if device.type == "cuda" else 5,
+                     warmup=3 if device.type == "cuda" else 1)
+    copy = 2 * src.numel() * src.element_size() / t
+    del src, dst
+
+    matmul = None
+    if device.type == "cuda":
+        n = 8192
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        t = _median_wall(lambda: a @ b, device, reps=10, warmup=3)
+        matmul = 2 * n**3 / t
+        del a, b
+    release_memory(device)
+    return Floors(copy_bytes_per_s=copy, matmul_flops_per_s=matmul)
+
+
+# --------------------------------------------------------------------------------------
+# Input rotation: how many input sets defeat the cache
+# --------------------------------------------------------------------------------------
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "L2_cache_size", 0) or (50 << 20))
+    largest = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            largest = max(largest, int(digits) * unit)
+    return largest or (32 << 20)
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    kb = _proc_kb("/proc/meminfo", "MemAvailable")
+    return kb * 1024 if kb is not None else (4 << 30)
+
+
+def rotation_count(set_bytes: int, device: torch.device, *, max_sets: int = 64,
+                   memory_fraction: float = 0.25) -> int:
+    """Number of input sets of ``set_bytes`` each so that, between two uses of one set,
+    more than twice the last-level cache is touched by the others; one set when it alone is
+    that large (streaming through it evicts its own beginning). At most ``memory_fraction``
+    of the free memory, and one set always."""
+    twice_cache = 2 * last_level_cache_bytes(device)
+    wanted = 1 if set_bytes >= twice_cache else math.ceil(twice_cache / max(set_bytes, 1)) + 1
+    affordable = int(memory_fraction * free_memory_bytes(device)) // max(set_bytes, 1)
+    return max(1, min(wanted, affordable, max_sets))
+
+
+# --------------------------------------------------------------------------------------
+# Peak extra memory
+# --------------------------------------------------------------------------------------
+
+
+def _proc_kb(path: str, key: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: freed pages may stay resident
+        pass
+
+
+def _reset_high_water_mark() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as m: ...`` then ``m.extra_bytes`` (None where it cannot be
+    measured). Whatever the block allocates and keeps (its result) counts."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.extra_bytes: Optional[int] = None
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            _malloc_trim()
+            self._base = _proc_kb("/proc/self/status", "VmRSS")
+            self._armed = self._base is not None and _reset_high_water_mark()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.extra_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif self._armed:
+            hwm = _proc_kb("/proc/self/status", "VmHWM")
+            if hwm is not None:
+                self.extra_bytes = max(0, hwm - self._base) * 1024
+        return False
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        "out of memory" in str(exc).lower()
+    )
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.empty_cache()
+    else:
+        _malloc_trim()
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+
+
+def _timed_call(run, arg, device: torch.device):
+    """(seconds, result) of ``run(arg)`` between two synchronisations. The result is handed
+    back so that freeing it happens outside the timed region."""
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        synchronize(device)
+        start.record()
+        out = run(arg)
+        end.record()
+        synchronize(device)
+        return start.elapsed_time(end) / 1e3, out
+    t0 = time.perf_counter()
+    out = run(arg)
+    return time.perf_counter() - t0, out
+
+
+@dataclass(frozen=True)
+class Measurement:
+    median_s: float
+    reps: int
+    peak_extra_bytes: Optional[int]
+
+
+def measure(
+    run: Callable,
+    prepare: Callable[[int], object],
+    *,
+    device: torch.device,
+    n_sets: int = 1,
+    budget_s: float = 0.3,
+    min_reps: int = 3,
+    max_reps: int = 100,
+    long_s: float = 2.0,
+    warmup: int = 1,
+) -> Measurement:
+    """Median time of ``run(prepare(i))`` over the input sets i = 0, 1, ... (mod n_sets),
+    only ``run`` timed, and the peak extra memory of one such call.
+
+    Repetitions: as many as fit ``budget_s`` (at least ``min_reps``, at most ``max_reps``),
+    except that calls so slow that ``min_reps`` of them would take more than ``long_s`` get
+    only what fits ``long_s`` (at least one): the slow fallbacks must not eat the run."""
+    i = 0
+    for _ in range(warmup):
+        arg = prepare(i % n_sets)
+        out = run(arg)
+        del arg, out
+        synchronize(device)
+        i += 1
+
+    t0 = time.perf_counter()
+    arg = prepare(i % n_sets)
+    synchronize(device)
+    per_rep = time.perf_counter() - t0  # prepare included: it is what a repetition costs
+    with PeakMemory(device) as memory:  # (its own gc.collect is left out of the estimate)
+        t0 = time.perf_counter()
+        out = run(arg)
+        synchronize(device)
+        per_rep += time.perf_counter() - t0
+    del arg, out
+    i += 1
+
+    if per_rep * min_reps > long_s:
+        reps = max(1, int(long_s / per_rep))
+    else:
+        reps = max(min_reps, min(max_reps, int(budget_s / per_rep)))
+    times = []
+    for _ in range(reps):
+        arg = prepare(i % n_sets)
+        dt, out = _timed_call(run, arg, device)
+        del arg, out
+        times.append(dt)
+        i += 1
+    return Measurement(statistics.median(times), reps, memory.extra_bytes)
+
+
+# --------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------
+
+
+def _csv_value(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def write_csv(rows: Sequence[dict], path, columns: Sequence[str]) -> Path:
+    """Rows as CSV with exactly ``columns`` (a missing value is an empty cell; an unknown
+    key is an error, so the columns cannot drift silently)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(v) for k, v in row.items()})
+    return path
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
+    """``columns``: (key, header, format) triples; format is a format spec for numbers
+    ('.3f') or a callable; None and NaN print as '-'."""
+
+    def cell(value, fmt):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        if callable(fmt):
+            return fmt(value)
+        if fmt and isinstance(value, (int, float)):
+            return format(value, fmt)
+        return str(value).replace("|", "\\|")
+
+    lines = [
+        "| " + " | ".join(header for _, header, _ in columns) + " |",
+        "| " + " | ".join("---" for _ in columns) + " |",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(row.get(k), fmt) for k, _, fmt in columns) + " |")
+    return "\n".join(lines)
+
+
+def provenance_line(prov: dict) -> str:
+    matmul = f", bf16 matmul {prov['bf16_tflops']:.0f} TFLOP/s" if prov.get("bf16_tflops") else ""
+    return (
+        f"device: {prov['device']}; torch {prov['torch']}, triton {prov['triton'] or '-'}, "
+        f"CUDA {prov['cuda'] or '-'}, Python {prov['python']}; git {prov['git_rev']}; "
+        f"{prov['date_utc']}; measured copy bandwidth {prov['copy_gbps']:.1f} GB/s{matmul}"
+    )
