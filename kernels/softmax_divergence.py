@@ -13,7 +13,7 @@ Forward, one program per row, the vocabulary streamed in tiles of BLOCK_V, fp32 
                KL(a || b) = A / l_a - log l_a + log l_b
            where A is rescaled by e^{m_a - m_a'} and shifted by l_a ((m_a - m_a') - (m_b - m_b'))
            whenever a running max moves (a = x_t, b = x_s for kl; swapped for reverse_kl).
-           Read: s, t once. Write: one float per row (and 8 stats floats).
+           Read: s, t once. Write: one float per row (and N_STATS stats floats).
   pass 2   jsd / tvd / skew_*: with both logsumexps known, D, S_q and S_p (below). Tiles in
            reverse order, so the first tiles re-read are the ones pass 1 read last.
 
@@ -53,7 +53,10 @@ REVERSE_KL = tl.constexpr(DIVERGENCE_CODES["reverse_kl"])
 JSD = tl.constexpr(DIVERGENCE_CODES["jsd"])
 TVD = tl.constexpr(DIVERGENCE_CODES["tvd"])
 SKEW_KL = tl.constexpr(DIVERGENCE_CODES["skew_kl"])
-N_STATS = 8  # per row: lse_s, lse_t, lse_1, D, S_q, S_p, (spare x2)
+# Per-row statistics kept for the backward: the running max and log-sum of x_s, x_t and z_s
+# (each logsumexp as its two terms m + log l: log q = (x - m) - log l keeps the precision
+# that folding them into one float loses when |m| is large), then D, S_q, S_p.
+N_STATS = tl.constexpr(16)
 
 
 @triton.jit
@@ -138,7 +141,7 @@ def _pointwise(log_p, log_q, beta, DIV: tl.constexpr):
 def _grad_pass(
     s_row, t_row, gs_row, gt_row, label, active, V, n_tiles,
     inv_t, softcap, beta, hard_weight, soft_coef, row_scale,
-    lse_s, lse_t, lse_1, s_q, s_p,
+    m_s, ll_s, m_t, ll_t, m_1, ll_1, s_q, s_p,
     DIV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr,
     HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -156,14 +159,14 @@ def _grad_pass(
         g_t = tl.zeros([BLOCK_V], dtype=tl.float32)
         if HAS_SOFT:
             z_t = _load_logits(t_row, cols, mask, softcap, HAS_SOFTCAP)
-            p, q, d, qh, pu = _pointwise(z_t * inv_t - lse_t, x_s - lse_s, beta, DIV)
+            p, q, d, qh, pu = _pointwise(z_t * inv_t - m_t - ll_t, x_s - m_s - ll_s, beta, DIV)
             g_s = soft_coef * (qh - q * s_q)
             g_t = soft_coef * (pu - p * s_p)
         if HAS_HARD:
             if CE_SEPARATE:
-                soft1 = tl.exp(z_s - lse_1)
+                soft1 = tl.exp(z_s - m_1 - ll_1)
             else:
-                soft1 = tl.exp(x_s - lse_s)
+                soft1 = tl.exp(x_s - m_s - ll_s)
             g_s += hard_weight * (soft1 - tl.where(cols == label, 1.0, 0.0))
         if GRAD_S:
             if HAS_SOFTCAP:
@@ -253,12 +256,13 @@ def _kd_fwd_kernel(
                 tl.exp(z_s - _finite_or_zero(m_1_new)), axis=0
             )
             m_1 = m_1_new
-    lse_s = m_s + tl.log(l_s)
-    lse_t = m_t + tl.log(l_t)
+    ll_s = tl.log(l_s)
+    ll_t = tl.log(l_t)
     if CE_SEPARATE:
-        lse_1 = m_1 + tl.log(l_1)
+        ll_1 = tl.log(l_1)
     else:
-        lse_1 = lse_s
+        m_1 = m_s
+        ll_1 = ll_s
 
     # ---- divergence and the sums its gradient needs -----------------------------------------
     div = 0.0
@@ -282,7 +286,7 @@ def _kd_fwd_kernel(
                 mask = cols < V
                 x_s = _load_logits(s_row, cols, mask, softcap, HAS_SOFTCAP) * inv_t
                 x_t = _load_logits(t_row, cols, mask, softcap, HAS_SOFTCAP) * inv_t
-                p, q, d, qh, pu = _pointwise(x_t - lse_t, x_s - lse_s, beta, DIV)
+                p, q, d, qh, pu = _pointwise(x_t - m_t - ll_t, x_s - m_s - ll_s, beta, DIV)
                 d_acc += d
                 q_acc += qh
                 p_acc += pu
@@ -296,17 +300,20 @@ def _kd_fwd_kernel(
         z_y = tl.load(s_row + label, mask=valid & active, other=float("nan")).to(tl.float32)
         if HAS_SOFTCAP:
             z_y = _softcap(z_y, softcap)
-        loss += hard_weight * (lse_1 - z_y)
+        loss += hard_weight * ((m_1 - z_y) + ll_1)
     tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
 
     if STORE_STATS:
-        st = stats_ptr + row * 8
-        tl.store(st + 0, lse_s)
-        tl.store(st + 1, lse_t)
-        tl.store(st + 2, lse_1)
-        tl.store(st + 3, div)
-        tl.store(st + 4, s_q)
-        tl.store(st + 5, s_p)
+        st = stats_ptr + row * N_STATS
+        tl.store(st + 0, m_s)
+        tl.store(st + 1, ll_s)
+        tl.store(st + 2, m_t)
+        tl.store(st + 3, ll_t)
+        tl.store(st + 4, m_1)
+        tl.store(st + 5, ll_1)
+        tl.store(st + 6, div)
+        tl.store(st + 7, s_q)
+        tl.store(st + 8, s_p)
 
     if GRAD_S or GRAD_T:
         row_scale = grad_scale
@@ -315,7 +322,7 @@ def _kd_fwd_kernel(
         _grad_pass(
             s_row, t_row, gs_ptr + row * V, gt_ptr + row * V, label, active, V, n_tiles,
             inv_t, softcap, beta, hard_weight, soft_scale * inv_t, row_scale,
-            lse_s, lse_t, lse_1, s_q, s_p,
+            m_s, ll_s, m_t, ll_t, m_1, ll_1, s_q, s_p,
             DIV, HAS_SOFTCAP, HAS_HARD, HAS_SOFT, CE_SEPARATE, GRAD_S, GRAD_T, BLOCK_V,
         )
 
@@ -335,14 +342,15 @@ def _kd_bwd_kernel(
         row, s_ptr, t_ptr, labels_ptr, n_inner, s_stride_outer, s_stride_inner,
         t_stride_outer, t_stride_inner, ignore_index, HAS_LABELS,
     )
-    st = stats_ptr + row * 8
+    st = stats_ptr + row * N_STATS
     row_scale = grad_scale
     if HAS_SCALE_PTR:
         row_scale = row_scale * tl.load(scale_ptr + row * scale_stride).to(tl.float32)
     _grad_pass(
         s_row, t_row, gs_ptr + row * V, gt_ptr + row * V, label, active, V, tl.cdiv(V, BLOCK_V),
         inv_t, softcap, beta, hard_weight, soft_scale * inv_t, row_scale,
-        tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 4), tl.load(st + 5),
+        tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3), tl.load(st + 4),
+        tl.load(st + 5), tl.load(st + 7), tl.load(st + 8),
         DIV, HAS_SOFTCAP, HAS_HARD, HAS_SOFT, CE_SEPARATE, GRAD_S, GRAD_T, BLOCK_V,
     )
 
@@ -456,7 +464,7 @@ def kd_fwd(student, teacher, labels, cfg, divergence, *, grad_s=None, grad_t=Non
     written too, scaled by ``grad_scale * scale[row]`` (``scale``: 1 or N float32 values)."""
     n_rows = student.numel() // student.shape[-1]
     loss = empty(n_rows, dtype=torch.float32, device=student.device)
-    stats = empty((n_rows, N_STATS), dtype=torch.float32, device=student.device) if store_stats else loss
+    stats = empty((n_rows, N_STATS.value), dtype=torch.float32, device=student.device) if store_stats else loss
     if n_rows > 0:
         args = _launch_args(student, teacher, labels, cfg, divergence, grad_s, grad_t,
                             grad_scale, scale, placeholder=loss)

@@ -4,7 +4,7 @@ Two gradient schedules, chosen by ``PYDISTILL_KD_GRAD`` (read at each call):
 
 ``recompute`` (default)
     forward: one read of student and teacher for kl / reverse_kl (two for the others),
-    keeping 8 floats per row; backward: one more read and the gradient written once, with
+    keeping 16 floats per row; backward: one more read and the gradient written once, with
     grad_output folded in. 5 logits-sized transfers for kl, whatever grad_output is; nothing
     (N, V)-sized is held between forward and backward but the inputs themselves; backward may
     run more than once (retain_graph=True).
