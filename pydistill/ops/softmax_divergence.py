@@ -39,13 +39,13 @@ def grad_mode() -> str:
     return mode
 
 
-def _row_count(labels, n_rows: int, cfg: KDConfig):
-    """(1 / number of counted rows) as a device tensor when labels decide it (no sync), or as
-    a Python float when every row counts."""
+def _inverse_count(labels, n_rows: int, cfg: KDConfig):
+    """1 / (number of counted rows): a Python float when every row counts, else a 1-element
+    float32 device tensor (the labels are counted on the device: no host sync)."""
     if labels is None:
-        return None, 1.0 / max(n_rows, 1)
+        return 1.0 / max(n_rows, 1)
     count = (labels != cfg.ignore_index).sum()
-    return 1.0 / count.clamp(min=1).to(torch.float32).reshape(1), 1.0
+    return 1.0 / count.clamp(min=1).to(torch.float32).reshape(1)
 
 
 def _grad_scale(grad_loss, reduction: str, inv_count):
@@ -74,8 +74,10 @@ class TritonKDLoss(torch.autograd.Function):
         need_s = ctx.needs_input_grad[0]
         need_t = ctx.needs_input_grad[1]
         mean = cfg.reduction in ("mean", "batchmean")
-        inv_count, inv_rows = _row_count(labels, n_rows, cfg)
-        row_factor = inv_rows if mean else 1.0
+        inv = _inverse_count(labels, n_rows, cfg) if mean else 1.0
+        # the kernels take the row weight as a float times a device scalar
+        inv_count = inv if isinstance(inv, torch.Tensor) else None
+        row_factor = 1.0 if inv_count is not None else inv
 
         mode = grad_mode() if (need_s or (need_t and soft)) else None
         grad_s = grad_t = None
@@ -87,7 +89,7 @@ class TritonKDLoss(torch.autograd.Function):
         rows, stats = K.kd_fwd(
             student_logits, teacher_logits, labels, cfg, divergence,
             grad_s=grad_s, grad_t=grad_t, grad_scale=row_factor,
-            scale=inv_count if mean else None, store_stats=mode == "recompute",
+            scale=inv_count, store_stats=mode == "recompute",
         )
 
         ctx.cfg, ctx.divergence, ctx.mode = cfg, divergence, mode
@@ -96,7 +98,6 @@ class TritonKDLoss(torch.autograd.Function):
         if mode == "recompute":
             ctx.save_for_backward(student_logits, teacher_logits, labels, stats, inv_count)
         else:
-            ctx.save_for_backward(inv_count)
             ctx.grads = (grad_s, grad_t)
         ctx.shapes = (student_logits.shape, teacher_logits.shape)
         ctx.dtypes = (student_logits.dtype, teacher_logits.dtype)
@@ -106,7 +107,7 @@ class TritonKDLoss(torch.autograd.Function):
         total = rows.sum()
         if not mean:
             return total
-        return total * inv_count.reshape(()) if inv_count is not None else total * inv_rows
+        return total * (inv_count.reshape(()) if inv_count is not None else row_factor)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
