@@ -7,10 +7,10 @@ Importing needs neither a GPU, nor Triton, nor a compiled extension: kernels are
 when a backend that needs them is first used.
 """
 from pydistill._version import __version__
-from pydistill.functional import kd_loss
-from pydistill.modules import KDLoss
+from pydistill.functional import kd_loss, linear_kd_loss
+from pydistill.modules import KDLoss, LinearKDLoss
 from pydistill.reference.softmax_divergence import DIVERGENCES, REDUCTIONS
 from pydistill._dispatch import BACKENDS, resolve_backend
 
-__all__ = ["__version__", "kd_loss", "KDLoss", "DIVERGENCES", "REDUCTIONS", "BACKENDS",
+__all__ = ["__version__", "kd_loss", "KDLoss", "linear_kd_loss", "LinearKDLoss", "DIVERGENCES", "REDUCTIONS", "BACKENDS",
            "resolve_backend"]

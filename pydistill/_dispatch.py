@@ -41,6 +41,15 @@ TABLE = {
             _HALF_AND_SINGLE + (torch.float64,),
         ),
     },
+    # Both run the same chunked GEMMs; triton's divergence step is one kernel per chunk
+    # (kd_loss's, gradient written over the float32 logits) instead of ~20 PyTorch ops.
+    "linear_kd_loss": {
+        "triton": Impl("pydistill.ops.linear_kd:TritonLinearKDLoss", _HALF_AND_SINGLE),
+        "torch": Impl(
+            "pydistill.reference.linear_kd:ChunkedLinearKDLoss",
+            _HALF_AND_SINGLE + (torch.float64,),
+        ),
+    },
 }
 
 

@@ -105,3 +105,89 @@ def choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
     return value
+
+
+def linear_head(hidden_name: str, hidden, weight_name: str, weight, bias_name: str, bias):
+    """A linear head: hidden (..., H), weight (V, H) with V >= 1, bias (V,) or None; one dtype
+    (that of hidden) and one device."""
+    tensor(hidden_name, hidden)
+    tensor(weight_name, weight)
+    if hidden.dim() < 1:
+        raise ValueError(f"{hidden_name}: expected shape (..., H), got a 0-dim tensor")
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"{weight_name}: expected shape (V, H) with V >= 1, got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{weight_name}: expected shape (V, {hidden.shape[-1]}) (H = the last dim of "
+            f"{hidden_name}, shape {tuple(hidden.shape)}), got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{weight_name}: expected dtype {hidden.dtype} (that of {hidden_name}), got {weight.dtype}")
+    same_device(weight_name, weight, hidden_name, hidden)
+    if bias is not None:
+        tensor(bias_name, bias)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(
+                f"{bias_name}: expected shape ({weight.shape[0]},) (V of {weight_name}), got {tuple(bias.shape)}"
+            )
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{bias_name}: expected dtype {weight.dtype} (that of {weight_name}), got {bias.dtype}")
+        same_device(bias_name, bias, weight_name, weight)
+
+
+def leading_dims(name: str, x: torch.Tensor, lead: torch.Size, ref_name: str, ref: torch.Tensor):
+    """x of shape lead + (something,), on ref's device."""
+    if x.dim() < 1 or x.shape[:-1] != lead:
+        raise ValueError(
+            f"{name}: expected leading dims {tuple(lead)} (those of {ref_name}), got shape {tuple(x.shape)}"
+        )
+    same_device(name, x, ref_name, ref)
+
+
+def topk_pair(name: str, pair, lead: torch.Size, ref_name: str, ref: torch.Tensor, *, vocab: int):
+    """(logprobs (..., K), indices (..., K)) with the leading dims of ``ref``; indices int64 or
+    int32, in [0, vocab) (checked for CPU tensors only)."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(
+            f"{name}: expected a pair (logprobs (..., K), indices (..., K)), got {type(pair).__name__}"
+            + (f" of length {len(pair)}" if isinstance(pair, (tuple, list)) else "")
+        )
+    logprobs, indices = pair
+    tensor(f"{name}[0] (logprobs)", logprobs)
+    tensor(f"{name}[1] (indices)", indices, floating=False)
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}[1] (indices): expected dtype torch.int64 or torch.int32, got {indices.dtype}")
+    leading_dims(f"{name}[0] (logprobs)", logprobs, lead, ref_name, ref)
+    if indices.shape != logprobs.shape:
+        raise ValueError(
+            f"{name}[1] (indices): expected shape {tuple(logprobs.shape)} (that of the logprobs), "
+            f"got {tuple(indices.shape)}"
+        )
+    if logprobs.shape[-1] == 0:
+        raise ValueError(f"{name}: expected K >= 1 entries per row, got shape {tuple(logprobs.shape)}")
+    same_device(f"{name}[1] (indices)", indices, ref_name, ref)
+    if indices.device.type == "cpu" and indices.numel() > 0:
+        bad = (indices < 0) | (indices >= vocab)
+        if bool(bad.any()):
+            raise ValueError(f"{name}[1] (indices): expected values in [0, {vocab}), got {int(indices[bad][0])}")
+
+
+def chunk_size(name: str, value):
+    """'auto' or a positive int."""
+    if isinstance(value, str) and value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: expected 'auto' or a positive int (rows per chunk), got {value!r}")
+    return int(value)
+
+
+def process_group(name: str, group):
+    """None, or a torch.distributed process group of an initialised default group."""
+    if group is None:
+        return None
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"{name}: torch.distributed is not initialised (init_process_group first), got {group!r}")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name}: expected a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+    return group

@@ -8,9 +8,10 @@ import torch
 
 from pydistill import _dispatch
 from pydistill import _validation as check
+from pydistill.reference.linear_kd import ChunkPlan
 from pydistill.reference.softmax_divergence import DIVERGENCES, REDUCTIONS, KDConfig
 
-__all__ = ["kd_loss"]
+__all__ = ["kd_loss", "linear_kd_loss"]
 
 
 def kd_config(*, divergence="kl", temperature=1.0, beta=0.5, ignore_index=-100,
@@ -110,3 +111,198 @@ def kd_loss(
     )
     fn = _dispatch.implementation("kd_loss", backend)
     return fn.apply(student_logits, teacher_logits, labels, cfg)
+
+
+def linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    *,
+    teacher_logits: Optional[torch.Tensor] = None,
+    teacher_topk=None,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    chunk_size="auto",
+    process_group=None,
+    tail: str = "bucket",
+    teacher_temperature: Optional[float] = None,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    t2: bool = True,
+    softcap: Optional[float] = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Distillation loss fused with the student's LM head: ``kd_loss`` on
+    ``student_hidden @ student_weight^T (+ student_bias)`` without materialising the (N, V)
+    logits beyond one chunk of rows.
+
+    Per row i (every leading position of ``student_hidden``)::
+
+        s_i = h_i W_s^T + b_s                        (V_s)    student logits
+        t_i = teacher (one of the three kinds below)  (V_t)
+        loss_i = hard_weight * CE(cap(s_i), y_i) + soft_weight * T^2 * D(p_i, q_i)
+
+    exactly :func:`kd_loss`'s per-row loss (its six divergences, temperature, ``t2``, hard CE,
+    ``softcap``, ``ignore_index``, reductions). When V_s != V_t (padded vocabularies) the
+    shorter is treated as -inf beyond its end: zero probability and no gradient there (so a
+    teacher with tokens the student lacks makes ``reverse_kl`` infinite, as the math says).
+
+    The teacher is exactly one of:
+
+    - ``teacher_hidden`` (..., H_t) + ``teacher_weight`` (V_t, H_t) (+ ``teacher_bias`` (V_t,)):
+      its logits are computed chunk by chunk as well; H_t may differ from H_s, and its dtype
+      from the student's;
+    - ``teacher_logits`` (..., V_t);
+    - ``teacher_topk`` = (log-probs (..., K), token ids (..., K)): the offline top-k teacher of
+      :func:`topk_kd_loss`, with its ``tail`` and ``teacher_temperature`` (which apply only to
+      it).
+
+    Args:
+        student_hidden: (..., H_s) float16 / bfloat16 / float32 (float64: torch backend).
+        student_weight: (V_s, H_s), the dtype of ``student_hidden``. Frozen (requires_grad
+            False): no weight gradient is computed or allocated.
+        teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk: the teacher,
+            see above. A constant unless its tensors require grad; then their gradients are
+            computed too (not for ``teacher_topk``: an error).
+        student_bias: optional (V_s,), the dtype of ``student_weight``.
+        chunk_size: rows per chunk (a positive int), or ``"auto"``: as many rows as fit a
+            budget for the chunk's buffers (two (C, V) float32 logits, plus a (C, V) copy of the
+            gradient in the weight's dtype for bfloat16 / float16): 64 MiB on the CPU; on CUDA a
+            quarter of the free memory (free + PyTorch's cached blocks), at most 2 GiB. A tiled
+            implementation that writes no logits at all (O(N) extra memory; DESIGN.md section 3)
+            is to come, selected here too: the values above will keep meaning "chunked".
+        process_group: vocabulary parallelism. ``student_weight`` / ``student_bias`` (and
+            ``teacher_weight`` / ``teacher_bias`` or ``teacher_logits``) hold this rank's
+            contiguous block of vocabulary rows, the blocks in rank order (ragged sizes
+            allowed); hidden states and labels (global token ids) are replicated. Rank r's
+            block covers global columns [o_r, o_r + w_r), w_r = max(its student rows, its
+            teacher rows) and o_r the sum of the lower ranks' w; a model whose shard is shorter
+            than w_r is -inf on the rest of the block. So the result equals the unsharded loss
+            when student and teacher are sharded alike, or when the shorter vocabulary falls
+            short only at its end (e.g. V_s = 32000 as 16032 + 15968 against V_t = 32064 as
+            16032 + 16032). Loss, d(hidden) (summed over ranks) and each rank's weight / bias /
+            logits gradient equal the unsharded ones. The row maxima, exp-sums, divergence
+            partials and the hard term's target log-probability are all-reduced per chunk, with
+            the closed-form PyTorch step whatever ``backend`` says (the kernel's passes would
+            need the collectives between them). Every rank must call it, with the same rows.
+            ``chunk_size="auto"`` agrees on the rows per chunk with one all-reduce and one host
+            read per call; pass an int to avoid that sync. Labels are not range-checked.
+        tail, teacher_temperature: ``teacher_topk`` only (see :func:`topk_kd_loss`).
+        divergence, temperature, beta, labels, ignore_index, hard_weight, soft_weight, t2,
+        softcap, reduction: as in :func:`kd_loss`; ``labels`` has the leading dims of
+            ``student_hidden`` and indexes the student vocabulary.
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"``. Both run the chunked algorithm and
+            differ in the per-chunk divergence step: the Triton kernel of :func:`kd_loss`
+            (writing the gradient over the chunk's float32 logits) or its closed form in PyTorch
+            (any device, float64 too).
+
+    Returns:
+        The loss, float32 (float64 for float64 inputs). Gradients come back in the dtype of
+        each input. The logits GEMMs accumulate and output float32 (never rounded to bfloat16
+        before the softmax); the gradient GEMMs run in the weight's dtype from one rounding of
+        the logits' gradient, and the weight gradient accumulates in the weight's dtype, one
+        rounding per chunk (pydistill/reference/linear_kd.py has the measured errors). As with
+        ``kd_loss(backend="torch")``, the gradients are computed in the forward pass and the
+        backward scales them by grad_output, so a scalar loss can be back-propagated once
+        (``reduction="none"`` recomputes in the backward instead).
+    """
+    cfg = kd_config(
+        divergence=divergence, temperature=temperature, beta=beta, ignore_index=ignore_index,
+        hard_weight=hard_weight, soft_weight=soft_weight, t2=t2, softcap=softcap,
+        reduction=reduction,
+    )
+    tail = check.choice("tail", tail, ("bucket", "renormalize", "ignore"))
+    if teacher_temperature is not None:
+        teacher_temperature = check.real("teacher_temperature", teacher_temperature, low=0.0, low_open=True)
+        if teacher_topk is None:
+            raise ValueError(
+                f"teacher_temperature: applies only to teacher_topk (the temperature its "
+                f"log-probs were stored at), got {teacher_temperature} with another teacher"
+            )
+    check.linear_head("student_hidden", student_hidden, "student_weight", student_weight,
+                      "student_bias", student_bias)
+    lead = student_hidden.shape[:-1]
+    vocab = student_weight.shape[0]
+    _one_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk)
+    floating = [student_hidden, student_weight, student_bias]
+    if teacher_weight is not None:
+        check.linear_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight,
+                          "teacher_bias", teacher_bias)
+        check.leading_dims("teacher_hidden", teacher_hidden, lead, "student_hidden", student_hidden)
+        floating += [teacher_hidden, teacher_weight, teacher_bias]
+    elif teacher_logits is not None:
+        check.tensor("teacher_logits", teacher_logits)
+        check.leading_dims("teacher_logits", teacher_logits, lead, "student_hidden", student_hidden)
+        if teacher_logits.shape[-1] == 0:
+            raise ValueError(f"teacher_logits: expected a vocabulary size V >= 1, got shape {tuple(teacher_logits.shape)}")
+        floating.append(teacher_logits)
+    else:
+        check.topk_pair("teacher_topk", teacher_topk, lead, "student_hidden", student_hidden, vocab=vocab)
+        floating.append(teacher_topk[0])
+    if cfg.hard_weight != 0.0 and labels is None:
+        raise ValueError(f"labels: required when hard_weight != 0 (got hard_weight={cfg.hard_weight})")
+    group = check.process_group("process_group", process_group)
+    labels = check.labels(
+        "labels", labels, lead, "student_hidden", student_hidden, vocab=vocab,
+        ignore_index=cfg.ignore_index, check_range=cfg.hard_weight != 0.0 and group is None,
+    )
+    chunk_size = check.chunk_size("chunk_size", chunk_size)
+    topk_logprobs = topk_indices = None
+    if teacher_topk is not None:
+        cfg = _topk_config(cfg, teacher_topk, tail, teacher_temperature, group)
+        topk_logprobs, topk_indices = teacher_topk
+    backend = _dispatch.resolve(
+        "linear_kd_loss", backend, student_hidden.device, tuple(x.dtype for x in floating if x is not None)
+    )
+    fn = _dispatch.implementation("linear_kd_loss", backend)
+    plan = ChunkPlan(chunk_size=chunk_size, group=group)
+    return fn.apply(cfg, plan, labels, student_hidden, student_weight, student_bias, teacher_hidden,
+                    teacher_weight, teacher_bias, teacher_logits, topk_logprobs, topk_indices)
+
+
+def _one_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk):
+    """Exactly one teacher kind, each complete."""
+    if (teacher_hidden is None) != (teacher_weight is None):
+        given, missing = ("teacher_hidden", "teacher_weight") if teacher_weight is None else (
+            "teacher_weight", "teacher_hidden")
+        raise ValueError(f"{missing}: required with {given} (the teacher's logits are "
+                         f"teacher_hidden @ teacher_weight^T), got None")
+    if teacher_bias is not None and teacher_weight is None:
+        raise ValueError("teacher_bias: applies only to a teacher given as teacher_hidden + "
+                         "teacher_weight, got a bias without them")
+    given = [name for name, x in (("teacher_hidden + teacher_weight", teacher_weight),
+                                  ("teacher_logits", teacher_logits),
+                                  ("teacher_topk", teacher_topk)) if x is not None]
+    if len(given) != 1:
+        raise ValueError(
+            "teacher: expected exactly one of teacher_hidden + teacher_weight, teacher_logits, "
+            f"teacher_topk; got {' and '.join(given) if given else 'none'}"
+        )
+
+
+def _topk_config(cfg: KDConfig, teacher_topk, tail, teacher_temperature, group):
+    """The top-k family's config for a top-k teacher, or a clear error while that family is
+    not installed."""
+    try:
+        from pydistill.reference.topk_divergence import TopKConfig
+    except ImportError:
+        raise NotImplementedError(
+            "teacher_topk: the top-k teacher of linear_kd_loss needs the topk_divergence family "
+            "(pydistill/reference/topk_divergence.py), which is not available yet; pass "
+            "teacher_hidden + teacher_weight or teacher_logits"
+        ) from None
+    if teacher_topk[0].requires_grad:
+        raise ValueError("teacher_topk: gradients w.r.t. the top-k teacher's log-probs are not "
+                         "supported (detach them)")
+    if group is not None:
+        raise ValueError("process_group: not supported with teacher_topk (the top-k ids index the "
+                         "whole vocabulary)")
+    fields = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
+    return TopKConfig(**fields, tail=tail, teacher_temperature=teacher_temperature)

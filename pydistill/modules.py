@@ -6,9 +6,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pydistill import _validation as check
 from pydistill import functional as F
 
-__all__ = ["KDLoss"]
+__all__ = ["KDLoss", "LinearKDLoss"]
 
 
 class KDLoss(nn.Module):
@@ -56,3 +57,42 @@ class KDLoss(nn.Module):
             f"hard_weight={c.hard_weight}, soft_weight={c.soft_weight}, t2={c.t2}, "
             f"softcap={c.softcap}, reduction={c.reduction!r}, backend={self.backend!r}"
         )
+
+
+class LinearKDLoss(KDLoss):
+    """Module form of :func:`pydistill.linear_kd_loss` (the distillation loss fused with the
+    student's LM head): ``kd_loss``'s hyper-parameters plus ``chunk_size``, ``process_group``
+    and the top-k teacher's ``tail`` / ``teacher_temperature``, validated at construction.
+    ``forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
+    teacher_logits=None, teacher_topk=None, student_bias=None, teacher_bias=None, labels=None)``.
+    """
+
+    def __init__(self, *, chunk_size="auto", process_group=None, tail: str = "bucket",
+                 teacher_temperature: Optional[float] = None, **kd_kwargs):
+        super().__init__(**kd_kwargs)
+        self.chunk_size = check.chunk_size("chunk_size", chunk_size)
+        self.process_group = check.process_group("process_group", process_group)
+        self.tail = check.choice("tail", tail, ("bucket", "renormalize", "ignore"))
+        self.teacher_temperature = teacher_temperature
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                teacher_hidden: Optional[torch.Tensor] = None,
+                teacher_weight: Optional[torch.Tensor] = None, *,
+                teacher_logits: Optional[torch.Tensor] = None, teacher_topk=None,
+                student_bias: Optional[torch.Tensor] = None,
+                teacher_bias: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        c = self.cfg
+        return F.linear_kd_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight,
+            teacher_logits=teacher_logits, teacher_topk=teacher_topk, student_bias=student_bias,
+            teacher_bias=teacher_bias, chunk_size=self.chunk_size,
+            process_group=self.process_group, tail=self.tail,
+            teacher_temperature=self.teacher_temperature, divergence=c.divergence,
+            temperature=c.temperature, beta=c.beta, labels=labels, ignore_index=c.ignore_index,
+            hard_weight=c.hard_weight, soft_weight=c.soft_weight, t2=c.t2, softcap=c.softcap,
+            reduction=c.reduction, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size!r}"

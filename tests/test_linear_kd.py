@@ -1,0 +1,526 @@
+"""linear_kd_loss (fused LM head): every backend against the reference on materialised logits.
+
+The ground truth is pydistill.reference.linear_kd.linear_kd_loss in float64: both heads'
+logits built with plain torch, the shorter vocabulary padded with -inf, kd_loss on them,
+autograd for every gradient. Tolerances are those of test_softmax_divergence.py (whose
+helpers this file imports): 4x the error of the same reference run in float32 on the same
+inputs, plus one rounding of the output dtype. bfloat16 is judged separately, by the relative
+(Frobenius) error of each gradient against float64.
+"""
+import itertools
+import math
+import os
+
+import pytest
+import torch
+
+import pydistill as pdl
+from pydistill.reference import linear_kd as R
+from pydistill.reference import softmax_divergence as SD
+
+from conftest import CUDA, DEVICE, available_backends
+from test_softmax_divergence import (  # noqa: F401  (block_v is a fixture)
+    OPTION_SETS,
+    _gen,
+    assert_close,
+    block_v,
+    make_labels,
+    smooth_rows,
+)
+
+BACKENDS = available_backends("linear_kd_loss")
+DIVERGENCES = list(SD.DIVERGENCES)
+TRITON = "triton" in BACKENDS
+needs_triton = pytest.mark.skipif(not TRITON, reason="Triton cannot run here")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def matrix(*axes, interpreted=lambda *case: True):
+    """(backend, *case) for every combination of the axes on every backend, except that the
+    Triton interpreter (~2 s a case) runs only the cases ``interpreted`` picks; a GPU runs all."""
+    return [(backend, *case) for backend in BACKENDS for case in itertools.product(*axes)
+            if backend != "triton" or not INTERPRETED or interpreted(*case)]
+
+# ragged everything: N = 13 rows, H_s = 24, H_t = 40, V = 67, chunks of 5 (not dividing N)
+N, H_S, H_T, V = 13, 24, 40, 67
+
+
+def randn(shape, dtype=torch.float32, scale=1.0, seed=0, requires_grad=False):
+    x = (torch.randn(shape, generator=_gen(seed)) * scale).to(dtype=dtype, device=DEVICE)
+    return x.requires_grad_(requires_grad)
+
+
+def head(lead, hidden, vocab, *, seed, dtype=torch.float32, bias=False, grad=True, prefix="student"):
+    """A linear head whose logits spread like trained ones (std ~3)."""
+    out = {
+        f"{prefix}_hidden": randn(lead + (hidden,), dtype, seed=seed, requires_grad=grad),
+        f"{prefix}_weight": randn((vocab, hidden), dtype, 3.0 / math.sqrt(hidden), seed + 1, grad),
+    }
+    if bias:
+        out[f"{prefix}_bias"] = randn((vocab,), dtype, 0.5, seed + 2, grad)
+    return out
+
+
+def teacher(kind, lead, vocab, *, seed, dtype=torch.float32, grad=False):
+    if kind == "head":
+        return head(lead, H_T, vocab, seed=seed, dtype=dtype, grad=grad, prefix="teacher")
+    if kind == "head+bias":
+        return head(lead, H_T, vocab, seed=seed, dtype=dtype, bias=True, grad=grad, prefix="teacher")
+    assert kind == "logits"
+    return {"teacher_logits": randn(lead + (vocab,), dtype, 3.0, seed, grad)}
+
+
+def materialised(inputs):
+    """(student, teacher) logits in float64, padded to one vocabulary."""
+    x = {k: v.detach().double() for k, v in inputs.items()}
+    s = R.head_logits(x["student_hidden"], x["student_weight"], x.get("student_bias"))
+    t = x.get("teacher_logits")
+    if t is None:
+        t = R.head_logits(x["teacher_hidden"], x["teacher_weight"], x.get("teacher_bias"))
+    vocab = max(s.shape[-1], t.shape[-1])
+    return R.pad_vocab(s, vocab), R.pad_vocab(t, vocab)
+
+
+def reference(inputs, labels, cfg, grad_out, dtype):
+    """Loss and the gradient of every input that requires grad, from the reference in dtype."""
+    leaves = {k: v.detach().to(dtype).requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    loss = R.linear_kd_loss(**leaves, labels=labels, cfg=cfg)
+    wanted = [k for k, v in leaves.items() if v.requires_grad]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in wanted], grad_out.to(dtype), allow_unused=True)
+    return loss.detach(), {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(wanted, grads)}
+
+
+def run(backend, inputs, labels=None, *, grad_out=None, chunk_size=5, **kw):
+    """linear_kd_loss on fresh leaves: (loss, {name: gradient}, grad_out)."""
+    leaves = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    loss = pdl.linear_kd_loss(**leaves, labels=labels, chunk_size=chunk_size, backend=backend, **kw)
+    if grad_out is None:
+        grad_out = torch.rand(loss.shape, generator=_gen(99)).to(DEVICE) * 2 + 0.25
+    wanted = [k for k, v in leaves.items() if v.requires_grad]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in wanted], grad_out.to(loss.dtype)) if wanted else ()
+    return loss.detach(), dict(zip(wanted, grads)), grad_out
+
+
+def check(backend, inputs, labels=None, **kw):
+    """Loss and gradients of ``backend`` against the float64 reference (module docstring)."""
+    cfg = pdl.functional.kd_config(**{k: v for k, v in kw.items() if k in SD.KDConfig.__dataclass_fields__})
+    if cfg.divergence == "tvd":
+        # rows where tvd's gradient jumps (p_j ~ q_j) would make dW and db, sums over the rows,
+        # incomparable: they are ignored
+        lead = inputs["student_hidden"].shape[:-1]
+        s, t = materialised(inputs)
+        tie = ~smooth_rows(s, t, cfg)
+        if tie.any():
+            labels = make_labels(lead, 1, seed=0) if labels is None else labels.clone()
+            labels[tie] = cfg.ignore_index
+    loss, grads, grad_out = run(backend, inputs, labels, **kw)
+    expected = torch.float64 if inputs["student_hidden"].dtype == torch.float64 else torch.float32
+    assert loss.dtype == expected
+    gt_loss, gt = reference(inputs, labels, cfg, grad_out, torch.float64)
+    ref_loss, ref32 = reference(inputs, labels, cfg, grad_out, torch.float32)
+    assert_close("loss", loss, gt_loss, [ref_loss], loss.dtype, atol=1e-7)
+    assert set(grads) == set(gt)
+    for name, g in grads.items():
+        x = inputs[name]
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        assert_close(f"grad {name}", g, gt[name], [ref32[name]], x.dtype)
+    return loss, grads
+
+
+# ---------------------------------------------------------------------------------------------
+# the matrix: teacher kind x divergence, and the options of kd_loss
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,kind,divergence", matrix(
+    ["head", "head+bias", "logits"], DIVERGENCES, interpreted=lambda kind, _: kind == "head+bias"))
+def test_teacher_kinds(backend, kind, divergence, request):
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)
+    inputs = {**head((N,), H_S, V, seed=1, bias=kind != "head"), **teacher(kind, (N,), V, seed=11)}
+    y = make_labels((N,), V, ignore=(2, 7))
+    check(backend, inputs, y, divergence=divergence, temperature=2.0, beta=0.3, hard_weight=0.2)
+
+
+@pytest.mark.parametrize("backend,divergence,option", matrix(
+    ["kl", "skew_reverse_kl"], list(OPTION_SETS),
+    interpreted=lambda d, o: d == "kl" and o in ("hard+ignore", "none", "softcap", "teacher_grad", "ce_only")))
+def test_options(backend, divergence, option, request):
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)
+    opts = dict(OPTION_SETS[option])
+    label_mode = opts.pop("labels", None)
+    teacher_grad = opts.pop("teacher_grad", False)
+    inputs = {**head((N,), H_S, V, seed=len(option), bias=True),
+              **teacher("head+bias", (N,), V, seed=len(option) + 50, grad=teacher_grad)}
+    y = None
+    if label_mode is not None:
+        y = make_labels((N,), V, ignore=(0, 3) if label_mode == "ignore" else ())
+    check(backend, inputs, y, divergence=divergence, **opts)
+
+
+@pytest.mark.parametrize("backend,kind,shorter,divergence", matrix(
+    ["head", "logits"], ["student", "teacher"], ["natural", "jsd", "tvd"],
+    interpreted=lambda k, s, d: (k, s, d) in [("head", "student", "natural"), ("logits", "teacher", "jsd")]))
+def test_mismatched_vocabulary(backend, kind, shorter, divergence, request):
+    # the shorter vocabulary is -inf beyond its end; "natural": the divergence that stays finite
+    # there (reverse_kl when the student lacks tokens, kl when the teacher does)
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)
+    v_s, v_t = (V - 9, V) if shorter == "student" else (V, V - 9)
+    if divergence == "natural":
+        divergence = "reverse_kl" if shorter == "student" else "kl"
+    inputs = {**head((N,), H_S, v_s, seed=3, bias=True), **teacher(kind, (N,), v_t, seed=13, grad=True)}
+    y = make_labels((N,), min(v_s, v_t), ignore=(4,))
+    loss, _ = check(backend, inputs, y, divergence=divergence, temperature=1.5, hard_weight=0.3)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend,chunk_size", matrix(
+    [1, 4, 13, 1000, "auto"], interpreted=lambda c: c == 4))
+def test_chunk_sizes_and_leading_dims(backend, chunk_size, request):
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)
+    lead = (3, 5)  # (B, T, H)
+    inputs = {**head(lead, H_S, V, seed=5, bias=True), **teacher("head", lead, V, seed=15)}
+    y = make_labels(lead, V, ignore=(0, 9))
+    for reduction in ["mean", "none"]:
+        loss, grads = check(backend, inputs, y, chunk_size=chunk_size, divergence="jsd",
+                            temperature=2.0, hard_weight=0.1, reduction=reduction)
+        assert loss.shape == (lead if reduction == "none" else ())
+        assert grads["student_hidden"].shape == lead + (H_S,)
+
+
+@pytest.mark.parametrize("backend,frozen", matrix(
+    ["weight", "hidden", "weight+bias"], interpreted=lambda f: f == "weight"))
+def test_frozen_parts(backend, frozen, monkeypatch):
+    made = []
+    original = R.LinearHead.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(R.LinearHead, "__init__", spy)
+    inputs = {**head((N,), H_S, V, seed=6, bias=True), **teacher("head", (N,), V, seed=16)}
+    for name in frozen.split("+"):
+        inputs[f"student_{name}"].requires_grad_(False)
+    _, grads = check(backend, inputs, make_labels((N,), V, ignore=(1,)), divergence="kl",
+                     temperature=2.0, hard_weight=0.5)
+    assert set(grads) == {k for k, v in inputs.items() if v.requires_grad}
+    student = made[0]
+    if "weight" in frozen:  # a frozen head allocates no dW
+        assert student.grad_weight is None
+    assert (student.grad_hidden is None) == (frozen == "hidden")
+
+
+@pytest.mark.parametrize("backend,kind,divergence", matrix(
+    ["head+bias", "logits"], ["kl", "reverse_kl", "jsd", "skew_kl"],
+    interpreted=lambda k, d: (k, d) in [("head+bias", "jsd"), ("logits", "kl")]))
+def test_teacher_requires_grad(backend, kind, divergence, request):
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)
+    inputs = {**head((N,), H_S, V, seed=7), **teacher(kind, (N,), V, seed=17, grad=True)}
+    check(backend, inputs, make_labels((N,), V, ignore=(5,)), divergence=divergence, beta=0.4,
+          temperature=2.0, softcap=8.0, reduction="sum")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_of_another_dtype_and_int32_labels(backend, request):
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)
+    inputs = {**head((N,), H_S, V, seed=8), **teacher("head+bias", (N,), V, seed=18, dtype=torch.bfloat16)}
+    y = make_labels((N,), V, ignore=(3,)).int()
+    check(backend, inputs, y, divergence="tvd", temperature=2.0, hard_weight=0.3)
+
+
+def test_float64_is_exact():
+    inputs = {**head((N,), H_S, V, seed=9, dtype=torch.float64, bias=True),
+              **teacher("head", (N,), V, seed=19, dtype=torch.float64, grad=True)}
+    y = make_labels((N,), V, ignore=(2,))
+    kw = dict(divergence="skew_kl", beta=0.1, temperature=3.0, hard_weight=0.5, labels=y)
+    loss, grads, grad_out = run("torch", inputs, **kw)
+    cfg = pdl.functional.kd_config(**{k: v for k, v in kw.items() if k != "labels"})
+    gt_loss, gt = reference(inputs, y, cfg, grad_out, torch.float64)
+    torch.testing.assert_close(loss, gt_loss, rtol=1e-12, atol=1e-14)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, gt[name], rtol=1e-10, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------
+# edge cases
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,reduction", matrix(
+    ["mean", "sum", "none"], interpreted=lambda r: r == "none"))
+def test_all_rows_ignored(backend, reduction):
+    inputs = {**head((2, 3), H_S, V, seed=20, bias=True), **teacher("head", (2, 3), V, seed=21)}
+    y = torch.full((2, 3), -100, device=DEVICE)
+    loss, grads, _ = run(backend, inputs, y, hard_weight=1.0, reduction=reduction)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    for g in grads.values():
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch(backend, reduction):
+    inputs = {**head((0,), H_S, V, seed=22, bias=True), **teacher("logits", (0,), V, seed=23, grad=True)}
+    loss, grads, _ = run(backend, inputs, reduction=reduction, grad_out=torch.ones(()) if reduction != "none" else torch.ones(0))
+    assert loss.shape == (() if reduction != "none" else (0,)) and float(loss.sum()) == 0.0
+    for name, g in grads.items():
+        assert g.shape == inputs[name].shape and not g.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_backward(backend):
+    inputs = {**head((N,), H_S, V, seed=24), **teacher("head", (N,), V, seed=25)}
+    x = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    loss = pdl.linear_kd_loss(**x, backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+    # reduction="none" recomputes in the backward: twice is fine and gives the same gradient
+    rows = pdl.linear_kd_loss(**x, reduction="none", backend=backend)
+    g1 = torch.autograd.grad(rows.sum(), x["student_weight"], retain_graph=True)[0]
+    g2 = torch.autograd.grad(rows.sum(), x["student_weight"])[0]
+    assert torch.equal(g1, g2)
+
+
+def test_no_grad_forward_matches():
+    inputs = {**head((N,), H_S, V, seed=26), **teacher("logits", (N,), V, seed=27)}
+    with torch.no_grad():
+        a = pdl.linear_kd_loss(**inputs, temperature=2.0, chunk_size=4)
+    b = R.linear_kd_loss(**{k: v.double() for k, v in inputs.items()}, cfg=SD.KDConfig(temperature=2.0))
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_matches_function(backend):
+    inputs = {**head((2, 4), H_S, V, seed=28, bias=True), **teacher("head", (2, 4), V, seed=29)}
+    y = make_labels((2, 4), V, ignore=(3,))
+    kw = dict(divergence="jsd", temperature=2.0, beta=0.2, hard_weight=0.5, chunk_size=3)
+    mod = pdl.LinearKDLoss(backend=backend, **kw)
+    torch.testing.assert_close(mod(**inputs, labels=y), pdl.linear_kd_loss(**inputs, labels=y, backend=backend, **kw))
+    assert "chunk_size=3" in repr(mod) and "jsd" in repr(mod)
+
+
+@needs_triton
+def test_backends_agree_in_bfloat16(block_v):
+    block_v(64)
+    inputs = {**head((3, 7), H_S, 211, seed=30, dtype=torch.bfloat16, bias=True),
+              **teacher("head", (3, 7), 211, seed=31, dtype=torch.bfloat16)}
+    y = make_labels((3, 7), 211, ignore=(0, 5))
+    out = {b: run(b, inputs, y, divergence="jsd", beta=0.4, temperature=2.0, hard_weight=0.1,
+                  grad_out=torch.ones(()))
+           for b in ["torch", "triton"]}
+    (l_a, g_a, _), (l_b, g_b, _) = out["torch"], out["triton"]
+    torch.testing.assert_close(l_a, l_b, rtol=1e-5, atol=1e-6)
+    for name in g_a:
+        a, b = g_a[name].float(), g_b[name].float()
+        assert (a - b).norm() <= 2**-7 * a.norm(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16: the gradients stay faithful to float32 math
+# ---------------------------------------------------------------------------------------------
+
+# Relative (Frobenius) error against float64 of each bfloat16 gradient; N = 512 rows, H = 64,
+# V = 1000, kl at T = 2 with a hard term, logits of std ~8, a teacher close to the student (the
+# regime of distillation, where q - p is small), grad_output != 1. Measured on the CPU with 4
+# chunks: d(hidden) 2.8e-3, d(weight) 3.3e-3, d(bias) 2.4e-3, against 1.6e-3 - 1.7e-3 for the
+# exact gradient rounded once to bfloat16 (the best a bfloat16 output can do); the extra comes
+# from the rounding of g before the GEMMs, of the backward's rescaling by grad_output, and of
+# dW's accumulation per chunk (2.7e-3 in 1 chunk, 5.6e-3 in 32). The naive path, which rounds
+# the logits to bfloat16 (F.linear in bfloat16, then the loss in float32): 2.8e-2 - 3.5e-2.
+BF16_BOUND = 2.5  # x the error of one rounding of the exact gradient
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_gradients_are_faithful(backend, request):
+    if backend == "triton":
+        if not CUDA:
+            pytest.skip("the Triton interpreter is too slow at these sizes (CUDA runs it)")
+    n, h, vocab = 512, 64, 1000
+    student = {k: v.detach() for k, v in head((n,), h, vocab, seed=40, bias=True).items()}
+    student["student_weight"] *= 8.0 / 3.0
+    near = {f"teacher_{k}": student[f"student_{k}"] + 0.05 * randn(student[f"student_{k}"].shape, seed=41 + i)
+            * student[f"student_{k}"].std() for i, k in enumerate(["hidden", "weight"])}
+    inputs = {k: v.to(torch.bfloat16).requires_grad_(k.startswith("student"))
+              for k, v in {**student, **near}.items()}
+    y = make_labels((n,), vocab, ignore=(3, 100))
+    kw = dict(divergence="kl", temperature=2.0, hard_weight=0.3)
+    cfg = pdl.functional.kd_config(**kw)
+    _, grads, grad_out = run(backend, inputs, y, chunk_size=128, **kw)
+    _, gt = reference(inputs, y, cfg, grad_out, torch.float64)
+    # the naive path: logits rounded to bfloat16 by the GEMM, then the loss in float32
+    leaves = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    s = torch.nn.functional.linear(leaves["student_hidden"], leaves["student_weight"], leaves["student_bias"])
+    t = torch.nn.functional.linear(leaves["teacher_hidden"], leaves["teacher_weight"])
+    naive = torch.autograd.grad(SD.kd_loss(s, t, y, cfg), [leaves[k] for k in grads], grad_out)
+
+    def rel(a, b):
+        return float((a.double() - b).norm() / b.norm())
+
+    for (name, g), g_naive in zip(grads.items(), naive):
+        err, once = rel(g, gt[name]), rel(gt[name].to(torch.bfloat16), gt[name])
+        assert err <= BF16_BOUND * once, f"{name}: {err:.2e} > {BF16_BOUND} x {once:.2e}"
+        assert err < rel(g_naive, gt[name]) / 4, f"{name}: not better than the naive path"
+
+
+# ---------------------------------------------------------------------------------------------
+# the top-k teacher (the topk_divergence family)
+# ---------------------------------------------------------------------------------------------
+
+
+def _topk_family():
+    try:
+        from pydistill.reference import topk_divergence
+    except ImportError:
+        return None
+    return topk_divergence
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tail", ["bucket", "renormalize", "ignore"])
+@pytest.mark.parametrize("divergence", ["kl", "jsd", "skew_reverse_kl"])
+def test_topk_teacher(backend, tail, divergence):
+    family = _topk_family()
+    if family is None:
+        pytest.skip("the topk_divergence family is not available yet")
+    k = 6
+    inputs = head((N,), H_S, V, seed=50, bias=True)
+    teacher_logits = randn((N, V), torch.float64, 3.0, seed=51)
+    lp, idx = torch.log_softmax(teacher_logits, -1).topk(k, dim=-1)
+    y = make_labels((N,), V, ignore=(1,))
+    kw = dict(tail=tail, teacher_temperature=1.5, divergence=divergence, temperature=2.0,
+              hard_weight=0.2)
+    loss, grads, grad_out = run(backend, inputs, y, teacher_topk=(lp.float(), idx), **kw)
+    cfg = family.TopKConfig(**{f: getattr(pdl.functional.kd_config(**{
+        k_: v for k_, v in kw.items() if k_ not in ("tail", "teacher_temperature")}), f)
+        for f in SD.KDConfig.__dataclass_fields__}, tail=tail, teacher_temperature=1.5)
+    for dtype in [torch.float64, torch.float32]:
+        leaves = {k_: v.detach().to(dtype).requires_grad_() for k_, v in inputs.items()}
+        s = R.head_logits(leaves["student_hidden"], leaves["student_weight"], leaves["student_bias"])
+        ref = family.topk_kd_loss(s, lp.float().to(dtype), idx, y, cfg)
+        ref_grads = torch.autograd.grad(ref, list(leaves.values()), grad_out.to(dtype))
+        if dtype == torch.float64:
+            gt_loss, gt = ref.detach(), dict(zip(leaves, ref_grads))
+        else:
+            ref32_loss, ref32 = ref.detach(), dict(zip(leaves, ref_grads))
+    assert_close("loss", loss, gt_loss, [ref32_loss], loss.dtype, atol=1e-7)
+    for name, g in grads.items():
+        assert_close(f"grad {name}", g, gt[name], [ref32[name]], torch.float32)
+
+
+def test_topk_teacher_unavailable_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pydistill.reference.topk_divergence", None)
+    inputs = head((N,), H_S, V, seed=52)
+    topk = (torch.randn(N, 4, device=DEVICE), torch.randint(0, V, (N, 4), device=DEVICE))
+    with pytest.raises(NotImplementedError, match="teacher_topk.*not available yet"):
+        pdl.linear_kd_loss(**inputs, teacher_topk=topk)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+
+_H, _W = torch.randn(2, 3, 4), torch.randn(5, 4)
+BAD_INPUTS = [
+    # (kwargs overriding a valid call, exception, words the message must contain)
+    (dict(student_hidden=[[1.0]]), TypeError, ["student_hidden", "torch.Tensor", "list"]),
+    (dict(student_weight=torch.randn(5, 3)), ValueError, ["student_weight", "(V, 4)", "(5, 3)"]),
+    (dict(student_weight=torch.randn(5)), ValueError, ["student_weight", "(V, H)", "(5,)"]),
+    (dict(student_weight=torch.randn(0, 4)), ValueError, ["student_weight", "V >= 1", "(0, 4)"]),
+    (dict(student_weight=torch.randn(5, 4, dtype=torch.float64)), TypeError,
+     ["student_weight", "torch.float32", "torch.float64"]),
+    (dict(student_hidden=torch.tensor(1.0)), ValueError, ["student_hidden", "0-dim"]),
+    (dict(student_bias=torch.randn(6)), ValueError, ["student_bias", "(5,)", "(6,)"]),
+    (dict(student_bias=torch.randn(5).half()), TypeError, ["student_bias", "float32", "float16"]),
+    (dict(teacher_hidden=torch.randn(2, 4, 7)), ValueError, ["teacher_hidden", "(2, 3)", "(2, 4, 7)"]),
+    (dict(teacher_weight=torch.randn(5, 6)), ValueError, ["teacher_weight", "(V, 7)", "(5, 6)"]),
+    (dict(teacher_bias=torch.randn(4)), ValueError, ["teacher_bias", "(6,)", "(4,)"]),
+    (dict(teacher_weight=None), ValueError, ["teacher_weight", "required", "teacher_hidden"]),
+    (dict(teacher_hidden=None), ValueError, ["teacher_hidden", "required", "teacher_weight"]),
+    (dict(teacher_hidden=None, teacher_weight=None), ValueError, ["teacher", "exactly one", "none"]),
+    (dict(teacher_logits=torch.randn(2, 3, 5)), ValueError,
+     ["teacher", "exactly one", "teacher_hidden + teacher_weight and teacher_logits"]),
+    (dict(teacher_hidden=None, teacher_weight=None, teacher_bias=torch.randn(6)), ValueError,
+     ["teacher_bias", "teacher_hidden + teacher_weight"]),
+    (dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(2, 5)), ValueError,
+     ["teacher_logits", "(2, 3)", "(2, 5)"]),
+    (dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(2, 3, 0)), ValueError,
+     ["teacher_logits", "V >= 1"]),
+    (dict(teacher_hidden=None, teacher_weight=None, teacher_topk=torch.randn(2, 3, 2)), TypeError,
+     ["teacher_topk", "pair", "Tensor"]),
+    (dict(teacher_hidden=None, teacher_weight=None,
+          teacher_topk=(torch.randn(2, 3, 2), torch.zeros(2, 3, 2))), TypeError,
+     ["teacher_topk[1] (indices)", "int64", "float32"]),
+    (dict(teacher_hidden=None, teacher_weight=None,
+          teacher_topk=(torch.randn(2, 3, 2), torch.zeros(2, 3, 3, dtype=torch.long))), ValueError,
+     ["teacher_topk[1] (indices)", "(2, 3, 2)", "(2, 3, 3)"]),
+    (dict(teacher_hidden=None, teacher_weight=None,
+          teacher_topk=(torch.randn(2, 3, 2), torch.full((2, 3, 2), 5))), ValueError,
+     ["teacher_topk[1] (indices)", "[0, 5)", "5"]),
+    (dict(teacher_temperature=2.0), ValueError, ["teacher_temperature", "teacher_topk"]),
+    (dict(tail="drop"), ValueError, ["tail", "'bucket'", "'drop'"]),
+    (dict(labels=torch.zeros(2, dtype=torch.long)), ValueError, ["labels", "(2, 3)", "(2,)"]),
+    (dict(labels=torch.zeros(2, 3)), TypeError, ["labels", "int64", "float32"]),
+    (dict(labels=torch.full((2, 3), 5), hard_weight=1.0), ValueError, ["labels", "[0, 5)", "5"]),
+    (dict(hard_weight=0.5), ValueError, ["labels", "required", "hard_weight"]),
+    (dict(chunk_size=0), ValueError, ["chunk_size", "'auto'", "positive int", "0"]),
+    (dict(chunk_size="max"), ValueError, ["chunk_size", "'auto'", "'max'"]),
+    (dict(chunk_size=2.0), ValueError, ["chunk_size", "'auto'", "2.0"]),
+    (dict(chunk_size=None), ValueError, ["chunk_size", "'auto'", "None"]),
+    (dict(chunk_size=True), ValueError, ["chunk_size", "'auto'", "True"]),
+    (dict(process_group="world"), ValueError, ["process_group", "not initialised"]),
+    (dict(temperature=0.0), ValueError, ["temperature", "> 0"]),
+    (dict(divergence="kld"), ValueError, ["divergence", "'kld'"]),
+    (dict(backend="cudnn"), ValueError, ["backend", "'cudnn'"]),
+    (dict(student_hidden=_H.double(), student_weight=_W.double(), backend="triton"), TypeError,
+     ["triton", "float64"]),
+]
+
+
+@pytest.mark.parametrize("override,exc,words", BAD_INPUTS, ids=[str(i) for i in range(len(BAD_INPUTS))])
+def test_bad_input(override, exc, words):
+    kwargs = dict(student_hidden=_H, student_weight=_W, teacher_hidden=torch.randn(2, 3, 7),
+                  teacher_weight=torch.randn(6, 7))
+    kwargs.update(override)
+    if override.get("backend") == "triton" and not TRITON:
+        pytest.skip("Triton cannot run here")
+    with pytest.raises(exc) as info:
+        pdl.linear_kd_loss(**kwargs)
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {info.value!r}"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs two devices")
+def test_bad_input_devices():
+    h, w = torch.randn(2, 4, device="cuda"), torch.randn(5, 4, device="cuda")
+    with pytest.raises(ValueError, match="student_weight.*cuda"):
+        pdl.linear_kd_loss(h, w.cpu(), teacher_logits=torch.randn(2, 5, device="cuda"))
+    with pytest.raises(ValueError, match="teacher_logits.*cuda"):
+        pdl.linear_kd_loss(h, w, teacher_logits=torch.randn(2, 5))
+    with pytest.raises(ValueError, match="teacher_hidden.*cuda"):
+        pdl.linear_kd_loss(h, w, torch.randn(2, 4), torch.randn(5, 4))
+
+
+def test_teacher_topk_requiring_grad_is_refused():
+    if _topk_family() is None:
+        pytest.skip("the topk_divergence family is not available yet")
+    lp = torch.randn(2, 3, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="teacher_topk.*not supported"):
+        pdl.linear_kd_loss(_H, _W, teacher_topk=(lp, torch.zeros(2, 3, 2, dtype=torch.long)))
+
+
+def test_auto_chunk_rows_follow_the_budget(monkeypatch):
+    # 64 MiB on the CPU: (C, V) float32 student + teacher logits, rounded down to 128 rows
+    assert R.auto_chunk_rows(10**6, 2 * 4 * 32000, torch.device("cpu")) == 256
+    assert R.auto_chunk_rows(100, 2 * 4 * 32000, torch.device("cpu")) == 100
+    assert R.auto_chunk_rows(10**6, 2 * 4 * 10**8, torch.device("cpu")) == 1
+    monkeypatch.setattr(R, "AUTO_BUDGET_CPU", 1000 * 2 * 4 * 32000)
+    assert R.auto_chunk_rows(10**6, 2 * 4 * 32000, torch.device("cpu")) == 896
