@@ -169,15 +169,26 @@ def per_row_loss(student_logits, teacher_logits, labels, cfg: KDConfig):
         log_p = tempered_log_softmax(t, cfg.temperature, cfg.softcap)
         loss = loss + cfg.soft_scale * divergence(log_p, log_q, cfg.divergence, cfg.beta)
     if cfg.hard_weight != 0.0:
-        z = softcap_logits(s, cfg.softcap)
-        # An out-of-range label gives NaN, as in the kernels, rather than a device assert.
-        in_range = (labels >= 0) & (labels < z.shape[-1])
-        target = torch.where(counted & in_range, labels, 0).long()
-        ce = torch.logsumexp(z, dim=-1) - z.gather(-1, target[..., None]).squeeze(-1)
-        loss = loss + cfg.hard_weight * torch.where(in_range, ce, math.nan)
+        ce, _ = hard_cross_entropy(softcap_logits(s, cfg.softcap), labels, counted)
+        loss = loss + cfg.hard_weight * ce
     if counted is not None:
         loss = torch.where(counted, loss, 0.0)
     return loss, count
+
+
+def hard_cross_entropy(z, labels, counted, grad: bool = False):
+    """Per-row CE(z, y) at temperature 1 over the last dim, and with ``grad`` its gradient
+    softmax(z) - onehot(y) (else None). An out-of-range label gives NaN, as in the kernels,
+    rather than a device assert; ignored rows read column 0 (the caller masks them)."""
+    lse = torch.logsumexp(z, dim=-1)
+    in_range = (labels >= 0) & (labels < z.shape[-1])
+    target = torch.where(counted & in_range, labels, 0).long()[..., None]
+    ce = torch.where(in_range, lse - z.gather(-1, target).squeeze(-1), math.nan)
+    if not grad:
+        return ce, None
+    soft1 = (z - lse[..., None]).exp_()
+    soft1.scatter_add_(-1, target, torch.full(target.shape, -1.0, dtype=z.dtype, device=z.device))
+    return ce, soft1
 
 
 def reduce_rows(rows: torch.Tensor, count, reduction: str):
@@ -317,22 +328,16 @@ def chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out
         rows.add_(div, alpha=cfg.soft_scale)
         # the soft gradient is carried without its factor soft_scale / T until the end
     if cfg.hard_weight != 0.0:
-        lse = torch.logsumexp(z_s, dim=-1)
-        in_range = (labels >= 0) & (labels < z_s.shape[-1])
-        target = torch.where(counted & in_range, labels, 0).long()[:, None]
-        ce = lse - z_s.gather(-1, target).squeeze(-1)
-        rows.add_(torch.where(in_range, ce, math.nan), alpha=cfg.hard_weight)
-        if out_s is not None:
-            soft1 = (z_s - lse[:, None]).exp_()
-            soft1.scatter_add_(-1, target, torch.full(target.shape, -1.0, dtype=dtype, device=s.device))
+        ce, soft1 = hard_cross_entropy(z_s, labels, counted, grad=out_s is not None)
+        rows.add_(ce, alpha=cfg.hard_weight)
+        if soft1 is not None:
             if g_s is None:
                 g_s, coef = soft1, cfg.hard_weight
             else:
                 g_s.add_(soft1, alpha=cfg.hard_weight / coef)
     if counted is not None:
         rows = torch.where(counted, rows, 0.0)
-        row_scale = torch.where(counted, row_scale, 0.0)
-    weight = row_scale[:, None] if isinstance(row_scale, torch.Tensor) and row_scale.dim() else row_scale
+    weight = row_weights(row_scale, counted)
     if out_s is not None:
         if g_s is None:
             out_s.zero_()
@@ -346,6 +351,27 @@ def chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out
         else:  # no divergence term: the teacher does not enter the loss
             out_t.zero_()
     return rows
+
+
+def row_weights(row_scale, counted):
+    """``row_scale`` (a number, or a 0-dim or (rows,) tensor) as the multiplier of a (rows, V)
+    gradient: 0 on the ignored rows."""
+    if counted is not None:
+        row_scale = torch.where(counted, row_scale, 0.0)
+    if isinstance(row_scale, torch.Tensor) and row_scale.dim():
+        return row_scale[:, None]
+    return row_scale
+
+
+def chunk_row_scale(labels, n_rows: int, cfg: KDConfig, dtype, device):
+    """(count of counted rows, d loss / d row loss) of a chunked backend: device tensors when
+    labels decide them (no sync), plain Python numbers when every row counts."""
+    mean = cfg.reduction in ("mean", "batchmean")
+    if labels is not None:
+        count = (labels != cfg.ignore_index).sum()
+        row_scale = 1.0 / count.clamp(min=1).to(dtype) if mean else torch.ones((), dtype=dtype, device=device)
+        return count, row_scale
+    return n_rows, (1.0 / max(n_rows, 1) if mean else 1.0)
 
 
 class ChunkedKDLoss(torch.autograd.Function):
@@ -372,13 +398,7 @@ class ChunkedKDLoss(torch.autograd.Function):
         dtype = compute_dtype(student_logits.dtype, teacher_logits.dtype)
         device = s2.device
 
-        mean = cfg.reduction in ("mean", "batchmean")
-        if y is not None:
-            count = (y != cfg.ignore_index).sum()
-            row_scale = 1.0 / count.clamp(min=1).to(dtype) if mean else torch.ones((), dtype=dtype, device=device)
-        else:  # every row counts: plain Python numbers, no device tensors
-            count = n_rows
-            row_scale = 1.0 / max(n_rows, 1) if mean else 1.0
+        count, row_scale = chunk_row_scale(y, n_rows, cfg, dtype, device)
 
         grad_s = torch.empty_like(s2, memory_format=torch.contiguous_format) if need_s else None
         grad_t = torch.empty_like(t2, memory_format=torch.contiguous_format) if need_t else None
