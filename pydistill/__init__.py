@@ -7,10 +7,11 @@ Importing needs neither a GPU, nor Triton, nor a compiled extension: kernels are
 when a backend that needs them is first used.
 """
 from pydistill._version import __version__
-from pydistill.functional import kd_loss, linear_kd_loss
-from pydistill.modules import KDLoss, LinearKDLoss
+from pydistill.functional import kd_loss, linear_kd_loss, topk_kd_loss
+from pydistill.modules import KDLoss, LinearKDLoss, TopKKDLoss
 from pydistill.reference.softmax_divergence import DIVERGENCES, REDUCTIONS
+from pydistill.reference.topk_divergence import TAILS
 from pydistill._dispatch import BACKENDS, resolve_backend
 
 __all__ = ["__version__", "kd_loss", "KDLoss", "linear_kd_loss", "LinearKDLoss", "DIVERGENCES", "REDUCTIONS", "BACKENDS",
-           "resolve_backend"]
+           "resolve_backend", "topk_kd_loss", "TopKKDLoss", "TAILS"]

@@ -41,6 +41,16 @@ TABLE = {
             _HALF_AND_SINGLE + (torch.float64,),
         ),
     },
+    # The Triton kernel reads the student logits once in the forward and once more to write
+    # the gradient (3 logits-sized transfers; the torch backend's chunks make ~15 passes over
+    # each chunk); torch is the fallback and the only float64 path. By count, not yet measured.
+    "topk_kd_loss": {
+        "triton": Impl("pydistill.ops.topk_divergence:TritonTopKKDLoss", _HALF_AND_SINGLE),
+        "torch": Impl(
+            "pydistill.reference.topk_divergence:ChunkedTopKKDLoss",
+            _HALF_AND_SINGLE + (torch.float64,),
+        ),
+    },
     # Both run the same chunked GEMMs; triton's divergence step is one kernel per chunk
     # (kd_loss's, gradient written over the float32 logits) instead of ~20 PyTorch ops.
     "linear_kd_loss": {

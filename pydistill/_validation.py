@@ -50,6 +50,44 @@ def same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor):
         raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got {x.device}")
 
 
+def topk_inputs(student_name: str, student, logprobs_name: str, logprobs, indices_name: str, indices):
+    """Student logits (..., V), V >= 1, and a top-k teacher: log-probs (..., K) floating and
+    token ids (..., K) int64 / int32, with the student's leading dims, 1 <= K <= V, one device.
+    Ids in [0, V) and distinct within a row: checked for CPU tensors only (a GPU check would
+    synchronise)."""
+    tensor(student_name, student)
+    tensor(logprobs_name, logprobs)
+    tensor(indices_name, indices, floating=False)
+    if student.dim() < 1:
+        raise ValueError(f"{student_name}: expected shape (..., V), got a 0-dim tensor")
+    vocab, lead = student.shape[-1], tuple(student.shape[:-1])
+    if vocab == 0:
+        raise ValueError(f"{student_name}: expected a vocabulary size V >= 1, got shape {tuple(student.shape)}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{indices_name}: expected dtype torch.int64 or torch.int32, got {indices.dtype}")
+    if logprobs.dim() < 1 or tuple(logprobs.shape[:-1]) != lead:
+        raise ValueError(f"{logprobs_name}: expected shape {lead + ('K',)} (the leading dims of "
+                         f"{student_name}), got {tuple(logprobs.shape)}")
+    if indices.shape != logprobs.shape:
+        raise ValueError(f"{indices_name}: expected shape {tuple(logprobs.shape)} (that of "
+                         f"{logprobs_name}), got {tuple(indices.shape)}")
+    k = logprobs.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"{logprobs_name}: expected 1 <= K <= V = {vocab} entries per row, got K = {k}")
+    same_device(logprobs_name, logprobs, student_name, student)
+    same_device(indices_name, indices, student_name, student)
+    if indices.device.type == "cpu" and indices.numel() > 0:
+        bad = (indices < 0) | (indices >= vocab)
+        if bool(bad.any()):
+            raise ValueError(f"{indices_name}: expected values in [0, {vocab}), got {int(indices[bad][0])}")
+        ids = indices.reshape(-1, k).sort(dim=-1).values
+        twice = ids[:, 1:] == ids[:, :-1]
+        if bool(twice.any()):
+            row, col = twice.nonzero()[0].tolist()
+            raise ValueError(f"{indices_name}: expected distinct ids within a row, got {int(ids[row, col])} "
+                             f"twice in row {row} (of the rows flattened)")
+
+
 def labels(name: str, y, lead_shape: torch.Size, ref_name: str, ref: torch.Tensor, *,
            vocab: int, ignore_index: int, check_range: bool):
     if y is None:

@@ -10,8 +10,9 @@ from pydistill import _dispatch
 from pydistill import _validation as check
 from pydistill.reference.linear_kd import ChunkPlan
 from pydistill.reference.softmax_divergence import DIVERGENCES, REDUCTIONS, KDConfig
+from pydistill.reference.topk_divergence import TAILS, TopKConfig, refuse_teacher_grad
 
-__all__ = ["kd_loss", "linear_kd_loss"]
+__all__ = ["kd_loss", "linear_kd_loss", "topk_kd_loss"]
 
 
 def kd_config(*, divergence="kl", temperature=1.0, beta=0.5, ignore_index=-100,
@@ -111,6 +112,118 @@ def kd_loss(
     )
     fn = _dispatch.implementation("kd_loss", backend)
     return fn.apply(student_logits, teacher_logits, labels, cfg)
+
+
+def topk_config(*, tail="bucket", teacher_temperature=None, **kd_kwargs) -> TopKConfig:
+    """Validate the hyper-parameters of ``topk_kd_loss``: those of ``kd_config`` plus ``tail``
+    and ``teacher_temperature``."""
+    cfg = kd_config(**kd_kwargs)
+    return TopKConfig(
+        **{f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
+        tail=check.choice("tail", tail, TAILS),
+        teacher_temperature=None if teacher_temperature is None else check.real(
+            "teacher_temperature", teacher_temperature, low=0.0, low_open=True),
+    )
+
+
+def topk_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    *,
+    tail: str = "bucket",
+    teacher_temperature: Optional[float] = None,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    t2: bool = True,
+    softcap: Optional[float] = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Distillation from an offline top-k teacher: the teacher's top-K log-probabilities and
+    token ids per position (e.g. K = 64 of V = 152k, stored ahead of time) against the student's
+    full-vocabulary logits, without forming a dense teacher.
+
+    Per row i, with q = softmax(cap(s_i) / T) over all V tokens (``cap`` as in :func:`kd_loss`,
+    student only: the teacher arrives as log-probabilities), the teacher's ids i_1..i_K and
+    probabilities p_k = exp(lp_k)::
+
+        loss_i = hard_weight * CE(cap(s_i), y_i) + soft_weight * T^2 * D(P, Q)
+
+    Re-tempering: the log-probs were stored at T_gen = ``teacher_temperature`` (None: T_gen = T,
+    no re-tempering). With a = T_gen / T, the tail mass t = 1 - sum p (floored at 0) is taken as
+    spread uniformly over the V - K missing tokens and every probability raised to the power a:
+    p'_k = p_k^a / Z, t' = (V - K) (t / (V - K))^a / Z, Z = sum p_k^a + (V - K) (t / (V - K))^a.
+    Exact if the teacher's tail is uniform (whatever it is, when a = 1). No tail when K = V or
+    t = 0.
+
+    ``tail`` decides P and Q:
+
+    ===============  ============================================================================
+    ``bucket``       K + 1 outcomes: P = (p'_1..p'_K, t'), Q = (q_{i_1}..q_{i_K}, 1 - sum_k q_{i_k})
+                     (the student's mass off the support is its (K + 1)-th bucket). Default.
+    ``renormalize``  K outcomes, both renormalised over the support: P = p' / sum p',
+                     Q = softmax of the K gathered student logits / T (the gradient lives on the
+                     support only).
+    ``ignore``       K outcomes as they are (unnormalised): P = p'_S, Q = q_S, D's formulas
+                     summed over the support (kl with sum p = 1: dD/ds_j = (q_j - p_j) / T on the
+                     support, q_j / T elsewhere).
+    ===============  ============================================================================
+
+    ``D`` is any of :func:`kd_loss`'s six divergences. With K = V and ``bucket`` or
+    ``renormalize`` the loss equals ``kd_loss`` on the dense teacher log-probs (at T_gen).
+
+    Args:
+        student_logits: (..., V) float16 / bfloat16 / float32 (float64: torch backend).
+        teacher_topk_logprobs: (..., K) floating, 1 <= K <= V: the teacher's log-probabilities
+            of its top-K tokens at ``teacher_temperature``. Entries equal to -inf (a row with
+            fewer than K candidates, padded) are listed tokens of probability 0. A constant: if
+            it requires grad the backends raise (the reference
+            ``pydistill.reference.topk_divergence.topk_kd_loss`` differentiates it).
+        teacher_topk_indices: (..., K) int64 / int32 token ids in [0, V), distinct within a row,
+            in any order. Checked on CPU tensors; on CUDA (where checking would synchronise) an
+            out-of-range id is never dereferenced and makes its row's loss and gradient NaN, and
+            repeated ids give an undefined result.
+        tail: ``"bucket"`` | ``"renormalize"`` | ``"ignore"``, see the table.
+        teacher_temperature: T_gen > 0 (finite), or None for T_gen = T.
+        divergence, temperature, beta, labels, ignore_index, hard_weight, soft_weight, t2,
+        softcap, reduction, backend: as in :func:`kd_loss` (``softcap`` applies to the
+            student logits only; ``labels`` has the leading dims of ``student_logits``). The
+            Triton backend takes K <= 4096.
+
+    Returns:
+        The loss, float32 (float64 for float64 inputs); the gradient comes back in the dtype of
+        the student logits. The student's off-support mass is computed as a logsumexp over the
+        off-support logits, not as 1 - sum q (which cancels when the support holds nearly all
+        of q), and the teacher's as 1 - sum p in float64.
+    """
+    cfg = topk_config(
+        tail=tail, teacher_temperature=teacher_temperature, divergence=divergence,
+        temperature=temperature, beta=beta, ignore_index=ignore_index, hard_weight=hard_weight,
+        soft_weight=soft_weight, t2=t2, softcap=softcap, reduction=reduction,
+    )
+    check.topk_inputs("student_logits", student_logits, "teacher_topk_logprobs",
+                      teacher_topk_logprobs, "teacher_topk_indices", teacher_topk_indices)
+    if cfg.hard_weight != 0.0 and labels is None:
+        raise ValueError(f"labels: required when hard_weight != 0 (got hard_weight={cfg.hard_weight})")
+    labels = check.labels(
+        "labels", labels, student_logits.shape[:-1], "student_logits", student_logits,
+        vocab=student_logits.shape[-1], ignore_index=cfg.ignore_index,
+        check_range=cfg.hard_weight != 0.0,
+    )
+    backend = _dispatch.resolve(
+        "topk_kd_loss", backend, student_logits.device,
+        (student_logits.dtype, teacher_topk_logprobs.dtype),
+    )
+    if teacher_topk_logprobs.requires_grad and torch.is_grad_enabled():
+        refuse_teacher_grad(backend)
+    fn = _dispatch.implementation("topk_kd_loss", backend)
+    return fn.apply(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels, cfg)
 
 
 def linear_kd_loss(

@@ -9,7 +9,7 @@ from torch import nn
 from pydistill import _validation as check
 from pydistill import functional as F
 
-__all__ = ["KDLoss", "LinearKDLoss"]
+__all__ = ["KDLoss", "LinearKDLoss", "TopKKDLoss"]
 
 
 class KDLoss(nn.Module):
@@ -57,6 +57,30 @@ class KDLoss(nn.Module):
             f"hard_weight={c.hard_weight}, soft_weight={c.soft_weight}, t2={c.t2}, "
             f"softcap={c.softcap}, reduction={c.reduction!r}, backend={self.backend!r}"
         )
+
+
+class TopKKDLoss(KDLoss):
+    """Module form of :func:`pydistill.topk_kd_loss` (an offline top-k teacher): ``kd_loss``'s
+    hyper-parameters plus ``tail`` and ``teacher_temperature``, validated at construction.
+    ``forward(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels=None)``."""
+
+    def __init__(self, *, tail: str = "bucket", teacher_temperature: Optional[float] = None,
+                 backend: str = "auto", **kd_kwargs):
+        super().__init__(backend=backend, **kd_kwargs)
+        self.cfg = F.topk_config(tail=tail, teacher_temperature=teacher_temperature, **kd_kwargs)
+
+    def forward(self, student_logits: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
+                teacher_topk_indices: torch.Tensor,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        c = self.cfg
+        return F.topk_kd_loss(
+            student_logits, teacher_topk_logprobs, teacher_topk_indices,
+            labels=labels, backend=self.backend, **{f: getattr(c, f) for f in c.__dataclass_fields__},
+        )
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"tail={c.tail!r}, teacher_temperature={c.teacher_temperature}, {super().extra_repr()}"
 
 
 class LinearKDLoss(KDLoss):
