@@ -59,8 +59,8 @@ def kd_variants():
     return out
 
 
-def test_softmax_divergence_kernels_compile_for_sm80_and_sm90(tmp_path):
-    variants = kd_variants()
+def compile_all(variants, tmp_path):
+    """Compile ``variants`` in a fresh process without the interpreter; ptxas's reports."""
     spec = tmp_path / "variants.json"
     spec.write_text(json.dumps(variants))
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
@@ -72,3 +72,65 @@ def test_softmax_divergence_kernels_compile_for_sm80_and_sm90(tmp_path):
     for r in reports:
         assert r["registers"] is not None, f"ptxas gave no register count for {r['name']}"
         print(r)
+    return reports
+
+
+def test_softmax_divergence_kernels_compile_for_sm80_and_sm90(tmp_path):
+    compile_all(kd_variants(), tmp_path)
+
+
+def topk_variants():
+    from pydistill.kernels.softmax_divergence import DIVERGENCE_CODES
+    from pydistill.kernels.topk_divergence import TAIL_CODES
+
+    module = "pydistill.kernels.topk_divergence"
+
+    def ptrs(dt, lp=None, ids="i64"):
+        return {"s_ptr": dt, "lp_ptr": lp or dt, "idx_ptr": ids, "gs_ptr": dt, "labels_ptr": "i64"}
+
+    def flags(div, tail, full, block_k=64, block_v=4096):
+        return dict(DIV=DIVERGENCE_CODES[div], TAIL=TAIL_CODES[tail], HAS_SOFTCAP=full,
+                    HAS_LABELS=full, HAS_HARD=full, HAS_SOFT=True, HAS_SCALE_PTR=full,
+                    BLOCK_V=block_v, BLOCK_K=block_k)
+
+    def fwd(f, full, grad=None):
+        return dict(f, CE_SEPARATE=full, GRAD_S=full if grad is None else grad, STORE_STATS=not full)
+
+    out = []
+    # every divergence x tail, all options on, gradient in the forward (sm_90)
+    for div, tail in itertools.product(DIVERGENCES, TAIL_CODES):
+        out.append(dict(name=f"fwd-{div}-{tail}-all", module=module, kernel="_topk_fwd_kernel",
+                        consts=fwd(flags(div, tail, True), True), pointer_types=ptrs("bf16"),
+                        arch=90, num_warps=8))
+    # per tail: the backward, the minimal forward (no options, stats for the backward), sm_80
+    for tail in TAIL_CODES:
+        out.append(dict(name=f"bwd-kl-{tail}-all", module=module, kernel="_topk_bwd_kernel",
+                        consts=flags("kl", tail, True), pointer_types=ptrs("bf16"), arch=90,
+                        num_warps=8))
+        out.append(dict(name=f"fwd-kl-{tail}-min", module=module, kernel="_topk_fwd_kernel",
+                        consts=fwd(flags("kl", tail, False), False), pointer_types=ptrs("bf16"),
+                        arch=90, num_warps=8))
+        out.append(dict(name=f"fwd-jsd-{tail}-sm80", module=module, kernel="_topk_fwd_kernel",
+                        consts=fwd(flags("jsd", tail, True), True), pointer_types=ptrs("bf16"),
+                        arch=80, num_warps=8))
+    # other dtypes (a float32 gradient buffer for bf16 logits: the LM-head entry), int32 ids,
+    # 64-bit integer arguments, and the large supports at the launcher's 16 warps
+    for name, pt, int_type, block_k, warps in [
+        ("fp16-i32ids", ptrs("fp16", "fp32", "i32"), "i32", 64, 8),
+        ("fp32-i64args", ptrs("fp32"), "i64", 64, 8),
+        ("bf16-fp32grad", dict(ptrs("bf16"), gs_ptr="fp32"), "i32", 64, 8),
+        ("K1024", ptrs("bf16", "fp32"), "i32", 1024, 16),
+        ("K4096", ptrs("bf16", "fp32"), "i32", 4096, 16),
+    ]:
+        out.append(dict(name=f"fwd-skew_reverse_kl-bucket-{name}", module=module,
+                        kernel="_topk_fwd_kernel",
+                        consts=fwd(flags("skew_reverse_kl", "bucket", True, block_k), True),
+                        pointer_types=pt, arch=90, num_warps=warps, int_type=int_type))
+    return out
+
+
+def test_topk_divergence_kernels_compile_for_sm80_and_sm90(tmp_path):
+    reports = compile_all(topk_variants(), tmp_path)
+    # the support vectors live in registers: the launcher's warp counts keep them there
+    spilled = [r["name"] for r in reports if r["spill_bytes"]]
+    assert not spilled, f"register spills in {spilled}"
