@@ -182,34 +182,6 @@ def leading_dims(name: str, x: torch.Tensor, lead: torch.Size, ref_name: str, re
     same_device(name, x, ref_name, ref)
 
 
-def topk_pair(name: str, pair, lead: torch.Size, ref_name: str, ref: torch.Tensor, *, vocab: int):
-    """(logprobs (..., K), indices (..., K)) with the leading dims of ``ref``; indices int64 or
-    int32, in [0, vocab) (checked for CPU tensors only)."""
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-        raise TypeError(
-            f"{name}: expected a pair (logprobs (..., K), indices (..., K)), got {type(pair).__name__}"
-            + (f" of length {len(pair)}" if isinstance(pair, (tuple, list)) else "")
-        )
-    logprobs, indices = pair
-    tensor(f"{name}[0] (logprobs)", logprobs)
-    tensor(f"{name}[1] (indices)", indices, floating=False)
-    if indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name}[1] (indices): expected dtype torch.int64 or torch.int32, got {indices.dtype}")
-    leading_dims(f"{name}[0] (logprobs)", logprobs, lead, ref_name, ref)
-    if indices.shape != logprobs.shape:
-        raise ValueError(
-            f"{name}[1] (indices): expected shape {tuple(logprobs.shape)} (that of the logprobs), "
-            f"got {tuple(indices.shape)}"
-        )
-    if logprobs.shape[-1] == 0:
-        raise ValueError(f"{name}: expected K >= 1 entries per row, got shape {tuple(logprobs.shape)}")
-    same_device(f"{name}[1] (indices)", indices, ref_name, ref)
-    if indices.device.type == "cpu" and indices.numel() > 0:
-        bad = (indices < 0) | (indices >= vocab)
-        if bool(bad.any()):
-            raise ValueError(f"{name}[1] (indices): expected values in [0, {vocab}), got {int(indices[bad][0])}")
-
-
 def chunk_size(name: str, value):
     """'auto' or a positive int."""
     if isinstance(value, str) and value == "auto":

@@ -326,15 +326,17 @@ def linear_kd_loss(
         backward scales them by grad_output, so a scalar loss can be back-propagated once
         (``reduction="none"`` recomputes in the backward instead).
     """
-    cfg = kd_config(
+    kd_kwargs = dict(
         divergence=divergence, temperature=temperature, beta=beta, ignore_index=ignore_index,
         hard_weight=hard_weight, soft_weight=soft_weight, t2=t2, softcap=softcap,
         reduction=reduction,
     )
-    tail = check.choice("tail", tail, ("bucket", "renormalize", "ignore"))
-    if teacher_temperature is not None:
-        teacher_temperature = check.real("teacher_temperature", teacher_temperature, low=0.0, low_open=True)
-        if teacher_topk is None:
+    if teacher_topk is not None:
+        cfg = topk_config(tail=tail, teacher_temperature=teacher_temperature, **kd_kwargs)
+    else:
+        cfg = kd_config(**kd_kwargs)
+        check.choice("tail", tail, TAILS)
+        if teacher_temperature is not None:
             raise ValueError(
                 f"teacher_temperature: applies only to teacher_topk (the temperature its "
                 f"log-probs were stored at), got {teacher_temperature} with another teacher"
@@ -357,7 +359,7 @@ def linear_kd_loss(
             raise ValueError(f"teacher_logits: expected a vocabulary size V >= 1, got shape {tuple(teacher_logits.shape)}")
         floating.append(teacher_logits)
     else:
-        check.topk_pair("teacher_topk", teacher_topk, lead, "student_hidden", student_hidden, vocab=vocab)
+        _check_topk_teacher(teacher_topk, student_hidden, vocab, process_group)
         floating.append(teacher_topk[0])
     if cfg.hard_weight != 0.0 and labels is None:
         raise ValueError(f"labels: required when hard_weight != 0 (got hard_weight={cfg.hard_weight})")
@@ -367,10 +369,7 @@ def linear_kd_loss(
         ignore_index=cfg.ignore_index, check_range=cfg.hard_weight != 0.0 and group is None,
     )
     chunk_size = check.chunk_size("chunk_size", chunk_size)
-    topk_logprobs = topk_indices = None
-    if teacher_topk is not None:
-        cfg = _topk_config(cfg, teacher_topk, tail, teacher_temperature, group)
-        topk_logprobs, topk_indices = teacher_topk
+    topk_logprobs, topk_indices = teacher_topk if teacher_topk is not None else (None, None)
     backend = _dispatch.resolve(
         "linear_kd_loss", backend, student_hidden.device, tuple(x.dtype for x in floating if x is not None)
     )
@@ -400,22 +399,22 @@ def _one_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, t
         )
 
 
-def _topk_config(cfg: KDConfig, teacher_topk, tail, teacher_temperature, group):
-    """The top-k family's config for a top-k teacher, or a clear error while that family is
-    not installed."""
-    try:
-        from pydistill.reference.topk_divergence import TopKConfig
-    except ImportError:
-        raise NotImplementedError(
-            "teacher_topk: the top-k teacher of linear_kd_loss needs the topk_divergence family "
-            "(pydistill/reference/topk_divergence.py), which is not available yet; pass "
-            "teacher_hidden + teacher_weight or teacher_logits"
-        ) from None
-    if teacher_topk[0].requires_grad:
+def _check_topk_teacher(teacher_topk, student_hidden, vocab: int, process_group):
+    """A (log-probs, ids) pair checked as topk_kd_loss checks it, against the student logits'
+    shape (a zero-stride view: nothing is materialised); a constant, on whole heads."""
+    if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
+        raise TypeError(
+            "teacher_topk: expected a pair (logprobs (..., K), indices (..., K)), got "
+            f"{type(teacher_topk).__name__}" + (f" of length {len(teacher_topk)}"
+                                                 if isinstance(teacher_topk, (tuple, list)) else "")
+        )
+    logprobs, indices = teacher_topk
+    shape = student_hidden.new_empty(()).expand(*student_hidden.shape[:-1], vocab)
+    check.topk_inputs("student logits (student_hidden @ student_weight^T)", shape,
+                      "teacher_topk[0] (logprobs)", logprobs, "teacher_topk[1] (indices)", indices)
+    if logprobs.requires_grad:
         raise ValueError("teacher_topk: gradients w.r.t. the top-k teacher's log-probs are not "
-                         "supported (detach them)")
-    if group is not None:
+                         "supported by linear_kd_loss; pass teacher_topk[0].detach()")
+    if process_group is not None:
         raise ValueError("process_group: not supported with teacher_topk (the top-k ids index the "
                          "whole vocabulary)")
-    fields = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
-    return TopKConfig(**fields, tail=tail, teacher_temperature=teacher_temperature)

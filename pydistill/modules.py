@@ -8,6 +8,7 @@ from torch import nn
 
 from pydistill import _validation as check
 from pydistill import functional as F
+from pydistill.reference.topk_divergence import TAILS
 
 __all__ = ["KDLoss", "LinearKDLoss", "TopKKDLoss"]
 
@@ -96,8 +97,9 @@ class LinearKDLoss(KDLoss):
         super().__init__(**kd_kwargs)
         self.chunk_size = check.chunk_size("chunk_size", chunk_size)
         self.process_group = check.process_group("process_group", process_group)
-        self.tail = check.choice("tail", tail, ("bucket", "renormalize", "ignore"))
-        self.teacher_temperature = teacher_temperature
+        self.tail = check.choice("tail", tail, TAILS)
+        self.teacher_temperature = None if teacher_temperature is None else check.real(
+            "teacher_temperature", teacher_temperature, low=0.0, low_open=True)
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: Optional[torch.Tensor] = None,

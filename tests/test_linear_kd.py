@@ -17,6 +17,7 @@ import torch
 import pydistill as pdl
 from pydistill.reference import linear_kd as R
 from pydistill.reference import softmax_divergence as SD
+from pydistill.reference import topk_divergence as TK
 
 from conftest import CUDA, DEVICE, available_backends
 from test_softmax_divergence import (  # noqa: F401  (block_v is a fixture)
@@ -374,54 +375,33 @@ def test_bfloat16_gradients_are_faithful(backend, request):
 # ---------------------------------------------------------------------------------------------
 
 
-def _topk_family():
-    try:
-        from pydistill.reference import topk_divergence
-    except ImportError:
-        return None
-    return topk_divergence
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("tail", ["bucket", "renormalize", "ignore"])
-@pytest.mark.parametrize("divergence", ["kl", "jsd", "skew_reverse_kl"])
-def test_topk_teacher(backend, tail, divergence):
-    family = _topk_family()
-    if family is None:
-        pytest.skip("the topk_divergence family is not available yet")
+@pytest.mark.parametrize("backend,tail,divergence", matrix(
+    ["bucket", "renormalize", "ignore"], ["kl", "jsd", "skew_reverse_kl"],
+    interpreted=lambda t, d: (t, d) in [("bucket", "kl"), ("ignore", "jsd")]))
+def test_topk_teacher(backend, tail, divergence, request):
+    # against the top-k family's reference on the materialised student logits
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)
     k = 6
     inputs = head((N,), H_S, V, seed=50, bias=True)
     teacher_logits = randn((N, V), torch.float64, 3.0, seed=51)
     lp, idx = torch.log_softmax(teacher_logits, -1).topk(k, dim=-1)
+    lp = lp.float()
     y = make_labels((N,), V, ignore=(1,))
-    kw = dict(tail=tail, teacher_temperature=1.5, divergence=divergence, temperature=2.0,
-              hard_weight=0.2)
-    loss, grads, grad_out = run(backend, inputs, y, teacher_topk=(lp.float(), idx), **kw)
-    cfg = family.TopKConfig(**{f: getattr(pdl.functional.kd_config(**{
-        k_: v for k_, v in kw.items() if k_ not in ("tail", "teacher_temperature")}), f)
-        for f in SD.KDConfig.__dataclass_fields__}, tail=tail, teacher_temperature=1.5)
+    kw = dict(divergence=divergence, temperature=2.0, hard_weight=0.2)
+    loss, grads, grad_out = run(backend, inputs, y, teacher_topk=(lp, idx), tail=tail,
+                                teacher_temperature=1.5, **kw)
+    cfg = pdl.functional.topk_config(tail=tail, teacher_temperature=1.5, **kw)
+    refs = {}
     for dtype in [torch.float64, torch.float32]:
         leaves = {k_: v.detach().to(dtype).requires_grad_() for k_, v in inputs.items()}
         s = R.head_logits(leaves["student_hidden"], leaves["student_weight"], leaves["student_bias"])
-        ref = family.topk_kd_loss(s, lp.float().to(dtype), idx, y, cfg)
-        ref_grads = torch.autograd.grad(ref, list(leaves.values()), grad_out.to(dtype))
-        if dtype == torch.float64:
-            gt_loss, gt = ref.detach(), dict(zip(leaves, ref_grads))
-        else:
-            ref32_loss, ref32 = ref.detach(), dict(zip(leaves, ref_grads))
+        ref = TK.topk_kd_loss(s, lp.to(dtype), idx, y, cfg)
+        refs[dtype] = ref.detach(), dict(zip(leaves, torch.autograd.grad(ref, list(leaves.values()), grad_out.to(dtype))))
+    (gt_loss, gt), (ref32_loss, ref32) = refs[torch.float64], refs[torch.float32]
     assert_close("loss", loss, gt_loss, [ref32_loss], loss.dtype, atol=1e-7)
     for name, g in grads.items():
         assert_close(f"grad {name}", g, gt[name], [ref32[name]], torch.float32)
-
-
-def test_topk_teacher_unavailable_is_a_clear_error(monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "pydistill.reference.topk_divergence", None)
-    inputs = head((N,), H_S, V, seed=52)
-    topk = (torch.randn(N, 4, device=DEVICE), torch.randint(0, V, (N, 4), device=DEVICE))
-    with pytest.raises(NotImplementedError, match="teacher_topk.*not available yet"):
-        pdl.linear_kd_loss(**inputs, teacher_topk=topk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,6 +445,15 @@ BAD_INPUTS = [
     (dict(teacher_hidden=None, teacher_weight=None,
           teacher_topk=(torch.randn(2, 3, 2), torch.full((2, 3, 2), 5))), ValueError,
      ["teacher_topk[1] (indices)", "[0, 5)", "5"]),
+    (dict(teacher_hidden=None, teacher_weight=None,
+          teacher_topk=(torch.randn(2, 3, 2), torch.zeros(2, 3, 2, dtype=torch.long))), ValueError,
+     ["teacher_topk[1] (indices)", "distinct", "0 twice"]),
+    (dict(teacher_hidden=None, teacher_weight=None,
+          teacher_topk=(torch.randn(2, 4, 2), torch.zeros(2, 4, 2, dtype=torch.long))), ValueError,
+     ["teacher_topk[0] (logprobs)", "(2, 3, 'K')", "(2, 4, 2)"]),
+    (dict(teacher_hidden=None, teacher_weight=None,
+          teacher_topk=(torch.randn(2, 3, 2, requires_grad=True), torch.tensor([0, 1]).expand(2, 3, 2))),
+     ValueError, ["teacher_topk", "not supported", "detach"]),
     (dict(teacher_temperature=2.0), ValueError, ["teacher_temperature", "teacher_topk"]),
     (dict(tail="drop"), ValueError, ["tail", "'bucket'", "'drop'"]),
     (dict(labels=torch.zeros(2, dtype=torch.long)), ValueError, ["labels", "(2, 3)", "(2,)"]),
@@ -507,14 +496,6 @@ def test_bad_input_devices():
         pdl.linear_kd_loss(h, w, teacher_logits=torch.randn(2, 5))
     with pytest.raises(ValueError, match="teacher_hidden.*cuda"):
         pdl.linear_kd_loss(h, w, torch.randn(2, 4), torch.randn(5, 4))
-
-
-def test_teacher_topk_requiring_grad_is_refused():
-    if _topk_family() is None:
-        pytest.skip("the topk_divergence family is not available yet")
-    lp = torch.randn(2, 3, 2, requires_grad=True)
-    with pytest.raises(ValueError, match="teacher_topk.*not supported"):
-        pdl.linear_kd_loss(_H, _W, teacher_topk=(lp, torch.zeros(2, 3, 2, dtype=torch.long)))
 
 
 def test_auto_chunk_rows_follow_the_budget(monkeypatch):

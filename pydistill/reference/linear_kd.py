@@ -17,8 +17,9 @@ Chunked algorithm, C rows at a time, never more than C rows of logits in memory:
 
 ``step`` is the fused divergence and its gradient: ``chunk_loss_and_grads`` (closed-form
 PyTorch) for the torch backend, the Triton kernel ``kd_fwd(grad_s=...)`` for the triton one
-(pydistill/ops/linear_kd.py), and ``vocab_parallel_chunk_loss_and_grads`` (below) when the
-heads are sharded over the vocabulary. Peak extra memory: the gradients themselves plus
+(pydistill/ops/linear_kd.py), their top-k counterparts (topk_divergence family) for a top-k
+teacher, and ``vocab_parallel_chunk_loss_and_grads`` (below) when the heads are sharded over
+the vocabulary. Peak extra memory: the gradients themselves plus
 (C, V) float32 buffers for z_s and z_t (and a (C, V) copy of g in the weight's dtype when that
 is bfloat16 / float16). The logits are never rounded to the inputs' dtype before the softmax.
 
@@ -49,13 +50,16 @@ from pydistill.reference.softmax_divergence import (
     _scale_rows_,
     _softcap_slope,
     chunk_loss_and_grads,
+    chunk_row_scale,
     chunk_rows,
     compute_dtype,
     divergence_terms,
     kd_loss,
     reduce_rows,
+    row_weights,
     softcap_logits,
 )
+from pydistill.reference.topk_divergence import topk_chunk_loss_and_grads
 
 # chunk_size="auto": bytes of per-chunk buffers (the (C, V) logits of student and teacher, the
 # low-precision copy of g, the vocabulary-parallel step's temporaries) that one chunk may use.
@@ -177,7 +181,8 @@ class LinearHead:
 
     read_without_soft = False  # both steps read the teacher only for the divergence term
 
-    def __init__(self, hidden, weight, bias, need, dtype):
+    def __init__(self, hidden, weight, bias, need, dtype, slot=0):
+        self.slot = slot  # of ``hidden`` in the Function's tensors
         self.shape = hidden.shape
         self.hidden = hidden.reshape(-1, hidden.shape[-1])
         self.weight, self.bias = weight, bias
@@ -298,8 +303,6 @@ class GivenTopK:
 
 
 def _topk_chunk(s, t, labels, cfg, row_scale, out_s=None, out_t=None):
-    from pydistill.reference.topk_divergence import topk_chunk_loss_and_grads
-
     return topk_chunk_loss_and_grads(s, t[0], t[1], labels, cfg, row_scale, out_s)
 
 
@@ -421,8 +424,7 @@ def vocab_parallel_chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, 
             g_s = soft1.mul_(cfg.hard_weight) if g_s is None else g_s.add_(soft1, alpha=cfg.hard_weight)
     if counted is not None:
         rows = torch.where(counted, rows, 0.0)
-        row_scale = torch.where(counted, row_scale, 0.0)
-    weight = row_scale[:, None] if isinstance(row_scale, torch.Tensor) and row_scale.dim() else row_scale
+    weight = row_weights(row_scale, counted)
     if out_s is not None:
         if g_s is None:
             out_s.zero_()
@@ -450,7 +452,7 @@ class LinearKDState:
     """The parts of one ``linear_kd_loss`` call: student head, teacher (head or logits),
     labels, the vocabulary layout and the rows per chunk."""
 
-    def __init__(self, cfg: KDConfig, plan: ChunkPlan, labels, tensors, need, step):
+    def __init__(self, cfg: KDConfig, plan: ChunkPlan, labels, tensors, need, steps):
         (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
          teacher_bias, teacher_logits, topk_logprobs, topk_indices) = tensors
         self.cfg, self.group = cfg, plan.group
@@ -459,18 +461,19 @@ class LinearKDState:
         self.lead = student_hidden.shape[:-1]
         self.labels = labels.reshape(-1) if labels is not None else None
         self.vocab = student_weight.shape[0]  # this rank's block when sharded
-        self.step = step
+        dense_step, topk_step = steps
+        self.step = dense_step
         self.student = LinearHead(student_hidden, student_weight, student_bias, need[0:3], self.dtype)
         if teacher_weight is not None:
             self.vocab = max(self.vocab, teacher_weight.shape[0])
-            self.teacher = LinearHead(teacher_hidden, teacher_weight, teacher_bias, need[3:6], self.dtype)
-            self.teacher.slot = 3
+            self.teacher = LinearHead(teacher_hidden, teacher_weight, teacher_bias, need[3:6],
+                                      self.dtype, slot=3)
         elif teacher_logits is not None:
             self.vocab = max(self.vocab, teacher_logits.shape[-1])
             self.teacher = GivenLogits(teacher_logits, need[6], self.vocab)
-        else:  # the top-k family's closed form, whatever the backend
+        else:
             self.teacher = GivenTopK(topk_logprobs, topk_indices)
-            self.step = functools.partial(torch_chunk_step, fn=_topk_chunk)
+            self.step = topk_step
         if self.group is not None:
             self.shard = vocab_shard(self.group, self.vocab, self.device)
             self.step = functools.partial(vocab_parallel_chunk_loss_and_grads, group=self.group,
@@ -545,26 +548,20 @@ class LinearKDState:
         return out
 
 
-def linear_kd_forward(ctx, step, cfg: KDConfig, plan: ChunkPlan, labels, tensors):
-    """Forward of the chunked Functions. Scalar reductions: the gradients are computed here and
-    the backward scales them by grad_output in place (once). ``none``: only the losses here; the
-    backward runs the chunks again with grad_output as the per-row scale (it may run twice)."""
+def linear_kd_forward(ctx, steps, cfg: KDConfig, plan: ChunkPlan, labels, tensors):
+    """Forward of the chunked Functions; ``steps``: the backend's (dense teacher, top-k
+    teacher) chunk steps. Scalar reductions: the gradients are computed here and the backward
+    scales them by grad_output in place (once). ``none``: only the losses here; the backward
+    runs the chunks again with grad_output as the per-row scale (it may run twice)."""
     need = ctx.needs_input_grad[3:]
-    state = LinearKDState(cfg, plan, labels, tensors, need, step)
+    state = LinearKDState(cfg, plan, labels, tensors, need, steps)
     ctx.reduction = cfg.reduction
     if cfg.reduction == "none":
-        ctx.args = (step, cfg, plan, need)
+        ctx.args = (steps, cfg, plan, need)
         ctx.save_for_backward(labels, *tensors)
         return state.sweep(1.0, grads=False).reshape(state.lead)
 
-    y = state.labels
-    mean = cfg.reduction in ("mean", "batchmean")
-    if y is not None:
-        count = (y != cfg.ignore_index).sum()
-        row_scale = 1.0 / count.clamp(min=1).to(state.dtype) if mean else 1.0
-    else:  # every row counts: plain Python numbers, no device tensors
-        count = state.n_rows
-        row_scale = 1.0 / max(state.n_rows, 1) if mean else 1.0
+    count, row_scale = chunk_row_scale(state.labels, state.n_rows, cfg, state.dtype, state.device)
     rows = state.sweep(row_scale, grads=True)
     ctx.grads = state.grads()
     return reduce_rows(rows, count, cfg.reduction)
@@ -572,9 +569,9 @@ def linear_kd_forward(ctx, step, cfg: KDConfig, plan: ChunkPlan, labels, tensors
 
 def linear_kd_backward(ctx, grad_loss):
     if ctx.reduction == "none":
-        step, cfg, plan, need = ctx.args
+        steps, cfg, plan, need = ctx.args
         labels, *tensors = ctx.saved_tensors
-        state = LinearKDState(cfg, plan, labels, tensors, need, step)
+        state = LinearKDState(cfg, plan, labels, tensors, need, steps)
         state.sweep(grad_loss.reshape(-1).to(state.dtype), grads=True)
         grads = state.grads()
     else:
@@ -591,6 +588,10 @@ def linear_kd_backward(ctx, grad_loss):
     return (None, None, None, *grads)
 
 
+# The torch backend's chunk steps: (dense teacher, top-k teacher).
+TORCH_STEPS = (torch_chunk_step, functools.partial(torch_chunk_step, fn=_topk_chunk))
+
+
 class ChunkedLinearKDLoss(torch.autograd.Function):
     """``linear_kd_loss`` over row chunks with the divergence step in closed-form PyTorch
     (``chunk_loss_and_grads``); runs on any device and in float64. The backward of a scalar
@@ -599,7 +600,7 @@ class ChunkedLinearKDLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cfg, plan, labels, *tensors):
-        return linear_kd_forward(ctx, torch_chunk_step, cfg, plan, labels, tensors)
+        return linear_kd_forward(ctx, TORCH_STEPS, cfg, plan, labels, tensors)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
