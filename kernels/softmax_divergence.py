@@ -183,6 +183,25 @@ def _grad_pass(
 
 
 @triton.jit
+def _hard_ce(s_row, label, active, V, softcap, m_1, ll_1, HAS_SOFTCAP: tl.constexpr):
+    # lse(z) - z_y from the logsumexp's two terms; NaN for a label outside [0, V) (not loaded)
+    valid = (label >= 0) & (label < V)
+    z_y = tl.load(s_row + label, mask=valid & active, other=float("nan")).to(tl.float32)
+    if HAS_SOFTCAP:
+        z_y = _softcap(z_y, softcap)
+    return (m_1 - z_y) + ll_1
+
+
+@triton.jit
+def _row_scale(grad_scale, scale_ptr, row, scale_stride, HAS_SCALE_PTR: tl.constexpr):
+    # the row's gradient factor: grad_scale, times scale[row] when a scale tensor is given
+    scale = grad_scale
+    if HAS_SCALE_PTR:
+        scale = scale * tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+    return scale
+
+
+@triton.jit
 def _row_offset(row, n_inner, stride_outer, stride_inner):
     # Rows of a (..., V) tensor whose leading dims collapse to (outer, inner): covers the
     # contiguous case (outer = 1) and slices such as logits[:, :-1] without a copy.
@@ -296,11 +315,7 @@ def _kd_fwd_kernel(
 
     loss = soft_scale * div
     if HAS_HARD:
-        valid = (label >= 0) & (label < V)
-        z_y = tl.load(s_row + label, mask=valid & active, other=float("nan")).to(tl.float32)
-        if HAS_SOFTCAP:
-            z_y = _softcap(z_y, softcap)
-        loss += hard_weight * ((m_1 - z_y) + ll_1)
+        loss += hard_weight * _hard_ce(s_row, label, active, V, softcap, m_1, ll_1, HAS_SOFTCAP)
     tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
 
     if STORE_STATS:
@@ -316,9 +331,7 @@ def _kd_fwd_kernel(
         tl.store(st + 8, s_p)
 
     if GRAD_S or GRAD_T:
-        row_scale = grad_scale
-        if HAS_SCALE_PTR:
-            row_scale = row_scale * tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        row_scale = _row_scale(grad_scale, scale_ptr, row, scale_stride, HAS_SCALE_PTR)
         _grad_pass(
             s_row, t_row, gs_ptr + row * V, gt_ptr + row * V, label, active, V, n_tiles,
             inv_t, softcap, beta, hard_weight, soft_scale * inv_t, row_scale,
@@ -343,9 +356,7 @@ def _kd_bwd_kernel(
         t_stride_outer, t_stride_inner, ignore_index, HAS_LABELS,
     )
     st = stats_ptr + row * N_STATS
-    row_scale = grad_scale
-    if HAS_SCALE_PTR:
-        row_scale = row_scale * tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+    row_scale = _row_scale(grad_scale, scale_ptr, row, scale_stride, HAS_SCALE_PTR)
     _grad_pass(
         s_row, t_row, gs_ptr + row * V, gt_ptr + row * V, label, active, V, tl.cdiv(V, BLOCK_V),
         inv_t, softcap, beta, hard_weight, soft_scale * inv_t, row_scale,

@@ -56,10 +56,11 @@ import triton.language as tl
 from pydistill.kernels.softmax_divergence import (
     DIVERGENCE_CODES,
     _finite_or_zero,
+    _hard_ce,
     _load_logits,
     _pointwise,
     _row_offset,
-    _softcap,
+    _row_scale,
 )
 
 TAIL_CODES = {"bucket": 0, "renormalize": 1, "ignore": 2}
@@ -274,11 +275,7 @@ def _topk_fwd_kernel(
         )
     loss = soft_scale * div
     if HAS_HARD:
-        valid = (label >= 0) & (label < V)  # an out-of-range label gives NaN
-        z_y = tl.load(s_row + label, mask=valid & active, other=float("nan")).to(tl.float32)
-        if HAS_SOFTCAP:
-            z_y = _softcap(z_y, softcap)
-        loss += hard_weight * ((m_1 - z_y) + ll_1)
+        loss += hard_weight * _hard_ce(s_row, label, active, V, softcap, m_1, ll_1, HAS_SOFTCAP)
     tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
 
     if STORE_STATS:
@@ -291,9 +288,7 @@ def _topk_fwd_kernel(
         tl.store(st + 5, ll_1)
 
     if GRAD_S:
-        row_scale = grad_scale
-        if HAS_SCALE_PTR:
-            row_scale = row_scale * tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        row_scale = _row_scale(grad_scale, scale_ptr, row, scale_stride, HAS_SCALE_PTR)
         _grad_pass(
             s_row, gs_ptr + row * V, idx, k_mask, in_vocab, z_sup, member, c_off, label, active,
             V, n_tiles, inv_t, softcap, hard_weight, soft_scale * inv_t, row_scale,
@@ -328,9 +323,7 @@ def _topk_bwd_kernel(
             lp_ptr + row * n_k, tl.arange(0, BLOCK_K), k_mask & active, z_sup * inv_t, V, n_k,
             power, beta, m_all, ll_all, m_off, ll_off, DIV, TAIL,
         )
-    row_scale = grad_scale
-    if HAS_SCALE_PTR:
-        row_scale = row_scale * tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+    row_scale = _row_scale(grad_scale, scale_ptr, row, scale_stride, HAS_SCALE_PTR)
     _grad_pass(
         s_row, gs_ptr + row * V, idx, k_mask, in_vocab, z_sup, member, c_off, label, active,
         V, tl.cdiv(V, BLOCK_V), inv_t, softcap, hard_weight, soft_scale * inv_t, row_scale,

@@ -48,6 +48,25 @@ def _inverse_count(labels, n_rows: int, cfg: KDConfig):
     return 1.0 / count.clamp(min=1).to(torch.float32).reshape(1)
 
 
+def _mean_weight(labels, n_rows: int, cfg: KDConfig):
+    """Each row loss's weight in a mean, as the kernels take it: (a device scalar or None,
+    a float) whose product is 1 / (number of counted rows); (None, 1.0) for sum and none."""
+    if cfg.reduction not in ("mean", "batchmean"):
+        return None, 1.0
+    inv = _inverse_count(labels, n_rows, cfg)
+    return (inv, 1.0) if isinstance(inv, torch.Tensor) else (None, inv)
+
+
+def _reduce(rows, lead, reduction: str, inv_count, row_factor):
+    """The loss from the kernel's per-row losses and ``_mean_weight``'s pair."""
+    if reduction == "none":
+        return rows.reshape(lead)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total * (inv_count.reshape(()) if inv_count is not None else row_factor)
+
+
 def _grad_scale(grad_loss, reduction: str, inv_count):
     """grad_output as the kernel reads it: one float32 per row ('none') or a single one,
     with the 1 / count of 'mean' folded in when it lives on the device."""
@@ -73,11 +92,7 @@ class TritonKDLoss(torch.autograd.Function):
         soft = cfg.has_soft
         need_s = ctx.needs_input_grad[0]
         need_t = ctx.needs_input_grad[1]
-        mean = cfg.reduction in ("mean", "batchmean")
-        inv = _inverse_count(labels, n_rows, cfg) if mean else 1.0
-        # the kernels take the row weight as a float times a device scalar
-        inv_count = inv if isinstance(inv, torch.Tensor) else None
-        row_factor = 1.0 if inv_count is not None else inv
+        inv_count, row_factor = _mean_weight(labels, n_rows, cfg)
 
         mode = grad_mode() if (need_s or (need_t and soft)) else None
         grad_s = grad_t = None
@@ -102,12 +117,7 @@ class TritonKDLoss(torch.autograd.Function):
         ctx.shapes = (student_logits.shape, teacher_logits.shape)
         ctx.dtypes = (student_logits.dtype, teacher_logits.dtype)
 
-        if cfg.reduction == "none":
-            return rows.reshape(lead)
-        total = rows.sum()
-        if not mean:
-            return total
-        return total * (inv_count.reshape(()) if inv_count is not None else row_factor)
+        return _reduce(rows, lead, cfg.reduction, inv_count, row_factor)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from pydistill._utils import empty
-from pydistill.ops.softmax_divergence import _grad_scale, _inverse_count, grad_mode
+from pydistill.ops.softmax_divergence import _grad_scale, _mean_weight, _reduce, grad_mode
 from pydistill.reference.topk_divergence import TopKConfig, refuse_teacher_grad
 
 
@@ -35,11 +35,7 @@ class TritonTopKKDLoss(torch.autograd.Function):
         lead = student_logits.shape[:-1]
         n_rows = lead.numel()
         divergence = cfg.canonical_divergence()
-        mean = cfg.reduction in ("mean", "batchmean")
-        inv = _inverse_count(labels, n_rows, cfg) if mean else 1.0
-        # the kernels take the row weight as a float times a device scalar
-        inv_count = inv if isinstance(inv, torch.Tensor) else None
-        row_factor = 1.0 if inv_count is not None else inv
+        inv_count, row_factor = _mean_weight(labels, n_rows, cfg)
         lp, idx = K.sort_support(topk_logprobs, topk_indices)
 
         mode = grad_mode() if ctx.needs_input_grad[0] else None
@@ -59,12 +55,7 @@ class TritonTopKKDLoss(torch.autograd.Function):
         else:
             ctx.grad = grad_s
 
-        if cfg.reduction == "none":
-            return rows.reshape(lead)
-        total = rows.sum()
-        if not mean:
-            return total
-        return total * (inv_count.reshape(()) if inv_count is not None else row_factor)
+        return _reduce(rows, lead, cfg.reduction, inv_count, row_factor)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -297,6 +297,7 @@ def chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out
         z_s = z_s.masked_fill(~counted[:, None], 0.0)
     rows = torch.zeros(s.shape[0], dtype=dtype, device=s.device)
     g_s = None
+    coef = cfg.soft_scale / cfg.temperature  # the soft gradient is carried without it
     need_t = out_t is not None and cfg.has_soft
     if cfg.has_soft:
         z_t = softcap_logits(t.to(dtype), cfg.softcap)
@@ -307,7 +308,6 @@ def chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out
         log_p = torch.log_softmax(scaled(z_t), dim=-1)
         q, p = log_q.exp(), log_p.exp()
         name = cfg.canonical_divergence()
-        coef = cfg.soft_scale / cfg.temperature
         if name == "kl" and not need_t:  # the common case, with fewer passes: q h - q S_q = q - p
             # p (log p - log q) is NaN only at 0 * inf (masked entries: zero them) or in a row
             # with a NaN input, whose first log-prob is then NaN too (keep it NaN)
@@ -326,27 +326,10 @@ def chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out
                 if cfg.softcap is not None:
                     g_t.mul_(_softcap_slope(z_t, cfg.softcap))
         rows.add_(div, alpha=cfg.soft_scale)
-        # the soft gradient is carried without its factor soft_scale / T until the end
-    if cfg.hard_weight != 0.0:
-        ce, soft1 = hard_cross_entropy(z_s, labels, counted, grad=out_s is not None)
-        rows.add_(ce, alpha=cfg.hard_weight)
-        if soft1 is not None:
-            if g_s is None:
-                g_s, coef = soft1, cfg.hard_weight
-            else:
-                g_s.add_(soft1, alpha=cfg.hard_weight / coef)
-    if counted is not None:
-        rows = torch.where(counted, rows, 0.0)
-    weight = row_weights(row_scale, counted)
-    if out_s is not None:
-        if g_s is None:
-            out_s.zero_()
-        else:
-            if cfg.softcap is not None:
-                g_s.mul_(_softcap_slope(z_s, cfg.softcap))
-            torch.mul(g_s, weight * coef, out=out_s)
+    rows = finish_student_chunk(rows, g_s, coef, z_s, labels, counted, cfg, row_scale, out_s)
     if out_t is not None:
         if need_t:
+            weight = row_weights(row_scale, counted)
             torch.mul(g_t, weight * (cfg.soft_scale / cfg.temperature), out=out_t)
         else:  # no divergence term: the teacher does not enter the loss
             out_t.zero_()
@@ -361,6 +344,32 @@ def row_weights(row_scale, counted):
     if isinstance(row_scale, torch.Tensor) and row_scale.dim():
         return row_scale[:, None]
     return row_scale
+
+
+def finish_student_chunk(rows, g_s, coef, z_s, labels, counted, cfg: KDConfig, row_scale, out_s):
+    """How every chunk function ends, given the per-row losses so far and the student's soft
+    gradient ``g_s`` (None if there is none) carried without its factor ``coef``: add the hard
+    term (value, and gradient folded into g_s), zero the ignored rows, and write the student
+    gradient times row_scale * coef (and the softcap slope at the capped logits ``z_s``) into
+    ``out_s``. Returns the per-row losses."""
+    if cfg.hard_weight != 0.0:
+        ce, soft1 = hard_cross_entropy(z_s, labels, counted, grad=out_s is not None)
+        rows.add_(ce, alpha=cfg.hard_weight)
+        if soft1 is not None:
+            if g_s is None:
+                g_s, coef = soft1, cfg.hard_weight
+            else:
+                g_s.add_(soft1, alpha=cfg.hard_weight / coef)
+    if counted is not None:
+        rows = torch.where(counted, rows, 0.0)
+    if out_s is not None:
+        if g_s is None:
+            out_s.zero_()
+        else:
+            if cfg.softcap is not None:
+                g_s.mul_(_softcap_slope(z_s, cfg.softcap))
+            torch.mul(g_s, row_weights(row_scale, counted) * coef, out=out_s)
+    return rows
 
 
 def chunk_row_scale(labels, n_rows: int, cfg: KDConfig, dtype, device):

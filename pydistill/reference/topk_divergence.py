@@ -75,15 +75,14 @@ import torch
 from pydistill.reference.softmax_divergence import (
     KDConfig,
     _scale_rows_,
-    _softcap_slope,
     chunk_row_scale,
     chunk_rows,
     compute_dtype,
     divergence,
     divergence_terms,
+    finish_student_chunk,
     hard_cross_entropy,
     reduce_rows,
-    row_weights,
     softcap_logits,
 )
 
@@ -277,24 +276,7 @@ def topk_chunk_loss_and_grads(s, topk_logprobs, topk_indices, labels, cfg: TopKC
                 g_s = x.sub_(shift[:, None]).exp_().mul_(c_off)
             g_s.scatter_(-1, ids, member)
         # the soft gradient is carried without its factor soft_scale / T until the end
-    if cfg.hard_weight != 0.0:
-        ce, soft1 = hard_cross_entropy(z, labels, counted, grad=out_s is not None)
-        rows.add_(ce, alpha=cfg.hard_weight)
-        if soft1 is not None:
-            if g_s is None:
-                g_s, coef = soft1, cfg.hard_weight
-            else:
-                g_s.add_(soft1, alpha=cfg.hard_weight / coef)
-    if counted is not None:
-        rows = torch.where(counted, rows, 0.0)
-    if out_s is not None:
-        if g_s is None:
-            out_s.zero_()
-        else:
-            if cfg.softcap is not None:
-                g_s.mul_(_softcap_slope(z, cfg.softcap))
-            torch.mul(g_s, row_weights(row_scale, counted) * coef, out=out_s)
-    return rows
+    return finish_student_chunk(rows, g_s, coef, z, labels, counted, cfg, row_scale, out_s)
 
 
 def refuse_teacher_grad(backend: str):
