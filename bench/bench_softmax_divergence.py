@@ -117,6 +117,10 @@ class Case:
     def dtype_name(self) -> str:
         return str(self.dtype).replace("torch.", "")
 
+    def floor_bytes(self, pass_name: str) -> int:
+        """Bytes the pass must move (module docstring); _measure_passes asks every case."""
+        return FLOOR_TENSORS[pass_name] * self.n * self.v * torch.empty((), dtype=self.dtype).element_size()
+
 
 # --------------------------------------------------------------------------------------
 # The implementations. Each builder returns the loss function (student, teacher) -> loss,
@@ -345,7 +349,6 @@ def _measure_passes(impl: Impl, loss_fn, case: Case, sets, expected, device, opt
         return [row("all", failure_status(exc, impl.failure))]
     rel_diff = abs(value - expected) / max(abs(expected), 1e-30)
 
-    element = torch.empty((), dtype=case.dtype).element_size()
     callables = pass_callables(loss_fn, sets, gradient)
     rows = []
     for k, pass_name in enumerate(PASSES):
@@ -360,7 +363,7 @@ def _measure_passes(impl: Impl, loss_fn, case: Case, sets, expected, device, opt
             status = failure_status(exc, impl.failure)
             rows.extend(row(p, status, loss_rel_diff=rel_diff) for p in PASSES[k:])
             break
-        floor_bytes = FLOOR_TENSORS[pass_name] * case.n * case.v * element
+        floor_bytes = case.floor_bytes(pass_name)
         floor_s = floor_bytes / opts.floors.copy_bytes_per_s
         rows.append(row(
             pass_name, "ok",
@@ -571,9 +574,11 @@ def selected_impls(opts) -> list:
     return impls
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    opts = parse_args(argv)
+def start_run(opts, family: str):
+    """What a benchmark's main does first: start the clock, pick the device, fill in the
+    repetition settings the command line left out, measure the floors, and name the output
+    (``--out``, else bench/results/<family>-<device>-<date>.csv). Returns (device, the
+    provenance every row carries, the CSV path)."""
     opts.started = time.monotonic()
     device = harness.pick_device(opts.device)
     cuda = device.type == "cuda"
@@ -592,8 +597,15 @@ def main(argv=None) -> int:
     _progress(opts, harness.provenance_line(prov))
 
     out = opts.out or harness.REPO / "bench" / "results" / (
-        f"softmax_divergence-{harness.device_slug(device)}-"
+        f"{family}-{harness.device_slug(device)}-"
         f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%d}.csv")
+    return device, prov, out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    opts = parse_args(argv)
+    device, prov, out = start_run(opts, "softmax_divergence")
     impls = selected_impls(opts)
     rows = []
     for case in cases_from(opts, device):

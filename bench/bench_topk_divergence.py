@@ -1,0 +1,344 @@
+"""Benchmark of ``pydistill.topk_kd_loss`` (an offline top-k teacher) against the naive dense
+path a user writes instead, on the same inputs:
+
+================================  =========================================================
+``pydistill-triton``              ``topk_kd_loss(backend="triton")``, gradient recomputed in
+                                  the backward (``PYDISTILL_KD_GRAD=recompute``, the default)
+``pydistill-triton-gradfwd``      the same with the gradient written by the forward
+                                  (``PYDISTILL_KD_GRAD=forward``)
+``pydistill-torch``               ``topk_kd_loss(backend="torch")``: the chunked fallback
+``reference-eager``               plain autograd of the reference
+                                  (pydistill/reference/topk_divergence.py): no dense teacher,
+                                  but autograd keeps several (N, V) intermediates
+``dense-eager``                   the dense path: a (N, V) float32 teacher distribution
+                                  scattered from the top-k (zeros off the support for
+                                  ``tail=ignore``, the tail mass spread uniformly over the
+                                  missing tokens for ``bucket``), then
+                                  ``F.kl_div(F.log_softmax(s / T), p, reduction="batchmean") * T^2``
+``dense-compile``                 ``torch.compile`` of ``dense-eager``, static shapes
+================================  =========================================================
+
+``dense-eager`` is exactly ``topk_kd_loss(tail="ignore")`` (kl); for ``bucket`` it is the
+nearest dense equivalent and differs from it by the KL inside the tail (the bucket compares the
+tail's total mass only): ``loss_rel_diff`` shows by how much. Only kl has a dense one-liner;
+other divergences run the pydistill and reference rows only.
+
+The student logits require grad, the teacher (log-probs and ids) does not; mean reduction.
+Passes as in bench_softmax_divergence.py (``fwd``, ``bwd`` alone, ``fwd+bwd``), whose
+machinery this reuses. Floor of each pass, in bytes that must move (N rows, V vocabulary,
+K top-k entries, e bytes per student element, e_t per log-prob, 8 per id)::
+
+    fwd      read the student logits and the teacher arrays   N V e + N K (e_t + 8)
+    bwd      write the student's gradient                     N V e
+    fwd+bwd  both                                             2 N V e + N K (e_t + 8)
+
+divided by the copy bandwidth measured at the start of the run (``x floor``). Peak extra
+memory is also given in units of one float32 (N, V) tensor (``x NV``): the dense path holds
+its teacher and several softmax intermediates, pydistill the gradient plus a chunk (torch) or
+the gradient alone (Triton).
+
+    python -m bench.bench_topk_divergence --quick          # CPU-sized
+    python -m bench.bench_topk_divergence --full           # GPU: K = 64, V = 151,936, bf16
+    python -m bench.bench_topk_divergence --n 4096 --v 151936 --k 16 64 256 --tail bucket
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import pydistill
+from pydistill import _dispatch
+from pydistill.reference import topk_divergence as reference
+
+from bench import harness
+from bench.bench_softmax_divergence import (
+    DTYPES, PASSES, Impl, _progress, failure_status, run_impl, start_run,
+)
+
+COLUMNS = (
+    "impl", "divergence", "tail", "dtype", "N", "V", "K", "temperature", "grad_output", "pass",
+    "status", "median_ms", "reps", "n_sets", "peak_extra_mib", "peak_extra_nv", "floor_bytes",
+    "floor_ms", "ratio_to_floor", "achieved_gbps", "loss_rel_diff",
+) + harness.PROVENANCE_COLUMNS
+
+# (dtype, N, V, K). quick: minutes on two CPU cores; full: Qwen-sized vocabulary on a GPU
+# (the dense path's (N, V) float32 teacher and intermediates bound N).
+PRESETS = {
+    "quick": [(torch.float32, n, v, 64) for n in (256, 1024) for v in (4096, 32000)],
+    "full": [(torch.bfloat16, n, 151_936, k) for n, k in ((4096, 64), (16384, 64), (4096, 16), (4096, 256))]
+            + [(torch.float32, 4096, 151_936, 64)],
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    divergence: str
+    tail: str
+    dtype: torch.dtype
+    n: int
+    v: int
+    k: int
+    temperature: float
+    grad_output: float = 1.0
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    @property
+    def element(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def floor_bytes(self, pass_name: str) -> int:
+        """Bytes the pass must move (module docstring); the log-probs are stored in the
+        student's dtype, the ids as int64."""
+        logits = self.n * self.v * self.element
+        teacher = self.n * self.k * (self.element + 8)
+        return {"fwd": logits + teacher, "bwd": logits, "fwd+bwd": 2 * logits + teacher}[pass_name]
+
+
+# --------------------------------------------------------------------------------------
+# The implementations: each builder returns loss(student, (log-probs, ids)) or why it cannot
+# run here ("skipped: ...").
+# --------------------------------------------------------------------------------------
+
+
+def build_pydistill(backend: str):
+    def build(case: Case, device: torch.device):
+        if backend == "triton" and device.type != "cuda":
+            return "skipped: Triton kernels run on CUDA (the CPU interpreter is not timed)"
+        reason = _dispatch.why_unavailable(backend, device)
+        if reason is not None:
+            return f"skipped: {reason}"
+        return lambda student, teacher: pydistill.topk_kd_loss(
+            student, *teacher, tail=case.tail, divergence=case.divergence,
+            temperature=case.temperature, backend=backend,
+        )
+
+    return build
+
+
+def build_reference(case: Case, device: torch.device):
+    cfg = reference.TopKConfig(divergence=case.divergence, tail=case.tail, temperature=case.temperature)
+    return lambda student, teacher: reference.topk_kd_loss(student, *teacher, None, cfg)
+
+
+def dense_loss(case: Case):
+    """The dense path users write for kl (module docstring), or why there is none."""
+    if case.divergence != "kl" or case.tail not in ("bucket", "ignore"):
+        return f"skipped: no dense one-liner for {case.divergence} with tail={case.tail}"
+    temperature, bucket = case.temperature, case.tail == "bucket"
+
+    def dense_kl(student, teacher):
+        logprobs, ids = teacher
+        p_top = logprobs.float().exp()
+        fill = 0.0
+        if bucket:  # the tail mass spread uniformly over the missing tokens
+            fill = ((1 - p_top.sum(-1, keepdim=True)).clamp(min=0) / (student.shape[-1] - ids.shape[-1]))
+        p = torch.zeros(student.shape, dtype=torch.float32, device=student.device).add_(fill)
+        p.scatter_(-1, ids, p_top)
+        log_q = F.log_softmax(student.float() / temperature, dim=-1)
+        return F.kl_div(log_q, p, reduction="batchmean") * (temperature * temperature)
+
+    return dense_kl
+
+
+def build_dense(case: Case, device: torch.device):
+    return dense_loss(case)
+
+
+def build_dense_compiled(case: Case, device: torch.device):
+    import torch._dynamo
+
+    fn = dense_loss(case)
+    if isinstance(fn, str):
+        return fn
+    torch._dynamo.reset()  # a fresh cache per size: static shapes, no recompile limit
+    return torch.compile(fn, dynamic=False)
+
+
+IMPLS = (
+    Impl("pydistill-triton", build_pydistill("triton"), env=(("PYDISTILL_KD_GRAD", "recompute"),)),
+    Impl("pydistill-triton-gradfwd", build_pydistill("triton"), env=(("PYDISTILL_KD_GRAD", "forward"),)),
+    Impl("pydistill-torch", build_pydistill("torch")),
+    Impl("reference-eager", build_reference),
+    Impl("dense-eager", build_dense),
+    Impl("dense-compile", build_dense_compiled, failure="skipped: torch.compile failed"),
+)
+IMPL_NAMES = tuple(impl.name for impl in IMPLS)
+
+
+# --------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------
+
+
+def make_inputs(case: Case, device: torch.device, n_sets: int, seed: int = 0):
+    """``n_sets`` fresh (student, (top-k log-probs, ids)): student logits of spread 2 (softmaxes
+    neither flat nor one-hot), the top-K of an independent teacher's log-softmax at T, the
+    ids in random order."""
+    sets = []
+    for i in range(n_sets):
+        gen = torch.Generator(device=device).manual_seed(seed + i)
+        student = 2.0 * torch.randn(case.n, case.v, device=device, dtype=case.dtype, generator=gen)
+        teacher = 2.0 * torch.randn(case.n, case.v, device=device, generator=gen)
+        logprobs, ids = torch.log_softmax(teacher / case.temperature, -1).topk(case.k, dim=-1)
+        del teacher
+        order = torch.rand(case.n, case.k, device=device, generator=gen).argsort(-1)
+        sets.append((student.requires_grad_(),
+                     (logprobs.gather(-1, order).to(case.dtype), ids.gather(-1, order))))
+    return sets
+
+
+def expected_loss(case: Case, student, teacher) -> float:
+    with torch.no_grad():
+        return float(pydistill.topk_kd_loss(student, *teacher, tail=case.tail, divergence=case.divergence,
+                                            temperature=case.temperature, backend="torch"))
+
+
+def run_case(case: Case, impls, device, opts, prov: dict):
+    base = {
+        "divergence": case.divergence, "tail": case.tail, "dtype": case.dtype_name, "N": case.n,
+        "V": case.v, "K": case.k, "temperature": case.temperature, "grad_output": case.grad_output,
+        **prov,
+    }
+    n_sets = harness.rotation_count(case.floor_bytes("fwd"), device)
+    base["n_sets"] = n_sets
+    _progress(opts, f"{case.divergence} tail={case.tail} {case.dtype_name} N={case.n} V={case.v} "
+                    f"K={case.k} ({n_sets} input sets)")
+    try:
+        sets = make_inputs(case, device, n_sets)
+        expected = expected_loss(case, *sets[0])
+    except Exception as exc:
+        status = failure_status(exc)
+        sets = None
+        harness.release_memory(device)
+        return [{**base, "impl": impl.name, "pass": "all", "status": status} for impl in impls]
+    rows = []
+    for impl in impls:
+        if opts.time_limit and time.monotonic() - opts.started > opts.time_limit:
+            rows.append({**base, "impl": impl.name, "pass": "all",
+                         "status": f"skipped: --time-limit {opts.time_limit:g} s reached"})
+            continue
+        rows.extend(run_impl(impl, case, sets, expected, device, opts, base))
+    del sets
+    harness.release_memory(device)
+    for row in rows:  # peak extra memory in units of one float32 (N, V) tensor
+        if row.get("peak_extra_mib") is not None:
+            row["peak_extra_nv"] = row["peak_extra_mib"] * 2**20 / (4 * case.n * case.v)
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+TABLE = (
+    ("impl", "impl", None), ("tail", "tail", None), ("dtype", "dtype", None), ("N", "N", None),
+    ("V", "V", None), ("K", "K", None), ("pass", "pass", None), ("median_ms", "ms", ".3f"),
+    ("ratio_to_floor", "x floor", ".2f"), ("achieved_gbps", "GB/s", ".1f"),
+    ("peak_extra_mib", "peak extra MiB", ".0f"), ("peak_extra_nv", "x NV", ".2f"),
+    ("reps", "reps", None), ("loss_rel_diff", "loss rel diff", ".1e"), ("status", "status", None),
+)
+
+
+def _order(rows):
+    impl_rank = {name: i for i, name in enumerate(IMPL_NAMES)}
+    pass_rank = {p: i for i, p in enumerate(("all",) + PASSES)}
+    return sorted(rows, key=lambda r: (r["divergence"], r["tail"], r["dtype"], r["N"], r["V"], r["K"],
+                                       pass_rank[r["pass"]], impl_rank[r["impl"]]))
+
+
+def report(rows, prov: dict, argv) -> str:
+    grad_output = rows[0]["grad_output"] if rows else 1.0
+    return "\n".join([
+        "# topk_kd_loss (top-k teacher) benchmark",
+        "",
+        harness.provenance_line(prov),
+        "",
+        f"Command: `python -m bench.bench_topk_divergence {' '.join(argv)}`",
+        "",
+        "Floor: fwd reads the student logits and the teacher's N x K log-probs and ids, bwd "
+        "writes the student gradient, fwd+bwd both; divided by the measured copy bandwidth. "
+        "`x floor` = measured / floor; GB/s = floor bytes / measured time; peak extra = memory "
+        "above what was allocated before the call, also in units of one float32 (N, V) tensor "
+        "(`x NV`). dense-* scatter a (N, V) teacher and call F.kl_div: exactly tail=ignore, "
+        "and for bucket the nearest dense loss (`loss rel diff` against pydistill-torch). "
+        f"Backward from grad_output = {grad_output:g}.",
+        "",
+        harness.markdown_table(_order(rows), TABLE),
+    ]) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m bench.bench_topk_divergence",
+        description="Time topk_kd_loss's backends and the dense path (fwd, bwd, fwd+bwd, peak memory).",
+    )
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help="CPU-sized: float32, N {256,1024} x V {4096,32000}, K 64")
+    preset.add_argument("--full", action="store_true", help="GPU: bf16, V 151936, N up to 16384, K {16,64,256}")
+    p.add_argument("--n", type=int, nargs="+", help="rows (replaces the preset's sizes)")
+    p.add_argument("--v", type=int, nargs="+", help="vocabularies (replaces the preset's sizes)")
+    p.add_argument("--k", type=int, nargs="+", help="top-k sizes (replaces the preset's sizes)")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="dtypes (replaces the preset's)")
+    p.add_argument("--tail", nargs="+", default=["bucket", "ignore"], choices=reference.TAILS)
+    p.add_argument("--divergence", nargs="+", default=["kl"], choices=pydistill.DIVERGENCES)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--grad-output", type=float, default=1.0, help="gradient fed to the backward")
+    p.add_argument("--impl", nargs="+", choices=IMPL_NAMES, help="only these implementations")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    p.add_argument("--budget-ms", type=float, help="time budget of one measurement's repetitions")
+    p.add_argument("--min-reps", type=int)
+    p.add_argument("--max-reps", type=int)
+    p.add_argument("--warmup", type=int, help="untimed calls before each measurement")
+    p.add_argument("--long-s", type=float, help="seconds: slower calls get fewer reps")
+    p.add_argument("--time-limit", type=float, default=0.0,
+                   help="seconds; implementations not started by then are reported as skipped")
+    p.add_argument("--out", type=Path, help="CSV path, a .md beside it "
+                   "(default bench/results/topk_divergence-<device>-<date>.csv)")
+    return p.parse_args(argv)
+
+
+def cases_from(opts, device) -> list:
+    preset = "full" if opts.full else "quick" if opts.quick else ("full" if device.type == "cuda" else "quick")
+    sizes = PRESETS[preset]
+    if opts.n or opts.v or opts.k or opts.dtype:
+        dtypes = [DTYPES[d] for d in opts.dtype] if opts.dtype else sorted({s[0] for s in sizes}, key=str)
+        ns = opts.n or sorted({s[1] for s in sizes})
+        vs = opts.v or sorted({s[2] for s in sizes})
+        ks = opts.k or sorted({s[3] for s in sizes})
+        sizes = [(d, n, v, k) for d in dtypes for n in ns for v in vs for k in ks]
+    return [Case(div, tail, d, n, v, k, opts.temperature, opts.grad_output)
+            for div in opts.divergence for tail in opts.tail for d, n, v, k in sizes]
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    opts = parse_args(argv)
+    device, prov, out = start_run(opts, "topk_divergence")
+    impls = [i for i in IMPLS if not opts.impl or i.name in opts.impl]
+    rows = []
+    for case in cases_from(opts, device):
+        rows.extend(run_case(case, impls, device, opts, prov))
+        harness.write_csv(rows, out, COLUMNS)  # after every size: a cut-off run keeps its rows
+        text = report(rows, prov, argv)
+        out.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
