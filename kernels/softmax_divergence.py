@@ -98,22 +98,23 @@ def _online_kl_update(acc, l_a, m_a, m_a_new, m_b, m_b_new, x_a, e_a, x_b):
 @triton.jit
 def _pointwise(log_p, log_q, beta, DIV: tl.constexpr):
     # Per element: p, q, the divergence term d, q h and p u (table in the module docstring).
-    # Every product with a probability is masked where that probability is 0, so entries that
-    # are -inf in the logits contribute exactly 0 and never NaN.
+    # Every product with a probability is masked where that probability is exactly 0, so
+    # entries that are -inf in the logits contribute 0 and never NaN, while a NaN probability
+    # (a NaN logit in the row) is kept and propagates.
     p = tl.exp(log_p)
     q = tl.exp(log_q)
     if DIV == KL:
-        d = tl.where(p > 0, p * (log_p - log_q), 0.0)
+        d = tl.where(p != 0, p * (log_p - log_q), 0.0)
         qh = -p
-        pu = tl.where(p > 0, p * (log_p - log_q + 1.0), 0.0)
+        pu = tl.where(p != 0, p * (log_p - log_q + 1.0), 0.0)
     elif DIV == REVERSE_KL:
-        d = tl.where(q > 0, q * (log_q - log_p), 0.0)
-        qh = tl.where(q > 0, q * (log_q - log_p + 1.0), 0.0)
+        d = tl.where(q != 0, q * (log_q - log_p), 0.0)
+        qh = tl.where(q != 0, q * (log_q - log_p + 1.0), 0.0)
         pu = -q
     elif DIV == JSD:
         log_m = tl.log(beta * p + (1.0 - beta) * q)
-        pu = beta * tl.where(p > 0, p * (log_p - log_m), 0.0)
-        qh = (1.0 - beta) * tl.where(q > 0, q * (log_q - log_m), 0.0)
+        pu = beta * tl.where(p != 0, p * (log_p - log_m), 0.0)
+        qh = (1.0 - beta) * tl.where(q != 0, q * (log_q - log_m), 0.0)
         d = pu + qh
     elif DIV == TVD:
         g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
@@ -122,17 +123,17 @@ def _pointwise(log_p, log_q, beta, DIV: tl.constexpr):
         pu = -p * g
     elif DIV == SKEW_KL:
         m = beta * p + (1.0 - beta) * q
-        r = tl.where(m > 0, p / m, 0.0)
+        r = tl.where(m != 0, p / m, 0.0)
         log_ratio = log_p - tl.log(m)
-        d = tl.where(p > 0, p * log_ratio, 0.0)
+        d = tl.where(p != 0, p * log_ratio, 0.0)
         qh = -(1.0 - beta) * q * r
-        pu = tl.where(p > 0, p * (log_ratio - beta * r), 0.0)
+        pu = tl.where(p != 0, p * (log_ratio - beta * r), 0.0)
     else:  # SKEW_REVERSE_KL
         m = beta * q + (1.0 - beta) * p
-        r = tl.where(m > 0, q / m, 0.0)
+        r = tl.where(m != 0, q / m, 0.0)
         log_ratio = log_q - tl.log(m)
-        d = tl.where(q > 0, q * log_ratio, 0.0)
-        qh = tl.where(q > 0, q * (log_ratio - beta * r), 0.0)
+        d = tl.where(q != 0, q * log_ratio, 0.0)
+        qh = tl.where(q != 0, q * (log_ratio - beta * r), 0.0)
         pu = -(1.0 - beta) * p * r
     return p, q, d, qh, pu
 

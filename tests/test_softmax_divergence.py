@@ -434,16 +434,25 @@ def test_empty_batch(backend, shape, reduction):
     assert s.grad.shape == s.shape
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_propagates(backend):
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_nan_propagates(backend, divergence, where):
     s = logits((3, 40), seed=70)
     t = logits((3, 40), seed=71)
-    s[1, 5] = math.nan
-    rows = pdl.kd_loss(s, t, reduction="none", backend=backend)
+    (s if where == "student" else t)[1, 5] = math.nan
+
+    def loss(y=None, reduction="mean"):
+        kw = dict(divergence=divergence, beta=0.3, reduction=reduction)
+        if backend == "reference":
+            return R.kd_loss(s, t, y, R.KDConfig(**kw))
+        return pdl.kd_loss(s, t, labels=y, backend=backend, **kw)
+
+    rows = loss(reduction="none")
     assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
-    assert torch.isnan(pdl.kd_loss(s, t, backend=backend))
+    assert torch.isnan(loss())
     y = torch.tensor([0, -100, 2], device=DEVICE)  # an ignored NaN row is dropped
-    assert torch.isfinite(pdl.kd_loss(s, t, labels=y, backend=backend))
+    assert torch.isfinite(loss(y))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

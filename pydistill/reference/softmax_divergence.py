@@ -106,8 +106,9 @@ def tempered_log_softmax(logits: torch.Tensor, temperature: float, softcap=None,
 
 def _weighted_log_ratio(w, log_w, log_v):
     """sum_j w_j (log w_j - log v_j) with 0 log 0 = 0, and gradients free of NaN where
-    w_j = 0 (an entry masked with -inf carries no probability and no gradient)."""
-    keep = w > 0
+    w_j = 0 (an entry masked with -inf carries no probability and no gradient). Only exact
+    zeros are dropped: a NaN weight (a NaN logit) propagates."""
+    keep = w != 0
     diff = torch.where(keep, log_w, 0.0) - torch.where(keep, log_v, 0.0)
     return torch.where(keep, w * diff, 0.0).sum(-1)
 
@@ -222,7 +223,7 @@ def chunk_rows(vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
 
 def _weighted(w, x):
     """w * x, and 0 wherever w == 0 (x may be infinite or NaN there)."""
-    return torch.where(w > 0, w * x, 0.0)
+    return torch.where(w != 0, w * x, 0.0)
 
 
 def divergence_terms(log_p, log_q, p, q, name: str, beta: float, need_teacher: bool):
@@ -256,14 +257,14 @@ def divergence_terms(log_p, log_q, p, q, name: str, beta: float, need_teacher: b
         qh, pu = q * g, -p * g
     elif name == "skew_kl":
         m = beta * p + (1.0 - beta) * q
-        r = torch.where(m > 0, p / m, 0.0)
+        r = torch.where(m != 0, p / m, 0.0)
         log_ratio = log_p - torch.log(m)
         div = _weighted(p, log_ratio).sum(-1)
         qh = -(1.0 - beta) * q * r
         pu = _weighted(p, log_ratio - beta * r) if need_teacher else None
     elif name == "skew_reverse_kl":
         m = beta * q + (1.0 - beta) * p
-        r = torch.where(m > 0, q / m, 0.0)
+        r = torch.where(m != 0, q / m, 0.0)
         log_ratio = log_q - torch.log(m)
         div = _weighted(q, log_ratio).sum(-1)
         qh = _weighted(q, log_ratio - beta * r)
