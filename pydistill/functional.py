@@ -288,9 +288,12 @@ def linear_kd_loss(
         chunk_size: rows per chunk (a positive int), or ``"auto"``: as many rows as fit a
             budget for the chunk's buffers (two (C, V) float32 logits, plus a (C, V) copy of the
             gradient in the weight's dtype for bfloat16 / float16): 64 MiB on the CPU; on CUDA a
-            quarter of the free memory (free + PyTorch's cached blocks), at most 2 GiB. A tiled
-            implementation that writes no logits at all (O(N) extra memory; DESIGN.md section 3)
-            is to come, selected here too: the values above will keep meaning "chunked".
+            quarter of the free memory (free + PyTorch's cached blocks), at most 2 GiB. Peak
+            extra memory: the gradients plus the chunk's buffers. The tiled ("flash")
+            implementation to come, which writes no logits tile to memory (O(N) extra memory;
+            DESIGN.md section 3), will be selected here as well: ``chunk_size=None`` for it
+            explicitly, and ``"auto"`` for it where it is measured faster; an int always means
+            chunked. Until then None is refused like any other value.
         process_group: vocabulary parallelism. ``student_weight`` / ``student_bias`` (and
             ``teacher_weight`` / ``teacher_bias`` or ``teacher_logits``) hold this rank's
             contiguous block of vocabulary rows, the blocks in rank order (ragged sizes

@@ -191,7 +191,8 @@ class LinearHead:
         # the gradient GEMMs run in the weight's dtype from one rounding of g
         self.round_grad = self.need_grad and weight.dtype != dtype
         device = weight.device
-        self.grad_hidden = torch.empty_like(self.hidden) if need[0] else None
+        # contiguous whatever the inputs' strides, so that .view(shape) always works
+        self.grad_hidden = torch.empty(self.hidden.shape, dtype=hidden.dtype, device=device) if need[0] else None
         self.grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=device) if need[1] else None
         self.grad_bias = torch.zeros(self.vocab, dtype=dtype, device=device) if need[2] else None
         self.scratch = None
@@ -254,7 +255,7 @@ class GivenLogits:
         self.vocab = logits.shape[-1]
         self.padded = self.vocab < vocab
         self.need_grad = need_grad
-        self.grad = torch.empty_like(self.values) if need_grad else None
+        self.grad = torch.empty(self.values.shape, dtype=logits.dtype, device=logits.device) if need_grad else None
 
     def bytes_per_row(self, vocab: int, dtype) -> int:
         return vocab * torch.empty((), dtype=dtype).element_size() if self.padded else 0
