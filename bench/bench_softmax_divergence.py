@@ -285,20 +285,25 @@ def expected_loss(case: Case, student, teacher) -> float:
     return float(loss)
 
 
+def clear_grads(sets):
+    """Drop the gradient of every tensor of every input set (whichever of them require grad:
+    the student logits here, hidden states and weights in bench_linear_kd.py)."""
+    for inputs in sets:
+        for x in inputs:
+            if isinstance(x, torch.Tensor):
+                x.grad = None
+
+
 def pass_callables(loss_fn: Callable, sets, gradient):
     """(prepare, run) for each pass: prepare(i) runs outside the timed region. ``gradient``:
     what the backward starts from, None for a plain ``loss.backward()`` (grad_output 1)."""
 
-    def clear_grads():
-        for student, _ in sets:
-            student.grad = None
-
     def prepare_inputs(i):
-        clear_grads()
+        clear_grads(sets)
         return sets[i]
 
     def prepare_loss(i):
-        clear_grads()
+        clear_grads(sets)
         return loss_fn(*sets[i])
 
     def forward(pair):
@@ -326,8 +331,7 @@ def run_impl(impl: Impl, case: Case, sets, expected: float, device, opts, base: 
         return [row("all", built)]
     with environment(impl.env):
         rows = _measure_passes(impl, built, case, sets, expected, device, opts, row)
-    for student, _ in sets:
-        student.grad = None
+    clear_grads(sets)
     # Here, not in an except block, whose traceback would keep a failed call's tensors alive.
     harness.release_memory(device)
     return rows
@@ -536,6 +540,13 @@ def parse_args(argv=None):
     p.add_argument("--impl", nargs="+", choices=IMPL_NAMES, help="only these implementations")
     p.add_argument("--grad-mode", choices=("recompute", "forward", "both"), default="both",
                    help="which Triton gradient schedules to time (PYDISTILL_KD_GRAD)")
+    add_run_options(p, "softmax_divergence")
+    return p.parse_args(argv)
+
+
+def add_run_options(p: argparse.ArgumentParser, family: str):
+    """The options every benchmark's run takes (device, repetitions, time limit, output);
+    ``start_run`` fills in the repetition settings left out."""
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--budget-ms", type=float, help="time budget of one measurement's repetitions")
     p.add_argument("--min-reps", type=int)
@@ -547,8 +558,7 @@ def parse_args(argv=None):
                    help="seconds; implementations not started by then are reported as skipped")
     p.add_argument("--out", type=Path,
                    help="CSV path, a .md of the same name beside it "
-                        "(default bench/results/softmax_divergence-<device>-<date>.csv)")
-    return p.parse_args(argv)
+                        f"(default bench/results/{family}-<device>-<date>.csv)")
 
 
 def cases_from(opts, device) -> list:

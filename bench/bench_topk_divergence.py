@@ -47,7 +47,6 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +57,7 @@ from pydistill.reference import topk_divergence as reference
 
 from bench import harness
 from bench.bench_softmax_divergence import (
-    DTYPES, PASSES, Impl, _progress, failure_status, run_impl, start_run,
+    DTYPES, PASSES, Impl, _progress, add_run_options, failure_status, run_impl, start_run,
 )
 
 COLUMNS = (
@@ -298,16 +297,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--grad-output", type=float, default=1.0, help="gradient fed to the backward")
     p.add_argument("--impl", nargs="+", choices=IMPL_NAMES, help="only these implementations")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    p.add_argument("--budget-ms", type=float, help="time budget of one measurement's repetitions")
-    p.add_argument("--min-reps", type=int)
-    p.add_argument("--max-reps", type=int)
-    p.add_argument("--warmup", type=int, help="untimed calls before each measurement")
-    p.add_argument("--long-s", type=float, help="seconds: slower calls get fewer reps")
-    p.add_argument("--time-limit", type=float, default=0.0,
-                   help="seconds; implementations not started by then are reported as skipped")
-    p.add_argument("--out", type=Path, help="CSV path, a .md beside it "
-                   "(default bench/results/topk_divergence-<device>-<date>.csv)")
+    add_run_options(p, "topk_divergence")
     return p.parse_args(argv)
 
 

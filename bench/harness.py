@@ -16,9 +16,9 @@ was allocated just before it. On the CPU: the process's resident-set high-water 
 after ``gc.collect()`` and ``malloc_trim`` so that freed heap pages do not hide new ones.
 
 Floors. The device's copy bandwidth (bytes read + bytes written by a large copy, median of
-several) and, on CUDA, its bf16 matrix-product rate (8192^3 on random data). A memory-bound
-op's floor is the bytes it must move divided by the first; a GEMM-bound op's, its FLOPs
-divided by the second.
+several) and its matrix-product rate: bf16 8192^3 on CUDA, float32 2048^3 on the CPU (random
+data). A memory-bound op's floor is the bytes it must move divided by the first; a GEMM-bound
+op's, its FLOPs divided by the second.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 # the names).
 PROVENANCE_COLUMNS = (
     "device", "torch", "triton", "cuda", "python", "git_rev", "date_utc",
-    "copy_gbps", "bf16_tflops",
+    "copy_gbps", "bf16_tflops", "fp32_tflops",
 )
 
 
@@ -123,7 +123,14 @@ def _triton_version() -> str:
 @dataclass(frozen=True)
 class Floors:
     copy_bytes_per_s: float  # bytes read + bytes written per second by a large copy
-    matmul_flops_per_s: Optional[float]  # bf16 8192^3 on CUDA; None on the CPU
+    matmul_flops_per_s: Optional[float]  # bf16 8192^3 on CUDA; float32 2048^3 on the CPU
+    matmul_dtype: str = "bfloat16"
+
+
+def _tflops(floors: Floors, dtype: str) -> Optional[float]:
+    if floors.matmul_flops_per_s is None or floors.matmul_dtype != dtype:
+        return None
+    return floors.matmul_flops_per_s / 1e12
 
 
 def provenance(device: torch.device, floors: Floors) -> dict:
@@ -136,7 +143,8 @@ def provenance(device: torch.device, floors: Floors) -> dict:
         "git_rev": git_revision(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "copy_gbps": floors.copy_bytes_per_s / 1e9,
-        "bf16_tflops": floors.matmul_flops_per_s / 1e12 if floors.matmul_flops_per_s else None,
+        "bf16_tflops": _tflops(floors, "bfloat16"),
+        "fp32_tflops": _tflops(floors, "float32"),
     }
 
 
@@ -166,16 +174,17 @@ def measure_floors(device: torch.device) -> Floors:
     copy = 2 * src.numel() * src.element_size() / t
     del src, dst
 
-    matmul = None
-    if device.type == "cuda":
-        n = 8192
-        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        t = _median_wall(lambda: a @ b, device, reps=10, warmup=3)
-        matmul = 2 * n**3 / t
-        del a, b
+    # bf16 on a GPU (what the GEMM-bound ops run in); float32 on a CPU (the fallback's dtype)
+    cuda = device.type == "cuda"
+    n, dtype = (8192, torch.bfloat16) if cuda else (2048, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = _median_wall(lambda: a @ b, device, reps=10 if cuda else 5, warmup=3 if cuda else 1)
+    matmul = 2 * n**3 / t
+    del a, b
     release_memory(device)
-    return Floors(copy_bytes_per_s=copy, matmul_flops_per_s=matmul)
+    return Floors(copy_bytes_per_s=copy, matmul_flops_per_s=matmul,
+                  matmul_dtype=str(dtype).removeprefix("torch."))
 
 
 # --------------------------------------------------------------------------------------
@@ -429,6 +438,8 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
 
 def provenance_line(prov: dict) -> str:
     matmul = f", bf16 matmul {prov['bf16_tflops']:.0f} TFLOP/s" if prov.get("bf16_tflops") else ""
+    if prov.get("fp32_tflops"):
+        matmul = f", float32 matmul {prov['fp32_tflops'] * 1e3:.0f} GFLOP/s"
     return (
         f"device: {prov['device']}; torch {prov['torch']}, triton {prov['triton'] or '-'}, "
         f"CUDA {prov['cuda'] or '-'}, Python {prov['python']}; git {prov['git_rev']}; "
