@@ -1,0 +1,432 @@
+"""Benchmark of ``pydistill.linear_kd_loss`` (distillation fused with the student's LM head)
+against what a user would run instead, on the same inputs (student hidden states and head
+weight require grad; the teacher, hidden states + head, does not):
+
+=============================  ============================================================
+``pydistill-triton``           ``linear_kd_loss(backend="triton")``: chunked GEMMs, the
+                               divergence step in the Triton kernel (CUDA)
+``pydistill-torch``            ``linear_kd_loss(backend="torch")``: the same chunks, the step
+                               in closed-form PyTorch
+``torch-eager``                the naive code: both logits materialised by ``F.linear`` in the
+                               input dtype (the teacher's under ``no_grad``), then
+                               bench_softmax_divergence's naive loss (the ``F.kl_div`` one-liner
+                               for kl, the reference ``kd_loss`` for the other divergences)
+``torch-compile``              ``torch.compile`` of ``torch-eager``, static shapes
+``liger-fused-linear-jsd``     Liger-Kernel's ``LigerFusedLinearJSD`` (CUDA; kl, reverse_kl
+                               and jsd as its ``jsd_beta`` 0, 1, beta), times T^2
+``liger-chunked-jsd``          Liger-Kernel's ``LigerFusedLinearJSDLoss`` (chunked_loss, hard
+                               weight 0, compiled), the same divergences, times T^2
+=============================  ============================================================
+
+Passes as in bench_softmax_divergence.py (``fwd``, ``bwd`` alone, ``fwd+bwd``), whose runner
+this reuses. pydistill computes its gradients in the forward: its ``bwd`` is a rescaling and
+its ``fwd`` holds all the work; compare ``fwd+bwd``.
+
+Floor: a GEMM-bound op's FLOPs over the matrix-product rate measured at the start of the run
+(bf16 on CUDA, float32 on the CPU). N rows, V vocabulary, H_s / H_t hidden sizes::
+
+    fwd      the two logits GEMMs                    2 N V (H_s + H_t)
+    bwd      d(hidden) = G W_s, d(weight) = G^T h_s   4 N V H_s
+    fwd+bwd  both                                    2 N V (3 H_s + H_t)
+
+``x floor`` = measured / floor. Peak extra memory is also given as a fraction of the eager
+path's (``x eager``). The "Targets" section checks, per size, pydistill's fwd+bwd against the
+eager path (the CPU goal: peak extra memory <= 10% of eager's at <= 1.25x its time) and, on
+CUDA, against the floor and Liger.
+
+    python -m bench.bench_linear_kd --quick        # CPU: float32, H = 512, V = 32,000
+    python -m bench.bench_linear_kd --full         # GPU: bf16, V = 128,256, H 4096 / 2048
+    python -m bench.bench_linear_kd --n 4096 --h-s 2048 --h-t 4096 --v 128256 --dtype bf16
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import pydistill
+from pydistill import _dispatch
+from pydistill.reference import softmax_divergence as reference
+
+from bench import harness
+from bench.bench_softmax_divergence import (
+    DTYPES, PASSES, Impl, _progress, add_run_options, failure_status, naive_loss, run_impl,
+    start_run,
+)
+
+COLUMNS = (
+    "impl", "divergence", "dtype", "N", "H_s", "H_t", "V", "temperature", "beta", "grad_output",
+    "pass", "status", "median_ms", "reps", "n_sets", "peak_extra_mib", "peak_extra_vs_eager",
+    "floor_flops", "floor_ms", "ratio_to_floor", "achieved_tflops", "loss_rel_diff",
+) + harness.PROVENANCE_COLUMNS
+
+# (dtype, N, H_s, H_t, V). quick: the CPU sizes (N = 4096 is the CPU goal's size; minutes per
+# implementation at ~35 GFLOP/s). full: Llama-3-sized heads on an 80 GB GPU, both models
+# H = 4096 and a half-width student.
+PRESETS = {
+    "quick": [(torch.float32, n, 512, 512, 32000) for n in (1024, 4096)],
+    "full": [(torch.bfloat16, n, 4096, 4096, 128256) for n in (1024, 2048, 4096, 8192, 16384)]
+            + [(torch.bfloat16, n, 2048, 4096, 128256) for n in (4096, 16384)],
+}
+# The CPU goal for pydistill's fwd+bwd against the eager path.
+CPU_MEMORY_GOAL, CPU_TIME_GOAL = 0.10, 1.25
+
+
+@dataclass(frozen=True)
+class Case:
+    divergence: str
+    dtype: torch.dtype
+    n: int
+    h_s: int
+    h_t: int
+    v: int
+    temperature: float
+    beta: float
+    grad_output: float = 1.0
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    def flops(self, pass_name: str) -> int:
+        fwd, bwd = 2 * self.n * self.v * (self.h_s + self.h_t), 4 * self.n * self.v * self.h_s
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_name]
+
+    def floor_bytes(self, pass_name: str) -> int:
+        """The runner's memory floor (read the inputs, write the gradients once); the rows
+        report the GEMM floor instead (``with_gemm_floor``)."""
+        e = torch.empty((), dtype=self.dtype).element_size()
+        read = (self.n + self.v) * (self.h_s + self.h_t) * e
+        write = (self.n + self.v) * self.h_s * e
+        return {"fwd": read, "bwd": write, "fwd+bwd": read + write}[pass_name]
+
+
+# --------------------------------------------------------------------------------------
+# The implementations: each builder returns loss_fn(student_hidden, student_weight,
+# teacher_hidden, teacher_weight), or why it cannot run here ("skipped: ...").
+# --------------------------------------------------------------------------------------
+
+
+def naive_linear_loss(case: Case) -> Callable:
+    """Materialised logits in the input dtype, as users write it, then the naive loss."""
+    loss = naive_loss(case)
+
+    def eager(student_hidden, student_weight, teacher_hidden, teacher_weight):
+        with torch.no_grad():
+            teacher_logits = F.linear(teacher_hidden, teacher_weight)
+        return loss(F.linear(student_hidden, student_weight), teacher_logits)
+
+    return eager
+
+
+def build_pydistill(backend: str):
+    def build(case: Case, device: torch.device):
+        if backend == "triton" and device.type != "cuda":
+            return "skipped: Triton kernels run on CUDA (the CPU interpreter is not timed)"
+        reason = _dispatch.why_unavailable(backend, device)
+        if reason is not None:
+            return f"skipped: {reason}"
+        return lambda student_hidden, student_weight, teacher_hidden, teacher_weight: (
+            pydistill.linear_kd_loss(
+                student_hidden, student_weight, teacher_hidden, teacher_weight,
+                divergence=case.divergence, temperature=case.temperature, beta=case.beta,
+                backend=backend,
+            ))
+
+    return build
+
+
+def build_eager(case: Case, device: torch.device):
+    return naive_linear_loss(case)
+
+
+def build_compiled(case: Case, device: torch.device):
+    import torch._dynamo
+
+    torch._dynamo.reset()  # static shapes, compiled afresh for each size
+    return torch.compile(naive_linear_loss(case), dynamic=False)
+
+
+def _liger_beta(case: Case):
+    """Liger's generalized-JSD beta for this divergence (its convention is pydistill's), or
+    None when it has no equivalent."""
+    return {"kl": 0.0, "reverse_kl": 1.0, "jsd": case.beta}.get(case.divergence)
+
+
+def _liger_ready(case: Case, device: torch.device):
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "skipped: liger-kernel not installed (optional: pip install liger-kernel)"
+    if device.type != "cuda":
+        return "skipped: Liger-Kernel runs on CUDA only"
+    if _liger_beta(case) is None:
+        return f"skipped: Liger-Kernel's fused linear JSD has no {case.divergence}"
+    return None
+
+
+def build_liger_fused_linear_jsd(case: Case, device: torch.device):
+    reason = _liger_ready(case, device)
+    if reason:
+        return reason
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    jsd = LigerFusedLinearJSD(jsd_beta=_liger_beta(case), temperature=case.temperature)
+    t2 = case.temperature**2  # Liger's loss has no T^2 factor
+    return lambda h_s, w_s, h_t, w_t: jsd(h_s, w_s, h_t, w_t, None) * t2
+
+
+def build_liger_chunked_jsd(case: Case, device: torch.device):
+    reason = _liger_ready(case, device)
+    if reason:
+        return reason
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    jsd = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=_liger_beta(case),
+                                  temperature=case.temperature)
+    labels = torch.zeros(case.n, dtype=torch.long, device=device)  # masks nothing
+    t2 = case.temperature**2
+    return lambda h_s, w_s, h_t, w_t: jsd(h_s, w_s, h_t, w_t, labels) * t2
+
+
+IMPLS = (
+    Impl("pydistill-triton", build_pydistill("triton")),
+    Impl("pydistill-torch", build_pydistill("torch")),
+    Impl("torch-eager", build_eager),
+    Impl("torch-compile", build_compiled, failure="skipped: torch.compile failed"),
+    Impl("liger-fused-linear-jsd", build_liger_fused_linear_jsd),
+    Impl("liger-chunked-jsd", build_liger_chunked_jsd),
+)
+IMPL_NAMES = tuple(impl.name for impl in IMPLS)
+
+
+# --------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------
+
+
+def make_inputs(case: Case, device: torch.device, n_sets: int, seed: int = 0):
+    """``n_sets`` fresh (student hidden, student weight, teacher hidden, teacher weight); the
+    student's require grad. Logits spread ~3, softmaxes neither flat nor one-hot at T ~ 1-2."""
+    sets = []
+    for i in range(n_sets):
+        gen = torch.Generator(device=device).manual_seed(seed + i)
+
+        def randn(*shape, scale=1.0):
+            return (scale * torch.randn(*shape, device=device, generator=gen)).to(case.dtype)
+
+        sets.append((
+            randn(case.n, case.h_s).requires_grad_(),
+            randn(case.v, case.h_s, scale=3.0 / math.sqrt(case.h_s)).requires_grad_(),
+            randn(case.n, case.h_t),
+            randn(case.v, case.h_t, scale=3.0 / math.sqrt(case.h_t)),
+        ))
+    return sets
+
+
+def expected_loss(case: Case, inputs) -> float:
+    with torch.no_grad():
+        return float(pydistill.linear_kd_loss(
+            *inputs, divergence=case.divergence, temperature=case.temperature, beta=case.beta,
+            backend="torch"))
+
+
+def with_gemm_floor(row: dict, case: Case, floors) -> dict:
+    """The runner's row with its memory floor replaced by the GEMM floor (module docstring)."""
+    row = dict(row)
+    row.pop("floor_bytes", None)
+    row.pop("achieved_gbps", None)
+    if row["status"] != "ok" or floors.matmul_flops_per_s is None:
+        row.pop("floor_ms", None)
+        row.pop("ratio_to_floor", None)
+        return row
+    flops = case.flops(row["pass"])
+    floor_s = flops / floors.matmul_flops_per_s
+    median_s = row["median_ms"] / 1e3
+    row.update(floor_flops=flops, floor_ms=floor_s * 1e3, ratio_to_floor=median_s / floor_s,
+               achieved_tflops=flops / median_s / 1e12)
+    return row
+
+
+def run_case(case: Case, impls, device, opts, prov: dict):
+    base = {
+        "divergence": case.divergence, "dtype": case.dtype_name, "N": case.n, "H_s": case.h_s,
+        "H_t": case.h_t, "V": case.v, "temperature": case.temperature, "beta": case.beta,
+        "grad_output": case.grad_output, **prov,
+    }
+    n_sets = harness.rotation_count(case.floor_bytes("fwd"), device)
+    base["n_sets"] = n_sets
+    _progress(opts, f"{case.divergence} {case.dtype_name} N={case.n} H_s={case.h_s} "
+                    f"H_t={case.h_t} V={case.v} ({n_sets} input sets)")
+    try:
+        sets = make_inputs(case, device, n_sets)
+        expected = expected_loss(case, sets[0])
+    except Exception as exc:
+        harness.release_memory(device)
+        return [{**base, "impl": impl.name, "pass": "all", "status": failure_status(exc)} for impl in impls]
+    rows = []
+    for impl in impls:
+        if opts.time_limit and time.monotonic() - opts.started > opts.time_limit:
+            status = f"skipped: --time-limit {opts.time_limit:g} s reached"
+            rows.append({**base, "impl": impl.name, "pass": "all", "status": status})
+            continue
+        rows.extend(with_gemm_floor(r, case, opts.floors)
+                    for r in run_impl(impl, case, sets, expected, device, opts, base))
+    del sets
+    harness.release_memory(device)
+    return with_memory_vs_eager(rows)
+
+
+def with_memory_vs_eager(rows):
+    eager = {r["pass"]: r.get("peak_extra_mib") for r in rows if r["impl"] == "torch-eager"}
+    for r in rows:
+        if r.get("peak_extra_mib") is not None and eager.get(r["pass"]):
+            r["peak_extra_vs_eager"] = r["peak_extra_mib"] / eager[r["pass"]]
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+TABLE = (
+    ("impl", "impl", None), ("divergence", "div", None), ("dtype", "dtype", None),
+    ("N", "N", None), ("H_s", "H_s", None), ("H_t", "H_t", None), ("V", "V", None),
+    ("pass", "pass", None), ("median_ms", "ms", ".1f"), ("ratio_to_floor", "x floor", ".2f"),
+    ("achieved_tflops", "TFLOP/s", ".3f"), ("peak_extra_mib", "peak extra MiB", ".0f"),
+    ("peak_extra_vs_eager", "x eager", ".3f"), ("reps", "reps", None),
+    ("loss_rel_diff", "loss rel diff", ".1e"), ("status", "status", None),
+)
+
+TARGETS_TABLE = (
+    ("divergence", "div", None), ("dtype", "dtype", None), ("N", "N", None), ("H_s", "H_s", None),
+    ("H_t", "H_t", None), ("V", "V", None), ("impl", "impl", None),
+    ("median_ms", "fwd+bwd ms", ".1f"), ("ratio_to_floor", "x floor", ".2f"),
+    ("time_vs_eager", "time / eager", ".2f"), ("memory_vs_eager", "memory / eager", ".3f"),
+    ("cpu_goal", f"CPU goal (<= {CPU_MEMORY_GOAL:.0%} memory, <= {CPU_TIME_GOAL}x time)", None),
+    ("vs_liger", "speedup vs best Liger", ".2f"), ("vs_compile", "vs torch-compile", ".2f"),
+)
+
+
+def _key(r):
+    return (r["divergence"], r["dtype"], r["N"], r["H_s"], r["H_t"], r["V"])
+
+
+def targets(rows) -> list:
+    done = {(*_key(r), r["impl"]): r for r in rows if r["pass"] == "fwd+bwd" and r["status"] == "ok"}
+    out = []
+    for (*case, impl), r in sorted(done.items(), key=lambda kv: kv[0]):
+        if not impl.startswith("pydistill"):
+            continue
+        eager = done.get((*case, "torch-eager"))
+        time_ratio = r["median_ms"] / eager["median_ms"] if eager else None
+        memory_ratio = r.get("peak_extra_vs_eager")
+        goal = None
+        if time_ratio is not None and memory_ratio is not None:
+            goal = "met" if memory_ratio <= CPU_MEMORY_GOAL and time_ratio <= CPU_TIME_GOAL else "not met"
+        liger = [done[k]["median_ms"] for k in [(*case, "liger-fused-linear-jsd"), (*case, "liger-chunked-jsd")]
+                 if k in done]
+        compiled = done.get((*case, "torch-compile"))
+        out.append({
+            **dict(zip(("divergence", "dtype", "N", "H_s", "H_t", "V"), case)), "impl": impl,
+            "median_ms": r["median_ms"], "ratio_to_floor": r.get("ratio_to_floor"),
+            "time_vs_eager": time_ratio, "memory_vs_eager": memory_ratio, "cpu_goal": goal,
+            "vs_liger": min(liger) / r["median_ms"] if liger else None,
+            "vs_compile": compiled["median_ms"] / r["median_ms"] if compiled else None,
+        })
+    return out
+
+
+def _order(rows):
+    impl_rank = {name: i for i, name in enumerate(IMPL_NAMES)}
+    pass_rank = {p: i for i, p in enumerate(("all",) + PASSES)}
+    return sorted(rows, key=lambda r: (*_key(r), pass_rank[r["pass"]], impl_rank[r["impl"]]))
+
+
+def report(rows, prov: dict, argv) -> str:
+    parts = [
+        "# linear_kd_loss (fused LM-head distillation) benchmark",
+        "",
+        harness.provenance_line(prov),
+        "",
+        f"Command: `python -m bench.bench_linear_kd {' '.join(argv)}`",
+        "",
+        "Floor: FLOPs over the measured matmul rate; fwd 2 N V (H_s + H_t), bwd 4 N V H_s "
+        "(d(hidden), d(weight)), fwd+bwd the sum. `x floor` = measured / floor; `x eager` = peak "
+        "extra memory / torch-eager's in the same pass. pydistill computes its gradients in the "
+        "forward (its bwd is a rescaling): compare fwd+bwd. Student hidden and weight require "
+        "grad; the teacher does not; mean reduction, grad_output 1.",
+        "",
+        harness.markdown_table(_order(rows), TABLE),
+        "",
+        "## Targets (fwd+bwd)",
+        "",
+        "Speedup = peer's time / pydistill's (above 1: pydistill faster).",
+        "",
+        harness.markdown_table(targets(rows), TARGETS_TABLE),
+    ]
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m bench.bench_linear_kd",
+        description="Time linear_kd_loss and its peers (fwd, bwd, fwd+bwd, peak memory).",
+    )
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help="CPU: float32, N {1024,4096}, H 512, V 32000")
+    preset.add_argument("--full", action="store_true", help="GPU: bf16, V 128256, H 4096 (and H_s 2048)")
+    p.add_argument("--n", type=int, nargs="+", help="rows (replaces the preset's sizes)")
+    p.add_argument("--h-s", type=int, help="student hidden size (with --n)")
+    p.add_argument("--h-t", type=int, help="teacher hidden size (with --n)")
+    p.add_argument("--v", type=int, help="vocabulary (with --n)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype (with --n)")
+    p.add_argument("--divergence", nargs="+", default=["kl"], choices=reference.DIVERGENCES)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--impl", nargs="+", choices=IMPL_NAMES, help="only these implementations")
+    add_run_options(p, "linear_kd")
+    return p.parse_args(argv)
+
+
+def cases_from(opts, device) -> list:
+    preset = "full" if opts.full else "quick" if opts.quick else (
+        "full" if device.type == "cuda" else "quick")
+    sizes = PRESETS[preset]
+    if opts.n:
+        d, _, h_s, h_t, v = sizes[-1]
+        sizes = [(DTYPES[opts.dtype] if opts.dtype else d, n, opts.h_s or h_s, opts.h_t or h_t, opts.v or v)
+                 for n in opts.n]
+    return [Case(div, d, n, h_s, h_t, v, opts.temperature, opts.beta)
+            for div in opts.divergence for d, n, h_s, h_t, v in sizes]
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    opts = parse_args(argv)
+    device, prov, out = start_run(opts, "linear_kd")
+    impls = [i for i in IMPLS if not opts.impl or i.name in opts.impl]
+    rows = []
+    for case in cases_from(opts, device):
+        rows.extend(run_case(case, impls, device, opts, prov))
+        # After every size: a run stopped from outside still leaves what it measured.
+        harness.write_csv(rows, out, COLUMNS)
+        text = report(rows, prov, argv)
+        out.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
