@@ -54,6 +54,7 @@ from pydistill.reference.softmax_divergence import (
     chunk_rows,
     compute_dtype,
     divergence_terms,
+    finish_student_chunk,
     kd_loss,
     reduce_rows,
     row_weights,
@@ -411,34 +412,28 @@ def vocab_parallel_chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, 
     torch.distributed.all_reduce(totals, group=group)
 
     rows = torch.zeros(s.shape[0], dtype=dtype, device=s.device)
-    coef = cfg.soft_scale * inv_t
+    coef = cfg.soft_scale * inv_t  # the soft gradient is carried without it
     g_s = None
     if soft:
         rows.add_(totals[:, 0], alpha=cfg.soft_scale)
         if out_s is not None:
-            g_s = qh.sub_(q * totals[:, 1, None]).mul_(coef)
-    if hard:
+            g_s = qh.sub_(q * totals[:, 1, None])
+    hard_term = None
+    if hard:  # -log softmax(z)[y] over the whole vocabulary, and its gradient on this shard
         in_range = (labels >= 0) & (labels < shard.total)
-        rows.add_(torch.where(in_range, totals[:, -1], math.nan), alpha=cfg.hard_weight)
+        ce = torch.where(in_range, totals[:, -1], math.nan)
+        soft1 = None
         if out_s is not None:
             soft1 = log_1.exp().scatter_add_(-1, target, -owned.to(dtype)[:, None])
-            g_s = soft1.mul_(cfg.hard_weight) if g_s is None else g_s.add_(soft1, alpha=cfg.hard_weight)
-    if counted is not None:
-        rows = torch.where(counted, rows, 0.0)
-    weight = row_weights(row_scale, counted)
-    if out_s is not None:
-        if g_s is None:
-            out_s.zero_()
-        else:
-            if cfg.softcap is not None:
-                g_s.mul_(_softcap_slope(z_s, cfg.softcap))
-            torch.mul(g_s, weight, out=out_s)
+        hard_term = (ce, soft1)
+    rows = finish_student_chunk(rows, g_s, coef, z_s, labels, counted, cfg, row_scale, out_s,
+                                hard=hard_term)
     if out_t is not None:
         if need_t:
             g_t = pu.sub_(p.mul_(totals[:, 2, None])).mul_(coef)
             if cfg.softcap is not None:
                 g_t.mul_(_softcap_slope(z_t, cfg.softcap))
-            torch.mul(g_t, weight, out=out_t)
+            torch.mul(g_t, row_weights(row_scale, counted), out=out_t)
         else:  # no divergence term: the teacher does not enter the loss
             out_t.zero_()
     return rows

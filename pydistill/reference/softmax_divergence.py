@@ -347,14 +347,18 @@ def row_weights(row_scale, counted):
     return row_scale
 
 
-def finish_student_chunk(rows, g_s, coef, z_s, labels, counted, cfg: KDConfig, row_scale, out_s):
+def finish_student_chunk(rows, g_s, coef, z_s, labels, counted, cfg: KDConfig, row_scale, out_s,
+                         hard=None):
     """How every chunk function ends, given the per-row losses so far and the student's soft
     gradient ``g_s`` (None if there is none) carried without its factor ``coef``: add the hard
     term (value, and gradient folded into g_s), zero the ignored rows, and write the student
     gradient times row_scale * coef (and the softcap slope at the capped logits ``z_s``) into
-    ``out_s``. Returns the per-row losses."""
+    ``out_s``. Returns the per-row losses. ``hard``: the hard term's (per-row CE, its gradient
+    or None) where the caller computes it (the vocabulary-parallel step of linear_kd, whose
+    logsumexp spans the ranks); by default ``hard_cross_entropy`` of ``z_s``."""
     if cfg.hard_weight != 0.0:
-        ce, soft1 = hard_cross_entropy(z_s, labels, counted, grad=out_s is not None)
+        ce, soft1 = hard if hard is not None else hard_cross_entropy(
+            z_s, labels, counted, grad=out_s is not None)
         rows.add_(ce, alpha=cfg.hard_weight)
         if soft1 is not None:
             if g_s is None:
