@@ -1,0 +1,112 @@
+"""DistillationObjective: weighted sum, per-term logs, EMA rebalancing, validation."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pydistill as pdl
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(6, 11, generator=g, requires_grad=True)
+    t = torch.randn(6, 11, generator=g)
+    y = torch.randint(0, 11, (6,), generator=g)
+    return s, t, y
+
+
+def test_weighted_sum_and_logs():
+    s, t, y = _inputs()
+    obj = pdl.DistillationObjective(
+        {"kd": pdl.KDLoss(temperature=2.0), "ce": F.cross_entropy, "l2": None},
+        weights={"kd": 5.0, "ce": 2.0},
+    )
+    l2 = (s ** 2).mean()
+    total, logs = obj(kd=(s, t), ce={"input": s, "target": y}, l2=l2)
+    kd = pdl.kd_loss(s, t, temperature=2.0)
+    ce = F.cross_entropy(s, y)
+    want = 5.0 * kd + 2.0 * ce + 1.0 * l2
+    torch.testing.assert_close(total, want)
+    assert set(logs) == {"kd", "ce", "l2", "total"}
+    torch.testing.assert_close(logs["kd"], kd.detach())
+    torch.testing.assert_close(logs["ce"], ce.detach())
+    torch.testing.assert_close(logs["total"], want.detach())
+    assert not any(v.requires_grad for v in logs.values())
+    (g,) = torch.autograd.grad(total, s)
+    s2 = s.detach().clone().requires_grad_()
+    (g_want,) = torch.autograd.grad(5.0 * pdl.kd_loss(s2, t, temperature=2.0) + 2.0 * F.cross_entropy(s2, y)
+                                    + (s2 ** 2).mean(), s2)
+    torch.testing.assert_close(g, g_want)
+    assert "kd" in dict(obj.named_children())["terms"]._modules  # modules are submodules
+    assert obj.effective_weights == {"kd": 5.0, "ce": 2.0, "l2": 1.0}
+
+
+def test_ema_rebalancing_gives_target_shares():
+    obj = pdl.DistillationObjective({"a": None, "b": None}, weights={"a": 3.0, "b": 1.0},
+                                    rebalance="ema", momentum=0.5)
+    x = torch.tensor(1.0, requires_grad=True)
+    # first call: magnitudes are the values themselves
+    total, logs = obj(a=10.0 * x, b=0.1 * x)
+    m = torch.tensor([10.0, 0.1])
+    scale = (torch.tensor([3.0, 1.0]) * m).sum()
+    e = torch.tensor([0.75, 0.25]) * scale / m
+    torch.testing.assert_close(total, e[0] * 10.0 + e[1] * 0.1)
+    # each weighted term holds its share of the total
+    torch.testing.assert_close(e * m / (e * m).sum(), torch.tensor([0.75, 0.25]))
+    (g,) = torch.autograd.grad(total, x)  # the weights are constants for autograd
+    torch.testing.assert_close(g, e[0] * 10.0 + e[1] * 0.1)
+    # second call: EMA with momentum 0.5
+    obj(a=torch.tensor(20.0), b=torch.tensor(-0.3))
+    torch.testing.assert_close(obj.magnitudes, torch.tensor([15.0, 0.2]))
+    eff = obj.effective_weights
+    m = torch.tensor([15.0, 0.2])
+    want = torch.tensor([0.75, 0.25]) * (torch.tensor([3.0, 1.0]) * m).sum() / m
+    assert eff["a"] == pytest.approx(float(want[0])) and eff["b"] == pytest.approx(float(want[1]))
+    # eval mode: no update
+    obj.eval()
+    obj(a=torch.tensor(1000.0), b=torch.tensor(1000.0))
+    torch.testing.assert_close(obj.magnitudes, torch.tensor([15.0, 0.2]))
+    state = obj.state_dict()
+    assert "magnitudes" in state and "initialised" in state
+
+
+def test_rebalancing_in_a_training_loop_equalises_terms():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8))
+    obj = pdl.DistillationObjective({"big": None, "small": None}, rebalance="ema", momentum=0.8)
+    opt = torch.optim.SGD([w], lr=1e-3)
+    for _ in range(20):
+        total, logs = obj(big=1000 * (w ** 2).sum(), small=1e-3 * (w - 1).abs().sum())
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    eff = obj.effective_weights
+    m = obj.magnitudes
+    assert float(eff["big"] * m[0]) == pytest.approx(float(eff["small"] * m[1]), rel=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(terms={}), "non-empty"),
+    (dict(terms={"total": None}), "identifiers other than 'total'"),
+    (dict(terms={"a": 3}), "callable"),
+    (dict(terms={"a": None}, weights={"b": 1.0}), "not terms"),
+    (dict(terms={"a": None}, weights={"a": -1.0}), "finite number >= 0"),
+    (dict(terms={"a": None}, rebalance="grad"), "rebalance"),
+    (dict(terms={"a": None}, rebalance="ema", momentum=1.0), "momentum"),
+    (dict(terms={"a": None}, weights={"a": 0.0}, rebalance="ema"), "positive weight"),
+])
+def test_bad_construction(kwargs, match):
+    terms = kwargs.pop("terms")
+    with pytest.raises((ValueError, TypeError), match=match):
+        pdl.DistillationObjective(terms, **kwargs)
+
+
+def test_bad_call():
+    obj = pdl.DistillationObjective({"a": lambda x: x.sum(), "b": None})
+    with pytest.raises(ValueError, match="missing \\['b'\\]"):
+        obj(a=(torch.ones(2),))
+    with pytest.raises(ValueError, match="unknown \\['c'\\]"):
+        obj(a=(torch.ones(2),), b=torch.tensor(1.0), c=torch.tensor(1.0))
+    with pytest.raises(TypeError, match="no callable"):
+        obj(a=(torch.ones(2),), b=(torch.ones(2),))
+    with pytest.raises(ValueError, match="scalar"):
+        obj(a=(torch.ones(2),), b=torch.ones(3))
