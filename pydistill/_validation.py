@@ -201,3 +201,44 @@ def process_group(name: str, group):
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"{name}: expected a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     return group
+
+
+def feature_maps(student_name: str, student, teacher_name: str, teacher):
+    """Feature maps (B, C_s, *spatial) and (B, C_t, *spatial): at least 3 dims, C >= 1, the
+    same batch and spatial dims (channels may differ), one device."""
+    tensor(student_name, student)
+    tensor(teacher_name, teacher)
+    for name, x in ((student_name, student), (teacher_name, teacher)):
+        if x.dim() < 3:
+            raise ValueError(f"{name}: expected shape (B, C, *spatial) with at least 3 dims, "
+                             f"got {tuple(x.shape)}")
+        if x.shape[1] == 0:
+            raise ValueError(f"{name}: expected C >= 1 channels (dim 1), got shape {tuple(x.shape)}")
+    if teacher.dim() != student.dim() or teacher.shape[0] != student.shape[0] or (
+            teacher.shape[2:] != student.shape[2:]):
+        want = (student.shape[0], "C") + tuple(student.shape[2:])
+        raise ValueError(f"{teacher_name}: expected shape {want} (the batch and spatial dims of "
+                         f"{student_name}, shape {tuple(student.shape)}), got {tuple(teacher.shape)}")
+    same_device(teacher_name, teacher, student_name, student)
+
+
+def embeddings(student_name: str, student, teacher_name: str, teacher, *, min_batch: int):
+    """Embeddings (B, ...) of at least 2 dims, the same B >= min_batch, at least one feature
+    per sample (the feature shapes may differ), one device."""
+    tensor(student_name, student)
+    tensor(teacher_name, teacher)
+    for name, x in ((student_name, student), (teacher_name, teacher)):
+        if x.dim() < 2:
+            raise ValueError(f"{name}: expected shape (B, D) or (B, ...) with at least 2 dims, "
+                             f"got {tuple(x.shape)}")
+    if teacher.shape[0] != student.shape[0]:
+        raise ValueError(f"{teacher_name}: expected batch size {student.shape[0]} (that of "
+                         f"{student_name}), got shape {tuple(teacher.shape)}")
+    if student.shape[0] < min_batch:
+        raise ValueError(f"{student_name}: expected a batch of B >= {min_batch} samples, got shape "
+                         f"{tuple(student.shape)}")
+    for name, x in ((student_name, student), (teacher_name, teacher)):
+        if math.prod(x.shape[1:]) == 0:
+            raise ValueError(f"{name}: expected at least one feature per sample, got shape "
+                             f"{tuple(x.shape)}")
+    same_device(teacher_name, teacher, student_name, student)

@@ -11,8 +11,11 @@ from pydistill import _validation as check
 from pydistill.reference.linear_kd import ChunkPlan
 from pydistill.reference.softmax_divergence import DIVERGENCES, REDUCTIONS, KDConfig
 from pydistill.reference.topk_divergence import TAILS, TopKConfig, refuse_teacher_grad
+from pydistill.reference import representation
+from pydistill.reference.representation import AT_MODES
 
-__all__ = ["kd_loss", "linear_kd_loss", "topk_kd_loss"]
+__all__ = ["kd_loss", "linear_kd_loss", "topk_kd_loss", "attention_transfer_loss", "hint_loss",
+           "rkd_loss"]
 
 
 def kd_config(*, divergence="kl", temperature=1.0, beta=0.5, ignore_index=-100,
@@ -421,3 +424,168 @@ def _check_topk_teacher(teacher_topk, student_hidden, vocab: int, process_group)
     if process_group is not None:
         raise ValueError("process_group: not supported with teacher_topk (the top-k ids index the "
                          "whole vocabulary)")
+
+
+# ---------------------------------------------------------------------------------------------
+# representation distillation: attention transfer, FitNets hints, relational KD
+# (one PyTorch implementation on every device, pydistill/reference/representation.py: a few
+# GEMMs and elementwise ops, so these take no ``backend=``)
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_transfer_loss(student_features, teacher_features, *, p: float = 2,
+                            mode: str = "code") -> torch.Tensor:
+    r"""Attention transfer (Zagoruyko & Komodakis, ICLR 2017) between CNN feature maps.
+
+    Per sample b, the attention map of features x (B, C, *spatial) is the channel mean of
+    |x|^p over the flattened positions, L2-normalised (``F.normalize``, eps 1e-12)::
+
+        at(x)_b = normalize(mean_c |x_{b,c,:}|^p)
+        mode="code":   mean over (b, position) of (at(s) - at(t))^2
+        mode="paper":  mean over b of || at(s)_b - at(t)_b ||_2     (the norm, not squared)
+
+    Conventions. Both modes are torchdistill's ``ATLoss`` modes, value and gradient (to
+    float64 rounding): ``"code"`` is the authors' ``utils.at_loss``, ``"paper"`` Eq. (2) of
+    the paper. The paper weights the sum over layers by beta / 2 (beta = 1000), which
+    torchdistill's modes and this function leave to the caller (multiply the result).
+    torchdistill's ``"paper"`` map sums over channels where ``"code"`` averages: identical
+    after the normalisation, so both modes average here. Its maps are always x^2; ``p`` is
+    the paper's F^p_sum exponent (p = 2 computes x^2, other p |x|^p, whose gradient at x = 0
+    is NaN for p < 1).
+
+    Args:
+        student_features: (B, C_s, *spatial) floating tensor (at least 3 dims), or a list /
+            tuple of them, one per layer.
+        teacher_features: (B, C_t, *spatial) with the student's batch and spatial dims
+            (channels may differ), or a list / tuple of the same length. With lists the loss
+            is the sum of the per-layer losses (torchdistill's ``at_pairs`` with weight 1;
+            each layer's mean is over its own batch, which is what torchdistill computes when
+            every layer has the same B). Its gradient is computed if it requires grad.
+        p: exponent > 0 of the attention map (default 2).
+        mode: ``"code"`` (default) or ``"paper"``.
+
+    Returns:
+        A 0-dim float32 tensor (float64 if an input is float64); half inputs are computed in
+        float32. An empty batch (B = 0) gives 0 with a zero gradient; NaN propagates.
+    """
+    p = check.real("p", p, low=0.0, low_open=True)
+    mode = check.choice("mode", mode, AT_MODES)
+    if isinstance(student_features, (list, tuple)) or isinstance(teacher_features, (list, tuple)):
+        for name, x in (("student_features", student_features), ("teacher_features", teacher_features)):
+            if not isinstance(x, (list, tuple)):
+                raise TypeError(f"{name}: expected a list / tuple of tensors like the other "
+                                f"features argument, got {type(x).__name__}")
+        if len(student_features) == 0 or len(teacher_features) != len(student_features):
+            raise ValueError(f"teacher_features: expected {len(student_features)} feature maps "
+                             f"(one per entry of student_features, at least one), got "
+                             f"{len(teacher_features)}")
+        for i, (s, t) in enumerate(zip(student_features, teacher_features)):
+            check.feature_maps(f"student_features[{i}]", s, f"teacher_features[{i}]", t)
+            check.same_device(f"student_features[{i}]", s, "student_features[0]", student_features[0])
+    else:
+        check.feature_maps("student_features", student_features, "teacher_features", teacher_features)
+    return representation.attention_transfer_loss(student_features, teacher_features, p, mode)
+
+
+def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
+              regressor=None) -> torch.Tensor:
+    r"""FitNets hint loss (Romero et al., ICLR 2015): the mean squared error between the
+    (regressed) student features and the teacher's::
+
+        loss = mean over all elements of (regressor(s) - t)^2       (regressor None: s)
+
+    Conventions. The mean over elements is torchdistill's FitNets (``nn.MSELoss`` between its
+    regressor's output and the teacher's hint layer); the paper writes 1/2 ||t - r(s)||^2
+    summed, i.e. (number of elements) / 2 times this.
+
+    The regressor. A function cannot own trainable parameters across calls, so this one only
+    applies what it is given: ``regressor`` is any callable (usually an ``nn.Module`` that the
+    optimiser already holds). For a built-in one use the Module :class:`pydistill.HintLoss`
+    ``(student_channels, teacher_channels)``, which owns a 1x1 convolution for (B, C, H, W)
+    features and a linear map over the last dim otherwise
+    (:class:`pydistill.modules.HintRegressor`, also usable on its own here).
+
+    Args:
+        student_features: floating tensor, any shape.
+        teacher_features: floating tensor of the shape of ``regressor(student_features)``
+            (of ``student_features`` when ``regressor`` is None). Its gradient is computed if
+            it requires grad.
+        regressor: None or a callable mapping the student features to a tensor of the
+            teacher's shape.
+
+    Returns:
+        A 0-dim float32 tensor (float64 if an input is float64). No elements (e.g. B = 0):
+        0 with a zero gradient. NaN propagates.
+    """
+    check.tensor("student_features", student_features)
+    check.tensor("teacher_features", teacher_features)
+    check.same_device("teacher_features", teacher_features, "student_features", student_features)
+    if regressor is not None and not callable(regressor):
+        raise TypeError(f"regressor: expected None or a callable (e.g. an nn.Module), got "
+                        f"{type(regressor).__name__}")
+    if regressor is None:
+        if teacher_features.shape != student_features.shape:
+            raise ValueError(
+                f"teacher_features: expected shape {tuple(student_features.shape)} (that of "
+                f"student_features; pass regressor= to map the student features to the teacher's "
+                f"shape, or use pydistill.HintLoss(student_channels, teacher_channels), which owns "
+                f"one), got {tuple(teacher_features.shape)}")
+        return representation.hint_loss(student_features, teacher_features)
+    regressed = regressor(student_features)
+    check.tensor("regressor(student_features)", regressed)
+    if regressed.shape != teacher_features.shape:
+        raise ValueError(f"teacher_features: expected shape {tuple(regressed.shape)} (that of "
+                         f"regressor(student_features)), got {tuple(teacher_features.shape)}")
+    check.same_device("regressor(student_features)", regressed, "teacher_features", teacher_features)
+    return representation.hint_loss(regressed, teacher_features)
+
+
+def rkd_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor, *,
+             distance_weight: float = 1.0, angle_weight: float = 2.0) -> torch.Tensor:
+    r"""Relational knowledge distillation (Park et al., CVPR 2019): distance and angle terms.
+
+    Embeddings are flattened to (B, D) (student and teacher D may differ)::
+
+        d_ij  = ||x_i - x_j||, 0 on the diagonal;     psi_D = d / (mean of d_ij over i != j)
+        e_ab  = (x_b - x_a) / ||x_b - x_a|| (0 if x_b = x_a);   psi_A(a, b, c) = <e_ab, e_ac>
+        loss  = distance_weight * mean_{B^2 pairs} smooth_l1(psi_D(s) - psi_D(t))
+              + angle_weight * mean_{B^3 triplets} smooth_l1(psi_A(s) - psi_A(t))
+
+    smooth_l1 has beta = 1. Triplets with b = a or c = a (degenerate) are 0 in both models.
+
+    Conventions. torchdistill's ``RKDLoss(dist_factor=1, angle_factor=2, reduction="mean")``
+    and the authors' code, value and gradient (to float64 rounding on distinct embeddings):
+    the means are over all B^2 pairs (diagonal included) and all B^3 triplets; distances are
+    sqrt(max(squared distance, 1e-12)), so the "mean of the positive distances" is the mean
+    over the B (B - 1) off-diagonal pairs; the weights 1 and 2 are the paper's and
+    torchdistill's defaults. Two differences: torchdistill computes the teacher's relations
+    under ``no_grad``, while here a teacher that requires grad gets its gradient (detach it to
+    match); and pairs closer than the precision allows (about 2e-3 of the centred embedding
+    norm in float32, 5e-8 in float64) count as coincident, direction 0 with no gradient, where
+    torchdistill takes their rounded direction (and for exact duplicates a gradient scaled by
+    1e12 through ``F.normalize``'s eps).
+
+    Memory. The angle term is computed from the squared-distance matrix (Gram form, no
+    (B, B, D) difference tensor; no (B, B, B) angle tensor either: the triplets are produced
+    in blocks of anchors, in the forward and again in the backward), so the extra memory is
+    O(B^2) and the work O(B^2 D + B^3), against torchdistill's O(B^2 D + B^3) memory and
+    O(B^3 D) batched matmul. Not twice differentiable.
+
+    Args:
+        student_embeddings: (B, ...) floating tensor, at least 2 dims, B >= 2 (relations need
+            two samples; a smaller batch raises).
+        teacher_embeddings: (B, ...) with the same B; its gradient is computed if it requires
+            grad.
+        distance_weight, angle_weight: finite weights >= 0 (1 and 2); a term whose weight is 0
+            is not computed (then a NaN in it cannot reach the loss).
+
+    Returns:
+        A 0-dim float32 tensor (float64 if an input is float64); half inputs are computed in
+        float32. NaN anywhere in an input makes the loss NaN.
+    """
+    distance_weight = check.real("distance_weight", distance_weight, low=0.0)
+    angle_weight = check.real("angle_weight", angle_weight, low=0.0)
+    check.embeddings("student_embeddings", student_embeddings, "teacher_embeddings",
+                     teacher_embeddings, min_batch=2)
+    return representation.rkd_loss(student_embeddings, teacher_embeddings, distance_weight,
+                                   angle_weight)

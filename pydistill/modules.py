@@ -9,8 +9,10 @@ from torch import nn
 from pydistill import _validation as check
 from pydistill import functional as F
 from pydistill.reference.topk_divergence import TAILS
+from pydistill.reference.representation import AT_MODES
 
-__all__ = ["KDLoss", "LinearKDLoss", "TopKKDLoss"]
+__all__ = ["KDLoss", "LinearKDLoss", "TopKKDLoss", "AttentionTransferLoss", "HintLoss", "HintRegressor",
+           "RKDLoss"]
 
 
 class KDLoss(nn.Module):
@@ -122,3 +124,95 @@ class LinearKDLoss(KDLoss):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size!r}"
+
+
+class AttentionTransferLoss(nn.Module):
+    """Module form of :func:`pydistill.attention_transfer_loss` (attention transfer between CNN
+    feature maps); ``p`` and ``mode`` are validated at construction.
+    ``forward(student_features, teacher_features)``: tensors, or lists of them (one per layer,
+    summed)."""
+
+    def __init__(self, *, p: float = 2, mode: str = "code"):
+        super().__init__()
+        self.p = check.real("p", p, low=0.0, low_open=True)
+        self.mode = check.choice("mode", mode, AT_MODES)
+
+    def forward(self, student_features, teacher_features) -> torch.Tensor:
+        return F.attention_transfer_loss(student_features, teacher_features, p=self.p, mode=self.mode)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, mode={self.mode!r}"
+
+
+class HintRegressor(nn.Linear):
+    """FitNets' regressor from student to teacher channels, as one (teacher_channels,
+    student_channels) weight (and bias): a 1x1 convolution over dim 1 for 4-dim (B, C, H, W)
+    features, a linear map over the last dim for any other shape (B, ..., D). Initialised as
+    ``nn.Linear`` (the same as a 1x1 ``nn.Conv2d``). Pass your own module to
+    :func:`pydistill.hint_loss` / :class:`HintLoss` for other layouts (e.g. (B, C, L) maps) or
+    a deeper regressor (FitNets used a convolution; torchdistill a 1x1 conv + BatchNorm)."""
+
+    def __init__(self, student_channels: int, teacher_channels: int, *, bias: bool = True):
+        for name, value in (("student_channels", student_channels), ("teacher_channels", teacher_channels)):
+            if check.integer(name, value) < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value}")
+        super().__init__(student_channels, teacher_channels, bias=bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        dim = 1 if features.dim() == 4 else -1
+        if features.dim() < 1 or features.shape[dim] != self.in_features:
+            raise ValueError(
+                f"student_features: expected {self.in_features} channels in dim {dim} "
+                f"(student_channels of the regressor; dim 1 for (B, C, H, W) maps, else the last), "
+                f"got shape {tuple(features.shape)}")
+        if dim == 1:
+            return torch.nn.functional.conv2d(features, self.weight[:, :, None, None], self.bias)
+        return torch.nn.functional.linear(features, self.weight, self.bias)
+
+
+class HintLoss(nn.Module):
+    """Module form of :func:`pydistill.hint_loss` (FitNets), owning the regressor.
+
+    ``HintLoss()``: no regressor (student and teacher features of one shape).
+    ``HintLoss(student_channels, teacher_channels)``: a trainable :class:`HintRegressor`
+    (1x1 conv for (B, C, H, W), linear over the last dim otherwise), registered as the
+    submodule ``regressor`` so that ``loss_fn.parameters()`` yields it: give them to the
+    optimiser with the student's. ``HintLoss(regressor=module)``: your own regressor, owned
+    the same way. ``forward(student_features, teacher_features)``.
+    """
+
+    def __init__(self, student_channels: Optional[int] = None, teacher_channels: Optional[int] = None,
+                 *, regressor: Optional[nn.Module] = None, bias: bool = True):
+        super().__init__()
+        if (student_channels is None) != (teacher_channels is None):
+            missing = "teacher_channels" if teacher_channels is None else "student_channels"
+            raise ValueError(f"{missing}: required with the other channel count (both or neither), got None")
+        if regressor is not None and student_channels is not None:
+            raise ValueError("regressor: expected either a regressor or (student_channels, "
+                             "teacher_channels) for the built-in one, got both")
+        if regressor is not None and not callable(regressor):
+            raise TypeError(f"regressor: expected a callable (an nn.Module to be trained), got "
+                            f"{type(regressor).__name__}")
+        if student_channels is not None:
+            regressor = HintRegressor(student_channels, teacher_channels, bias=bias)
+        self.regressor = regressor
+
+    def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+        return F.hint_loss(student_features, teacher_features, regressor=self.regressor)
+
+
+class RKDLoss(nn.Module):
+    """Module form of :func:`pydistill.rkd_loss` (relational KD, distance + angle); the weights
+    are validated at construction. ``forward(student_embeddings, teacher_embeddings)``."""
+
+    def __init__(self, *, distance_weight: float = 1.0, angle_weight: float = 2.0):
+        super().__init__()
+        self.distance_weight = check.real("distance_weight", distance_weight, low=0.0)
+        self.angle_weight = check.real("angle_weight", angle_weight, low=0.0)
+
+    def forward(self, student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor) -> torch.Tensor:
+        return F.rkd_loss(student_embeddings, teacher_embeddings,
+                          distance_weight=self.distance_weight, angle_weight=self.angle_weight)
+
+    def extra_repr(self) -> str:
+        return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}"
