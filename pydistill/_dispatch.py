@@ -60,6 +60,18 @@ TABLE = {
             _HALF_AND_SINGLE + (torch.float64,),
         ),
     },
+    # loss="kl". Triton: one streaming kernel per direction, score tiles in registers and
+    # shared memory (the torch backend writes and re-reads float32 (block, L) slabs of both
+    # maps ~8 times). loss="mse_scores" runs the same closed form (a few (d_s + d_t)-wide
+    # GEMMs, pydistill.reference.attention_kd.mse_score_rows) whichever backend is chosen.
+    # By construction, not yet measured on a GPU.
+    "attention_kd_loss": {
+        "triton": Impl("pydistill.ops.attention_kd:TritonAttentionKL", _HALF_AND_SINGLE),
+        "torch": Impl(
+            "pydistill.reference.attention_kd:ChunkedAttentionKL",
+            _HALF_AND_SINGLE + (torch.float64,),
+        ),
+    },
 }
 
 

@@ -242,3 +242,59 @@ def embeddings(student_name: str, student, teacher_name: str, teacher, *, min_ba
             raise ValueError(f"{name}: expected at least one feature per sample, got shape "
                              f"{tuple(x.shape)}")
     same_device(teacher_name, teacher, student_name, student)
+
+
+def attention_inputs(names, student_q, student_k, teacher_q, teacher_k):
+    """Queries and keys of both models, each (B, H, L, d) on one device: one B and L for all,
+    the same number of query heads H in both models, key heads dividing them (grouped-query
+    attention), each model's keys of its queries' head dim d >= 1 and dtype."""
+    sq_name, sk_name, tq_name, tk_name = names
+    for name, x in zip(names, (student_q, student_k, teacher_q, teacher_k)):
+        tensor(name, x)
+        if x.dim() != 4:
+            raise ValueError(f"{name}: expected shape (B, H, L, d), got {tuple(x.shape)}")
+    batch, heads, length = student_q.shape[:3]
+    if teacher_q.shape[0] != batch or teacher_q.shape[2] != length:
+        raise ValueError(f"{tq_name}: expected shape ({batch}, H, {length}, d) (B and L of {sq_name}, "
+                         f"shape {tuple(student_q.shape)}), got {tuple(teacher_q.shape)}")
+    if teacher_q.shape[1] != heads:
+        raise ValueError(f"{tq_name}: expected {heads} heads (those of {sq_name}: the maps are compared "
+                         f"head by head), got {teacher_q.shape[1]}; relation_kd_loss compares models "
+                         "with different head counts")
+    for q_name, q, k_name, k in ((sq_name, student_q, sk_name, student_k), (tq_name, teacher_q, tk_name, teacher_k)):
+        if q.shape[3] == 0:
+            raise ValueError(f"{q_name}: expected a head dim d >= 1, got shape {tuple(q.shape)}")
+        if k.shape[0] != batch or k.shape[2] != length or k.shape[3] != q.shape[3]:
+            raise ValueError(f"{k_name}: expected shape ({batch}, H_k, {length}, {q.shape[3]}) (B, L and d "
+                             f"of {q_name}, shape {tuple(q.shape)}), got {tuple(k.shape)}")
+        if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+            raise ValueError(f"{k_name}: expected a number of heads dividing {q.shape[1]} (the heads of "
+                             f"{q_name}; grouped-query attention), got {k.shape[1]}")
+        if k.dtype != q.dtype:
+            raise TypeError(f"{k_name}: expected dtype {q.dtype} (that of {q_name}), got {k.dtype}")
+    for name, x in ((sk_name, student_k), (tq_name, teacher_q), (tk_name, teacher_k)):
+        same_device(name, x, sq_name, student_q)
+
+
+def attention_mask(name: str, mask, batch: int, length: int, ref_name: str, ref: torch.Tensor):
+    """None, or a (B, L) bool / integer key-padding mask, 1 (True) = attend, 0 = padding
+    (Hugging Face's ``attention_mask``). Float masks are refused: an additive mask (0 = attend,
+    a large negative number = padding) would be read the other way round. Values in {0, 1}
+    are checked for CPU tensors only (a GPU check would synchronise)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(f"{name}: expected a bool or integer tensor of 0 / 1 (1 = attend, as Hugging "
+                        f"Face's attention_mask), got {mask.dtype}; an additive float mask must be "
+                        "converted first (e.g. mask == 0)")
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"{name}: expected shape ({batch}, {length}) (B and L of {ref_name}), got "
+                         f"{tuple(mask.shape)}")
+    same_device(name, mask, ref_name, ref)
+    if mask.device.type == "cpu" and mask.dtype != torch.bool and mask.numel() > 0:
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            raise ValueError(f"{name}: expected values 0 or 1, got {int(mask[bad][0])}")
+    return mask

@@ -8,6 +8,9 @@ import torch
 
 from pydistill import _dispatch
 from pydistill import _validation as check
+from pydistill.reference.attention_kd import (
+    ATTENTION_LOSSES, ATTENTION_REDUCTIONS, AttentionKDConfig, mse_scores_loss, with_scales,
+)
 from pydistill.reference.linear_kd import ChunkPlan
 from pydistill.reference.softmax_divergence import DIVERGENCES, REDUCTIONS, KDConfig
 from pydistill.reference.topk_divergence import TAILS, TopKConfig, refuse_teacher_grad
@@ -15,7 +18,7 @@ from pydistill.reference import representation
 from pydistill.reference.representation import AT_MODES
 
 __all__ = ["kd_loss", "linear_kd_loss", "topk_kd_loss", "attention_transfer_loss", "hint_loss",
-           "rkd_loss"]
+           "rkd_loss", "attention_kd_loss", "relation_kd_loss"]
 
 
 def kd_config(*, divergence="kl", temperature=1.0, beta=0.5, ignore_index=-100,
@@ -424,6 +427,192 @@ def _check_topk_teacher(teacher_topk, student_hidden, vocab: int, process_group)
     if process_group is not None:
         raise ValueError("process_group: not supported with teacher_topk (the top-k ids index the "
                          "whole vocabulary)")
+
+
+# ---------------------------------------------------------------------------------------------
+# attention-map distillation: MiniLM attention transfer, MiniLMv2 relations, TinyBERT scores
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_config(*, loss="kl", causal=False, student_scale=None, teacher_scale=None,
+                     reduction="mean") -> AttentionKDConfig:
+    """Validate the hyper-parameters of ``attention_kd_loss``; a scale left None stays None
+    until the head dims are known (``with_scales``)."""
+    return AttentionKDConfig(
+        loss=check.choice("loss", loss, ATTENTION_LOSSES),
+        causal=check.boolean("causal", causal),
+        student_scale=None if student_scale is None else check.real(
+            "student_scale", student_scale, low=0.0, low_open=True),
+        teacher_scale=None if teacher_scale is None else check.real(
+            "teacher_scale", teacher_scale, low=0.0, low_open=True),
+        reduction=check.choice("reduction", reduction, ATTENTION_REDUCTIONS),
+    )
+
+
+def attention_kd_loss(
+    student_q: torch.Tensor,
+    student_k: torch.Tensor,
+    teacher_q: torch.Tensor,
+    teacher_k: torch.Tensor,
+    *,
+    loss: str = "kl",
+    attention_mask: Optional[torch.Tensor] = None,
+    causal: bool = False,
+    student_scale: Optional[float] = None,
+    teacher_scale: Optional[float] = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Attention-map distillation from queries and keys, without forming the L x L maps.
+
+    Per batch b, query head h, query row i and key j (key head h // (H / H_k) of each model:
+    grouped-query attention)::
+
+        s_ij = student_scale <Q_s,i, K_s,j>      t_ij = teacher_scale <Q_t,i, K_t,j>
+        allowed(i, j) = attention_mask[b, j] == 1  and  (j <= i if causal)
+
+    ``loss``:
+
+    ================  =========================================================================
+    ``kl``            MiniLM's attention transfer: p_i = softmax over the allowed j of t_i,
+                      q_i the same of s_i, row_i = KL(p_i || q_i). Only valid query rows
+                      (attention_mask[b, i] == 1) count; ``mean`` divides the sum by
+                      H * (number of valid (b, i)), i.e. the mean over heads and valid rows
+                      (0 when no row is valid). A valid row always attends at least itself,
+                      so no counted row is empty, with ``causal`` and a mask together too; a
+                      padded row is 0 whether or not it has keys.
+    ``mse_scores``    TinyBERT: row_i = sum_j (s_ij - t_ij)^2 over the allowed j (disallowed
+                      entries are 0 in both maps), every query row counted, padded ones
+                      included (TinyBERT's own code; TextBrewer's ``att_mse`` also drops padded
+                      rows); ``mean`` divides by B H L L. Computed from (d_s + d_t)-sized Gram
+                      matrices (sum_ij (a_ij - b_ij)^2 as traces of d x d products), O(L d^2)
+                      work; its float32 error is relative to sum (|s| + |t|)^2, not to the loss.
+    ================  =========================================================================
+
+    Args:
+        student_q: (B, H, L, d_s) float16 / bfloat16 / float32 (float64: torch backend).
+        student_k: (B, H_k, L, d_s), H_k dividing H; the student's dtype.
+        teacher_q: (B, H, L, d_t): the same B, L and H; d_t may differ from d_s.
+        teacher_k: (B, H_kt, L, d_t), H_kt dividing H. The teacher may have another dtype
+            than the student. It is a constant for ``kl`` on the Triton backend (a teacher
+            that requires grad is an error there); the torch backend and ``mse_scores``
+            differentiate it.
+        loss: ``"kl"`` (default) or ``"mse_scores"``, see the table.
+        attention_mask: (B, L) bool or integer, 1 = attend / a real token, 0 = padding
+            (Hugging Face's ``attention_mask``; float masks are refused, an additive one would
+            read inverted). Applies to keys (both losses) and to query rows (``kl``).
+            Positions it masks are never read for ``kl`` (they may hold anything, NaN
+            included); for ``mse_scores`` their queries count, their keys are not read.
+        causal: also mask the keys j > i.
+        student_scale, teacher_scale: score scales > 0; default 1 / sqrt(d) of each model.
+        reduction: ``"mean"`` (see the table), ``"sum"``, or ``"none"``: the (B, H, L) rows
+            row_i (0 on padded rows for ``kl``), whose sum is the ``sum`` reduction.
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"``; ``PYDISTILL_BACKEND`` replaces
+            ``auto``. ``mse_scores`` runs the same GEMM closed form on every backend. The
+            Triton kernels take head dims up to 256.
+
+    Returns:
+        The loss, float32 (float64 for float64 inputs); gradients in the inputs' dtypes. An
+        empty batch gives 0 with zero gradients; NaN in a counted position propagates. With
+        ``kl`` on the Triton backend the gradient of student_q is summed with float32
+        atomics (not bitwise reproducible from run to run).
+    """
+    cfg = attention_config(loss=loss, causal=causal, student_scale=student_scale,
+                           teacher_scale=teacher_scale, reduction=reduction)
+    check.attention_inputs(("student_q", "student_k", "teacher_q", "teacher_k"),
+                           student_q, student_k, teacher_q, teacher_k)
+    attention_mask = check.attention_mask("attention_mask", attention_mask, student_q.shape[0],
+                                          student_q.shape[2], "student_q", student_q)
+    cfg = with_scales(cfg, student_q.shape[-1], teacher_q.shape[-1])
+    backend = _dispatch.resolve("attention_kd_loss", backend, student_q.device,
+                                (student_q.dtype, teacher_q.dtype))
+    if cfg.loss == "mse_scores":
+        return mse_scores_loss(student_q, student_k, teacher_q, teacher_k, attention_mask, cfg)
+    if backend == "triton":
+        from pydistill.ops.attention_kd import MAX_HEAD_DIM, refuse_teacher_grad
+
+        for name, x in (("student_q", student_q), ("teacher_q", teacher_q)):
+            if x.shape[-1] > MAX_HEAD_DIM:
+                raise ValueError(f"{name}: backend='triton' takes head dims up to {MAX_HEAD_DIM}, "
+                                 f"got {x.shape[-1]}; use backend='torch'")
+        if (teacher_q.requires_grad or teacher_k.requires_grad) and torch.is_grad_enabled():
+            refuse_teacher_grad(backend)
+    fn = _dispatch.implementation("attention_kd_loss", backend)
+    return fn.apply(student_q, student_k, teacher_q, teacher_k, attention_mask, cfg)
+
+
+def relation_kd_loss(
+    student_x,
+    teacher_x,
+    *,
+    num_relation_heads: int,
+    attention_mask: Optional[torch.Tensor] = None,
+    causal: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""MiniLMv2's multi-head self-attention relation distillation.
+
+    Each model's concatenated-head projection x (B, L, W) (e.g. its queries, all heads side by
+    side) is re-split into R = ``num_relation_heads`` relation heads of width d_r = W / R (the
+    widths, hence d_r, may differ between the models; R is shared), and per relation head::
+
+        relation = softmax_j(<x_i, x_j> / sqrt(d_r))          (the self-attention relation)
+        loss     = KL(teacher relation || student relation)
+
+    i.e. ``attention_kd_loss(x_s, x_s, x_t, x_t, loss="kl")`` on the re-split inputs, with its
+    conventions (mask, causal, ``mean`` over relation heads and valid rows). Given tuples
+    (e.g. (Q, K, V) of both models) the relations are formed per pair (Q-Q, K-K, V-V) and their
+    losses summed, as in the MiniLMv2 paper (all relation weights 1).
+
+    Args:
+        student_x: (B, L, W_s) float tensor, or a tuple / list of them.
+        teacher_x: (B, L, W_t), or a tuple / list of the same length as ``student_x``.
+        num_relation_heads: R >= 1, dividing every W.
+        attention_mask, causal, reduction, backend: as in :func:`attention_kd_loss`
+            (``reduction="none"``: (B, R, L), summed over the relations).
+
+    Returns:
+        The loss, float32 (float64 for float64 inputs).
+    """
+    heads = check.integer("num_relation_heads", num_relation_heads)
+    if heads < 1:
+        raise ValueError(f"num_relation_heads: expected an int >= 1, got {heads}")
+    pairs = _relation_pairs(student_x, teacher_x)
+    total = None
+    for k, (xs, xt) in enumerate(pairs):
+        tag = f"[{k}]" if isinstance(student_x, (tuple, list)) else ""
+        split = []
+        for name, x in ((f"student_x{tag}", xs), (f"teacher_x{tag}", xt)):
+            check.tensor(name, x)
+            if x.dim() != 3:
+                raise ValueError(f"{name}: expected shape (B, L, W), got {tuple(x.shape)}")
+            if x.shape[-1] % heads != 0:
+                raise ValueError(f"{name}: expected a width W divisible by num_relation_heads = "
+                                 f"{heads}, got W = {x.shape[-1]}")
+            split.append(x.unflatten(-1, (heads, x.shape[-1] // heads)).transpose(1, 2))
+        if xt.shape[:2] != xs.shape[:2]:
+            raise ValueError(f"teacher_x{tag}: expected shape ({xs.shape[0]}, {xs.shape[1]}, W) (B and L "
+                             f"of student_x{tag}), got {tuple(xt.shape)}")
+        (s, t) = split
+        term = attention_kd_loss(s, s, t, t, loss="kl", attention_mask=attention_mask,
+                                 causal=causal, reduction=reduction, backend=backend)
+        total = term if total is None else total + term
+    return total
+
+
+def _relation_pairs(student_x, teacher_x):
+    """[(student, teacher), ...] from two tensors or two sequences of equal length >= 1."""
+    seqs = [isinstance(x, (tuple, list)) for x in (student_x, teacher_x)]
+    if seqs[0] != seqs[1]:
+        raise TypeError("teacher_x: expected the same kind as student_x (a tensor, or a tuple / list "
+                        f"of tensors), got {type(teacher_x).__name__} for {type(student_x).__name__}")
+    if not seqs[0]:
+        return [(student_x, teacher_x)]
+    if len(student_x) == 0 or len(teacher_x) != len(student_x):
+        raise ValueError(f"teacher_x: expected {len(student_x)} tensors (as many as student_x, at least "
+                         f"one), got {len(teacher_x)}")
+    return list(zip(student_x, teacher_x))
 
 
 # ---------------------------------------------------------------------------------------------

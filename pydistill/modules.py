@@ -12,7 +12,7 @@ from pydistill.reference.topk_divergence import TAILS
 from pydistill.reference.representation import AT_MODES
 
 __all__ = ["KDLoss", "LinearKDLoss", "TopKKDLoss", "AttentionTransferLoss", "HintLoss", "HintRegressor",
-           "RKDLoss"]
+           "RKDLoss", "AttentionKDLoss", "RelationKDLoss"]
 
 
 class KDLoss(nn.Module):
@@ -124,6 +124,64 @@ class LinearKDLoss(KDLoss):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size!r}"
+
+
+class AttentionKDLoss(nn.Module):
+    """Module form of :func:`pydistill.attention_kd_loss` (attention maps from queries and
+    keys: MiniLM's ``kl``, TinyBERT's ``mse_scores``); the hyper-parameters are validated at
+    construction. ``forward(student_q, student_k, teacher_q, teacher_k, attention_mask=None)``."""
+
+    def __init__(self, *, loss: str = "kl", causal: bool = False,
+                 student_scale: Optional[float] = None, teacher_scale: Optional[float] = None,
+                 reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.cfg = F.attention_config(loss=loss, causal=causal, student_scale=student_scale,
+                                      teacher_scale=teacher_scale, reduction=reduction)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+        self.backend = backend
+
+    def forward(self, student_q: torch.Tensor, student_k: torch.Tensor, teacher_q: torch.Tensor,
+                teacher_k: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        c = self.cfg
+        return F.attention_kd_loss(
+            student_q, student_k, teacher_q, teacher_k, loss=c.loss, attention_mask=attention_mask,
+            causal=c.causal, student_scale=c.student_scale, teacher_scale=c.teacher_scale,
+            reduction=c.reduction, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"loss={c.loss!r}, causal={c.causal}, student_scale={c.student_scale}, "
+                f"teacher_scale={c.teacher_scale}, reduction={c.reduction!r}, backend={self.backend!r}")
+
+
+class RelationKDLoss(nn.Module):
+    """Module form of :func:`pydistill.relation_kd_loss` (MiniLMv2 self-attention relations);
+    validated at construction. ``forward(student_x, teacher_x, attention_mask=None)``, each x a
+    (B, L, W) tensor or a tuple / list of them (e.g. (Q, K, V))."""
+
+    def __init__(self, *, num_relation_heads: int, causal: bool = False, reduction: str = "mean",
+                 backend: str = "auto"):
+        super().__init__()
+        self.num_relation_heads = check.integer("num_relation_heads", num_relation_heads)
+        if self.num_relation_heads < 1:
+            raise ValueError(f"num_relation_heads: expected an int >= 1, got {self.num_relation_heads}")
+        self.cfg = F.attention_config(causal=causal, reduction=reduction)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+        self.backend = backend
+
+    def forward(self, student_x, teacher_x, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return F.relation_kd_loss(
+            student_x, teacher_x, num_relation_heads=self.num_relation_heads,
+            attention_mask=attention_mask, causal=self.cfg.causal, reduction=self.cfg.reduction,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"num_relation_heads={self.num_relation_heads}, causal={self.cfg.causal}, "
+                f"reduction={self.cfg.reduction!r}, backend={self.backend!r}")
 
 
 class AttentionTransferLoss(nn.Module):
