@@ -1,0 +1,299 @@
+"""pydistill.integrations: TRL's generalized_jsd_loss on kd_loss, its fused hidden-state
+variant, and the Hugging Face Trainer integration on tiny Llama models on the CPU."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pydistill as pdl
+from pydistill.integrations import generalized_jsd_loss, linear_generalized_jsd_loss
+
+
+def trl_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5,
+                             temperature=1.0, reduction="batchmean", num_items_in_batch=None):
+    """TRL 1.16's GKDTrainer.generalized_jsd_loss, transcribed (F.kl_div(input, target) is
+    target * (log target - input) per element with log_target)."""
+    log_q = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if beta == 0:
+        jsd = F.kl_div(log_q, log_p, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(log_p, log_q, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, dtype=log_q.dtype)
+        log_m = torch.logsumexp(torch.stack([log_q + torch.log1p(-b), log_p + torch.log(b)]), dim=0)
+        jsd = b * F.kl_div(log_m, log_p, reduction="none", log_target=True) + (1 - b) * F.kl_div(
+            log_m, log_q, reduction="none", log_target=True)
+    if labels is not None:
+        mask = labels != -100
+        jsd = jsd[mask]
+    if num_items_in_batch is not None:
+        return jsd.sum() / num_items_in_batch
+    if reduction == "batchmean":
+        denom = mask.sum().clamp_min(1) if labels is not None else max(jsd.size(0), 1)
+        return jsd.sum() / denom
+    if reduction == "sum":
+        return jsd.sum()
+    if reduction == "mean":
+        return jsd.mean()
+    return jsd
+
+
+def _logits(shape, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (3 * torch.randn(shape, generator=g)).to(dtype)
+
+
+def _labels(shape, vocab, seed, masked=True):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, vocab, shape, generator=g)
+    if masked:
+        y[0, :3] = -100
+        y[-1, -2:] = -100
+    return y
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_generalized_jsd_loss_matches_trl(beta, reduction, with_labels):
+    s = _logits((3, 7, 37), 0).requires_grad_()
+    t = _logits((3, 7, 37), 1)
+    labels = _labels((3, 7), 37, 2) if with_labels else None
+    got = generalized_jsd_loss(s, t, labels, beta=beta, temperature=1.7, reduction=reduction)
+    s_ref = s.detach().clone().requires_grad_()
+    want = trl_generalized_jsd_loss(s_ref, t, labels, beta=beta, temperature=1.7, reduction=reduction)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    w = torch.rand(want.shape, generator=torch.Generator().manual_seed(3), dtype=want.dtype)
+    (g,) = torch.autograd.grad(got, s, w)
+    (g_ref,) = torch.autograd.grad(want, s_ref, w)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("num_items", [5, "tensor"])
+def test_generalized_jsd_loss_num_items_in_batch(num_items):
+    s, t, labels = _logits((2, 6, 19), 4), _logits((2, 6, 19), 5), _labels((2, 6), 19, 6)
+    n = torch.tensor(11) if num_items == "tensor" else num_items
+    got = generalized_jsd_loss(s, t, labels, beta=0.3, num_items_in_batch=n)
+    want = trl_generalized_jsd_loss(s, t, labels, beta=0.3, num_items_in_batch=n)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_generalized_jsd_loss_float32_and_all_masked():
+    s, t = _logits((2, 5, 300), 7, torch.float32), _logits((2, 5, 300), 8, torch.float32)
+    labels = _labels((2, 5), 300, 9)
+    torch.testing.assert_close(generalized_jsd_loss(s, t, labels),
+                               trl_generalized_jsd_loss(s, t, labels), rtol=2e-5, atol=1e-6)
+    none = torch.full((2, 5), -100)
+    assert generalized_jsd_loss(s, t, none).item() == 0.0  # TRL: 0 / clamp_min(1)
+
+
+def test_generalized_jsd_loss_equals_trl_itself():
+    gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    fn = gkd.GKDTrainer.generalized_jsd_loss
+    s, t, labels = _logits((2, 6, 23), 10), _logits((2, 6, 23), 11), _labels((2, 6), 23, 12)
+    for beta in (0.0, 0.5, 0.9, 1.0):
+        for reduction in ("batchmean", "sum", "mean"):
+            for y in (labels, None):
+                torch.testing.assert_close(
+                    generalized_jsd_loss(s, t, y, beta=beta, temperature=2.0, reduction=reduction),
+                    fn(s, t, y, beta=beta, temperature=2.0, reduction=reduction),
+                    rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_linear_generalized_jsd_loss_equals_logits_path(reduction, with_labels):
+    g = torch.Generator().manual_seed(13)
+    h_s = torch.randn(3, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w_s = (torch.randn(41, 8, generator=g, dtype=torch.float64) / 2).requires_grad_()
+    h_t = torch.randn(3, 5, 12, generator=g, dtype=torch.float64)
+    w_t = torch.randn(41, 12, generator=g, dtype=torch.float64) / 2
+    labels = _labels((3, 5), 41, 14) if with_labels else None
+    got = linear_generalized_jsd_loss(h_s, w_s, h_t, w_t, labels, beta=0.4, temperature=1.5,
+                                      reduction=reduction, chunk_size=4)
+    leaves = [h_s.detach().clone().requires_grad_(), w_s.detach().clone().requires_grad_()]
+    want = trl_generalized_jsd_loss(leaves[0] @ leaves[1].T, h_t @ w_t.T, labels, beta=0.4,
+                                    temperature=1.5, reduction=reduction)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, [h_s, w_s]), torch.autograd.grad(want, leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_gkd_validation():
+    s = torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match="reduction"):
+        generalized_jsd_loss(s, s, reduction="avg")
+    with pytest.raises(ValueError, match="beta"):
+        generalized_jsd_loss(s, s, beta=1.5)
+    with pytest.raises(ValueError, match="'none'"):
+        linear_generalized_jsd_loss(s, torch.randn(4, 5), s, torch.randn(4, 5), reduction="none")
+
+
+def test_import_does_not_need_transformers():
+    code = ("import sys, pydistill, pydistill.integrations as i; "
+            "assert 'transformers' not in sys.modules and 'trl' not in sys.modules; "
+            "i.generalized_jsd_loss")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face Trainer integration
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(hidden, layers, vocab, seed, heads=4):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
+        max_position_embeddings=64, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(config).float()
+
+
+def batch(n, length, vocab, seed):
+    """Rows of different lengths, right-padded: labels -100 and attention 0 on the padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    for i in range(n):
+        pad = (3 * i) % length
+        if pad:
+            mask[i, length - pad:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100  # a "prompt"
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def direct_loss(student, teacher, inputs, loss):
+    """linear_kd_loss on the backbones' last hidden states, written out."""
+    h_s = student.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+    with torch.no_grad():
+        h_t = teacher.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+    y = F.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
+    return loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, labels=y)
+
+
+LOSS = dict(temperature=2.0, hard_weight=0.4, soft_weight=0.6, divergence="jsd", beta=0.3)
+
+
+def test_causal_lm_kd_loss_equals_direct_and_logits():
+    from pydistill.integrations import causal_lm_kd_loss
+
+    student, teacher = tiny_llama(32, 2, 50, 0), tiny_llama(48, 2, 56, 1)  # padded teacher vocab
+    inputs = batch(4, 12, 50, 2)
+    loss = pdl.LinearKDLoss(**LOSS)
+    got = causal_lm_kd_loss(student, teacher, inputs, loss)
+    want = direct_loss(student, teacher, inputs, loss)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # and the logits the models themselves produce, through kd_loss
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    s = student(**model_inputs).logits
+    # the teacher's extra (padded) tokens are -inf on the student side
+    s_full = torch.cat([s, torch.full((*s.shape[:-1], 6), -math.inf)], -1)
+    t_full = teacher(**model_inputs).logits.float()
+    y = F.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
+    via_logits = pdl.kd_loss(s_full, t_full, labels=y, **LOSS)
+    torch.testing.assert_close(got, via_logits, rtol=1e-5, atol=1e-5)
+    # num_items_in_batch: sum / n
+    n = (y != -100).sum()
+    torch.testing.assert_close(causal_lm_kd_loss(student, teacher, inputs, loss, num_items_in_batch=2 * n),
+                               want / 2, rtol=1e-6, atol=1e-6)
+
+
+def test_causal_lm_kd_loss_under_torch_compile():
+    from pydistill.integrations import causal_lm_kd_loss
+
+    student, teacher = tiny_llama(32, 1, 40, 3), tiny_llama(32, 1, 40, 4)
+    inputs = batch(2, 10, 40, 5)
+    want = causal_lm_kd_loss(student, teacher, inputs, LOSS)
+    (g_want,) = torch.autograd.grad(want, student.lm_head.weight)
+    compiled = torch.compile(student, backend="eager")
+    got = causal_lm_kd_loss(compiled, teacher, inputs, LOSS)
+    (g,) = torch.autograd.grad(got, student.lm_head.weight)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g, g_want)
+
+
+accelerate = pytest.importorskip("accelerate")
+
+
+def _trainer(tmp_path, student, teacher, data, per_device, accumulation, loss=LOSS, **extra):
+    from pydistill.integrations import DistillationTrainer
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
+        per_device_train_batch_size=per_device, per_device_eval_batch_size=per_device,
+        gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=1.0,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
+        **extra)
+    return DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                               distillation_loss=loss, train_dataset=data, eval_dataset=data)
+
+
+def _rows(inputs):
+    n = inputs["input_ids"].shape[0]
+    return [{k: v[i] for k, v in inputs.items()} for i in range(n)]
+
+
+def test_trainer_gradient_accumulation_equals_one_large_batch(tmp_path):
+    teacher = tiny_llama(48, 2, 50, 1)
+    inputs = batch(8, 12, 50, 7)  # 8 rows, 10 ... 0 scored tokens each after the shift
+    data = _rows(inputs)
+    init = tiny_llama(32, 2, 50, 0).state_dict()
+    grads = {}
+    for per_device, accumulation in ((8, 1), (2, 4)):
+        student = tiny_llama(32, 2, 50, 0)
+        student.load_state_dict(init)
+        trainer = _trainer(tmp_path, student, teacher, data, per_device, accumulation, max_steps=1)
+        trainer.train()
+        # SGD with lr 1, no clipping, no decay: the step is minus the gradient
+        grads[per_device] = {k: init[k] - v for k, v in student.state_dict().items()}
+    # the gradient of the token-level mean over all 8 rows, computed directly
+    student = tiny_llama(32, 2, 50, 0)
+    student.load_state_dict(init)
+    direct_loss(student, teacher, inputs, pdl.LinearKDLoss(**LOSS)).backward()
+    want = {k: p.grad for k, p in student.named_parameters()}
+    for per_device in grads:
+        for k in want:
+            torch.testing.assert_close(grads[per_device][k], want[k], rtol=2e-4, atol=2e-6,
+                                       msg=lambda m, k=k: f"per-device batch {per_device}, {k}: {m}")
+    # teacher untouched, frozen, eval mode
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_trainer_train_and_evaluate(tmp_path):
+    teacher = tiny_llama(48, 2, 50, 1)
+    student = tiny_llama(32, 2, 50, 0)
+    inputs = batch(8, 12, 50, 8)
+    trainer = _trainer(tmp_path, student, teacher, _rows(inputs), 4, 1, max_steps=2,
+                       loss=pdl.LinearKDLoss(temperature=2.0, hard_weight=0.5, soft_weight=0.5))
+    out = trainer.train()
+    assert math.isfinite(out.training_loss)
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"])
+    # evaluation: each batch's sum / its own count, averaged over the two batches
+    parts = [direct_loss(student, teacher, {k: v[i:i + 4] for k, v in inputs.items()},
+                         pdl.LinearKDLoss(temperature=2.0, hard_weight=0.5, soft_weight=0.5)).item()
+             for i in (0, 4)]
+    assert metrics["eval_loss"] == pytest.approx(sum(parts) / 2, rel=1e-4)
+
+
+def test_trainer_needs_a_teacher(tmp_path):
+    from pydistill.integrations import DistillationTrainer
+
+    with pytest.raises(ValueError, match="teacher_model"):
+        DistillationTrainer(model=tiny_llama(16, 1, 20, 0),
+                            args=transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                report_to="none"))
+    with pytest.raises(TypeError, match="LinearKDLoss"):
+        from pydistill.integrations import causal_lm_kd_loss
+        causal_lm_kd_loss(tiny_llama(16, 1, 20, 0), tiny_llama(16, 1, 20, 1),
+                          batch(1, 4, 20, 0), loss=pdl.KDLoss())
