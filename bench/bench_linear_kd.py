@@ -16,7 +16,12 @@ weight require grad; the teacher, hidden states + head, does not):
                                and jsd as its ``jsd_beta`` 0, 1, beta), times T^2
 ``liger-chunked-jsd``          Liger-Kernel's ``LigerFusedLinearJSDLoss`` (chunked_loss, hard
                                weight 0, compiled), the same divergences, times T^2
+``trl-chunked-divergence``     TRL's ``ChunkedDivergenceFunction`` (trl/kernels/
+                               chunked_divergence.py, TRL >= 1.16; CUDA), the same
+                               divergences as its beta, mean over tokens, times T^2
 =============================  ============================================================
+
+The peers' builders are in bench/peers.py.
 
 Passes as in bench_softmax_divergence.py (``fwd``, ``bwd`` alone, ``fwd+bwd``), whose runner
 this reuses. pydistill computes its gradients in the forward: its ``bwd`` is a rescaling and
@@ -41,7 +46,6 @@ CUDA, against the floor and Liger.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
 import time
@@ -55,11 +59,10 @@ import pydistill
 from pydistill import _dispatch
 from pydistill.reference import softmax_divergence as reference
 
-from bench import harness
-from bench.bench_softmax_divergence import (
-    DTYPES, PASSES, Impl, _progress, add_run_options, failure_status, naive_loss, run_impl,
-    start_run,
-)
+from bench import harness, peers
+from bench.bench_softmax_divergence import DTYPES, naive_loss
+from bench.harness import PASSES, Impl, add_run_options, failure_status, run_impl, start_run
+from bench.harness import progress as _progress
 
 COLUMNS = (
     "impl", "divergence", "dtype", "N", "H_s", "H_t", "V", "temperature", "beta", "grad_output",
@@ -148,50 +151,12 @@ def build_eager(case: Case, device: torch.device):
 
 
 def build_compiled(case: Case, device: torch.device):
-    import torch._dynamo
-
-    torch._dynamo.reset()  # static shapes, compiled afresh for each size
-    return torch.compile(naive_linear_loss(case), dynamic=False)
+    return peers.compiled(naive_linear_loss(case))
 
 
-def _liger_beta(case: Case):
-    """Liger's generalized-JSD beta for this divergence (its convention is pydistill's), or
-    None when it has no equivalent."""
-    return {"kl": 0.0, "reverse_kl": 1.0, "jsd": case.beta}.get(case.divergence)
-
-
-def _liger_ready(case: Case, device: torch.device):
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "skipped: liger-kernel not installed (optional: pip install liger-kernel)"
-    if device.type != "cuda":
-        return "skipped: Liger-Kernel runs on CUDA only"
-    if _liger_beta(case) is None:
-        return f"skipped: Liger-Kernel's fused linear JSD has no {case.divergence}"
-    return None
-
-
-def build_liger_fused_linear_jsd(case: Case, device: torch.device):
-    reason = _liger_ready(case, device)
-    if reason:
-        return reason
-    from liger_kernel.transformers import LigerFusedLinearJSD
-
-    jsd = LigerFusedLinearJSD(jsd_beta=_liger_beta(case), temperature=case.temperature)
-    t2 = case.temperature**2  # Liger's loss has no T^2 factor
-    return lambda h_s, w_s, h_t, w_t: jsd(h_s, w_s, h_t, w_t, None) * t2
-
-
-def build_liger_chunked_jsd(case: Case, device: torch.device):
-    reason = _liger_ready(case, device)
-    if reason:
-        return reason
-    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-
-    jsd = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=_liger_beta(case),
-                                  temperature=case.temperature)
-    labels = torch.zeros(case.n, dtype=torch.long, device=device)  # masks nothing
-    t2 = case.temperature**2
-    return lambda h_s, w_s, h_t, w_t: jsd(h_s, w_s, h_t, w_t, labels) * t2
+# Kept for code that imported them from here; the builders live with the other peers.
+build_liger_fused_linear_jsd = peers.liger_fused_linear_jsd
+build_liger_chunked_jsd = peers.liger_chunked_jsd
 
 
 IMPLS = (
@@ -199,8 +164,9 @@ IMPLS = (
     Impl("pydistill-torch", build_pydistill("torch")),
     Impl("torch-eager", build_eager),
     Impl("torch-compile", build_compiled, failure="skipped: torch.compile failed"),
-    Impl("liger-fused-linear-jsd", build_liger_fused_linear_jsd),
-    Impl("liger-chunked-jsd", build_liger_chunked_jsd),
+    Impl("liger-fused-linear-jsd", peers.liger_fused_linear_jsd),
+    Impl("liger-chunked-jsd", peers.liger_chunked_jsd),
+    Impl("trl-chunked-divergence", peers.trl_chunked_divergence),
 )
 IMPL_NAMES = tuple(impl.name for impl in IMPLS)
 
@@ -241,12 +207,13 @@ def with_gemm_floor(row: dict, case: Case, floors) -> dict:
     row = dict(row)
     row.pop("floor_bytes", None)
     row.pop("achieved_gbps", None)
-    if row["status"] != "ok" or floors.matmul_flops_per_s is None:
+    rate = floors.matmul_rate(case.dtype)
+    if row["status"] != "ok" or rate is None:
         row.pop("floor_ms", None)
         row.pop("ratio_to_floor", None)
         return row
     flops = case.flops(row["pass"])
-    floor_s = flops / floors.matmul_flops_per_s
+    floor_s = flops / rate
     median_s = row["median_ms"] / 1e3
     row.update(floor_flops=flops, floor_ms=floor_s * 1e3, ratio_to_floor=median_s / floor_s,
                achieved_tflops=flops / median_s / 1e12)
@@ -389,7 +356,7 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, nargs="+", help="rows (replaces the preset's sizes)")
     p.add_argument("--h-s", type=int, help="student hidden size (with --n)")
     p.add_argument("--h-t", type=int, help="teacher hidden size (with --n)")
-    p.add_argument("--v", type=int, help="vocabulary (with --n)")
+    p.add_argument("--v", type=int, nargs="+", help="vocabularies (with --n)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype (with --n)")
     p.add_argument("--divergence", nargs="+", default=["kl"], choices=reference.DIVERGENCES)
     p.add_argument("--temperature", type=float, default=2.0)
@@ -405,8 +372,8 @@ def cases_from(opts, device) -> list:
     sizes = PRESETS[preset]
     if opts.n:
         d, _, h_s, h_t, v = sizes[-1]
-        sizes = [(DTYPES[opts.dtype] if opts.dtype else d, n, opts.h_s or h_s, opts.h_t or h_t, opts.v or v)
-                 for n in opts.n]
+        sizes = [(DTYPES[opts.dtype] if opts.dtype else d, n, opts.h_s or h_s, opts.h_t or h_t, v_)
+                 for v_ in (opts.v or [v]) for n in opts.n]
     return [Case(div, d, n, h_s, h_t, v, opts.temperature, opts.beta)
             for div in opts.divergence for d, n, h_s, h_t, v in sizes]
 

@@ -19,7 +19,11 @@ would run instead, on the same inputs:
                                   (kl), ``LigerJSD`` (jsd; reverse_kl as beta = 1),
                                   ``LigerTVDLoss`` (tvd), each after the log_softmax /
                                   softmax of ``s / T`` and ``t / T`` it needs, times T^2
+``trl-generalized-jsd``           TRL's ``GKDTrainer.generalized_jsd_loss`` (optional; kl,
+                                  reverse_kl, jsd as its beta 0, 1, beta), times T^2
 ================================  =========================================================
+
+The peers' builders are in bench/peers.py; the runner in bench/harness.py.
 
 The student logits require grad, the teacher logits do not (the teacher is frozen), the
 reduction is the mean over rows. Passes, each timed on its own:
@@ -49,16 +53,10 @@ dtype and differs by that dtype's rounding.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import importlib.util
-import math
-import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Union
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,9 +65,16 @@ import pydistill
 from pydistill import _dispatch
 from pydistill.reference import softmax_divergence as reference
 
-from bench import harness
+from bench import harness, peers
+# The runner lives in the harness; these names are kept importable from here.
+from bench.harness import (  # noqa: F401
+    PASSES, Impl, add_run_options, clear_grads, environment, failure_status, pass_callables,
+    run_impl, start_run,
+)
+from bench.harness import measure_passes as _measure_passes  # noqa: F401
+from bench.harness import one_line as _one_line  # noqa: F401
+from bench.harness import progress as _progress
 
-PASSES = ("fwd", "bwd", "fwd+bwd")
 # Bytes that must move, in units of one (N, V) logits tensor (module docstring).
 FLOOR_TENSORS = {"fwd": 2, "bwd": 1, "fwd+bwd": 3}
 
@@ -167,59 +172,11 @@ def build_eager(case: Case, device: torch.device):
 
 
 def build_compiled(case: Case, device: torch.device):
-    import torch._dynamo
-
-    # A fresh cache per size: static shapes, the compiled peer's best case, and no
-    # recompile limit reached across sizes.
-    torch._dynamo.reset()
-    return torch.compile(naive_loss(case), dynamic=False)
+    return peers.compiled(naive_loss(case))
 
 
-def build_liger(case: Case, device: torch.device):
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "skipped: liger-kernel not installed (optional: pip install liger-kernel)"
-    if device.type != "cuda":
-        return "skipped: Liger-Kernel runs on CUDA only"
-    if case.divergence.startswith("skew"):
-        return f"skipped: Liger-Kernel has no {case.divergence}"
-    try:
-        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss, LigerTVDLoss
-    except Exception as exc:  # a broken install is a finding, not a crash
-        return f"skipped: liger-kernel does not import ({_one_line(exc)})"
-
-    temperature, t2 = case.temperature, case.temperature * case.temperature
-    if case.divergence == "tvd":
-        # LigerTVDLoss takes probabilities (student first) and returns the gradient of the first.
-        tvd = LigerTVDLoss(reduction="batchmean")
-
-        def liger_tvd(student_logits, teacher_logits):
-            q = torch.softmax(student_logits / temperature, dim=-1)
-            p = torch.softmax(teacher_logits / temperature, dim=-1)
-            return tvd(q, p) * t2
-
-        return liger_tvd
-    if case.divergence == "kl":
-        # nn.KLDivLoss convention: (student log-probs, teacher log-probs with log_target).
-        loss_fn = LigerKLDIVLoss(reduction="batchmean", log_target=True)
-    else:
-        # LigerJSD(log_q, log_p): student first; beta = 1 is reverse KL (same convention as
-        # pydistill's jsd, TRL's generalized JSD).
-        loss_fn = LigerJSD(beta=1.0 if case.divergence == "reverse_kl" else case.beta)
-
-    def liger_loss(student_logits, teacher_logits):
-        log_q = F.log_softmax(student_logits / temperature, dim=-1)
-        log_p = F.log_softmax(teacher_logits / temperature, dim=-1)
-        return loss_fn(log_q, log_p) * t2
-
-    return liger_loss
-
-
-@dataclass(frozen=True)
-class Impl:
-    name: str
-    build: Callable[[Case, torch.device], Union[Callable, str]]
-    env: tuple = ()  # (variable, value) pairs set while it runs
-    failure: str = "error"  # status prefix when it raises (other than out of memory)
+# Kept for code that imported it from here; the builder lives with the other peers.
+build_liger = peers.liger_softmax
 
 
 IMPLS = (
@@ -229,7 +186,8 @@ IMPLS = (
     Impl("pydistill-torch", build_pydistill("torch")),
     Impl("torch-eager", build_eager),
     Impl("torch-compile", build_compiled, failure="skipped: torch.compile failed"),
-    Impl("liger", build_liger),
+    Impl("liger", peers.liger_softmax),
+    Impl("trl-generalized-jsd", peers.trl_softmax),
 )
 IMPL_NAMES = tuple(impl.name for impl in IMPLS)
 
@@ -237,31 +195,6 @@ IMPL_NAMES = tuple(impl.name for impl in IMPLS)
 # --------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def environment(pairs):
-    saved = {name: os.environ.get(name) for name, _ in pairs}
-    os.environ.update(dict(pairs))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _one_line(exc: BaseException, limit: int = 160) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def failure_status(exc: BaseException, prefix: str = "error") -> str:
-    if harness.is_out_of_memory(exc):
-        return "error: out of memory"
-    return f"{prefix}: {_one_line(exc)}"
 
 
 def make_inputs(case: Case, device: torch.device, n_sets: int, seed: int = 0):
@@ -283,107 +216,6 @@ def expected_loss(case: Case, student, teacher) -> float:
             beta=case.beta, backend="torch",
         )
     return float(loss)
-
-
-def clear_grads(sets):
-    """Drop the gradient of every tensor of every input set (whichever of them require grad:
-    the student logits here, hidden states and weights in bench_linear_kd.py)."""
-    for inputs in sets:
-        for x in inputs:
-            if isinstance(x, torch.Tensor):
-                x.grad = None
-
-
-def pass_callables(loss_fn: Callable, sets, gradient):
-    """(prepare, run) for each pass: prepare(i) runs outside the timed region. ``gradient``:
-    what the backward starts from, None for a plain ``loss.backward()`` (grad_output 1)."""
-
-    def prepare_inputs(i):
-        clear_grads(sets)
-        return sets[i]
-
-    def prepare_loss(i):
-        clear_grads(sets)
-        return loss_fn(*sets[i])
-
-    def forward(pair):
-        return loss_fn(*pair)
-
-    def backward(loss):
-        loss.backward(gradient)
-
-    def forward_backward(pair):
-        loss_fn(*pair).backward(gradient)
-
-    return {
-        "fwd": (prepare_inputs, forward),
-        "bwd": (prepare_loss, backward),
-        "fwd+bwd": (prepare_inputs, forward_backward),
-    }
-
-
-def run_impl(impl: Impl, case: Case, sets, expected: float, device, opts, base: dict):
-    def row(pass_name, status, **values):
-        return {**base, "impl": impl.name, "pass": pass_name, "status": status, **values}
-
-    built = impl.build(case, device)
-    if isinstance(built, str):
-        return [row("all", built)]
-    with environment(impl.env):
-        rows = _measure_passes(impl, built, case, sets, expected, device, opts, row)
-    clear_grads(sets)
-    # Here, not in an except block, whose traceback would keep a failed call's tensors alive.
-    harness.release_memory(device)
-    return rows
-
-
-def _measure_passes(impl: Impl, loss_fn, case: Case, sets, expected, device, opts, row):
-    try:
-        # The first forward and backward compile / JIT both, and give the loss for the
-        # agreement check.
-        loss = loss_fn(*sets[0])
-        value = float(loss.detach())
-        gradient = None
-        if case.grad_output != 1.0:
-            # Made once, outside the timed region; in the loss's dtype, as autograd would.
-            gradient = torch.full_like(loss, case.grad_output)
-        loss.backward(gradient)
-        del loss
-    except Exception as exc:
-        return [row("all", failure_status(exc, impl.failure))]
-    rel_diff = abs(value - expected) / max(abs(expected), 1e-30)
-
-    callables = pass_callables(loss_fn, sets, gradient)
-    rows = []
-    for k, pass_name in enumerate(PASSES):
-        prepare, run = callables[pass_name]
-        try:
-            m = harness.measure(
-                run, prepare, device=device, n_sets=len(sets), budget_s=opts.budget_ms / 1e3,
-                min_reps=opts.min_reps, max_reps=opts.max_reps, long_s=opts.long_s,
-                warmup=opts.warmup,
-            )
-        except Exception as exc:
-            status = failure_status(exc, impl.failure)
-            rows.extend(row(p, status, loss_rel_diff=rel_diff) for p in PASSES[k:])
-            break
-        floor_bytes = case.floor_bytes(pass_name)
-        floor_s = floor_bytes / opts.floors.copy_bytes_per_s
-        rows.append(row(
-            pass_name, "ok",
-            median_ms=m.median_s * 1e3, reps=m.reps,
-            peak_extra_mib=None if m.peak_extra_bytes is None else m.peak_extra_bytes / 2**20,
-            floor_bytes=floor_bytes, floor_ms=floor_s * 1e3,
-            ratio_to_floor=m.median_s / floor_s, achieved_gbps=floor_bytes / m.median_s / 1e9,
-            loss_rel_diff=rel_diff,
-        ))
-        _progress(opts, f"{impl.name:26s} {pass_name:8s} {m.median_s * 1e3:10.3f} ms "
-                        f"{m.median_s / floor_s:7.2f}x floor  ({m.reps} reps)")
-    return rows
-
-
-def _progress(opts, message: str):
-    print(f"[{time.monotonic() - opts.started:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def run_case(case: Case, impls, device, opts, prov: dict):
@@ -544,23 +376,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def add_run_options(p: argparse.ArgumentParser, family: str):
-    """The options every benchmark's run takes (device, repetitions, time limit, output);
-    ``start_run`` fills in the repetition settings left out."""
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    p.add_argument("--budget-ms", type=float, help="time budget of one measurement's repetitions")
-    p.add_argument("--min-reps", type=int)
-    p.add_argument("--max-reps", type=int)
-    p.add_argument("--warmup", type=int, help="untimed calls before each measurement")
-    p.add_argument("--long-s", type=float,
-                   help="seconds: calls so slow that --min-reps of them exceed it get fewer reps")
-    p.add_argument("--time-limit", type=float, default=0.0,
-                   help="seconds; implementations not started by then are reported as skipped")
-    p.add_argument("--out", type=Path,
-                   help="CSV path, a .md of the same name beside it "
-                        f"(default bench/results/{family}-<device>-<date>.csv)")
-
-
 def cases_from(opts, device) -> list:
     preset = "full" if opts.full else "quick" if opts.quick else (
         "full" if device.type == "cuda" else "quick")
@@ -582,34 +397,6 @@ def selected_impls(opts) -> list:
     elif opts.grad_mode == "forward":
         impls = [i for i in impls if i.name != "pydistill-triton"]
     return impls
-
-
-def start_run(opts, family: str):
-    """What a benchmark's main does first: start the clock, pick the device, fill in the
-    repetition settings the command line left out, measure the floors, and name the output
-    (``--out``, else bench/results/<family>-<device>-<date>.csv). Returns (device, the
-    provenance every row carries, the CSV path)."""
-    opts.started = time.monotonic()
-    device = harness.pick_device(opts.device)
-    cuda = device.type == "cuda"
-    # No warm-up by default: each implementation's first forward + backward (the loss check)
-    # has compiled everything, and the memory-probe call precedes the timed ones. The CPU gets
-    # a longer allowance for slow calls: a shared CPU's outliers need a median of three.
-    defaults = dict(budget_ms=250.0, min_reps=3, max_reps=100, warmup=0, long_s=2.0) if cuda \
-        else dict(budget_ms=1000.0, min_reps=3, max_reps=20, warmup=0, long_s=8.0)
-    for name, value in defaults.items():
-        if getattr(opts, name) is None:
-            setattr(opts, name, value)
-
-    _progress(opts, f"measuring the floors on {harness.device_name(device)}")
-    opts.floors = harness.measure_floors(device)
-    prov = harness.provenance(device, opts.floors)
-    _progress(opts, harness.provenance_line(prov))
-
-    out = opts.out or harness.REPO / "bench" / "results" / (
-        f"{family}-{harness.device_slug(device)}-"
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%d}.csv")
-    return device, prov, out
 
 
 def main(argv=None) -> int:

@@ -55,10 +55,10 @@ import pydistill
 from pydistill import _dispatch
 from pydistill.reference import topk_divergence as reference
 
-from bench import harness
-from bench.bench_softmax_divergence import (
-    DTYPES, PASSES, Impl, _progress, add_run_options, failure_status, run_impl, start_run,
-)
+from bench import harness, peers
+from bench.bench_softmax_divergence import DTYPES
+from bench.harness import PASSES, Impl, add_run_options, failure_status, run_impl, start_run
+from bench.harness import progress as _progress
 
 COLUMNS = (
     "impl", "divergence", "tail", "dtype", "N", "V", "K", "temperature", "grad_output", "pass",
@@ -153,21 +153,16 @@ def build_dense(case: Case, device: torch.device):
 
 
 def build_dense_compiled(case: Case, device: torch.device):
-    import torch._dynamo
-
     fn = dense_loss(case)
-    if isinstance(fn, str):
-        return fn
-    torch._dynamo.reset()  # a fresh cache per size: static shapes, no recompile limit
-    return torch.compile(fn, dynamic=False)
+    return fn if isinstance(fn, str) else peers.compiled(fn)
 
 
 IMPLS = (
     Impl("pydistill-triton", build_pydistill("triton"), env=(("PYDISTILL_KD_GRAD", "recompute"),)),
     Impl("pydistill-triton-gradfwd", build_pydistill("triton"), env=(("PYDISTILL_KD_GRAD", "forward"),)),
     Impl("pydistill-torch", build_pydistill("torch")),
-    Impl("reference-eager", build_reference),
-    Impl("dense-eager", build_dense),
+    Impl("reference-eager", build_reference, peer="eager"),
+    Impl("dense-eager", build_dense, peer="eager"),
     Impl("dense-compile", build_dense_compiled, failure="skipped: torch.compile failed"),
 )
 IMPL_NAMES = tuple(impl.name for impl in IMPLS)

@@ -22,6 +22,8 @@ op's, its FLOPs divided by the second.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import csv
 import ctypes
 import datetime
@@ -32,6 +34,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,14 +126,28 @@ def _triton_version() -> str:
 @dataclass(frozen=True)
 class Floors:
     copy_bytes_per_s: float  # bytes read + bytes written per second by a large copy
-    matmul_flops_per_s: Optional[float]  # bf16 8192^3 on CUDA; float32 2048^3 on the CPU
+    matmul_flops_per_s: Optional[float]  # the first rate measured: bf16 on CUDA, float32 on a CPU
     matmul_dtype: str = "bfloat16"
+    # Every matrix-product rate measured, ((dtype name, FLOP/s), ...); empty in Floors made
+    # by hand, where only matmul_flops_per_s / matmul_dtype are known.
+    rates: tuple = ()
+
+    def matmul_rate(self, dtype) -> Optional[float]:
+        """FLOP/s of a matrix product in ``dtype`` (a torch.dtype or its name), None when
+        not measured. float16 takes the bf16 rate (the same tensor-core rate on the GPUs
+        this targets) when float16 itself was not measured."""
+        name = str(dtype).removeprefix("torch.")
+        table = dict(self.rates)
+        if not table and self.matmul_flops_per_s is not None:
+            table[self.matmul_dtype] = self.matmul_flops_per_s
+        if name == "float16" and name not in table:
+            name = "bfloat16"
+        return table.get(name)
 
 
 def _tflops(floors: Floors, dtype: str) -> Optional[float]:
-    if floors.matmul_flops_per_s is None or floors.matmul_dtype != dtype:
-        return None
-    return floors.matmul_flops_per_s / 1e12
+    rate = floors.matmul_rate(dtype)
+    return None if rate is None else rate / 1e12
 
 
 def provenance(device: torch.device, floors: Floors) -> dict:
@@ -164,27 +181,40 @@ def _median_wall(fn, device, reps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def measure_floors(device: torch.device) -> Floors:
-    # 1 GiB on a GPU (far beyond its L2), 256 MiB on a CPU (beyond its caches, quick to fill).
-    elements = (1 << 28) if device.type == "cuda" else (1 << 26)
+def measure_floors(device: torch.device, *, copy_elements: Optional[int] = None,
+                   matmul_dtypes: Optional[Sequence] = None, matmul_n: Optional[int] = None,
+                   reps: Optional[int] = None) -> Floors:
+    """The device's copy bandwidth and matrix-product rates (module docstring), on fresh
+    random data. Defaults: a 1 GiB copy on a GPU (far beyond its L2), 256 MiB on a CPU
+    (beyond its caches, quick to fill); matrix products in bf16 and float32 on a GPU
+    (8192^3), float32 on a CPU (2048^3; bf16 there only when asked, at 512^3: without bf16
+    hardware it runs at a few GFLOP/s). Smaller sizes are for smoke runs, not for numbers."""
+    cuda = device.type == "cuda"
+    elements = copy_elements or ((1 << 28) if cuda else (1 << 26))
+    reps = reps or (10 if cuda else 5)
+    warmup = 3 if cuda else 1
     src = torch.randn(elements, device=device)
     dst = torch.empty_like(src)
-    t = _median_wall(lambda: dst.copy_(src), device, reps=10 if device.type == "cuda" else 5,
-                     warmup=3 if device.type == "cuda" else 1)
+    t = _median_wall(lambda: dst.copy_(src), device, reps=reps, warmup=warmup)
     copy = 2 * src.numel() * src.element_size() / t
     del src, dst
 
-    # bf16 on a GPU (what the GEMM-bound ops run in); float32 on a CPU (the fallback's dtype)
-    cuda = device.type == "cuda"
-    n, dtype = (8192, torch.bfloat16) if cuda else (2048, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    t = _median_wall(lambda: a @ b, device, reps=10 if cuda else 5, warmup=3 if cuda else 1)
-    matmul = 2 * n**3 / t
-    del a, b
+    if matmul_dtypes is None:
+        matmul_dtypes = (torch.bfloat16, torch.float32) if cuda else (torch.float32,)
+    rates = []
+    for dtype in matmul_dtypes:
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        n = matmul_n or (8192 if cuda else 512 if dtype in (torch.bfloat16, torch.float16) else 2048)
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        t = _median_wall(lambda: a @ b, device, reps=reps, warmup=warmup)
+        rates.append((str(dtype).removeprefix("torch."), 2 * n**3 / t))
+        del a, b
     release_memory(device)
-    return Floors(copy_bytes_per_s=copy, matmul_flops_per_s=matmul,
-                  matmul_dtype=str(dtype).removeprefix("torch."))
+    first = rates[0] if rates else (None, None)
+    return Floors(copy_bytes_per_s=copy, matmul_flops_per_s=first[1],
+                  matmul_dtype=first[0] or "", rates=tuple(rates))
 
 
 # --------------------------------------------------------------------------------------
@@ -389,6 +419,217 @@ def measure(
 
 
 # --------------------------------------------------------------------------------------
+# Running one family: implementations, passes, the run's options
+# --------------------------------------------------------------------------------------
+
+PASSES = ("fwd", "bwd", "fwd+bwd")
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation a family times. ``build(case, device)`` returns the loss function
+    (called on one input set's tensors) or why it cannot run here ("skipped: ..."). ``peer``
+    is its kind (bench/peers.py: pydistill, eager, compile, liger, trl); empty: derived from
+    the name."""
+    name: str
+    build: Callable
+    env: tuple = ()  # (variable, value) pairs set while it runs
+    failure: str = "error"  # status prefix when it raises (other than out of memory)
+    peer: str = ""
+
+
+@contextlib.contextmanager
+def environment(pairs):
+    saved = {name: os.environ.get(name) for name, _ in pairs}
+    os.environ.update(dict(pairs))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def one_line(exc: BaseException, limit: int = 160) -> str:
+    text = (f"{type(exc).__name__}: {exc}".strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def failure_status(exc: BaseException, prefix: str = "error") -> str:
+    if is_out_of_memory(exc):
+        return "error: out of memory"
+    return f"{prefix}: {one_line(exc)}"
+
+
+def clear_grads(sets):
+    """Drop the gradient of every tensor of every input set (whichever of them require grad:
+    the student logits, hidden states and weights)."""
+    for inputs in sets:
+        for x in inputs:
+            if isinstance(x, torch.Tensor):
+                x.grad = None
+
+
+def pass_callables(loss_fn: Callable, sets, gradient):
+    """(prepare, run) for each pass: prepare(i) runs outside the timed region. ``gradient``:
+    what the backward starts from, None for a plain ``loss.backward()`` (grad_output 1)."""
+
+    def prepare_inputs(i):
+        clear_grads(sets)
+        return sets[i]
+
+    def prepare_loss(i):
+        clear_grads(sets)
+        return loss_fn(*sets[i])
+
+    def forward(inputs):
+        return loss_fn(*inputs)
+
+    def backward(loss):
+        loss.backward(gradient)
+
+    def forward_backward(inputs):
+        loss_fn(*inputs).backward(gradient)
+
+    return {
+        "fwd": (prepare_inputs, forward),
+        "bwd": (prepare_loss, backward),
+        "fwd+bwd": (prepare_inputs, forward_backward),
+    }
+
+
+def progress(opts, message: str):
+    """A line of progress: through ``opts.log`` when the caller set one (the suite's progress
+    bar), else to stderr."""
+    line = f"[{time.monotonic() - opts.started:7.1f}s] {message}"
+    log = getattr(opts, "log", None)
+    if log is not None:
+        log(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+def run_impl(impl: Impl, case, sets, expected: float, device, opts, base: dict):
+    """Rows of one implementation on one case (one per pass, or one ``all`` row that says why
+    it did not run). ``case.floor_bytes(pass)`` gives each pass's memory floor;
+    ``opts.on_impl_done(name)``, when set, is told when the implementation is done."""
+    def row(pass_name, status, **values):
+        return {**base, "impl": impl.name, "pass": pass_name, "status": status, **values}
+
+    built = impl.build(case, device)
+    if isinstance(built, str):
+        rows = [row("all", built)]
+    else:
+        with environment(impl.env):
+            rows = measure_passes(impl, built, case, sets, expected, device, opts, row)
+        clear_grads(sets)
+    # Here, not in an except block, whose traceback would keep a failed call's tensors alive.
+    release_memory(device)
+    hook = getattr(opts, "on_impl_done", None)
+    if hook is not None:
+        hook(impl.name)
+    return rows
+
+
+def measure_passes(impl: Impl, loss_fn, case, sets, expected, device, opts, row):
+    try:
+        # The first forward and backward compile / JIT both, and give the loss for the
+        # agreement check.
+        loss = loss_fn(*sets[0])
+        value = float(loss.detach())
+        gradient = None
+        if getattr(case, "grad_output", 1.0) != 1.0:
+            # Made once, outside the timed region; in the loss's dtype, as autograd would.
+            gradient = torch.full_like(loss, case.grad_output)
+        loss.backward(gradient)
+        del loss
+    except Exception as exc:
+        return [row("all", failure_status(exc, impl.failure))]
+    rel_diff = abs(value - expected) / max(abs(expected), 1e-30)
+
+    callables = pass_callables(loss_fn, sets, gradient)
+    rows = []
+    for k, pass_name in enumerate(PASSES):
+        prepare, run = callables[pass_name]
+        try:
+            m = measure(
+                run, prepare, device=device, n_sets=len(sets), budget_s=opts.budget_ms / 1e3,
+                min_reps=opts.min_reps, max_reps=opts.max_reps, long_s=opts.long_s,
+                warmup=opts.warmup,
+            )
+        except Exception as exc:
+            status = failure_status(exc, impl.failure)
+            rows.extend(row(p, status, loss_rel_diff=rel_diff) for p in PASSES[k:])
+            break
+        floor_bytes = case.floor_bytes(pass_name)
+        floor_s = floor_bytes / opts.floors.copy_bytes_per_s
+        rows.append(row(
+            pass_name, "ok",
+            median_ms=m.median_s * 1e3, reps=m.reps,
+            peak_extra_mib=None if m.peak_extra_bytes is None else m.peak_extra_bytes / 2**20,
+            floor_bytes=floor_bytes, floor_ms=floor_s * 1e3,
+            ratio_to_floor=m.median_s / floor_s, achieved_gbps=floor_bytes / m.median_s / 1e9,
+            loss_rel_diff=rel_diff,
+        ))
+        progress(opts, f"{impl.name:26s} {pass_name:8s} {m.median_s * 1e3:10.3f} ms "
+                       f"{m.median_s / floor_s:7.2f}x floor  ({m.reps} reps)")
+    return rows
+
+
+def add_run_options(p: argparse.ArgumentParser, family: str):
+    """The options every benchmark's run takes (device, repetitions, time limit, output);
+    ``fill_run_defaults`` fills in the repetition settings left out."""
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    p.add_argument("--budget-ms", type=float, help="time budget of one measurement's repetitions")
+    p.add_argument("--min-reps", type=int)
+    p.add_argument("--max-reps", type=int)
+    p.add_argument("--warmup", type=int, help="untimed calls before each measurement")
+    p.add_argument("--long-s", type=float,
+                   help="seconds: calls so slow that --min-reps of them exceed it get fewer reps")
+    p.add_argument("--time-limit", type=float, default=0.0,
+                   help="seconds; implementations not started by then are reported as skipped")
+    p.add_argument("--out", type=Path,
+                   help="CSV path, a .md of the same name beside it "
+                        f"(default bench/results/{family}-<device>-<date>.csv)")
+
+
+def run_defaults(device: torch.device) -> dict:
+    """Repetition settings. On CUDA two untimed calls precede each measurement (clocks,
+    caches of the allocator), after each implementation's first forward + backward (the
+    loss check, which compiles / JITs everything). The CPU gets no warm-up beyond that and a
+    longer allowance for slow calls: a shared CPU's outliers need a median of three."""
+    if device.type == "cuda":
+        return dict(budget_ms=250.0, min_reps=3, max_reps=100, warmup=2, long_s=2.0)
+    return dict(budget_ms=1000.0, min_reps=3, max_reps=20, warmup=0, long_s=8.0)
+
+
+def fill_run_defaults(opts, device: torch.device, defaults: Optional[dict] = None):
+    for name, value in (defaults or run_defaults(device)).items():
+        if getattr(opts, name, None) is None:
+            setattr(opts, name, value)
+
+
+def start_run(opts, family: str):
+    """What a benchmark's main does first: start the clock, pick the device, fill in the
+    repetition settings the command line left out, measure the floors, and name the output
+    (``--out``, else bench/results/<family>-<device>-<date>.csv). Returns (device, the
+    provenance every row carries, the CSV path)."""
+    opts.started = time.monotonic()
+    device = pick_device(opts.device)
+    fill_run_defaults(opts, device)
+    progress(opts, f"measuring the floors on {device_name(device)}")
+    opts.floors = measure_floors(device)
+    prov = provenance(device, opts.floors)
+    progress(opts, provenance_line(prov))
+    out = opts.out or REPO / "bench" / "results" / (
+        f"{family}-{device_slug(device)}-"
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%d}.csv")
+    return device, prov, out
+
+
+# --------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------
 
@@ -437,9 +678,13 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
 
 
 def provenance_line(prov: dict) -> str:
-    matmul = f", bf16 matmul {prov['bf16_tflops']:.0f} TFLOP/s" if prov.get("bf16_tflops") else ""
+    matmul = ""
+    if prov.get("bf16_tflops"):
+        matmul += f", bf16 matmul {prov['bf16_tflops']:.3g} TFLOP/s"
     if prov.get("fp32_tflops"):
-        matmul = f", float32 matmul {prov['fp32_tflops'] * 1e3:.0f} GFLOP/s"
+        fp32 = prov["fp32_tflops"]
+        matmul += (f", float32 matmul {fp32:.3g} TFLOP/s" if fp32 >= 1
+                   else f", float32 matmul {fp32 * 1e3:.3g} GFLOP/s")
     return (
         f"device: {prov['device']}; torch {prov['torch']}, triton {prov['triton'] or '-'}, "
         f"CUDA {prov['cuda'] or '-'}, Python {prov['python']}; git {prov['git_rev']}; "
