@@ -7,6 +7,8 @@ would run instead, on the same inputs:
 ``pydistill-triton-gradfwd``      the same with the gradient written by the forward
                                   (``PYDISTILL_KD_GRAD=forward``); see
                                   pydistill/ops/softmax_divergence.py for the two schedules
+``pydistill-cuda``                ``kd_loss(backend="cuda")``: the CUDA C++ extension,
+                                  where it is built (or builds) for this device
 ``pydistill-torch``               ``kd_loss(backend="torch")``: the chunked fallback
 ``torch-eager``                   the naive PyTorch code: for ``kl`` the usual
                                   ``F.kl_div(F.log_softmax(s / T), F.log_softmax(t / T),
@@ -156,7 +158,9 @@ def build_pydistill(backend: str):
     def build(case: Case, device: torch.device):
         if backend == "triton" and device.type != "cuda":
             return "skipped: Triton kernels run on CUDA (the CPU interpreter is not timed)"
-        reason = _dispatch.why_unavailable(backend, device)
+        # The CUDA C++ extension may be built here, untimed: the benchmark asked for it.
+        reason = (_dispatch.why_unavailable(backend, device, build=True) if backend == "cuda"
+                  else _dispatch.why_unavailable(backend, device))
         if reason is not None:
             return f"skipped: {reason}"
         return lambda student_logits, teacher_logits: pydistill.kd_loss(
@@ -183,6 +187,7 @@ IMPLS = (
     Impl("pydistill-triton", build_pydistill("triton"), env=(("PYDISTILL_KD_GRAD", "recompute"),)),
     Impl("pydistill-triton-gradfwd", build_pydistill("triton"),
          env=(("PYDISTILL_KD_GRAD", "forward"),)),
+    *([Impl("pydistill-cuda", build_pydistill("cuda"))] if "cuda" in _dispatch.TABLE["kd_loss"] else []),
     Impl("pydistill-torch", build_pydistill("torch")),
     Impl("torch-eager", build_eager),
     Impl("torch-compile", build_compiled, failure="skipped: torch.compile failed"),

@@ -6,6 +6,8 @@ path a user writes instead, on the same inputs:
                                   the backward (``PYDISTILL_KD_GRAD=recompute``, the default)
 ``pydistill-triton-gradfwd``      the same with the gradient written by the forward
                                   (``PYDISTILL_KD_GRAD=forward``)
+``pydistill-cuda``                ``topk_kd_loss(backend="cuda")``: the CUDA C++ extension,
+                                  where it is built (or builds) for this device
 ``pydistill-torch``               ``topk_kd_loss(backend="torch")``: the chunked fallback
 ``reference-eager``               plain autograd of the reference
                                   (pydistill/reference/topk_divergence.py): no dense teacher,
@@ -112,7 +114,9 @@ def build_pydistill(backend: str):
     def build(case: Case, device: torch.device):
         if backend == "triton" and device.type != "cuda":
             return "skipped: Triton kernels run on CUDA (the CPU interpreter is not timed)"
-        reason = _dispatch.why_unavailable(backend, device)
+        # The CUDA C++ extension may be built here, untimed: the benchmark asked for it.
+        reason = (_dispatch.why_unavailable(backend, device, build=True) if backend == "cuda"
+                  else _dispatch.why_unavailable(backend, device))
         if reason is not None:
             return f"skipped: {reason}"
         return lambda student, teacher: pydistill.topk_kd_loss(
@@ -160,6 +164,7 @@ def build_dense_compiled(case: Case, device: torch.device):
 IMPLS = (
     Impl("pydistill-triton", build_pydistill("triton"), env=(("PYDISTILL_KD_GRAD", "recompute"),)),
     Impl("pydistill-triton-gradfwd", build_pydistill("triton"), env=(("PYDISTILL_KD_GRAD", "forward"),)),
+    *([Impl("pydistill-cuda", build_pydistill("cuda"))] if "cuda" in _dispatch.TABLE["topk_kd_loss"] else []),
     Impl("pydistill-torch", build_pydistill("torch")),
     Impl("reference-eager", build_reference, peer="eager"),
     Impl("dense-eager", build_dense, peer="eager"),

@@ -630,6 +630,77 @@ def start_run(opts, family: str):
 
 
 # --------------------------------------------------------------------------------------
+# pytest-benchmark (bench/test_perf_*.py)
+# --------------------------------------------------------------------------------------
+
+
+def benchmark_pass(benchmark, loss: Callable, leaves: Sequence, pass_name: str,
+                   device: torch.device, rounds: int, warmup_rounds: int = 1):
+    """Time one pass of ``loss()`` with pytest-benchmark's pedantic mode, every call
+    synchronised with the device; ``leaves``: the tensors whose gradients are cleared before
+    each round. ``bwd`` runs its forward in the setup, outside the timed region (the chunked
+    backends cannot back-propagate twice through one graph). Returns the last loss."""
+
+    def clear():
+        for x in leaves:
+            x.grad = None
+
+    def fresh():
+        clear()
+        synchronize(device)
+        return (), {}
+
+    def with_loss():
+        clear()
+        out = loss()
+        synchronize(device)
+        return (out,), {}
+
+    def forward():
+        out = loss()
+        synchronize(device)
+        return out
+
+    def forward_backward():
+        out = loss()
+        out.backward()
+        synchronize(device)
+        return out
+
+    def backward(out):
+        out.backward()
+        synchronize(device)
+        return out
+
+    target, setup = {
+        "fwd": (forward, fresh),
+        "bwd": (backward, with_loss),
+        "fwd+bwd": (forward_backward, fresh),
+    }[pass_name]
+    return benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds)
+
+
+def backend_params(op: str, device: torch.device, grad_modes=("recompute",)):
+    """pytest parameters (backend, grad_mode) for each of ``op``'s backends and Triton
+    gradient schedules, skipped with the reason where one cannot be timed here (Triton off
+    CUDA: the interpreter is not a benchmark)."""
+    import pytest
+
+    from pydistill import _dispatch
+
+    params = []
+    for backend in _dispatch.TABLE[op]:
+        for grad_mode in (grad_modes if backend == "triton" else ("recompute",)):
+            reason = _dispatch.why_unavailable(backend, device)
+            if backend == "triton" and device.type != "cuda":
+                reason = "Triton is timed on CUDA only (the CPU interpreter is not a benchmark)"
+            marks = [pytest.mark.skip(reason=reason)] if reason else []
+            name = backend if grad_mode == "recompute" else f"{backend}-gradfwd"
+            params.append(pytest.param(backend, grad_mode, id=name, marks=marks))
+    return params
+
+
+# --------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------
 

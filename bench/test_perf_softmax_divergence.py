@@ -3,21 +3,20 @@ synchronised with the device, so that two commits can be compared on one machine
 
     python -m pytest bench/test_perf_softmax_divergence.py                      # time
     python -m pytest bench/test_perf_softmax_divergence.py --benchmark-disable  # run once
-    python -m pytest bench/test_perf_softmax_divergence.py --benchmark-autosave
-    python -m pytest bench/test_perf_softmax_divergence.py --benchmark-compare
+    python -m pytest bench/test_perf_*.py --benchmark-autosave                   # all three
+    python -m pytest bench/test_perf_*.py --benchmark-compare
 
 Not part of the test suite (pyproject's testpaths is ``tests``). On the CPU: the torch
 backend; on CUDA also the Triton backend with both gradient schedules. Nothing here asserts
-a time (only that the result is finite); the floors and the peers are
-bench/bench_softmax_divergence.py's job.
+a time (only that the result is finite); the floors and the peers are ``python -m bench``'s
+job.
 """
 import pytest
 import torch
 
 import pydistill
-from pydistill import _dispatch
 
-from bench.harness import synchronize
+from bench.harness import backend_params, benchmark_pass
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CUDA = DEVICE.type == "cuda"
@@ -28,26 +27,11 @@ ROUNDS = 20 if CUDA else 5
 TEMPERATURE = 2.0
 
 
-def _backend_param(backend, grad_mode):
-    reason = _dispatch.why_unavailable(backend, DEVICE)
-    if backend == "triton" and not CUDA:
-        reason = "Triton is timed on CUDA only (the CPU interpreter is not a benchmark)"
-    marks = [pytest.mark.skip(reason=reason)] if reason else []
-    name = backend if grad_mode == "recompute" else f"{backend}-gradfwd"
-    return pytest.param(backend, grad_mode, id=name, marks=marks)
-
-
-BACKENDS = [
-    _backend_param("torch", "recompute"),
-    _backend_param("triton", "recompute"),
-    _backend_param("triton", "forward"),
-]
-
-
 @pytest.mark.parametrize("pass_name", ["fwd", "bwd", "fwd+bwd"])
 @pytest.mark.parametrize("n,v", SHAPES, ids=[f"{n}x{v}" for n, v in SHAPES])
 @pytest.mark.parametrize("divergence", ["kl", "jsd"])
-@pytest.mark.parametrize("backend,grad_mode", BACKENDS)
+@pytest.mark.parametrize("backend,grad_mode",
+                         backend_params("kd_loss", DEVICE, ("recompute", "forward")))
 def test_kd_loss(benchmark, monkeypatch, backend, grad_mode, divergence, n, v, pass_name):
     monkeypatch.setenv("PYDISTILL_KD_GRAD", grad_mode)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -58,42 +42,8 @@ def test_kd_loss(benchmark, monkeypatch, backend, grad_mode, divergence, n, v, p
         return pydistill.kd_loss(student, teacher, divergence=divergence,
                                  temperature=TEMPERATURE, backend=backend)
 
-    def fresh():
-        student.grad = None
-        synchronize(DEVICE)
-        return (), {}
-
-    def forward():
-        out = loss()
-        synchronize(DEVICE)
-        return out
-
-    def forward_backward():
-        out = loss()
-        out.backward()
-        synchronize(DEVICE)
-        return out
-
-    # The backward's forward runs in setup, outside the timed region: the torch backend
-    # cannot back-propagate twice through one graph.
-    def with_loss():
-        student.grad = None
-        out = loss()
-        synchronize(DEVICE)
-        return (out,), {}
-
-    def backward(out):
-        out.backward()
-        synchronize(DEVICE)
-        return out
-
-    target, setup = {
-        "fwd": (forward, fresh),
-        "bwd": (backward, with_loss),
-        "fwd+bwd": (forward_backward, fresh),
-    }[pass_name]
     benchmark.extra_info.update(device=str(DEVICE), dtype=str(DTYPE), N=n, V=v)
-    result = benchmark.pedantic(target, setup=setup, rounds=ROUNDS, warmup_rounds=1)
+    result = benchmark_pass(benchmark, loss, [student], pass_name, DEVICE, ROUNDS)
     assert torch.isfinite(result.detach()).all()
     if pass_name != "fwd":
         assert student.grad is not None and torch.isfinite(student.grad).all()
