@@ -165,6 +165,16 @@ def provenance(device: torch.device, floors: Floors) -> dict:
     }
 
 
+def load_average() -> Optional[float]:
+    """The host's 1-minute load average: on a shared machine, how much of the CPU a run had
+    (CPU timings are noise when it exceeds the core count). The suite records it at the
+    start of a run (its ``load_avg`` column)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 # --------------------------------------------------------------------------------------
 # Floors
 # --------------------------------------------------------------------------------------
@@ -760,4 +770,6 @@ def provenance_line(prov: dict) -> str:
         f"device: {prov['device']}; torch {prov['torch']}, triton {prov['triton'] or '-'}, "
         f"CUDA {prov['cuda'] or '-'}, Python {prov['python']}; git {prov['git_rev']}; "
         f"{prov['date_utc']}; measured copy bandwidth {prov['copy_gbps']:.1f} GB/s{matmul}"
+        + (f"; load average {prov['load_avg']:.2f} on {os.cpu_count()} CPUs"
+           if prov.get("load_avg") is not None else "")
     )

@@ -97,6 +97,10 @@ def render(csv_path, out_dir=None, pass_name: str = "fwd+bwd", quiet: bool = Fal
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [r for r in read_rows(csv_path) if r.get("status") == "ok" and r.get("pass") == pass_name]
     families = list(dict.fromkeys(r["family"] for r in rows))
+    # One colour per implementation across every panel and plot.
+    palette = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
+    colors = {impl: palette[k % len(palette)]
+              for k, impl in enumerate(sorted({r["impl"] for r in rows}))}
     device = next((r.get("device") for r in rows), "")
     written = []
     specs = {
@@ -111,7 +115,7 @@ def render(csv_path, out_dir=None, pass_name: str = "fwd+bwd", quiet: bool = Fal
             members = [r for r in rows if r["family"] == family]
             ax.set_title(family or "no rows", fontsize=9)
             if name == "ratio_to_floor":
-                _ratio_panel(ax, members)
+                _ratio_panel(ax, members, colors)
                 continue
             x, y, ylabel = specs[name]
             found = _series_against(members, x, y)
@@ -121,7 +125,8 @@ def render(csv_path, out_dir=None, pass_name: str = "fwd+bwd", quiet: bool = Fal
                 continue
             title, series = found
             for impl, points in series.items():
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=impl)
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3,
+                        label=impl, color=colors[impl])
             ax.set_xscale("log", base=2)
             if all(p[1] > 0 for pts in series.values() for p in pts):
                 ax.set_yscale("log")
@@ -142,7 +147,7 @@ def render(csv_path, out_dir=None, pass_name: str = "fwd+bwd", quiet: bool = Fal
     return written
 
 
-def _ratio_panel(ax, members):
+def _ratio_panel(ax, members, colors):
     cases = list(dict.fromkeys(_case_label(r) for r in members if r.get("ratio_to_floor")))
     if not cases:
         ax.text(0.5, 0.5, "no floor", ha="center", va="center", transform=ax.transAxes, fontsize=8)
@@ -152,7 +157,7 @@ def _ratio_panel(ax, members):
         points = [(cases.index(_case_label(r)), r["ratio_to_floor"]) for r in members
                   if r["impl"] == impl and r.get("ratio_to_floor")]
         ax.plot([p[0] + 0.08 * (k - len(impls) / 2) for p in points], [p[1] for p in points],
-                marker="o", ms=4, ls="", label=impl)
+                marker="o", ms=4, ls="", label=impl, color=colors[impl])
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
     ax.set_yscale("log")
     ax.set_xticks(range(len(cases)))

@@ -53,6 +53,9 @@ def _run_line(rows, path: Path) -> str:
             matmul.append(f"{label} matmul {value:.3g} TFLOP/s" if value >= 1
                           else f"{label} matmul {value * 1e3:.3g} GFLOP/s")
     floors = ", ".join([f"copy {_num(r.get('copy_gbps')) or 0:.3g} GB/s"] + matmul)
+    load = _num(r.get("load_avg"))
+    if load is not None:
+        floors += f"; host load average {load:.1f} at the start"
     versions = f"torch {r.get('torch')}, Triton {r.get('triton') or '-'}, CUDA {r.get('cuda') or '-'}"
     preset = f"`--{r['preset']}`" if r.get("preset") else "a custom run"
     try:

@@ -96,7 +96,7 @@ COLUMNS = (
     "median_ms", "reps", "n_sets", "peak_extra_mib", "peak_extra_nv", "peak_extra_vs_eager",
     "floor_kind", "floor_bytes", "floor_flops", "floor_ms", "ratio_to_floor", "achieved_gbps",
     "achieved_tflops", "loss_rel_diff",
-) + harness.PROVENANCE_COLUMNS + ("preset",)
+) + harness.PROVENANCE_COLUMNS + ("load_avg", "preset")
 # Columns that say which case a row is (everything else is a measurement or provenance).
 SHAPE_COLUMNS = ("divergence", "tail", "dtype", "N", "H_s", "H_t", "V", "K", "shape_extra")
 # A family's column that the suite does not know goes, as name=value, into shape_extra.
@@ -326,7 +326,7 @@ def run(opts, argv) -> Path:
     harness.progress(opts, f"measuring the floors on {harness.device_name(device)}")
     floors = harness.measure_floors(device, matmul_dtypes=matmul,
                                     **(SMOKE_FLOORS if opts.preset == "smoke" else {}))
-    prov = harness.provenance(device, floors)
+    prov = {**harness.provenance(device, floors), "load_avg": harness.load_average()}
     harness.progress(opts, harness.provenance_line(prov))
 
     # Modules and peers loaded once, then frozen: the collections before each measurement
