@@ -53,6 +53,16 @@ def _finite_or_zero(m):
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    # DOT_IN_FP32: the Triton interpreter's tl.dot multiplies bfloat16 operands as their
+    # integer bit patterns, so under it (only) the operands are widened first: exact, like
+    # the GPU's bfloat16 products with float32 accumulation
+    if DOT_IN_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _load_rows(ptr, rows, cols, stride_l, keep, n_dim):
     # a (len(rows), D) tile of one head; rows not kept and columns past the head dim read as 0
     mask = keep[:, None] & (cols[None, :] < n_dim)
@@ -83,7 +93,8 @@ def _attention_kl_fwd_kernel(
     mask_stride_b, n_heads, n_ctx, n_group_s, n_group_t, n_dim_s, n_dim_t,
     scale_s, scale_t,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D_S: tl.constexpr, D_T: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -117,8 +128,8 @@ def _attention_kl_fwd_kernel(
         k_s = _load_rows(k_s_ptr, cols, dim_s, sk_stride_l, key_ok, n_dim_s)
         k_t = _load_rows(k_t_ptr, cols, dim_t, tk_stride_l, key_ok, n_dim_t)
         ok = _allowed(rows, cols, key_ok, CAUSAL)
-        s = tl.where(ok, tl.dot(q_s, tl.trans(k_s), input_precision=PRECISION) * qk_s, float("-inf"))
-        t = tl.where(ok, tl.dot(q_t, tl.trans(k_t), input_precision=PRECISION) * qk_t, float("-inf"))
+        s = tl.where(ok, _dot(q_s, tl.trans(k_s), PRECISION, DOT_IN_FP32) * qk_s, float("-inf"))
+        t = tl.where(ok, _dot(q_t, tl.trans(k_t), PRECISION, DOT_IN_FP32) * qk_t, float("-inf"))
         m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
         m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
         ms, ms_new = _finite_or_zero(m_s), _finite_or_zero(m_s_new)
@@ -156,7 +167,8 @@ def _attention_kl_bwd_kernel(
     mask_stride_b, n_heads, n_kv_heads, n_ctx, n_group_s, n_group_t, n_dim_s, n_dim_t,
     scale_s, scale_t,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D_S: tl.constexpr, D_T: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # dq: float32 (B, H, L, n_dim_s) contiguous, accumulated atomically; dk: (B, H_k, L,
     # n_dim_s) contiguous in the input dtype, written once per key block.
@@ -199,13 +211,13 @@ def _attention_kl_bwd_kernel(
             m_t = tl.load(st + 2, mask=live, other=0.0)
             ll_t = tl.load(st + 3, mask=live, other=0.0)
             ok = _allowed(rows, cols, key_ok, CAUSAL) & live[:, None]
-            s = tl.dot(q_s, tl.trans(k_s), input_precision=PRECISION) * qk_s
-            t = tl.dot(q_t, tl.trans(k_t), input_precision=PRECISION) * qk_t
+            s = _dot(q_s, tl.trans(k_s), PRECISION, DOT_IN_FP32) * qk_s
+            t = _dot(q_t, tl.trans(k_t), PRECISION, DOT_IN_FP32) * qk_t
             q = tl.exp2(s - m_s[:, None] - ll_s[:, None])
             p = tl.exp2(t - m_t[:, None] - ll_t[:, None])
             d = tl.where(ok, (q - p) * w[:, None], 0.0).to(k_s.dtype)
-            dk += tl.dot(tl.trans(d), q_s, input_precision=PRECISION)
-            dq = tl.dot(d, k_s, input_precision=PRECISION) * grad_scale
+            dk += _dot(tl.trans(d), q_s, PRECISION, DOT_IN_FP32)
+            dq = _dot(d, k_s, PRECISION, DOT_IN_FP32) * grad_scale
             dq_mask = (rows[:, None] < n_ctx) & (dim_s[None, :] < n_dim_s)
             tl.atomic_add(dq_ptr + row[:, None] * n_dim_s + dim_s[None, :], dq, mask=dq_mask)
     dk_mask = (cols[:, None] < n_ctx) & (dim_s[None, :] < n_dim_s)
@@ -216,7 +228,9 @@ def _attention_kl_bwd_kernel(
 # ------------------------------------------------------------------------------------------
 # Launchers: allocate, compute the grid. Inputs arrive validated by the API.
 # ------------------------------------------------------------------------------------------
-import torch  # noqa: E402  (kept below the kernels: this file reads kernel-first)
+import os  # noqa: E402  (kept below the kernels: this file reads kernel-first)
+
+import torch  # noqa: E402
 
 from pydistill._utils import empty  # noqa: E402
 
@@ -248,6 +262,10 @@ def _precision(*tensors) -> str:
     return "tf32"
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
@@ -265,6 +283,7 @@ def _common_args(student_q, student_k, teacher_q, teacher_k, mask, placeholder):
         n_group_t=heads // tk.shape[1], n_dim_s=d_s, n_dim_t=d_t,
         CAUSAL=False, HAS_MASK=mask is not None, D_S=_head_pad(d_s), D_T=_head_pad(d_t),
         PRECISION=_precision(sq, tq), BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_IN_FP32=_interpreting() and torch.bfloat16 in (sq.dtype, tq.dtype),
         num_warps=_num_warps(d_s, d_t),
     )
     for name, x in (("sq", sq), ("sk", sk), ("tq", tq), ("tk", tk)):

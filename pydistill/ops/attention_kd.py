@@ -35,8 +35,6 @@ class TritonAttentionKL(torch.autograd.Function):
     def forward(ctx, student_q, student_k, teacher_q, teacher_k, attention_mask, cfg: AttentionKDConfig):
         from pydistill.kernels import attention_kd as K
 
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            refuse_teacher_grad("triton")
         cfg = with_scales(cfg, student_q.shape[-1], teacher_q.shape[-1])
         batch, heads, length = student_q.shape[:3]
         mask = None
@@ -63,6 +61,8 @@ class TritonAttentionKL(torch.autograd.Function):
     def backward(ctx, grad_loss):
         from pydistill.kernels import attention_kd as K
 
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            refuse_teacher_grad("triton")  # the API refuses earlier; this is for direct callers
         student_q, student_k, teacher_q, teacher_k, mask, stats, count = ctx.saved_tensors
         cfg = ctx.cfg
         batch, heads, length = student_q.shape[:3]

@@ -281,12 +281,13 @@ def _prepare(q, k, valid, heads, dtype):
     return q.reshape(-1, q.shape[2], q.shape[3]), k.reshape(-1, k.shape[2], k.shape[3])
 
 
-def _fold_heads(dk: torch.Tensor, shape, dtype) -> torch.Tensor:
-    """A (B*H, L, d) key gradient of the expanded keys summed back onto the H_k key heads."""
+def _fold_heads(dk: torch.Tensor, heads: int, shape, dtype) -> torch.Tensor:
+    """A (B*H, L, d) key gradient of the keys expanded to the H query heads, summed back onto
+    the H_k key heads of ``shape``."""
     batch, kv_heads, length, dim = shape
-    dk = dk.view(batch, -1, length, dim)
-    if dk.shape[1] != kv_heads:
-        dk = dk.view(batch, kv_heads, -1, length, dim).sum(2)
+    dk = dk.view(batch, heads, length, dim)
+    if heads != kv_heads:
+        dk = dk.view(batch, kv_heads, heads // kv_heads, length, dim).sum(2)
     return dk.to(dtype)
 
 
@@ -345,6 +346,7 @@ class ChunkedAttentionKL(torch.autograd.Function):
             rows = torch.empty(qs.shape[:2], dtype=qs.dtype, device=qs.device)
             _kl_blocks(qs, ks, qt, kt, valid_bh, ctx.cfg, rows, weight, grads)
             scale = None
+        heads = ctx.meta[0][0][1]
         out = []
         for g, (shape, dtype), is_key in zip(grads, ctx.meta, (False, True, False, True)):
             if g is None:
@@ -352,7 +354,7 @@ class ChunkedAttentionKL(torch.autograd.Function):
                 continue
             if scale is not None:  # out of place: a second backward finds the gradients intact
                 g = g * scale.to(g.dtype)
-            out.append(_fold_heads(g, shape, dtype) if is_key else g.view(shape).to(dtype))
+            out.append(_fold_heads(g, heads, shape, dtype) if is_key else g.view(shape).to(dtype))
         return (*out, None, None)
 
 
