@@ -15,3 +15,17 @@ def test_digits_example_runs():
     )
     assert out.returncode == 0, out.stderr
     assert "hard-only" in out.stdout and "KD" in out.stdout and "mean" in out.stdout
+
+
+@pytest.mark.parametrize("example", ["llm_distill", "offline_topk", "teacher_assistant"])
+def test_llm_examples_run_quick(example, tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    plot = tmp_path / f"{example}.png"
+    out = subprocess.run(
+        [sys.executable, "-m", f"pydistill.examples.{example}", "--quick", "--plot", str(plot)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "held-out loss" in out.stdout and "student, hard labels only" in out.stdout
+    assert "oracle" in out.stdout
