@@ -243,6 +243,9 @@ def parse_args(argv=None):
                    help="replace a family's preset arguments, e.g. "
                         "--family-args softmax '--n 4096 --v 128256 --dtype bf16 --divergence kl jsd'")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    p.add_argument("--threads", type=int,
+                   help="torch intra-op threads on the CPU (default: torch's; the device "
+                        "column records the number)")
     p.add_argument("--budget-ms", type=float, help="time budget of one measurement's repetitions")
     p.add_argument("--min-reps", type=int)
     p.add_argument("--max-reps", type=int)
@@ -291,7 +294,9 @@ def run(opts, argv) -> Path:
     opts.started = time.monotonic()
     device = harness.pick_device(opts.device)
     opts.preset = opts.preset or ("full" if device.type == "cuda" else "quick")
-    if opts.preset == "smoke" and device.type == "cpu":
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    elif opts.preset == "smoke" and device.type == "cpu":
         torch.set_num_threads(1)
     harness.fill_run_defaults(opts, device, RUN_SETTINGS.get(opts.preset))
     families = [f for f in FAMILIES if not opts.family or f.name in opts.family]
