@@ -73,12 +73,14 @@ def main(argv=None) -> int:
                                                                   a_h, a_w),
     }
     curves = {}
-    rows = [("teacher", common.n_params(teacher), teacher_loss, ""),
-            ("assistant (KD from the teacher)", common.n_params(assistant), curve_a[-1][1], "")]
+    rows = [("teacher", common.n_params(teacher), teacher_loss, None),
+            ("assistant (KD from the teacher)", common.n_params(assistant), curve_a[-1][1],
+             common.best(curve_a))]
     for name, make_loss in runs.items():
         student = common.fresh_student(setup, init, hs, layers)
         curves[name] = common.train_student(setup, args, student, make_loss(student), name)
-        rows.append((f"student, {name}", common.n_params(student), curves[name][-1][1], ""))
+        rows.append((f"student, {name}", common.n_params(student), curves[name][-1][1],
+                     common.best(curves[name])))
     elapsed = time.perf_counter() - start
 
     print(f"Teacher assistant on a generated language (HMM: {s['states']} states, vocabulary "
@@ -92,12 +94,15 @@ def main(argv=None) -> int:
           f"KD = {args.kd_weight:g} * T^2 KL + {args.ce_weight:g} * CE, T = {args.temperature:g}")
     print()
     common.print_table("Held-out next-token loss (nats/token; lower is better)", rows, setup.oracle)
-    hard, direct, ta = rows[2][2], rows[3][2], rows[4][2]
+    (hard, hard_b), (direct, direct_b), (ta, ta_b) = [(r[2], r[3][0]) for r in rows[2:5]]
     print()
-    print(f"  KD from the teacher vs hard-only:   {hard - direct:+.4f} nats/token")
-    print(f"  KD from the assistant vs hard-only: {hard - ta:+.4f} nats/token")
-    print(f"  assistant vs teacher as the source: {direct - ta:+.4f} nats/token "
-          f"({'the assistant helps' if ta < direct else 'the assistant does not help'} here)")
+    print("  differences in nats/token, at the end / at each run's best (positive: the first is better)")
+    print(f"  KD from the teacher vs hard-only:   {hard - direct:+.4f} / {hard_b - direct_b:+.4f}")
+    print(f"  KD from the assistant vs hard-only: {hard - ta:+.4f} / {hard_b - ta_b:+.4f}")
+    print(f"  assistant vs teacher as the source: {direct - ta:+.4f} / {direct_b - ta_b:+.4f} "
+          f"({'the assistant helps' if ta_b < direct_b else 'the assistant does not help'} here)")
+    if args.quick:
+        print("(--quick is a smoke test: the teacher is undertrained and the runs short)")
     print(f"({elapsed:.0f} s)")
     plot = common.save_plot(args.plot if args.plot is not None else "teacher_assistant.png",
                             "Student held-out loss: teacher vs assistant as the source", curves,
