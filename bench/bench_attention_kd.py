@@ -1,0 +1,425 @@
+"""Benchmark of ``pydistill.attention_kd_loss(loss="kl")`` (MiniLM's attention transfer) against
+what a user runs instead, on the same inputs (student queries and keys require grad; the
+teacher's do not):
+
+=====================  ====================================================================
+``pydistill-triton``   ``attention_kd_loss(backend="triton")``: one streaming kernel each
+                       way, no L x L map (CUDA)
+``pydistill-torch``    ``attention_kd_loss(backend="torch")``: query blocks, O(block L)
+``torch-eager``        the naive code: both (B, H, L, L) score maps materialised in the input
+                       dtype (the teacher's under ``no_grad``), padded keys filled with the
+                       dtype's minimum (as Hugging Face does), softmaxes in float32,
+                       ``F.kl_div``, the mean over valid rows
+``torch-compile``      ``torch.compile`` of ``torch-eager``, static shapes
+``sdpa``               the speed yardstick, not the same op: PyTorch's
+                       ``scaled_dot_product_attention`` forward + backward on the student's
+                       (Q, K, V = K) at the same shape, no padding mask (so that the flash
+                       kernel runs), ``out.float().mean()`` as the loss (CUDA; its
+                       ``loss rel diff`` is meaningless)
+=====================  ====================================================================
+
+Floor: a GEMM-bound op's FLOPs over the matrix-product rate measured at the start of the run
+(bf16 on CUDA, float32 on the CPU). B batch, H query heads, L tokens, d_s / d_t head dims,
+c = 1 (c = (L + 1) / 2L causal); the products that cannot be avoided::
+
+    fwd      both score maps                           2 c B H L^2 (d_s + d_t)
+    bwd      dQ_s = G K_s, dK_s = G^T Q_s              4 c B H L^2 d_s
+    fwd+bwd  both                                      2 c B H L^2 (3 d_s + d_t)
+
+(pydistill's Triton backward recomputes both score tiles on top: 2 c B H L^2 (d_s + d_t)
+more.) ``x floor`` = measured / floor. Peak extra memory is also given per 1,024 tokens
+(``MiB / kL``: constant when memory grows linearly in L) and as a fraction of the eager
+path's (``x eager``).
+
+    python -m bench.bench_attention_kd --quick     # CPU: float32, H 12, d 32 / 64, L 512-2048
+    python -m bench.bench_attention_kd --full      # GPU: bf16, B 4, H 12, d 64, L 512-16384
+    python -m bench.bench_attention_kd --l 1024 4096 --b 2 --heads 16 --d-s 64 --d-t 128 --causal
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import pydistill
+from pydistill import _dispatch
+from pydistill.reference.attention_kd import expand_heads
+
+from bench import harness, peers
+from bench.bench_softmax_divergence import DTYPES
+from bench.harness import PASSES, Impl, add_run_options, failure_status, run_impl, start_run
+from bench.harness import progress as _progress
+
+COLUMNS = (
+    "impl", "dtype", "B", "H", "H_kv", "L", "d_s", "d_t", "causal", "padded", "pass", "status",
+    "median_ms", "reps", "n_sets", "peak_extra_mib", "peak_extra_mib_per_kl", "peak_extra_vs_eager",
+    "floor_flops", "floor_ms", "ratio_to_floor", "achieved_tflops", "loss_rel_diff",
+) + harness.PROVENANCE_COLUMNS
+
+# (dtype, B, H, H_kv, L, d_s, d_t). smoke: seconds; quick: minutes on two CPU cores (the
+# eager path holds ~6 (B, H, L, L) float32 maps: 1.2 GB at L = 2048); full: the issue's GPU
+# shape (B 4, H 12, d 64, bf16), where the eager path runs out of memory at L = 16,384.
+PRESETS = {
+    "smoke": [(torch.float32, 1, 2, 2, n, 16, 16) for n in (64, 128)],
+    "quick": [(torch.float32, 1, 12, 12, n, 32, 64) for n in (512, 1024, 2048)],
+    "full": [(torch.bfloat16, 4, 12, 12, n, 64, 64) for n in (512, 1024, 2048, 4096, 8192, 16384)],
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    dtype: torch.dtype
+    b: int
+    h: int
+    h_kv: int
+    length: int
+    d_s: int
+    d_t: int
+    causal: bool
+    padded: bool  # right padding: every other sequence one quarter shorter
+    grad_output: float = 1.0
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    def _pairs(self) -> float:
+        n = self.length
+        return self.b * self.h * n * n * ((n + 1) / (2 * n) if self.causal else 1.0)
+
+    def flops(self, pass_name: str) -> float:
+        fwd, bwd = 2 * self._pairs() * (self.d_s + self.d_t), 4 * self._pairs() * self.d_s
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_name]
+
+    def input_bytes(self) -> int:
+        e = torch.empty((), dtype=self.dtype).element_size()
+        return self.b * self.length * (self.h + self.h_kv) * (self.d_s + self.d_t) * e
+
+    def floor_bytes(self, pass_name: str) -> int:
+        """The runner's memory floor (read the inputs, write the student's gradients); the rows
+        report the GEMM floor instead (``with_gemm_floor``)."""
+        e = torch.empty((), dtype=self.dtype).element_size()
+        write = self.b * self.length * (self.h + self.h_kv) * self.d_s * e
+        read = self.input_bytes()
+        return {"fwd": read, "bwd": write, "fwd+bwd": read + write}[pass_name]
+
+
+# --------------------------------------------------------------------------------------
+# The implementations: each builder returns loss_fn(student_q, student_k, teacher_q,
+# teacher_k, attention_mask), or why it cannot run here ("skipped: ...").
+# --------------------------------------------------------------------------------------
+
+
+def naive_attention_kl(case: Case) -> Callable:
+    """Both maps materialised, as users write MiniLM's loss."""
+    scale_s, scale_t = case.d_s**-0.5, case.d_t**-0.5
+
+    def masked(scores, mask):
+        keep = None
+        if mask is not None:
+            keep = mask[:, None, None, :].bool()
+        if case.causal:
+            n = scores.shape[-1]
+            tril = torch.ones(n, n, dtype=torch.bool, device=scores.device).tril()
+            keep = tril if keep is None else keep & tril
+        if keep is None:
+            return scores
+        return scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+
+    def eager(student_q, student_k, teacher_q, teacher_k, attention_mask):
+        heads = student_q.shape[1]
+        s = student_q @ expand_heads(student_k, heads).transpose(-1, -2) * scale_s
+        with torch.no_grad():
+            t = teacher_q @ expand_heads(teacher_k, heads).transpose(-1, -2) * scale_t
+            p = F.softmax(masked(t, attention_mask).float(), dim=-1)
+        log_q = F.log_softmax(masked(s, attention_mask).float(), dim=-1)
+        rows = F.kl_div(log_q, p, reduction="none").sum(-1)
+        if attention_mask is None:
+            return rows.mean()
+        valid = attention_mask[:, None, :].to(rows.dtype)
+        return (rows * valid).sum() / (heads * valid.sum())
+
+    return eager
+
+
+def build_pydistill(backend: str):
+    def build(case: Case, device: torch.device):
+        if backend == "triton" and device.type != "cuda":
+            return "skipped: Triton kernels run on CUDA (the CPU interpreter is not timed)"
+        reason = _dispatch.why_unavailable(backend, device)
+        if reason is not None:
+            return f"skipped: {reason}"
+        return lambda sq, sk, tq, tk, mask: pydistill.attention_kd_loss(
+            sq, sk, tq, tk, attention_mask=mask, causal=case.causal, backend=backend)
+
+    return build
+
+
+def build_eager(case: Case, device: torch.device):
+    return naive_attention_kl(case)
+
+
+def build_compiled(case: Case, device: torch.device):
+    return peers.compiled(naive_attention_kl(case))
+
+
+def build_sdpa(case: Case, device: torch.device):
+    if device.type != "cuda":
+        return "skipped: the SDPA yardstick is timed on CUDA only"
+    gqa = {"enable_gqa": True} if case.h_kv != case.h else {}
+
+    def sdpa(sq, sk, tq, tk, mask):
+        return F.scaled_dot_product_attention(sq, sk, sk, is_causal=case.causal, **gqa).float().mean()
+
+    return sdpa
+
+
+IMPLS = (
+    Impl("pydistill-triton", build_pydistill("triton")),
+    Impl("pydistill-torch", build_pydistill("torch")),
+    Impl("torch-eager", build_eager),
+    Impl("torch-compile", build_compiled, failure="skipped: torch.compile failed"),
+    Impl("sdpa", build_sdpa, peer="sdpa"),
+)
+IMPL_NAMES = tuple(impl.name for impl in IMPLS)
+
+
+# --------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------
+
+
+def make_inputs(case: Case, device: torch.device, n_sets: int, seed: int = 0):
+    """``n_sets`` fresh (student_q, student_k, teacher_q, teacher_k, attention_mask); the
+    student's require grad. Unit-variance entries: scores of spread ~1 at scale 1 / sqrt(d)."""
+    sets = []
+    for i in range(n_sets):
+        gen = torch.Generator(device=device).manual_seed(seed + i)
+
+        def randn(heads, dim):
+            return torch.randn(case.b, heads, case.length, dim, device=device, generator=gen).to(case.dtype)
+
+        mask = None
+        if case.padded:
+            lengths = torch.full((case.b,), case.length, device=device)
+            lengths[::2] = case.length - case.length // 4
+            mask = (torch.arange(case.length, device=device)[None, :] < lengths[:, None]).long()
+        sets.append((randn(case.h, case.d_s).requires_grad_(), randn(case.h_kv, case.d_s).requires_grad_(),
+                     randn(case.h, case.d_t), randn(case.h_kv, case.d_t), mask))
+    return sets
+
+
+def expected_loss(case: Case, inputs) -> float:
+    sq, sk, tq, tk, mask = inputs
+    with torch.no_grad():
+        return float(pydistill.attention_kd_loss(sq, sk, tq, tk, attention_mask=mask,
+                                                 causal=case.causal, backend="torch"))
+
+
+def with_gemm_floor(row: dict, case: Case, floors) -> dict:
+    """The runner's row with its memory floor replaced by the GEMM floor (module docstring)."""
+    row = dict(row)
+    row.pop("floor_bytes", None)
+    row.pop("achieved_gbps", None)
+    if row.get("peak_extra_mib") is not None:
+        row["peak_extra_mib_per_kl"] = row["peak_extra_mib"] / (case.length / 1024)
+    if row["impl"] == "sdpa":
+        row.pop("loss_rel_diff", None)
+    rate = floors.matmul_rate(case.dtype)
+    if row["status"] != "ok" or rate is None:
+        row.pop("floor_ms", None)
+        row.pop("ratio_to_floor", None)
+        return row
+    flops = case.flops(row["pass"])
+    floor_s = flops / rate
+    median_s = row["median_ms"] / 1e3
+    row.update(floor_flops=flops, floor_ms=floor_s * 1e3, ratio_to_floor=median_s / floor_s,
+               achieved_tflops=flops / median_s / 1e12)
+    return row
+
+
+def run_case(case: Case, impls, device, opts, prov: dict):
+    base = {
+        "dtype": case.dtype_name, "B": case.b, "H": case.h, "H_kv": case.h_kv, "L": case.length,
+        "d_s": case.d_s, "d_t": case.d_t, "causal": case.causal, "padded": case.padded, **prov,
+    }
+    n_sets = harness.rotation_count(case.input_bytes(), device)
+    base["n_sets"] = n_sets
+    _progress(opts, f"{case.dtype_name} B={case.b} H={case.h}/{case.h_kv} L={case.length} "
+                    f"d={case.d_s}/{case.d_t} causal={case.causal} padded={case.padded} "
+                    f"({n_sets} input sets)")
+    try:
+        sets = make_inputs(case, device, n_sets)
+        expected = expected_loss(case, sets[0])
+    except Exception as exc:
+        harness.release_memory(device)
+        return [{**base, "impl": impl.name, "pass": "all", "status": failure_status(exc)} for impl in impls]
+    rows = []
+    for impl in impls:
+        if opts.time_limit and time.monotonic() - opts.started > opts.time_limit:
+            status = f"skipped: --time-limit {opts.time_limit:g} s reached"
+            rows.append({**base, "impl": impl.name, "pass": "all", "status": status})
+            continue
+        rows.extend(with_gemm_floor(r, case, opts.floors)
+                    for r in run_impl(impl, case, sets, expected, device, opts, base))
+    del sets
+    harness.release_memory(device)
+    return with_memory_vs_eager(rows)
+
+
+def with_memory_vs_eager(rows):
+    eager = {r["pass"]: r.get("peak_extra_mib") for r in rows if r["impl"] == "torch-eager"}
+    for r in rows:
+        if r.get("peak_extra_mib") is not None and eager.get(r["pass"]):
+            r["peak_extra_vs_eager"] = r["peak_extra_mib"] / eager[r["pass"]]
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+TABLE = (
+    ("impl", "impl", None), ("dtype", "dtype", None), ("B", "B", None), ("H", "H", None),
+    ("L", "L", None), ("d_s", "d_s", None), ("d_t", "d_t", None), ("causal", "causal", None),
+    ("padded", "padded", None), ("pass", "pass", None), ("median_ms", "ms", ".1f"),
+    ("ratio_to_floor", "x floor", ".2f"), ("achieved_tflops", "TFLOP/s", ".3f"),
+    ("peak_extra_mib", "peak extra MiB", ".1f"), ("peak_extra_mib_per_kl", "MiB / kL", ".1f"),
+    ("peak_extra_vs_eager", "x eager", ".3f"), ("reps", "reps", None),
+    ("loss_rel_diff", "loss rel diff", ".1e"), ("status", "status", None),
+)
+
+TARGETS_TABLE = (
+    ("dtype", "dtype", None), ("B", "B", None), ("H", "H", None), ("L", "L", None),
+    ("causal", "causal", None), ("impl", "impl", None), ("median_ms", "fwd+bwd ms", ".1f"),
+    ("ratio_to_floor", "x floor", ".2f"), ("peak_extra_mib_per_kl", "MiB / kL", ".1f"),
+    ("time_vs_eager", "time / eager", ".2f"), ("memory_vs_eager", "memory / eager", ".3f"),
+    ("vs_compile", "vs torch-compile", ".2f"), ("vs_sdpa", "time / sdpa", ".2f"),
+)
+
+
+def _key(r):
+    return (r["dtype"], r["B"], r["H"], r["H_kv"], r["d_s"], r["d_t"], r["causal"], r["padded"], r["L"])
+
+
+def targets(rows) -> list:
+    done = {(*_key(r), r["impl"]): r for r in rows if r["pass"] == "fwd+bwd" and r["status"] == "ok"}
+    out = []
+    for (*case, impl), r in sorted(done.items(), key=lambda kv: kv[0]):
+        if not impl.startswith("pydistill"):
+            continue
+        eager = done.get((*case, "torch-eager"))
+        compiled = done.get((*case, "torch-compile"))
+        sdpa = done.get((*case, "sdpa"))
+        out.append({
+            "dtype": r["dtype"], "B": r["B"], "H": r["H"], "L": r["L"], "causal": r["causal"],
+            "impl": impl, "median_ms": r["median_ms"], "ratio_to_floor": r.get("ratio_to_floor"),
+            "peak_extra_mib_per_kl": r.get("peak_extra_mib_per_kl"),
+            "time_vs_eager": r["median_ms"] / eager["median_ms"] if eager else None,
+            "memory_vs_eager": r.get("peak_extra_vs_eager"),
+            "vs_compile": compiled["median_ms"] / r["median_ms"] if compiled else None,
+            "vs_sdpa": r["median_ms"] / sdpa["median_ms"] if sdpa else None,
+        })
+    return out
+
+
+def _order(rows):
+    impl_rank = {name: i for i, name in enumerate(IMPL_NAMES)}
+    pass_rank = {p: i for i, p in enumerate(("all",) + PASSES)}
+    return sorted(rows, key=lambda r: (*_key(r), pass_rank[r["pass"]], impl_rank[r["impl"]]))
+
+
+def report(rows, prov: dict, argv) -> str:
+    parts = [
+        "# attention_kd_loss (MiniLM attention KL) benchmark",
+        "",
+        harness.provenance_line(prov),
+        "",
+        f"Command: `python -m bench.bench_attention_kd {' '.join(argv)}`",
+        "",
+        "Floor: FLOPs over the measured matmul rate; fwd 2 B H L^2 (d_s + d_t) (both score "
+        "maps), bwd 4 B H L^2 d_s (dQ_s, dK_s), halved (+L) when causal. `x floor` = measured / "
+        "floor; `MiB / kL` = peak extra memory per 1,024 tokens (flat when memory grows "
+        "linearly in L); `x eager` = peak extra memory / torch-eager's in the same pass. "
+        "Student queries and keys require grad, the teacher's do not; mean over valid rows, "
+        "grad_output 1. `sdpa` is the speed yardstick (flash attention fwd + bwd at the "
+        "student's shape), not the same op.",
+        "",
+        harness.markdown_table(_order(rows), TABLE),
+        "",
+        "## Targets (fwd+bwd)",
+        "",
+        "`vs torch-compile` = its time / pydistill's (above 1: pydistill faster); `time / sdpa` = "
+        "pydistill's time / flash attention's (the GPU target: <= 1.5 at L = 8,192).",
+        "",
+        harness.markdown_table(targets(rows), TARGETS_TABLE),
+    ]
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m bench.bench_attention_kd",
+        description="Time attention_kd_loss (kl) and its peers (fwd, bwd, fwd+bwd, peak memory).",
+    )
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--smoke", action="store_true", help="seconds: float32, H 2, d 16, L {64,128}")
+    preset.add_argument("--quick", action="store_true", help="CPU: float32, H 12, d 32 / 64, L 512-2048")
+    preset.add_argument("--full", action="store_true", help="GPU: bf16, B 4, H 12, d 64, L 512-16384")
+    p.add_argument("--l", type=int, nargs="+", help="sequence lengths (replace the preset's)")
+    p.add_argument("--b", type=int, help="batch (with --l)")
+    p.add_argument("--heads", type=int, help="query heads (with --l)")
+    p.add_argument("--kv-heads", type=int, help="key heads, dividing --heads (with --l)")
+    p.add_argument("--d-s", type=int, help="student head dim (with --l)")
+    p.add_argument("--d-t", type=int, help="teacher head dim (with --l)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype (with --l)")
+    p.add_argument("--causal", action="store_true", help="causal masking")
+    p.add_argument("--padded", action="store_true", help="a key-padding mask (every other sequence 3/4 long)")
+    p.add_argument("--impl", nargs="+", choices=IMPL_NAMES, help="only these implementations")
+    add_run_options(p, "attention_kd")
+    return p.parse_args(argv)
+
+
+def cases_from(opts, device) -> list:
+    preset = ("smoke" if opts.smoke else "full" if opts.full else "quick" if opts.quick else
+              "full" if device.type == "cuda" else "quick")
+    sizes = PRESETS[preset]
+    if opts.l:
+        d, b, h, h_kv, _, d_s, d_t = sizes[-1]
+        h = opts.heads or h
+        sizes = [(DTYPES[opts.dtype] if opts.dtype else d, opts.b or b, h, opts.kv_heads or h, n,
+                  opts.d_s or d_s, opts.d_t or d_t) for n in opts.l]
+    return [Case(d, b, h, h_kv, n, d_s, d_t, opts.causal, opts.padded)
+            for d, b, h, h_kv, n, d_s, d_t in sizes]
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    opts = parse_args(argv)
+    device, prov, out = start_run(opts, "attention_kd")
+    impls = [i for i in IMPLS if not opts.impl or i.name in opts.impl]
+    rows = []
+    for case in cases_from(opts, device):
+        rows.extend(run_case(case, impls, device, opts, prov))
+        # After every size: a run stopped from outside still leaves what it measured.
+        harness.write_csv(rows, out, COLUMNS)
+        text = report(rows, prov, argv)
+        out.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
