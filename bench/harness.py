@@ -583,9 +583,18 @@ def measure_passes(impl: Impl, loss_fn, case, sets, expected, device, opts, row)
             ratio_to_floor=m.median_s / floor_s, achieved_gbps=floor_bytes / m.median_s / 1e9,
             loss_rel_diff=rel_diff,
         ))
+        shown_s = _gemm_floor_s(case, pass_name, opts.floors) or floor_s
         progress(opts, f"{impl.name:26s} {pass_name:8s} {m.median_s * 1e3:10.3f} ms "
-                       f"{m.median_s / floor_s:7.2f}x floor  ({m.reps} reps)")
+                       f"{m.median_s / shown_s:7.2f}x floor  ({m.reps} reps)")
     return rows
+
+
+def _gemm_floor_s(case, pass_name: str, floors) -> Optional[float]:
+    """A GEMM-bound case's floor (``case.flops(pass)`` over the matmul rate of its dtype),
+    for the progress line; None for a memory-bound case (its rows keep the bytes floor)."""
+    flops = getattr(case, "flops", None)
+    rate = floors.matmul_rate(getattr(case, "dtype", "")) if callable(flops) else None
+    return flops(pass_name) / rate if rate else None
 
 
 def add_run_options(p: argparse.ArgumentParser, family: str):

@@ -41,7 +41,7 @@ def _fmt_ms(ms: float) -> str:
 
 def _fmt_int(text: str) -> str:
     value = _num(text)
-    return f"{int(value):,}".replace(",", " ") if value is not None and value.is_integer() else text
+    return str(int(value)) if value is not None and value.is_integer() else text
 
 
 def _run_line(rows, path: Path) -> str:
@@ -82,11 +82,11 @@ def family_table(rows, family: str) -> list:
         lines.append(f"*{family}* ({described}): fwd+bwd median time, its ratio to the floor, "
                      "peak extra memory")
         lines.append("")
-        header = [" ".join(varying) if varying else "case"] + impls
+        header = [" × ".join(varying) if varying else "case"] + impls
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for case in cases:
-            label = " ".join(_fmt_int(v) for v in case) or "-"
+            label = " × ".join(_fmt_int(v) for v in case) or "-"
             cells = [label]
             for impl in impls:
                 r = cell.get((case, impl))
@@ -110,11 +110,13 @@ def family_table(rows, family: str) -> list:
     if missing:
         by_reason = {}
         for impl, status in missing:
-            by_reason.setdefault(status.removeprefix("skipped: "), []).append(f"`{impl}`")
+            by_reason.setdefault(status.removeprefix("skipped: "), []).append(
+                "" if impl in ("-", "") else f"`{impl}`")
         if lines:
             lines.append("")
         lines.append(f"*{family}*, not run: " + "; ".join(
-            f"{', '.join(impls)}: {reason}" for reason, impls in by_reason.items()) + ".")
+            (f"{', '.join(i for i in impls if i)}: {reason}" if any(impls) else reason)
+            for reason, impls in by_reason.items()) + ".")
     return lines
 
 

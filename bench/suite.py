@@ -497,7 +497,7 @@ def summary(rows, prov: dict, argv, plans, native: dict, opts) -> str:
             parts.append(harness.markdown_table(lines, SUMMARY_TABLE))
         skipped = not_run(rows, family.name)
         if skipped:
-            parts += ["", "Not run:", ""]
+            parts += (["", "Not run:", ""] if lines else ["Not run:", ""])
             parts += [f"- `{impl}`: {status}" for impl, status in skipped]
         report = getattr(module, "report", None)
         if native.get(family.name) and callable(report) and not isinstance(module, str):
