@@ -85,7 +85,11 @@ last_line() { grep -E '(passed|failed|error|no tests ran)' "$1" 2>/dev/null | ta
 {
     echo "date (UTC): $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo "${BENCH_GIT_REV:-unknown}")"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+    else
+        echo "nvidia-smi: not found"
+    fi
     echo "wheels: ${WHEELS:-none}"
 } >"$OUT/setup.log"
 
