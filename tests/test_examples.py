@@ -29,3 +29,18 @@ def test_llm_examples_run_quick(example, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "held-out loss" in out.stdout and "student, hard labels only" in out.stdout
     assert "oracle" in out.stdout
+
+
+def test_minilm_example_runs_quick():
+    """BERT teacher -> smaller BERT with MiniLMv2 relations from Q/K/V hooks (SDPA kept): it
+    runs, and the distilled student's relation loss to the teacher falls along its run."""
+    pytest.importorskip("transformers")
+    out = subprocess.run(
+        [sys.executable, "-m", "pydistill.examples.minilm", "--quick"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "student, MLM only" in out.stdout and "student, MLM + relations" in out.stdout
+    lines = out.stdout.split("along the student runs")[1].split("\n\n")[0].splitlines()[2:]
+    relation = [float(line.split()[-1]) for line in lines]
+    assert len(relation) >= 3 and relation[-1] < relation[0], out.stdout
