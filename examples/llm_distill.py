@@ -345,13 +345,13 @@ def best(curve):
 def print_table(title, rows, oracle):
     """rows: (name, params, held-out loss at the end, (best loss, its step) or None)."""
     print(title)
-    print(f"  {'model':<40} {'params':>8} {'final loss':>11} {'perplexity':>11} {'- oracle':>9}"
+    print(f"  {'model':<44} {'params':>8} {'final loss':>11} {'perplexity':>11} {'- oracle':>9}"
           f" {'best (step)':>15}")
     for name, params, loss, low in rows:
         b = f"{low[0]:.4f} ({low[1]})" if low else ""
-        print(f"  {name:<40} {params:>8,} {loss:>11.4f} {math.exp(loss):>11.2f} "
+        print(f"  {name:<44} {params:>8,} {loss:>11.4f} {math.exp(loss):>11.2f} "
               f"{loss - oracle:>+9.4f} {b:>15}")
-    print(f"  {'oracle (the HMM, forward algorithm)':<40} {'':>8} {oracle:>11.4f} "
+    print(f"  {'oracle (the HMM, forward algorithm)':<44} {'':>8} {oracle:>11.4f} "
           f"{math.exp(oracle):>11.2f}")
     print("  (final: after the last step; best: the lowest held-out loss measured along the run,"
           " i.e. with early stopping)")
