@@ -13,6 +13,8 @@ line):
 ``trl``        TRL (``trl`` on PyPI): ``GKDTrainer.generalized_jsd_loss`` (plain PyTorch,
                any device) and, from TRL 1.16, ``trl.kernels.chunked_divergence`` (Triton,
                CUDA only)
+``sdpa``       a yardstick, not the same op: ``F.scaled_dot_product_attention`` forward +
+               backward at the attention family's shapes (bench_attention_kd.py)
 =============  ==========================================================================
 
 A builder returns the loss function or a string ``"skipped: <reason>"``: an optional peer
@@ -34,7 +36,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-KINDS = ("pydistill", "eager", "compile", "liger", "trl")
+KINDS = ("pydistill", "eager", "compile", "liger", "trl", "sdpa")
 
 
 def peer_kind(impl) -> str:
@@ -75,6 +77,7 @@ def versions() -> dict:
         "compile": f"torch {torch.__version__}",
         "liger": installed("liger-kernel"),
         "trl": installed("trl"),
+        "sdpa": f"torch {torch.__version__}",
     }
 
 

@@ -6,7 +6,7 @@ Four PNG files beside the CSV (or in ``--out-dir``), one panel per family, one l
 implementation, the pass chosen by ``--pass`` (fwd+bwd by default):
 
 ``<stem>-time_vs_V.png``       median time against the vocabulary, the other sizes fixed
-``<stem>-time_vs_N.png``       median time against the rows
+``<stem>-time_vs_N.png``       median time against the rows (attention: the tokens L)
 ``<stem>-memory_vs_N.png``     peak extra memory against the rows
 ``<stem>-ratio_to_floor.png``  measured / floor for every case of the family
 
@@ -25,8 +25,12 @@ from pathlib import Path
 
 PLOTS = ("time_vs_V", "time_vs_N", "memory_vs_N", "ratio_to_floor")
 # Which columns make a case, in the order the titles name them.
-CASE_KEYS = ("divergence", "tail", "dtype", "N", "H_s", "H_t", "V", "K", "shape_extra")
-_NUMERIC = ("N", "V", "K", "H_s", "H_t", "median_ms", "peak_extra_mib", "ratio_to_floor")
+CASE_KEYS = ("divergence", "tail", "dtype", "N", "H_s", "H_t", "V", "K", "B", "H", "H_kv", "L",
+             "d_s", "d_t", "causal", "padded", "shape_extra")
+_NUMERIC = ("N", "V", "K", "H_s", "H_t", "B", "H", "H_kv", "L", "d_s", "d_t", "median_ms",
+            "peak_extra_mib", "ratio_to_floor")
+# A family without N has its rows along another axis: attention's tokens L.
+ROW_AXES = {"N": ("N", "L")}
 
 
 def read_rows(path) -> list:
@@ -71,12 +75,14 @@ def _series_against(rows, x: str, y: str):
     series = defaultdict(list)
     for m in members:
         series[m["impl"]].append((m[x], m[y]))
-    title = " ".join(f"{k}={_fmt(v)}" if isinstance(v, float) else str(v) for k, v in fixed)
+    title = " ".join(f"{k}={_fmt(v)}" if isinstance(v, float) or v in ("True", "False") else str(v)
+                     for k, v in fixed)
     return title, {impl: sorted(points) for impl, points in sorted(series.items())}
 
 
 def _case_label(r) -> str:
-    return " ".join(f"{k}={_fmt(r[k])}" if isinstance(r.get(k), float) else str(r[k])
+    return " ".join(f"{k}={_fmt(r[k])}" if isinstance(r.get(k), float) or r[k] in ("True", "False")
+                    else str(r[k])
                     for k in CASE_KEYS if r.get(k) not in (None, "") and k not in ("divergence",))
 
 
@@ -118,6 +124,7 @@ def render(csv_path, out_dir=None, pass_name: str = "fwd+bwd", quiet: bool = Fal
                 _ratio_panel(ax, members, colors)
                 continue
             x, y, ylabel = specs[name]
+            x = next((a for a in ROW_AXES.get(x, (x,)) if any(r.get(a) is not None for r in members)), x)
             found = _series_against(members, x, y)
             if found is None:
                 ax.text(0.5, 0.5, f"fewer than two values of {x}", ha="center", va="center",

@@ -20,7 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BEGIN = "<!-- bench-results:begin (python -m bench.readme; do not edit by hand) -->"
 END = "<!-- bench-results:end -->"
-CASE_KEYS = ("divergence", "tail", "dtype", "N", "H_s", "H_t", "V", "K", "shape_extra")
+CASE_KEYS = ("divergence", "tail", "dtype", "N", "H_s", "H_t", "V", "K", "B", "H", "H_kv", "L",
+             "d_s", "d_t", "causal", "padded", "shape_extra")
 
 
 def _read(path) -> list:
@@ -77,8 +78,8 @@ def family_table(rows, family: str) -> list:
         impls = list(dict.fromkeys(r["impl"] for r in ok))
         cases = list(dict.fromkeys(tuple(r.get(k, "") for k in varying) for r in ok))
         cell = {(tuple(r.get(k, "") for k in varying), r["impl"]): r for r in ok}
-        described = " ".join(f"{k} = {_fmt_int(ok[0][k])}" if k in ("N", "V", "K", "H_s", "H_t")
-                             else ok[0][k] for k in fixed)
+        described = " ".join(ok[0][k] if k in ("divergence", "tail", "dtype", "shape_extra")
+                             else f"{k} = {_fmt_int(ok[0][k])}" for k in fixed)
         lines.append(f"*{family}* ({described}): fwd+bwd median time, its ratio to the floor, "
                      "peak extra memory")
         lines.append("")

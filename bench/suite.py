@@ -70,7 +70,7 @@ FAMILIES = (
     }),
     Family("attention", "bench.bench_attention_kd", "attention KD", "gemm", {
         "smoke": "--smoke",
-        "quick": "--quick",
+        "quick": "--quick --l 512 1024",
         "full": "--full",
     }),
 )
@@ -92,13 +92,15 @@ SMOKE_SKIPS = {"compile": "skipped: torch.compile is not timed in --smoke "
 
 COLUMNS = (
     "family", "impl", "peer", "impl_version", "divergence", "tail", "dtype", "N", "V", "K",
-    "H_s", "H_t", "shape_extra", "temperature", "beta", "grad_output", "pass", "status",
-    "median_ms", "reps", "n_sets", "peak_extra_mib", "peak_extra_nv", "peak_extra_vs_eager",
+    "H_s", "H_t", "B", "H", "H_kv", "L", "d_s", "d_t", "causal", "padded", "shape_extra",
+    "temperature", "beta", "grad_output", "pass", "status", "median_ms", "reps", "n_sets",
+    "peak_extra_mib", "peak_extra_nv", "peak_extra_vs_eager", "peak_extra_mib_per_kl",
     "floor_kind", "floor_bytes", "floor_flops", "floor_ms", "ratio_to_floor", "achieved_gbps",
     "achieved_tflops", "loss_rel_diff",
 ) + harness.PROVENANCE_COLUMNS + ("load_avg", "preset")
 # Columns that say which case a row is (everything else is a measurement or provenance).
-SHAPE_COLUMNS = ("divergence", "tail", "dtype", "N", "H_s", "H_t", "V", "K", "shape_extra")
+SHAPE_COLUMNS = ("divergence", "tail", "dtype", "N", "H_s", "H_t", "V", "K", "B", "H", "H_kv",
+                 "L", "d_s", "d_t", "causal", "padded", "shape_extra")
 # A family's column that the suite does not know goes, as name=value, into shape_extra.
 _MEASURED = {"median_ms", "reps", "n_sets", "peak_extra_mib", "status", "pass", "impl"}
 
