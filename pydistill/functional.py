@@ -750,7 +750,7 @@ def rkd_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor,
     torchdistill's defaults. Two differences: torchdistill computes the teacher's relations
     under ``no_grad``, while here a teacher that requires grad gets its gradient (detach it to
     match); and pairs closer than the precision allows (about 2e-3 of the centred embedding
-    norm in float32, 5e-8 in float64) count as coincident, direction 0 with no gradient, where
+    norm in float32, 1e-7 in float64) count as coincident, direction 0 with no gradient, where
     torchdistill takes their rounded direction (and for exact duplicates a gradient scaled by
     1e12 through ``F.normalize``'s eps).
 

@@ -39,7 +39,7 @@ eps * (||x_a||^2 + ||x_b||^2) (where the direct difference has eps * ||x||), so 
 are centred first (every RKD term is translation-invariant) and a pair whose squared
 distance is within ``COINCIDENT_ULPS`` such roundings of 0 counts as coincident: its
 direction is 0, and so are the triplets using it and their gradient. In float32 that is a
-pair closer than about 2e-3 times the (centred) embedding norm; in float64, 5e-8.
+pair closer than about 2e-3 times the (centred) embedding norm; in float64, 1e-7.
 torchdistill instead gives such a pair its rounded direction (and for an exact duplicate,
 direction 0 with a gradient scaled by 1 / 1e-12 through ``F.normalize``'s eps).
 """
