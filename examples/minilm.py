@@ -209,18 +209,17 @@ def run(args):
                               relation_weight=args.relation_weight,
                               relation_heads=s["relation_heads"])
         at_start = evaluate(student, heldout, teacher_qkv, s["relation_heads"])
-        trace = [(0, at_start)]
+        trace = []  # (MLM loss, accuracy, relation loss) at every evaluation
 
         def evaluate_and_log(student=student, trace=trace):
-            trace.append((None, evaluate(student, heldout, teacher_qkv, s["relation_heads"])))
-            return trace[-1][1][0]
+            trace.append(evaluate(student, heldout, teacher_qkv, s["relation_heads"]))
+            return trace[-1][0]
 
         curve = train(student, len(student_ids), loss_fn, steps=s["student_steps"],
                       batch=min(s["batch"], len(student_ids)), lr=args.student_lr,
                       seed=args.seed + 31, eval_fn=evaluate_and_log, eval_every=every, desc=name)
-        # (step, (MLM loss, accuracy, relation loss)) at the start and at every evaluation
-        curves[name] = [(0, at_start)] + [(step, t[1]) for (step, _), t in zip(curve, trace[1:])]
-        rows.append((name, n_params(student), *trace[-1][1][:2], best(curve)))
+        curves[name] = [(0, at_start)] + [(step, t) for (step, _), t in zip(curve, trace)]
+        rows.append((name, n_params(student), *trace[-1][:2], best(curve)))
     return s, rows, curves
 
 
@@ -272,9 +271,6 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = p.parse_args(argv)
     need_transformers()
-    if not hasattr(pydistill, "relation_kd_loss"):
-        raise SystemExit("this example needs pydistill.relation_kd_loss (attention-map "
-                         "distillation), which this installation of pydistill lacks")
     setup_threads(args.threads)
     start = time.perf_counter()
     s, rows, curves = run(args)
