@@ -1,0 +1,344 @@
+// What the CUDA kernels of every family share: element types, 16-byte vector access, the
+// per-element divergence terms, online logsumexp steps, and a "group" abstraction over the
+// threads that work on one row.
+//
+// Everything here is __host__ __device__: the same row code runs as a CUDA thread block
+// (BlockGroup) and as a single host thread (HostGroup). The host instantiation implements
+// the ops for CPU tensors, which lets a machine without a GPU test the math, the edge cases
+// (masked vocabulary, NaN, ignored rows, misaligned rows) and the op registration.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#define PD_HD __host__ __device__ __forceinline__
+
+namespace pydistill {
+
+constexpr float kNegInf = -INFINITY;
+
+// Divergence codes: pydistill.kernels.softmax_divergence.DIVERGENCE_CODES.
+enum Divergence : int { KL = 0, REVERSE_KL = 1, JSD = 2, TVD = 3, SKEW_KL = 4, SKEW_REVERSE_KL = 5 };
+
+// ------------------------------------------------------------------------------------------
+// math that resolves to the device intrinsics in device code and to libm on the host
+// ------------------------------------------------------------------------------------------
+PD_HD float pd_exp(float x) { return expf(x); }
+PD_HD float pd_log(float x) { return logf(x); }
+PD_HD float pd_max(float a, float b) { return fmaxf(a, b); }  // NaN is dropped: see Pass1
+PD_HD float finite_or_zero(float m) { return m == kNegInf ? 0.0f : m; }
+
+// cap * tanh(z / cap) from one exp of a non-positive argument; -inf stays -inf.
+PD_HD float softcap(float z, float cap) {
+  float y = z / cap;
+  float e = pd_exp(-2.0f * fabsf(y));
+  float th = (1.0f - e) / (1.0f + e);
+  th = y < 0.0f ? -th : th;
+  return z == kNegInf ? z : cap * th;
+}
+
+// d cap(x) / dx at cap(x) = z: 1 - (z / c)^2, and 0 at masked (-inf) entries.
+PD_HD float softcap_slope(float z, float cap) {
+  float th = z / cap;
+  return z == kNegInf ? 0.0f : 1.0f - th * th;
+}
+
+// ------------------------------------------------------------------------------------------
+// element types: load in the input dtype, compute in float32, round once on store
+// ------------------------------------------------------------------------------------------
+PD_HD float to_float(float x) { return x; }
+PD_HD float to_float(__half x) { return __half2float(x); }
+PD_HD float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> PD_HD T from_float(float x);
+template <> PD_HD float from_float<float>(float x) { return x; }
+template <> PD_HD __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> PD_HD __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Elements per 16-byte vector.
+template <typename T> struct Vec { static constexpr int N = 16 / sizeof(T); };
+
+// A chunk is either one 16-byte vector (n == Vec<T>::N, aligned) or one element (n == 1).
+template <typename T>
+PD_HD void load_chunk(const T* p, int64_t j, int n, float* out) {
+  constexpr int N = Vec<T>::N;
+  if (n == N) {
+    T v[N];
+#ifdef __CUDA_ARCH__
+    uint4 u = *reinterpret_cast<const uint4*>(p + j);
+    memcpy(v, &u, 16);
+#else
+    memcpy(v, p + j, 16);
+#endif
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = to_float(v[i]);
+  } else {
+    out[0] = to_float(p[j]);
+  }
+}
+
+template <typename T>
+PD_HD void store_chunk(T* p, int64_t j, int n, const float* in) {
+  constexpr int N = Vec<T>::N;
+  if (n == N) {
+    T v[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = from_float<T>(in[i]);
+#ifdef __CUDA_ARCH__
+    uint4 u;
+    memcpy(&u, v, 16);
+    *reinterpret_cast<uint4*>(p + j) = u;
+#else
+    memcpy(p + j, v, 16);
+#endif
+  } else {
+    p[j] = from_float<T>(in[0]);
+  }
+}
+
+// Misalignment of a row start, in elements, within a 16-byte vector.
+template <typename T>
+PD_HD int misalignment(const void* p) {
+  return static_cast<int>((reinterpret_cast<uintptr_t>(p) % 16) / sizeof(T));
+}
+
+// How one row splits into chunks: a scalar head up to the first address where every pointer
+// the pass touches is 16-byte aligned, whole vectors, a scalar tail. Pointers that disagree
+// on their misalignment (e.g. a sliced student against a contiguous gradient) cannot share
+// vectors: then the whole row is scalar.
+struct RowSplit {
+  int64_t head;  // scalar elements [0, head)
+  int64_t nvec;  // vectors [head, head + nvec * N)
+};
+
+template <typename T>
+PD_HD RowSplit row_split(int64_t V, const void* a, const void* b, const void* c, const void* d) {
+  constexpr int N = Vec<T>::N;
+  const void* ptrs[4] = {a, b, c, d};
+  int mis = -1;
+  for (int i = 0; i < 4; ++i) {
+    if (ptrs[i] == nullptr) continue;
+    int m = misalignment<T>(ptrs[i]);
+    if (mis >= 0 && m != mis) return RowSplit{V, 0};
+    mis = m;
+  }
+  if (mis < 0) mis = 0;
+  int64_t head = (N - mis) % N;
+  if (head > V) head = V;
+  return RowSplit{head, (V - head) / N};
+}
+
+// Calls f(col, n) for the chunks of a row that thread `tid` of `nthreads` owns: consecutive
+// threads take consecutive vectors (coalesced). `reverse` walks the vectors from the row's end
+// (a pass right after another one then starts on what is most likely still in L2).
+template <typename T, typename F>
+PD_HD void for_chunks(int64_t V, RowSplit sp, int tid, int nthreads, bool reverse, F&& f) {
+  constexpr int N = Vec<T>::N;
+  for (int64_t j = tid; j < sp.head; j += nthreads) f(j, 1);
+  if (reverse) {
+    for (int64_t i = sp.nvec - 1 - tid; i >= 0; i -= nthreads) f(sp.head + i * N, N);
+  } else {
+    for (int64_t i = tid; i < sp.nvec; i += nthreads) f(sp.head + i * N, N);
+  }
+  for (int64_t j = sp.head + sp.nvec * N + tid; j < V; j += nthreads) f(j, 1);
+}
+
+// ------------------------------------------------------------------------------------------
+// thread groups: the threads that share one row
+// ------------------------------------------------------------------------------------------
+struct HostGroup {
+  PD_HD int tid() const { return 0; }
+  PD_HD int size() const { return 1; }
+  PD_HD float sum(float x) { return x; }
+  PD_HD double sum_d(double x) { return x; }
+  PD_HD float max(float x) { return x; }
+  PD_HD void sync() {}
+};
+
+#ifdef __CUDACC__
+// One thread block; blockDim.x a multiple of 32, at most 1024. Each reduction returns the
+// block-wide result to every thread.
+struct BlockGroup {
+  double* scratch;  // 33 doubles of shared memory
+#ifdef __CUDA_ARCH__
+  PD_HD int tid() const { return threadIdx.x; }
+  PD_HD int size() const { return blockDim.x; }
+  PD_HD void sync() { __syncthreads(); }
+#else  // never instantiated for the host; defined so that host passes of nvcc see no device calls
+  PD_HD int tid() const { return 0; }
+  PD_HD int size() const { return 1; }
+  PD_HD void sync() {}
+#endif
+
+  template <bool IS_MAX, typename V>
+  PD_HD V reduce(V x) {
+#ifdef __CUDA_ARCH__
+    V* buf = reinterpret_cast<V*>(scratch);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      V y = __shfl_xor_sync(0xffffffffu, x, o);
+      x = IS_MAX ? (y > x || x != x ? y : x) : x + y;  // max drops NaN, as fmaxf
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    if (lane == 0) buf[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+      x = lane < nwarps ? buf[lane] : (IS_MAX ? V(kNegInf) : V(0));
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        V y = __shfl_xor_sync(0xffffffffu, x, o);
+        x = IS_MAX ? (y > x || x != x ? y : x) : x + y;  // max drops NaN, as fmaxf
+      }
+      if (lane == 0) buf[32] = x;
+    }
+    __syncthreads();
+    return buf[32];
+#else
+    return x;
+#endif
+  }
+  PD_HD float sum(float x) { return reduce<false>(x); }
+  PD_HD double sum_d(double x) { return reduce<false>(x); }
+  PD_HD float max(float x) { return reduce<true>(x); }
+};
+#endif
+
+// ------------------------------------------------------------------------------------------
+// online logsumexp
+// ------------------------------------------------------------------------------------------
+
+// Running max m and sum l of e^{x - m}.
+struct Lse {
+  float m = kNegInf;
+  float l = 0.0f;
+
+  // Folds n values into the state. The max skips NaN (fmaxf), the sum does not: a NaN
+  // value makes l NaN, so the row's loss is NaN.
+  PD_HD void add(const float* x, int n) {
+    float mc = m;
+    for (int i = 0; i < n; ++i) mc = pd_max(mc, x[i]);
+    float mf = finite_or_zero(mc);
+    float acc = l * pd_exp(m - mf);
+    for (int i = 0; i < n; ++i) acc += pd_exp(x[i] - mf);
+    m = mc;
+    l = acc;
+  }
+  // The group-wide state, in every thread.
+  template <typename G>
+  PD_HD Lse reduce(G& g) const {
+    Lse r;
+    r.m = g.max(m);
+    r.l = g.sum(l == 0.0f ? 0.0f : l * pd_exp(m - finite_or_zero(r.m)));
+    return r;
+  }
+  PD_HD float log_l() const { return pd_log(l); }
+};
+
+// The kl accumulator of one partial state, moved from the maxima it was taken at (m_a, m_b)
+// to new ones (M_a, M_b):  A = sum_j e^{a_j - m_a} ((a_j - m_a) - (b_j - m_b)).
+// Maxima in their finite form (-inf -> 0), as in the Triton kernel.
+PD_HD float kl_move(float acc, float l_a, float m_a, float M_a, float m_b, float M_b) {
+  float ma = finite_or_zero(m_a), Ma = finite_or_zero(M_a);
+  float mb = finite_or_zero(m_b), Mb = finite_or_zero(M_b);
+  return l_a > 0.0f ? pd_exp(ma - Ma) * (acc + l_a * ((ma - Ma) - (mb - Mb))) : 0.0f;
+}
+
+// ------------------------------------------------------------------------------------------
+// per-element divergence terms (table in kernels/softmax_divergence.py's docstring)
+// ------------------------------------------------------------------------------------------
+struct Terms {
+  float p, q, d, qh, pu;
+};
+
+// Every product with a probability is masked where that probability is exactly 0, so
+// entries that are -inf in the logits contribute 0 and never NaN, while a NaN probability
+// propagates.
+template <int DIV>
+PD_HD Terms pointwise(float log_p, float log_q, float beta) {
+  Terms r;
+  const float p = pd_exp(log_p), q = pd_exp(log_q);
+  r.p = p;
+  r.q = q;
+  if (DIV == KL) {
+    r.d = p != 0.0f ? p * (log_p - log_q) : 0.0f;
+    r.qh = -p;
+    r.pu = p != 0.0f ? p * (log_p - log_q + 1.0f) : 0.0f;
+  } else if (DIV == REVERSE_KL) {
+    r.d = q != 0.0f ? q * (log_q - log_p) : 0.0f;
+    r.qh = q != 0.0f ? q * (log_q - log_p + 1.0f) : 0.0f;
+    r.pu = -q;
+  } else if (DIV == JSD) {
+    const float log_m = pd_log(beta * p + (1.0f - beta) * q);
+    r.pu = beta * (p != 0.0f ? p * (log_p - log_m) : 0.0f);
+    r.qh = (1.0f - beta) * (q != 0.0f ? q * (log_q - log_m) : 0.0f);
+    r.d = r.pu + r.qh;
+  } else if (DIV == TVD) {
+    const float g = q > p ? 0.5f : (q < p ? -0.5f : 0.0f);
+    r.d = 0.5f * fabsf(p - q);
+    r.qh = q * g;
+    r.pu = -p * g;
+  } else if (DIV == SKEW_KL) {
+    const float m = beta * p + (1.0f - beta) * q;
+    const float ratio = m != 0.0f ? p / m : 0.0f;
+    const float log_ratio = log_p - pd_log(m);
+    r.d = p != 0.0f ? p * log_ratio : 0.0f;
+    r.qh = -(1.0f - beta) * q * ratio;
+    r.pu = p != 0.0f ? p * (log_ratio - beta * ratio) : 0.0f;
+  } else {  // SKEW_REVERSE_KL
+    const float m = beta * q + (1.0f - beta) * p;
+    const float ratio = m != 0.0f ? q / m : 0.0f;
+    const float log_ratio = log_q - pd_log(m);
+    r.d = q != 0.0f ? q * log_ratio : 0.0f;
+    r.qh = q != 0.0f ? q * (log_ratio - beta * ratio) : 0.0f;
+    r.pu = -(1.0f - beta) * p * ratio;
+  }
+  return r;
+}
+
+// ------------------------------------------------------------------------------------------
+// compile-time dispatch: f(DivTag<DIV>{}, TypeTag<T>{}) for run-time codes (args.h DType)
+// ------------------------------------------------------------------------------------------
+template <int D> struct DivTag { static constexpr int value = D; };
+template <typename T> struct TypeTag { using type = T; };
+
+template <typename T, typename F>
+const char* dispatch_divergence(int divergence, F&& f) {
+  switch (divergence) {
+    case KL: return f(DivTag<KL>{}, TypeTag<T>{});
+    case REVERSE_KL: return f(DivTag<REVERSE_KL>{}, TypeTag<T>{});
+    case JSD: return f(DivTag<JSD>{}, TypeTag<T>{});
+    case TVD: return f(DivTag<TVD>{}, TypeTag<T>{});
+    case SKEW_KL: return f(DivTag<SKEW_KL>{}, TypeTag<T>{});
+    case SKEW_REVERSE_KL: return f(DivTag<SKEW_REVERSE_KL>{}, TypeTag<T>{});
+    default: return "divergence: expected a code in [0, 6)";
+  }
+}
+
+template <typename F>
+const char* dispatch(int divergence, int dtype, F&& f) {
+  switch (dtype) {
+    case 0: return dispatch_divergence<float>(divergence, f);
+    case 1: return dispatch_divergence<__half>(divergence, f);
+    case 2: return dispatch_divergence<__nv_bfloat16>(divergence, f);
+    default: return "dtype: expected float32, float16 or bfloat16";
+  }
+}
+
+// Threads per row: 32..512, about four 16-byte vectors per thread.
+inline int threads_for_row(int64_t V, int64_t elems_per_vec) {
+  const int64_t want = (V / elems_per_vec + 3) / 4;
+  int t = 32;
+  while (t < 512 && t < want) t *= 2;
+  return t;
+}
+
+// Row addressing of a (..., V) tensor whose leading dims collapse to (outer, inner).
+PD_HD int64_t row_offset(int64_t row, int64_t n_inner, int64_t stride_outer, int64_t stride_inner) {
+  return (row / n_inner) * stride_outer + (row % n_inner) * stride_inner;
+}
+
+}  // namespace pydistill

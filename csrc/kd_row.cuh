@@ -1,0 +1,271 @@
+// kd_loss, one row: the algorithm of kernels/softmax_divergence.py (whose docstring has the
+// derivation and the gradient table), written once for every thread group (common.cuh).
+#pragma once
+
+#include "args.h"
+#include "common.cuh"
+
+namespace pydistill {
+
+struct KDRowState {
+  int64_t label;
+  bool active;
+  float m_s, ll_s, m_t, ll_t, m_1, ll_1, s_q, s_p, div;
+};
+
+template <typename T>
+PD_HD const T* kd_student_row(const KDArgs& a, int64_t row) {
+  return static_cast<const T*>(a.s) + row_offset(row, a.n_inner, a.s_so, a.s_si);
+}
+template <typename T>
+PD_HD const T* kd_teacher_row(const KDArgs& a, int64_t row) {
+  return static_cast<const T*>(a.t) + row_offset(row, a.n_inner, a.t_so, a.t_si);
+}
+
+// Loads n logits (soft-capped) of a chunk.
+template <typename T>
+PD_HD void kd_load(const T* p, int64_t j, int n, const KDArgs& a, float* z) {
+  load_chunk(p, j, n, z);
+  if (a.has_softcap)
+    for (int i = 0; i < n; ++i) z[i] = softcap(z[i], a.softcap);
+}
+
+// ---- pass 1: online logsumexps, and kl / reverse_kl online --------------------------------
+struct KDPass1 {
+  Lse s, t, one;
+  float acc = 0.0f;
+
+  // zs, zt: n soft-capped logits of the same columns (zt unused without the soft term)
+  template <int DIV>
+  PD_HD void add(const float* zs, const float* zt, int n, const KDArgs& a) {
+    constexpr int N = 16;  // large enough for any chunk
+    float xs[N], xt[N];
+    for (int i = 0; i < n; ++i) xs[i] = zs[i] * a.inv_t;
+    if (a.has_soft) {
+      for (int i = 0; i < n; ++i) xt[i] = zt[i] * a.inv_t;
+      if (DIV == KL || DIV == REVERSE_KL) {
+        // A += terms of this chunk, all at the new maxima
+        const float* xa = DIV == KL ? xt : xs;
+        const float* xb = DIV == KL ? xs : xt;
+        const Lse& la = DIV == KL ? t : s;
+        const Lse& lb = DIV == KL ? s : t;
+        float ma_new = la.m, mb_new = lb.m;
+        for (int i = 0; i < n; ++i) {
+          ma_new = pd_max(ma_new, xa[i]);
+          mb_new = pd_max(mb_new, xb[i]);
+        }
+        float carried = kl_move(acc, la.l, la.m, ma_new, lb.m, mb_new);
+        const float maf = finite_or_zero(ma_new), mbf = finite_or_zero(mb_new);
+        for (int i = 0; i < n; ++i) {
+          const float e = pd_exp(xa[i] - maf);
+          carried += xa[i] > kNegInf ? e * ((xa[i] - maf) - (xb[i] - mbf)) : 0.0f;
+        }
+        acc = carried;
+      }
+      t.add(xt, n);
+    }
+    s.add(xs, n);
+    if (a.ce_separate) one.add(zs, n);
+  }
+
+  // The group-wide state in every thread; the kl accumulator is moved to the group maxima
+  // with each thread's own maxima and sums before they are combined.
+  template <int DIV, typename G>
+  PD_HD KDPass1 reduce(G& g, const KDArgs& a) const {
+    KDPass1 r;
+    r.s.m = g.max(s.m);
+    if (a.has_soft) r.t.m = g.max(t.m);
+    if (a.has_soft && (DIV == KL || DIV == REVERSE_KL)) {
+      const float moved = DIV == KL ? kl_move(acc, t.l, t.m, r.t.m, s.m, r.s.m)
+                                    : kl_move(acc, s.l, s.m, r.s.m, t.m, r.t.m);
+      r.acc = g.sum(moved);
+    }
+    r.s.l = g.sum(s.l == 0.0f ? 0.0f : s.l * pd_exp(s.m - finite_or_zero(r.s.m)));
+    if (a.has_soft) r.t.l = g.sum(t.l == 0.0f ? 0.0f : t.l * pd_exp(t.m - finite_or_zero(r.t.m)));
+    if (a.ce_separate) r.one = one.reduce(g);
+    return r;
+  }
+};
+
+// ---- pass 2 (jsd, tvd, skew_*): D, S_q, S_p from both logsumexps --------------------------
+struct KDPass2 {
+  float d = 0.0f, qh = 0.0f, pu = 0.0f;
+
+  template <int DIV>
+  PD_HD void add(const float* zs, const float* zt, int n, const KDArgs& a, const KDRowState& st) {
+    for (int i = 0; i < n; ++i) {
+      const Terms r = pointwise<DIV>(zt[i] * a.inv_t - st.m_t - st.ll_t,
+                                     zs[i] * a.inv_t - st.m_s - st.ll_s, a.beta);
+      d += r.d;
+      qh += r.qh;
+      pu += r.pu;
+    }
+  }
+  template <typename G>
+  PD_HD KDPass2 reduce(G& g) const {
+    KDPass2 r;
+    r.d = g.sum(d);
+    r.qh = g.sum(qh);
+    r.pu = g.sum(pu);
+    return r;
+  }
+};
+
+// Statistics of a row from its group-wide pass-1 (and pass-2) results.
+template <int DIV>
+PD_HD void kd_finish_pass1(const KDPass1& p1, const KDArgs& a, KDRowState& st) {
+  st.m_s = p1.s.m;
+  st.ll_s = p1.s.log_l();
+  st.m_t = p1.t.m;
+  st.ll_t = p1.t.log_l();
+  if (a.ce_separate) {
+    st.m_1 = p1.one.m;
+    st.ll_1 = p1.one.log_l();
+  } else {
+    st.m_1 = st.m_s;
+    st.ll_1 = st.ll_s;
+  }
+  st.div = st.s_q = st.s_p = 0.0f;
+  if (a.has_soft) {
+    if (DIV == KL) {
+      st.div = p1.acc / p1.t.l - pd_log(p1.t.l) + pd_log(p1.s.l);
+      st.s_q = -1.0f;
+      st.s_p = st.div + 1.0f;
+    } else if (DIV == REVERSE_KL) {
+      st.div = p1.acc / p1.s.l - pd_log(p1.s.l) + pd_log(p1.t.l);
+      st.s_q = st.div + 1.0f;
+      st.s_p = -1.0f;
+    }
+  }
+}
+
+PD_HD void kd_finish_pass2(const KDPass2& p2, KDRowState& st) {
+  st.div = p2.d;
+  st.s_q = p2.qh;
+  st.s_p = p2.pu;
+}
+
+// loss = soft_scale D + hard_weight (lse(z_s) - z_s[y]); 0 for an ignored row. An
+// out-of-range label is never loaded: it gives NaN.
+template <typename T>
+PD_HD float kd_row_loss(const KDArgs& a, const T* s_row, const KDRowState& st) {
+  if (!st.active) return 0.0f;
+  float loss = a.has_soft ? a.soft_scale * st.div : 0.0f;
+  if (a.has_hard) {
+    float z_y = NAN;
+    if (st.label >= 0 && st.label < a.V) {
+      z_y = to_float(s_row[st.label]);
+      if (a.has_softcap) z_y = softcap(z_y, a.softcap);
+    }
+    loss += a.hard_weight * ((st.m_1 - z_y) + st.ll_1);
+  }
+  return loss;
+}
+
+// The gradient of row_scale * loss for n columns starting at col: zs, zt the soft-capped
+// logits (zt read only with the soft term), written to gs / gt (either may be null).
+template <int DIV>
+PD_HD void kd_grad_chunk(const float* zs, const float* zt, int n, int64_t col, const KDArgs& a,
+                         const KDRowState& st, float row_scale, float* gs, float* gt) {
+  const float soft_coef = a.soft_scale * a.inv_t;
+  for (int i = 0; i < n; ++i) {
+    const float xs = zs[i] * a.inv_t;
+    float g_s = 0.0f, g_t = 0.0f;
+    if (a.has_soft) {
+      const Terms r = pointwise<DIV>(zt[i] * a.inv_t - st.m_t - st.ll_t, xs - st.m_s - st.ll_s, a.beta);
+      g_s = soft_coef * (r.qh - r.q * st.s_q);
+      g_t = soft_coef * (r.pu - r.p * st.s_p);
+    }
+    if (a.has_hard) {
+      const float soft1 = a.ce_separate ? pd_exp(zs[i] - st.m_1 - st.ll_1) : pd_exp(xs - st.m_s - st.ll_s);
+      g_s += a.hard_weight * (soft1 - (col + i == st.label ? 1.0f : 0.0f));
+    }
+    if (gs) {
+      if (a.has_softcap) g_s *= softcap_slope(zs[i], a.softcap);
+      gs[i] = g_s * row_scale;
+    }
+    if (gt) {
+      if (a.has_softcap && a.has_soft) g_t *= softcap_slope(zt[i], a.softcap);
+      gt[i] = g_t * row_scale;
+    }
+  }
+}
+
+PD_HD float kd_row_scale(const KDArgs& a, int64_t row) {
+  return a.row_scale ? a.row_scale[row * a.row_scale_stride] : 1.0f;
+}
+
+// The whole row, for any thread group: forward (stats, loss) when a.compute_stats, the
+// gradient when a.gs / a.gt are set (from the stats just computed, or from the saved ones).
+template <int DIV, typename T, typename G>
+PD_HD void kd_row(const KDArgs& a, int64_t row, G& g) {
+  constexpr int N = Vec<T>::N;
+  const T* s_row = kd_student_row<T>(a, row);
+  const T* t_row = a.has_soft ? kd_teacher_row<T>(a, row) : nullptr;
+  T* gs_row = a.gs ? static_cast<T*>(a.gs) + row * a.V : nullptr;
+  T* gt_row = a.gt ? static_cast<T*>(a.gt) + row * a.V : nullptr;
+
+  KDRowState st;
+  st.label = a.labels ? a.labels[row] : -1;
+  st.active = a.labels ? st.label != a.ignore_index : true;
+  const bool need_pass2 = a.has_soft && !(DIV == KL || DIV == REVERSE_KL);
+
+  if (a.compute_stats) {
+    if (st.active) {
+      const RowSplit sp = row_split<T>(a.V, s_row, t_row, nullptr, nullptr);
+      KDPass1 p1;
+      for_chunks<T>(a.V, sp, g.tid(), g.size(), false, [&](int64_t j, int n) {
+        float zs[N], zt[N];
+        kd_load(s_row, j, n, a, zs);
+        if (a.has_soft) kd_load(t_row, j, n, a, zt);
+        p1.template add<DIV>(zs, zt, n, a);
+      });
+      kd_finish_pass1<DIV>(p1.template reduce<DIV>(g, a), a, st);
+      if (need_pass2) {
+        KDPass2 p2;
+        for_chunks<T>(a.V, sp, g.tid(), g.size(), true, [&](int64_t j, int n) {
+          float zs[N], zt[N];
+          kd_load(s_row, j, n, a, zs);
+          kd_load(t_row, j, n, a, zt);
+          p2.template add<DIV>(zs, zt, n, a, st);
+        });
+        kd_finish_pass2(p2.reduce(g), st);
+      }
+    } else {
+      st.m_s = st.m_t = st.m_1 = kNegInf;
+      st.ll_s = st.ll_t = st.ll_1 = kNegInf;
+      st.div = st.s_q = st.s_p = 0.0f;
+    }
+    if (g.tid() == 0) {
+      if (a.loss) a.loss[row] = kd_row_loss(a, s_row, st);
+      if (a.stats) {
+        float* o = a.stats + row * KD_STATS;
+        o[0] = st.m_s; o[1] = st.ll_s; o[2] = st.m_t; o[3] = st.ll_t;
+        o[4] = st.m_1; o[5] = st.ll_1; o[6] = st.s_q; o[7] = st.s_p;
+      }
+    }
+  } else {
+    const float* o = a.stats + row * KD_STATS;
+    st.m_s = o[0]; st.ll_s = o[1]; st.m_t = o[2]; st.ll_t = o[3];
+    st.m_1 = o[4]; st.ll_1 = o[5]; st.s_q = o[6]; st.s_p = o[7];
+  }
+
+  if (!gs_row && !gt_row) return;
+  const float scale = kd_row_scale(a, row);
+  const RowSplit sp = row_split<T>(a.V, s_row, t_row, gs_row, gt_row);
+  for_chunks<T>(a.V, sp, g.tid(), g.size(), true, [&](int64_t j, int n) {
+    float outs[N], outt[N];
+    if (st.active) {
+      float zs[N], zt[N];
+      kd_load(s_row, j, n, a, zs);
+      if (a.has_soft) kd_load(t_row, j, n, a, zt);
+      kd_grad_chunk<DIV>(zs, zt, n, j, a, st, scale, gs_row ? outs : nullptr, gt_row ? outt : nullptr);
+    } else {  // an ignored row: zeros, nothing read
+      for (int i = 0; i < n; ++i) outs[i] = outt[i] = 0.0f;
+    }
+    if (gs_row) store_chunk(gs_row, j, n, outs);
+    if (gt_row) store_chunk(gt_row, j, n, outt);
+  });
+}
+
+}  // namespace pydistill
