@@ -33,7 +33,7 @@ Run it (a few minutes on two CPU cores; ``--quick`` is a smoke test of well unde
 
     pip install "pydistill-kernels[examples]"      # transformers
     python -m pydistill.examples.minilm
-    python -m pydistill.examples.minilm --quick
+    python -m pydistill.examples.minilm --quick --plot /tmp/minilm.png
 """
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 import pydistill
 from pydistill.examples.llm_distill import (
-    best, make_language, n_params, need_transformers, sample_corpus, setup_threads, train,
+    best, make_language, n_params, need_transformers, sample_corpus, save_plot, setup_threads,
+    train,
 )
 
 PAD, MASK, SPECIAL = 0, 1, 2  # token ids 0 and 1 are special; the language's tokens follow
@@ -250,9 +251,10 @@ def print_report(s, rows, curves, elapsed, args):
     gain = rows[1][2] - rows[2][2]
     gain_best = rows[1][4][0] - rows[2][4][0]
     print()
+    verdict = ("no clear difference" if abs(gain_best) < 0.01 else
+               "distillation helps" if gain_best > 0 else "distillation does not help")
     print(f"relations - MLM only: {gain:+.4f} nats/token at the end, {gain_best:+.4f} at each "
-          f"run's best ({'distillation helps' if gain_best > 0 else 'distillation does not help'} "
-          f"here; {elapsed:.0f} s)")
+          f"run's best ({verdict} here; {elapsed:.0f} s)")
     if args.quick:
         print("(--quick is a smoke test: the teacher is undertrained and the runs short)")
 
@@ -269,12 +271,19 @@ def main(argv=None) -> int:
                    help="weight of the relation loss next to the MLM loss")
     p.add_argument("--student-lr", type=float, default=1e-2)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--plot", default=None, help="where to save the plot (PNG); '' for none")
     args = p.parse_args(argv)
     need_transformers()
     setup_threads(args.threads)
     start = time.perf_counter()
     s, rows, curves = run(args)
     print_report(s, rows, curves, time.perf_counter() - start, args)
+    plot = save_plot(args.plot if args.plot is not None else "minilm.png",
+                     "Student held-out MLM loss: MLM alone vs MLM + relations",
+                     {name: [(step, r[0]) for step, r in curve] for name, curve in curves.items()},
+                     ylabel="held-out MLM loss (nats/masked token)")
+    if plot:
+        print(f"plot: {plot}")
     return 0
 
 

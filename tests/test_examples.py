@@ -31,13 +31,14 @@ def test_llm_examples_run_quick(example, tmp_path):
     assert "oracle" in out.stdout
 
 
-def test_minilm_example_runs_quick():
+def test_minilm_example_runs_quick(tmp_path):
     """BERT teacher -> smaller BERT with MiniLMv2 relations from Q/K/V hooks (SDPA kept): it
     runs, and the distilled student's relation loss to the teacher falls along its run."""
     pytest.importorskip("transformers")
     out = subprocess.run(
-        [sys.executable, "-m", "pydistill.examples.minilm", "--quick"],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "pydistill.examples.minilm", "--quick", "--plot",
+         str(tmp_path / "minilm.png")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "student, MLM only" in out.stdout and "student, MLM + relations" in out.stdout
