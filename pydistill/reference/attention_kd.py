@@ -216,14 +216,16 @@ def _block_shape(length: int, elements: int):
 
 
 def _kl_blocks(qs, ks, qt, kt, valid_bh, cfg: AttentionKDConfig, rows_out, weight, grads):
-    """Loop over (head rows, query block) slabs of the flattened (B*H, L, d) inputs (keys
-    already expanded to the query heads and zeroed where padded; ``valid_bh``: (B*H, L) bool
-    or None). Writes the per-row KL into ``rows_out`` (B*H, L). With ``weight`` ((B*H, L),
-    d loss / d row_i, 0 on padded rows) it also writes the gradients into ``grads`` =
-    [dqs, dks, dqt, dkt] (zero-filled buffers; None where not wanted)."""
+    """Loop over (head rows, query block) slabs of the flattened (B*H, L, d) inputs (queries
+    already multiplied by their scale, keys expanded to the query heads, both zeroed where
+    padded; ``valid_bh``: (B*H, L) bool or None). Writes the per-row KL into ``rows_out``
+    (B*H, L). With ``weight`` ((B*H, L): d loss / d row_i) it also writes the gradients into
+    ``grads`` = [dqs, dks, dqt, dkt] (zero-filled buffers; None where not wanted). In place
+    wherever a slab is dead: on the CPU the passes over the slabs cost as much as the GEMMs."""
     n_bh, length = qs.shape[0], qs.shape[1]
     n_rows, block = _block_shape(length, BLOCK_ELEMENTS)
     dqs, dks, dqt, dkt = grads if grads is not None else (None,) * 4
+    need_t = dqt is not None or dkt is not None
     for r0 in range(0, n_bh, n_rows):
         r1 = min(n_bh, r0 + n_rows)
         v = valid_bh[r0:r1] if valid_bh is not None else None
@@ -231,50 +233,53 @@ def _kl_blocks(qs, ks, qt, kt, valid_bh, cfg: AttentionKDConfig, rows_out, weigh
             i1 = min(length, i0 + block)
             n_keys = i1 if cfg.causal else length  # causal: later keys are all masked
             allowed = allowed_keys(v, range(i0, i1), n_keys, cfg.causal, qs.device)
-            if allowed is not None:
-                allowed = allowed[:, 0]
             q_s, q_t = qs[r0:r1, i0:i1], qt[r0:r1, i0:i1]
             k_s, k_t = ks[r0:r1, :n_keys], kt[r0:r1, :n_keys]
-            s = torch.matmul(q_s, k_s.transpose(-1, -2)).mul_(cfg.student_scale)
-            t = torch.matmul(q_t, k_t.transpose(-1, -2)).mul_(cfg.teacher_scale)
+            s = torch.matmul(q_s, k_s.transpose(-1, -2))
+            t = torch.matmul(q_t, k_t.transpose(-1, -2))
             if allowed is not None:
+                allowed = allowed[:, 0]
                 s.masked_fill_(~allowed, -math.inf)
                 t.masked_fill_(~allowed, -math.inf)
             log_q = torch.log_softmax(s, dim=-1)
+            del s
             log_p = torch.log_softmax(t, dim=-1)
-            del s, t
+            del t
             p = log_p.exp()
-            keep = p != 0
-            # log p - log q is NaN only at masked keys (-inf - -inf), where p = 0
-            d = torch.where(keep, (log_p - log_q).mul_(p), 0.0)
-            row = d.sum(-1)
-            del d
+            log_ratio = log_p.sub_(log_q)
+            if allowed is not None:  # -inf - -inf at the masked keys, where p = 0
+                log_ratio.masked_fill_(~allowed, 0.0)
+            row = (log_ratio * p if need_t else log_ratio.mul_(p)).sum(-1)
             if v is not None:
                 row = torch.where(v[:, i0:i1], row, 0.0)
             rows_out[r0:r1, i0:i1] = row
             if weight is None:
                 continue
             w = weight[r0:r1, i0:i1, None]
-            live = w != 0  # padded rows (possibly without any key: a NaN softmax) stay 0
-            if dqs is not None or dks is not None:
-                g = torch.where(live, (log_q.exp() - p) * w, 0.0)
-                if dqs is not None:
-                    torch.matmul(g, k_s, out=dqs[r0:r1, i0:i1]).mul_(cfg.student_scale)
-                if dks is not None:
-                    dks[r0:r1, :n_keys].add_(torch.matmul(g.transpose(-1, -2), q_s), alpha=cfg.student_scale)
-            if dqt is not None or dkt is not None:
-                lr = torch.where(keep, log_p - log_q, 0.0).sub_(row[..., None])
-                g = torch.where(live & keep, p * lr * w, 0.0)
+            padded = ~v[:, i0:i1, None] if v is not None else None  # may have no key: NaN
+            if need_t:  # d row / d t_ij = p_ij (log p_ij - log q_ij - row_i)
+                g = log_ratio.sub_(row[..., None]).mul_(p).mul_(w)
+                if padded is not None:
+                    g.masked_fill_(padded, 0.0)
                 if dqt is not None:
                     torch.matmul(g, k_t, out=dqt[r0:r1, i0:i1]).mul_(cfg.teacher_scale)
                 if dkt is not None:
-                    dkt[r0:r1, :n_keys].add_(torch.matmul(g.transpose(-1, -2), q_t), alpha=cfg.teacher_scale)
+                    dkt[r0:r1, :n_keys].add_(torch.matmul(g.transpose(-1, -2), q_t))
+            if dqs is not None or dks is not None:  # d row / d s_ij = q_ij - p_ij
+                g = log_q.exp_().sub_(p).mul_(w)
+                if padded is not None:
+                    g.masked_fill_(padded, 0.0)
+                if dqs is not None:
+                    torch.matmul(g, k_s, out=dqs[r0:r1, i0:i1]).mul_(cfg.student_scale)
+                if dks is not None:
+                    dks[r0:r1, :n_keys].add_(torch.matmul(g.transpose(-1, -2), q_s))
 
 
-def _prepare(q, k, valid, heads, dtype):
-    """(B*H, L, d) queries and expanded keys in ``dtype``, padded positions zeroed (they may
-    hold anything, NaN included, and are never part of a counted term)."""
-    q, k = q.to(dtype), expand_heads(k, heads).to(dtype)
+def _prepare(q, k, valid, heads, scale, dtype):
+    """(B*H, L, d) queries times ``scale`` and keys expanded to the query heads, in ``dtype``,
+    padded positions zeroed (they may hold anything, NaN included, and are never part of a
+    counted term)."""
+    q, k = q.to(dtype) * scale, expand_heads(k, heads).to(dtype)
     if valid is not None:
         vv = valid[:, None, :, None]
         q, k = torch.where(vv, q, 0.0), torch.where(vv, k, 0.0)
@@ -309,8 +314,8 @@ class ChunkedAttentionKL(torch.autograd.Function):
         batch, heads, length = student_q.shape[:3]
         valid = key_valid(attention_mask)
         valid_bh = valid.repeat_interleave(heads, 0) if valid is not None else None
-        qs, ks = _prepare(student_q.detach(), student_k.detach(), valid, heads, dtype)
-        qt, kt = _prepare(teacher_q.detach(), teacher_k.detach(), valid, heads, dtype)
+        qs, ks = _prepare(student_q.detach(), student_k.detach(), valid, heads, cfg.student_scale, dtype)
+        qt, kt = _prepare(teacher_q.detach(), teacher_k.detach(), valid, heads, cfg.teacher_scale, dtype)
         rows = torch.empty(batch * heads, length, dtype=dtype, device=qs.device)
         count = valid.sum() * heads if valid is not None else torch.tensor(batch * heads * length, device=qs.device)
         need = ctx.needs_input_grad[:4]
