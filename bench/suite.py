@@ -15,7 +15,7 @@ its CSV merged (one progress step, its own floors). A family whose script is mis
 row, status ``not available: ...``.
 
 One run: the floors are measured once at the start (copy bandwidth; matrix-product rates in
-the dtypes of the run's cases), every family's cases run with the same repetition settings,
+the dtypes of the run's cases; on the CPU again at the end, the higher kept), every family's cases run with the same repetition settings,
 the rows of all families go to one CSV (``COLUMNS``: the union of the families' columns,
 plus ``family``, ``peer``, ``impl_version``, ``floor_kind`` and ``preset``; the provenance
 in every row), rewritten after every case, with a Markdown summary beside it and the plots
@@ -376,8 +376,49 @@ def run(opts, argv) -> Path:
             rows.extend(unify(r, family, kinds, opts.preset) for r in case_rows)
             save()
     bar.close()
+    if device.type == "cpu" and opts.preset != "smoke":
+        # A shared CPU's load only lowers what a floor measurement sees: measured again now,
+        # the higher of each is every row's floor.
+        harness.progress(opts, "measuring the floors again (CPU: the higher of the two counts)")
+        again = harness.measure_floors(device, matmul_dtypes=matmul)
+        best = best_floors(floors, again)
+        if best != floors:
+            prov.update(harness.provenance(device, best), date_utc=prov["date_utc"],
+                        git_rev=prov["git_rev"])
+            harness.progress(opts, harness.provenance_line(prov))
+            for r in rows + [r for family_rows in native.values() for r in family_rows]:
+                refloor(r, best, prov)
     save()
     return out
+
+
+def best_floors(a: harness.Floors, b: harness.Floors) -> harness.Floors:
+    rates = dict(a.rates)
+    for dtype, rate in b.rates:
+        rates[dtype] = max(rate, rates.get(dtype, 0.0))
+    first = a.matmul_dtype
+    return harness.Floors(copy_bytes_per_s=max(a.copy_bytes_per_s, b.copy_bytes_per_s),
+                          matmul_flops_per_s=rates.get(first, a.matmul_flops_per_s),
+                          matmul_dtype=first, rates=tuple(rates.items()))
+
+
+def refloor(row: dict, floors: harness.Floors, prov: dict) -> None:
+    """A row's floor (and ratio) recomputed on ``floors``; its provenance updated."""
+    for key in harness.PROVENANCE_COLUMNS:
+        if key in row:
+            row[key] = prov[key]
+    median = _num(row.get("median_ms"))
+    if row.get("status") != "ok" or median is None:
+        return
+    if _num(row.get("floor_flops")) is not None:
+        rate = floors.matmul_rate(row.get("dtype", ""))
+        floor_ms = _num(row["floor_flops"]) / rate * 1e3 if rate else None
+    elif _num(row.get("floor_bytes")) is not None:
+        floor_ms = _num(row["floor_bytes"]) / floors.copy_bytes_per_s * 1e3
+    else:
+        return
+    if floor_ms:
+        row["floor_ms"], row["ratio_to_floor"] = floor_ms, median / floor_ms
 
 
 def _case_columns(case) -> dict:
