@@ -234,8 +234,8 @@ import torch  # noqa: E402
 
 from pydistill._utils import empty  # noqa: E402
 
-# Tile sizes override for tests: (BLOCK_M, BLOCK_N); small tiles exercise the multi-tile
-# paths at small L.
+# Tile sizes override for tests, (BLOCK_M, BLOCK_N) of both kernels: small tiles exercise
+# the multi-tile paths at small L.
 BLOCK_OVERRIDE = None
 
 
@@ -243,15 +243,24 @@ def _head_pad(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))  # tl.dot needs >= 16 along the reduction
 
 
-def _blocks(d_s: int, d_t: int):
-    if BLOCK_OVERRIDE is not None:
-        return BLOCK_OVERRIDE
+def _tiles(d_s: int, d_t: int, half: bool, backward: bool):
+    """(BLOCK_M, BLOCK_N, num_warps): the largest tiles that ptxas keeps in registers for
+    sm_80 / sm_90 (tests/test_kernels_compile.py). The backward holds one more (key) tile of
+    each model and dK's accumulator across its loop, hence its smaller tiles. Head dims of 256,
+    float32 inputs (not the tensor-core path) and the backward with 64-bit integer arguments
+    (a tensor past 2^31 elements) spill a little."""
     widest = max(_head_pad(d_s), _head_pad(d_t))
-    return (64, 64) if widest <= 64 else (64, 32) if widest <= 128 else (32, 32)
-
-
-def _num_warps(d_s: int, d_t: int) -> int:
-    return 4 if max(d_s, d_t) <= 64 else 8
+    if BLOCK_OVERRIDE is not None:
+        return (*BLOCK_OVERRIDE, 4 if widest <= 64 else 8)
+    if widest > 128:
+        return (16, 32, 8) if backward else (32, 32, 8)
+    if backward:
+        if not half:
+            return (16, 32, 8)
+        return (32, 64, 8) if widest <= 64 else (32, 32, 8)
+    if not half:
+        return (32, 64, 8) if widest <= 64 else (32, 32, 8)
+    return (128, 64, 8) if widest <= 64 else (64, 64, 8)
 
 
 def _precision(*tensors) -> str:
@@ -270,21 +279,22 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-def _common_args(student_q, student_k, teacher_q, teacher_k, mask, placeholder):
+def _common_args(student_q, student_k, teacher_q, teacher_k, mask, placeholder, backward):
     sq, sk, tq, tk = (_unit_last(x) for x in (student_q, student_k, teacher_q, teacher_k))
-    batch, heads, length, d_s = sq.shape
+    heads, length, d_s = sq.shape[1:]
     d_t = tq.shape[-1]
-    block_m, block_n = _blocks(d_s, d_t)
+    half = sq.dtype != torch.float32 and tq.dtype != torch.float32
+    block_m, block_n, warps = _tiles(d_s, d_t, half, backward)
     args = dict(
         sq_ptr=sq, sk_ptr=sk, tq_ptr=tq, tk_ptr=tk,
         mask_ptr=mask if mask is not None else placeholder,
         mask_stride_b=mask.stride(0) if mask is not None else 0,
         n_heads=heads, n_ctx=length, n_group_s=heads // sk.shape[1],
         n_group_t=heads // tk.shape[1], n_dim_s=d_s, n_dim_t=d_t,
-        CAUSAL=False, HAS_MASK=mask is not None, D_S=_head_pad(d_s), D_T=_head_pad(d_t),
+        HAS_MASK=mask is not None, D_S=_head_pad(d_s), D_T=_head_pad(d_t),
         PRECISION=_precision(sq, tq), BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_IN_FP32=_interpreting() and torch.bfloat16 in (sq.dtype, tq.dtype),
-        num_warps=_num_warps(d_s, d_t),
+        num_warps=warps,
     )
     for name, x in (("sq", sq), ("sk", sk), ("tq", tq), ("tk", tk)):
         args[f"{name}_stride_b"], args[f"{name}_stride_h"], args[f"{name}_stride_l"] = x.stride()[:3]
@@ -300,10 +310,10 @@ def attention_kl_fwd(student_q, student_k, teacher_q, teacher_k, mask, causal: b
     stats = empty((batch * heads * length, N_STATS.value), dtype=torch.float32, device=student_q.device)
     if rows.numel() == 0:
         return rows, stats
-    args = _common_args(student_q, student_k, teacher_q, teacher_k, mask, placeholder=rows)
-    args["CAUSAL"] = causal
+    args = _common_args(student_q, student_k, teacher_q, teacher_k, mask, placeholder=rows, backward=False)
     grid = (triton.cdiv(length, args["BLOCK_M"]), batch * heads)
-    _attention_kl_fwd_kernel[grid](rows_ptr=rows, stats_ptr=stats, scale_s=scale_s, scale_t=scale_t, **args)
+    _attention_kl_fwd_kernel[grid](rows_ptr=rows, stats_ptr=stats, scale_s=scale_s, scale_t=scale_t,
+                                   CAUSAL=causal, **args)
     return rows, stats
 
 
@@ -319,11 +329,10 @@ def attention_kl_bwd(student_q, student_k, teacher_q, teacher_k, mask, causal: b
     dk = empty((batch, kv_heads, length, d_s), dtype=student_k.dtype, device=device)
     if dq.numel() == 0:
         return dq.to(student_q.dtype), dk
-    args = _common_args(student_q, student_k, teacher_q, teacher_k, mask, placeholder=stats)
-    args["CAUSAL"] = causal
+    args = _common_args(student_q, student_k, teacher_q, teacher_k, mask, placeholder=stats, backward=True)
     grid = (triton.cdiv(length, args["BLOCK_N"]), batch * kv_heads)
     _attention_kl_bwd_kernel[grid](
         stats_ptr=stats, w_ptr=weight, wscale_ptr=weight_scale, dq_ptr=dq, dk_ptr=dk,
-        n_kv_heads=kv_heads, scale_s=scale_s, scale_t=scale_t, **args,
+        n_kv_heads=kv_heads, scale_s=scale_s, scale_t=scale_t, CAUSAL=causal, **args,
     )
     return (dq if student_q.dtype == torch.float32 else dq.to(student_q.dtype)), dk

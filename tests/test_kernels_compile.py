@@ -134,3 +134,38 @@ def test_topk_divergence_kernels_compile_for_sm80_and_sm90(tmp_path):
     # the support vectors live in registers: the launcher's warp counts keep them there
     spilled = [r["name"] for r in reports if r["spill_bytes"]]
     assert not spilled, f"register spills in {spilled}"
+
+
+def attention_variants():
+    from pydistill.kernels.attention_kd import _head_pad, _tiles
+
+    module = "pydistill.kernels.attention_kd"
+    out = []
+    # (student head dim, teacher head dim, dtype, precision, int type, archs, causal + mask):
+    # the launcher's tiles and warps for each
+    shapes = [(64, 64, "bf16", "tf32", "i32", (90, 80), True), (64, 128, "bf16", "tf32", "i32", (90, 80), True),
+              (128, 128, "fp16", "tf32", "i32", (90,), True), (64, 64, "fp16", "tf32", "i64", (90,), True),
+              (64, 64, "bf16", "tf32", "i32", (90,), False), (64, 96, "fp32", "ieee", "i32", (90,), True),
+              (256, 256, "bf16", "tf32", "i32", (90,), True)]
+    for d_s, d_t, dt, precision, int_type, archs, masked in shapes:
+        for arch, backward in itertools.product(archs, (False, True)):
+            block_m, block_n, warps = _tiles(d_s, d_t, dt != "fp32", backward)
+            consts = dict(CAUSAL=masked, HAS_MASK=masked, D_S=_head_pad(d_s), D_T=_head_pad(d_t),
+                          PRECISION=precision, DOT_IN_FP32=False, BLOCK_M=block_m, BLOCK_N=block_n)
+            ptrs = {"sq_ptr": dt, "sk_ptr": dt, "tq_ptr": dt, "tk_ptr": dt, "mask_ptr": "i8", "dk_ptr": dt}
+            kernel = "_attention_kl_bwd_kernel" if backward else "_attention_kl_fwd_kernel"
+            name = (f"{'bwd' if backward else 'fwd'}-d{d_s}-{d_t}-{dt}-{int_type}-sm{arch}"
+                    f"{'' if masked else '-plain'}")
+            out.append(dict(name=name, module=module, kernel=kernel, consts=consts,
+                            pointer_types=ptrs, arch=arch, num_warps=warps, int_type=int_type))
+    return out
+
+
+def test_attention_kd_kernels_compile_for_sm80_and_sm90(tmp_path):
+    reports = compile_all(attention_variants(), tmp_path)
+    # half-precision tiles of head dims up to 128 stay in registers with 32-bit integer
+    # arguments (every tensor under 2^31 elements); float32 inputs (not the tensor-core path),
+    # head dims of 256 and the backward with 64-bit arguments may spill
+    spilled = [r["name"] for r in reports if r["spill_bytes"] and "fp32" not in r["name"]
+               and "d256" not in r["name"] and "i64" not in r["name"]]
+    assert not spilled, f"register spills in {spilled}"
