@@ -207,35 +207,55 @@ struct BlockGroup {
 };
 #endif
 
+// Neumaier's compensated sum. A row's terms are summed serially per thread (hundreds of them
+// at large V; all of them in the host implementation) before the tree reduction across
+// threads; sums that are later subtracted from a term (S_q in h_j - S_q, near +-1/2 for tvd)
+// need the extra digits.
+struct KSum {
+  float s = 0.0f, c = 0.0f;
+  PD_HD void add(float x) {
+    const float t = s + x;
+    c += fabsf(s) >= fabsf(x) ? (s - t) + x : (x - t) + s;
+    s = t;
+  }
+  PD_HD float value() const { return s + c; }
+};
+
 // ------------------------------------------------------------------------------------------
 // online logsumexp
 // ------------------------------------------------------------------------------------------
 
-// Running max m and sum l of e^{x - m}.
+// Running max m and sum l of e^{x - m} (compensated: one thread may sum a whole row).
 struct Lse {
   float m = kNegInf;
-  float l = 0.0f;
+  KSum sum;
 
   // Folds n values into the state. The max skips NaN (fmaxf), the sum does not: a NaN
   // value makes l NaN, so the row's loss is NaN.
   PD_HD void add(const float* x, int n) {
     float mc = m;
     for (int i = 0; i < n; ++i) mc = pd_max(mc, x[i]);
-    float mf = finite_or_zero(mc);
-    float acc = l * pd_exp(m - mf);
-    for (int i = 0; i < n; ++i) acc += pd_exp(x[i] - mf);
+    const float mf = finite_or_zero(mc);
+    if (mc != m) {
+      const float f = pd_exp(m - mf);
+      sum.s *= f;
+      sum.c *= f;
+      if (sum.s == 0.0f) sum.c = 0.0f;
+    }
+    for (int i = 0; i < n; ++i) sum.add(pd_exp(x[i] - mf));
     m = mc;
-    l = acc;
   }
+  PD_HD float l() const { return sum.value(); }
   // The group-wide state, in every thread.
   template <typename G>
   PD_HD Lse reduce(G& g) const {
     Lse r;
     r.m = g.max(m);
-    r.l = g.sum(l == 0.0f ? 0.0f : l * pd_exp(m - finite_or_zero(r.m)));
+    const float lv = l();
+    r.sum.s = g.sum(lv == 0.0f ? 0.0f : lv * pd_exp(m - finite_or_zero(r.m)));
     return r;
   }
-  PD_HD float log_l() const { return pd_log(l); }
+  PD_HD float log_l() const { return pd_log(l()); }
 };
 
 // The kl accumulator of one partial state, moved from the maxima it was taken at (m_a, m_b)

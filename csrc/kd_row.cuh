@@ -33,7 +33,7 @@ PD_HD void kd_load(const T* p, int64_t j, int n, const KDArgs& a, float* z) {
 // ---- pass 1: online logsumexps, and kl / reverse_kl online --------------------------------
 struct KDPass1 {
   Lse s, t, one;
-  float acc = 0.0f;
+  KSum acc;  // compensated, as the sums of Lse
 
   // zs, zt: n soft-capped logits of the same columns (zt unused without the soft term)
   template <int DIV>
@@ -54,13 +54,17 @@ struct KDPass1 {
           ma_new = pd_max(ma_new, xa[i]);
           mb_new = pd_max(mb_new, xb[i]);
         }
-        float carried = kl_move(acc, la.l, la.m, ma_new, lb.m, mb_new);
+        // moved to the new maxima only when one of them moved (then the compensation restarts)
+        if (ma_new != la.m || mb_new != lb.m) {
+          const float moved = kl_move(acc.value(), la.l(), la.m, ma_new, lb.m, mb_new);
+          acc = KSum();
+          acc.s = moved;
+        }
         const float maf = finite_or_zero(ma_new), mbf = finite_or_zero(mb_new);
         for (int i = 0; i < n; ++i) {
           const float e = pd_exp(xa[i] - maf);
-          carried += xa[i] > kNegInf ? e * ((xa[i] - maf) - (xb[i] - mbf)) : 0.0f;
+          acc.add(xa[i] > kNegInf ? e * ((xa[i] - maf) - (xb[i] - mbf)) : 0.0f);
         }
-        acc = carried;
       }
       t.add(xt, n);
     }
@@ -76,12 +80,13 @@ struct KDPass1 {
     r.s.m = g.max(s.m);
     if (a.has_soft) r.t.m = g.max(t.m);
     if (a.has_soft && (DIV == KL || DIV == REVERSE_KL)) {
-      const float moved = DIV == KL ? kl_move(acc, t.l, t.m, r.t.m, s.m, r.s.m)
-                                    : kl_move(acc, s.l, s.m, r.s.m, t.m, r.t.m);
-      r.acc = g.sum(moved);
+      const float moved = DIV == KL ? kl_move(acc.value(), t.l(), t.m, r.t.m, s.m, r.s.m)
+                                    : kl_move(acc.value(), s.l(), s.m, r.s.m, t.m, r.t.m);
+      r.acc.s = g.sum(moved);
     }
-    r.s.l = g.sum(s.l == 0.0f ? 0.0f : s.l * pd_exp(s.m - finite_or_zero(r.s.m)));
-    if (a.has_soft) r.t.l = g.sum(t.l == 0.0f ? 0.0f : t.l * pd_exp(t.m - finite_or_zero(r.t.m)));
+    const float ls = s.l(), lt = t.l();
+    r.s.sum.s = g.sum(ls == 0.0f ? 0.0f : ls * pd_exp(s.m - finite_or_zero(r.s.m)));
+    if (a.has_soft) r.t.sum.s = g.sum(lt == 0.0f ? 0.0f : lt * pd_exp(t.m - finite_or_zero(r.t.m)));
     if (a.ce_separate) r.one = one.reduce(g);
     return r;
   }
@@ -89,25 +94,24 @@ struct KDPass1 {
 
 // ---- pass 2 (jsd, tvd, skew_*): D, S_q, S_p from both logsumexps --------------------------
 struct KDPass2 {
-  float d = 0.0f, qh = 0.0f, pu = 0.0f;
+  KSum d, qh, pu;
 
   template <int DIV>
   PD_HD void add(const float* zs, const float* zt, int n, const KDArgs& a, const KDRowState& st) {
     for (int i = 0; i < n; ++i) {
       const Terms r = pointwise<DIV>(zt[i] * a.inv_t - st.m_t - st.ll_t,
                                      zs[i] * a.inv_t - st.m_s - st.ll_s, a.beta);
-      d += r.d;
-      qh += r.qh;
-      pu += r.pu;
+      d.add(r.d);
+      qh.add(r.qh);
+      pu.add(r.pu);
     }
   }
+  // group-wide sums, in every thread
   template <typename G>
-  PD_HD KDPass2 reduce(G& g) const {
-    KDPass2 r;
-    r.d = g.sum(d);
-    r.qh = g.sum(qh);
-    r.pu = g.sum(pu);
-    return r;
+  PD_HD void reduce(G& g, float& d_out, float& qh_out, float& pu_out) const {
+    d_out = g.sum(d.value());
+    qh_out = g.sum(qh.value());
+    pu_out = g.sum(pu.value());
   }
 };
 
@@ -127,22 +131,22 @@ PD_HD void kd_finish_pass1(const KDPass1& p1, const KDArgs& a, KDRowState& st) {
   }
   st.div = st.s_q = st.s_p = 0.0f;
   if (a.has_soft) {
+    const float acc = p1.acc.value(), ls = p1.s.l(), lt = p1.t.l();
     if (DIV == KL) {
-      st.div = p1.acc / p1.t.l - pd_log(p1.t.l) + pd_log(p1.s.l);
+      st.div = acc / lt - pd_log(lt) + pd_log(ls);
       st.s_q = -1.0f;
       st.s_p = st.div + 1.0f;
     } else if (DIV == REVERSE_KL) {
-      st.div = p1.acc / p1.s.l - pd_log(p1.s.l) + pd_log(p1.t.l);
+      st.div = acc / ls - pd_log(ls) + pd_log(lt);
       st.s_q = st.div + 1.0f;
       st.s_p = -1.0f;
     }
   }
 }
 
-PD_HD void kd_finish_pass2(const KDPass2& p2, KDRowState& st) {
-  st.div = p2.d;
-  st.s_q = p2.qh;
-  st.s_p = p2.pu;
+template <typename G>
+PD_HD void kd_finish_pass2(const KDPass2& p2, KDRowState& st, G& g) {
+  p2.reduce(g, st.div, st.s_q, st.s_p);
 }
 
 // loss = soft_scale D + hard_weight (lse(z_s) - z_s[y]); 0 for an ignored row. An
@@ -229,7 +233,7 @@ PD_HD void kd_row(const KDArgs& a, int64_t row, G& g) {
           kd_load(t_row, j, n, a, zt);
           p2.template add<DIV>(zs, zt, n, a, st);
         });
-        kd_finish_pass2(p2.reduce(g), st);
+        kd_finish_pass2(p2, st, g);
       }
     } else {
       st.m_s = st.m_t = st.m_1 = kNegInf;

@@ -96,8 +96,8 @@ __global__ void __launch_bounds__(kClusterThreads) kd_cluster_kernel(KDArgs a, i
     }
     const KDPass1 r = p1.template reduce<DIV>(g, a);
     if (tid == 0) {
-      part.s_m = r.s.m; part.s_l = r.s.l; part.t_m = r.t.m; part.t_l = r.t.l;
-      part.one_m = r.one.m; part.one_l = r.one.l; part.acc = r.acc;
+      part.s_m = r.s.m; part.s_l = r.s.l(); part.t_m = r.t.m; part.t_l = r.t.l();
+      part.one_m = r.one.m; part.one_l = r.one.l(); part.acc = r.acc.value();
     }
     cluster.sync();
     if (tid == 0) {
@@ -111,11 +111,11 @@ __global__ void __launch_bounds__(kClusterThreads) kd_cluster_kernel(KDArgs a, i
       }
       for (int c = 0; c < n_cta; ++c) {
         const KDClusterPartial* q = cluster.map_shared_rank(&part, c);
-        if (DIV == KL) full.acc += kl_move(q->acc, q->t_l, q->t_m, full.t.m, q->s_m, full.s.m);
-        if (DIV == REVERSE_KL) full.acc += kl_move(q->acc, q->s_l, q->s_m, full.s.m, q->t_m, full.t.m);
-        full.s.l += q->s_l == 0.0f ? 0.0f : q->s_l * pd_exp(q->s_m - finite_or_zero(full.s.m));
-        full.t.l += q->t_l == 0.0f ? 0.0f : q->t_l * pd_exp(q->t_m - finite_or_zero(full.t.m));
-        full.one.l += q->one_l == 0.0f ? 0.0f : q->one_l * pd_exp(q->one_m - finite_or_zero(full.one.m));
+        if (DIV == KL) full.acc.add(kl_move(q->acc, q->t_l, q->t_m, full.t.m, q->s_m, full.s.m));
+        if (DIV == REVERSE_KL) full.acc.add(kl_move(q->acc, q->s_l, q->s_m, full.s.m, q->t_m, full.t.m));
+        full.s.sum.add(q->s_l == 0.0f ? 0.0f : q->s_l * pd_exp(q->s_m - finite_or_zero(full.s.m)));
+        full.t.sum.add(q->t_l == 0.0f ? 0.0f : q->t_l * pd_exp(q->t_m - finite_or_zero(full.t.m)));
+        full.one.sum.add(q->one_l == 0.0f ? 0.0f : q->one_l * pd_exp(q->one_m - finite_or_zero(full.one.m)));
       }
       KDRowState s1 = st;
       kd_finish_pass1<DIV>(full, a, s1);
@@ -133,16 +133,19 @@ __global__ void __launch_bounds__(kClusterThreads) kd_cluster_kernel(KDArgs a, i
         unpack(t_sm[i], zt);
         p2.template add<DIV>(zs, zt, N, a, st);
       }
-      const KDPass2 r2 = p2.reduce(g);
-      if (tid == 0) { part.d = r2.d; part.qh = r2.qh; part.pu = r2.pu; }
+      float d, qh, pu;
+      p2.reduce(g, d, qh, pu);
+      if (tid == 0) { part.d = d; part.qh = qh; part.pu = pu; }
       cluster.sync();
       if (tid == 0) {
-        KDPass2 full;
+        KSum fd, fqh, fpu;
         for (int c = 0; c < n_cta; ++c) {
           const KDClusterPartial* q = cluster.map_shared_rank(&part, c);
-          full.d += q->d; full.qh += q->qh; full.pu += q->pu;
+          fd.add(q->d); fqh.add(q->qh); fpu.add(q->pu);
         }
-        kd_finish_pass2(full, shared_st);
+        shared_st.div = fd.value();
+        shared_st.s_q = fqh.value();
+        shared_st.s_p = fpu.value();
       }
       __syncthreads();
       st = shared_st;

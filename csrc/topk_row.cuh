@@ -99,18 +99,19 @@ PD_HD void topk_soft_terms(const TopKArgs& a, int64_t row, TopKWork& w, TopKRowS
     m_s = st.m_all;
     ll_s = st.ll_all;
   }
-  float d = 0.0f, s_q = 0.0f, nan_count = 0.0f;
+  KSum dk, s_qk;
+  float nan_count = 0.0f;
   for (int64_t k = g.tid(); k < a.K; k += g.size()) {
     const float log_q = ((w.z_sup[k] * a.inv_t) - m_s) - ll_s;
     Terms r = pointwise<DIV>(w.log_p[k], log_q, a.beta);
     if (a.tail == IGNORE && DIV == SKEW_REVERSE_KL) r.qh += r.q;  // the shift the table drops
-    d += r.d;
-    s_q += r.qh;
+    dk.add(r.d);
+    s_qk.add(r.qh);
     nan_count += (w.log_p[k] != w.log_p[k] || log_q != log_q) ? 1.0f : 0.0f;
     w.member[k] = r.qh;  // Q_k h_k for now
   }
-  d = g.sum(d);
-  s_q = g.sum(s_q);
+  float d = g.sum(dk.value());
+  float s_q = g.sum(s_qk.value());
   // D masks probabilities that are not > 0, NaN included: a NaN among the inputs read must
   // still make the row NaN
   if (g.sum(nan_count) > 0.0f) d = NAN;
@@ -179,7 +180,7 @@ PD_HD void topk_row(const TopKArgs& a, int64_t row, TopKWork& w, G& g) {
         const float mf = finite_or_zero(st.m_all);
         float l = 0.0f;
         for (int64_t k = g.tid(); k < a.K; k += g.size()) l += pd_exp((w.z_sup[k] * a.inv_t) - mf);
-        st.ll_all = pd_log(all.l * pd_exp(all.m - mf) + g.sum(l));
+        st.ll_all = pd_log(all.l() * pd_exp(all.m - mf) + g.sum(l));
       } else {
         st.m_off = st.ll_off = kNegInf;
         st.m_all = all.m;
