@@ -36,6 +36,9 @@ class Impl:
 TABLE = {
     "kd_loss": {
         "triton": Impl("pydistill.ops.softmax_divergence:TritonKDLoss", _HALF_AND_SINGLE),
+        # after triton for auto until bench/ measures it faster on a GPU (not yet run on one);
+        # auto also never builds it: only an explicit backend="cuda" compiles the extension
+        "cuda": Impl("pydistill.ops.softmax_divergence:CudaKDLoss", _HALF_AND_SINGLE),
         "torch": Impl(
             "pydistill.reference.softmax_divergence:ChunkedKDLoss",
             _HALF_AND_SINGLE + (torch.float64,),
@@ -46,6 +49,8 @@ TABLE = {
     # each chunk); torch is the fallback and the only float64 path. By count, not yet measured.
     "topk_kd_loss": {
         "triton": Impl("pydistill.ops.topk_divergence:TritonTopKKDLoss", _HALF_AND_SINGLE),
+        # after triton for auto until measured faster on a GPU (as kd_loss's)
+        "cuda": Impl("pydistill.ops.topk_divergence:CudaTopKKDLoss", _HALF_AND_SINGLE),
         "torch": Impl(
             "pydistill.reference.topk_divergence:ChunkedTopKKDLoss",
             _HALF_AND_SINGLE + (torch.float64,),
@@ -95,8 +100,9 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def why_unavailable(backend: str, device: torch.device) -> str | None:
-    """None if ``backend`` can run on ``device``, else the reason, in words."""
+def why_unavailable(backend: str, device: torch.device, build: bool = False) -> str | None:
+    """None if ``backend`` can run on ``device``, else the reason, in words. ``build``: the
+    cuda backend may compile its extension now (an explicit request; never for auto)."""
     if backend == "torch":
         return None
     if backend == "triton":
@@ -111,10 +117,9 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
             "under the interpreter (TRITON_INTERPRET=1, for tests)"
         )
     if backend == "cuda":
-        return (
-            "the CUDA C++ backend (pydistill._C) is not built in this version; "
-            "use backend='triton' or 'torch'"
-        )
+        from pydistill import _cuda_ext
+
+        return _cuda_ext.why_unavailable(device, build=build)
     return f"unknown backend {backend!r}"
 
 
@@ -136,7 +141,7 @@ def resolve(op: str, backend: str, device: torch.device, dtypes) -> str:
                 if all(d in impl.dtypes for d in dtypes) and why_unavailable(candidate, device) is None:
                     return candidate
         return "torch"
-    reason = why_unavailable(backend, device) if backend in table or backend == "cuda" else None
+    reason = why_unavailable(backend, device, build=True) if backend in table else None
     if backend not in table and reason is None:
         reason = f"no {backend} implementation of {op} exists yet"
     if reason is not None:

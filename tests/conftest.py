@@ -3,7 +3,10 @@
 * CPU, no GPU: the torch backend on CPU tensors, and the Triton kernels under the Triton
   interpreter (TRITON_INTERPRET=1 is set here before any kernel is imported);
 * GPU: every backend on CUDA tensors (the interpreter stays off);
-* CUDA C++ extension built: its backend joins (later).
+* CUDA C++ extension (csrc/): built here once per machine and cached when a CUDA toolkit and
+  a CUDA build of PyTorch are present (pydistill/_cuda_ext.py; PYDISTILL_CUDA_JIT=0 skips
+  it). Its backend then joins: on CUDA tensors with a GPU, and without one on CPU tensors
+  through the host implementation of its kernels' row code (PYDISTILL_CUDA_ON_CPU=1).
 
 Nothing here queries a GPU beyond ``torch.cuda.is_available()``, which needs none.
 """
@@ -14,6 +17,7 @@ import torch
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("PYDISTILL_CUDA_ON_CPU", "1")
 
 import pytest  # noqa: E402
 
@@ -45,7 +49,23 @@ def _interpreter_broken():
 INTERPRETER_PROBLEM = _interpreter_broken()
 
 
+_CUDA_EXTENSION = {}
+
+
+def cuda_extension_problem():
+    """Build (the first time on a machine: minutes) or load the CUDA extension, once, when a
+    test first asks which backends run; None, or why it cannot."""
+    if "problem" not in _CUDA_EXTENSION:
+        from pydistill import _cuda_ext
+
+        ok = _cuda_ext.load(build=True)
+        _CUDA_EXTENSION["problem"] = None if ok else _cuda_ext._state["error"]
+    return _CUDA_EXTENSION["problem"]
+
+
 def available_backends(op="kd_loss"):
+    if "cuda" in _dispatch.TABLE[op]:
+        cuda_extension_problem()
     ok = [b for b in _dispatch.TABLE[op] if _dispatch.why_unavailable(b, DEVICE) is None]
     if INTERPRETER_PROBLEM is not None:
         ok = [b for b in ok if b != "triton"]
@@ -57,6 +77,7 @@ def pytest_report_header(config):
         f"pydistill: device={DEVICE}, backends={available_backends()}, "
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, torch={torch.__version__}"
         + (f"; triton skipped: {INTERPRETER_PROBLEM}" if INTERPRETER_PROBLEM else "")
+        + (f"; cuda skipped: {cuda_extension_problem()}" if cuda_extension_problem() else "")
     )
 
 

@@ -99,7 +99,7 @@ def test_environment_override_reaches_the_kernels(monkeypatch):
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match=r"backend='triton'.*CUDA tensors.*Runnable here: \['torch'\]"):
+    with pytest.raises(ValueError, match=r"backend='triton'.*CUDA tensors.*Runnable here: \[.*'torch'\]"):
         pdl.kd_loss(torch.randn(2, 5), torch.randn(2, 5), backend="triton")
 
 
@@ -119,13 +119,14 @@ def test_public_names():
 
 
 def test_dispatch_table_entries_import():
-    # every entry of the one table points at an autograd Function that exists
+    # every entry of the one table points at an autograd Function that exists (the cuda
+    # backend's ops carry their own autograd: its entry only has the same apply())
     for op, backends in _dispatch.TABLE.items():
         for backend in backends:
             if backend not in available_backends(op):
                 continue
             fn = _dispatch.implementation(op, backend)
-            assert issubclass(fn, torch.autograd.Function)
+            assert issubclass(fn, torch.autograd.Function) or (backend == "cuda" and callable(fn.apply))
 
 
 def test_resolve_backend_is_public_and_checks_like_the_loss():

@@ -455,6 +455,8 @@ def test_chunk_entry_points_write_a_float32_gradient(backend):
     # what the fused LM-head loss calls per chunk: the torch backend's
     # topk_chunk_loss_and_grads, the Triton launcher topk_loss_and_grad; a float32 buffer for
     # bfloat16 logits, a row scale, labels with an ignored row
+    if backend == "cuda":
+        pytest.skip("linear_kd_loss has no cuda backend: no chunk entry point to check")
     s = logits((5, 200), torch.bfloat16, seed=90)
     lp, idx, _ = topk_teacher((5,), 200, 12, seed=91)
     y = make_labels((5,), 200, ignore=(1,))

@@ -164,3 +164,90 @@ class TritonKDLoss(torch.autograd.Function):
         out_s = grad_s.view(s_shape) if grad_s is not None else None
         out_t = grad_t.view(t_shape) if grad_t is not None else None
         return out_s, out_t, None, None
+
+
+# ------------------------------------------------------------------------------------------
+# The CUDA C++ backend (csrc/softmax_divergence.cu): the ops torch.ops.pydistill.kd_*, their
+# autograd and fake implementations registered by pydistill/_cuda_ext.py. Reductions happen
+# here, in PyTorch, on the kernels' per-row losses, so autograd hands the backward kernel the
+# per-row factor of every reduction (1 / count of mean included) and the gradient schedules
+# are those of the Triton backend, chosen by the same PYDISTILL_KD_GRAD.
+# ------------------------------------------------------------------------------------------
+
+
+def cuda_kd_args(cfg: KDConfig):
+    """The scalar arguments every kd op takes after its tensors."""
+    from pydistill.reference.softmax_divergence import DIVERGENCES
+
+    # DIVERGENCES is in the order of the kernels' divergence codes (DIVERGENCE_CODES)
+    return (DIVERGENCES.index(cfg.canonical_divergence()), float(cfg.temperature), float(cfg.beta),
+            float(cfg.hard_weight), float(cfg.soft_scale) if cfg.has_soft else 0.0,
+            None if cfg.softcap is None else float(cfg.softcap), int(cfg.ignore_index))
+
+
+def _same_dtype(student, teacher):
+    # one element type per kernel instantiation: mixed inputs run in float32 (autograd casts the
+    # gradients back to each input's dtype)
+    if student.dtype != teacher.dtype:
+        return student.float(), teacher.float()
+    return student, teacher
+
+
+class CudaKDLoss:
+    """``kd_loss`` on the CUDA C++ kernels. Not a torch.autograd.Function: the op
+    ``pydistill::kd_fwd`` is differentiable itself (torch.library.register_autograd), which is
+    what lets torch.compile trace it; ``apply`` keeps the calling convention of the other
+    backends. ``recompute`` (default): kd_fwd keeps 8 floats per row, the backward kernel reads
+    the logits once more and writes the gradient once (5 transfers for kl). ``forward``: one
+    kernel writes loss and gradient (on sm_90 the cluster kernel: 3 transfers), the backward
+    scales the gradient in place, skipped on the device where grad_output is 1."""
+
+    @staticmethod
+    def apply(student_logits, teacher_logits, labels, cfg: KDConfig):
+        from pydistill import _cuda_ext
+
+        ops = _cuda_ext.ops()
+        s, t = _same_dtype(student_logits, teacher_logits)
+        wants_grad = torch.is_grad_enabled() and (s.requires_grad or t.requires_grad)
+        if wants_grad and grad_mode() == "forward":
+            return _CudaKDGradInForward.apply(s, t, labels, cfg)
+        lead = s.shape[:-1]
+        inv_count, row_factor = _mean_weight(labels, lead.numel(), cfg)
+        rows, _ = ops.kd_fwd(s, t, labels, *cuda_kd_args(cfg))
+        return _reduce(rows, lead, cfg.reduction, inv_count, row_factor)
+
+
+class _CudaKDGradInForward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, labels, cfg: KDConfig):
+        from pydistill import _cuda_ext
+
+        ops = _cuda_ext.ops()
+        lead = student.shape[:-1]
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        inv_count, row_factor = _mean_weight(labels, lead.numel(), cfg)
+        row_scale = inv_count if inv_count is not None else torch.full(
+            (1,), row_factor, dtype=torch.float32, device=student.device)
+        rows, gs, gt = ops.kd_fwd_grad(student, teacher, labels, row_scale, *cuda_kd_args(cfg),
+                                       need_s, need_t)
+        ctx.grads = (gs if need_s else None, gt if need_t else None)
+        ctx.reduction = cfg.reduction
+        return _reduce(rows, lead, cfg.reduction, inv_count, row_factor)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        from pydistill import _cuda_ext
+
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError(
+                "kd_loss(backend='cuda') with PYDISTILL_KD_GRAD=forward computes its gradient in "
+                "the forward pass and hands it over in the first backward; a second backward "
+                "through the same loss (retain_graph=True) needs PYDISTILL_KD_GRAD=recompute."
+            )
+        scale = _grad_scale(grad_loss, ctx.reduction, None)
+        for g in grads:
+            if g is not None:
+                _cuda_ext.ops().kd_scale_grad_(g, scale)
+        return grads[0], grads[1], None, None

@@ -87,3 +87,41 @@ class TritonTopKKDLoss(torch.autograd.Function):
         else:
             return None, None, None, None, None
         return grad_s.view(ctx.shape), None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------
+# The CUDA C++ backend (csrc/topk_divergence.cu): torch.ops.pydistill.topk_fwd, differentiable
+# through torch.library.register_autograd (pydistill/_cuda_ext.py), whose backward is
+# topk_bwd (the recompute schedule above: 3 transfers). Reductions as in kd_loss's CudaKDLoss.
+# ------------------------------------------------------------------------------------------
+
+CUDA_MAX_K = 4096  # the row's support lives in shared memory (csrc/topk_divergence.cu)
+
+
+class CudaTopKKDLoss:
+    """``topk_kd_loss`` on the CUDA C++ kernels; ``apply`` keeps the other backends' calling
+    convention (the op itself carries the autograd)."""
+
+    @staticmethod
+    def apply(student_logits, topk_logprobs, topk_indices, labels, cfg: TopKConfig):
+        from pydistill import _cuda_ext
+        from pydistill.ops.softmax_divergence import _mean_weight, _reduce, cuda_kd_args
+        from pydistill.reference.topk_divergence import TAILS
+
+        k = topk_indices.shape[-1]
+        if k > CUDA_MAX_K:
+            raise ValueError(
+                f"teacher_topk_indices: backend='cuda' supports K <= {CUDA_MAX_K}, got K = {k}; "
+                "use backend='torch'"
+            )
+        ops = _cuda_ext.ops()
+        # the kernels read each row's support sorted by token id (one sort of the (N, K) ids)
+        idx, order = topk_indices.reshape(-1, k).sort(dim=-1)
+        lp = topk_logprobs.reshape(-1, k).gather(-1, order).float()
+        lead = student_logits.shape[:-1]
+        inv_count, row_factor = _mean_weight(labels, lead.numel(), cfg)
+        div, temperature, beta, hard_weight, soft_scale, softcap, ignore_index = cuda_kd_args(cfg)
+        rows, _ = ops.topk_fwd(student_logits, lp, idx, labels, div, TAILS.index(cfg.tail),
+                               temperature, float(cfg.teacher_power), beta, hard_weight,
+                               soft_scale, softcap, ignore_index)
+        return _reduce(rows, lead, cfg.reduction, inv_count, row_factor)
