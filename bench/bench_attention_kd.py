@@ -38,7 +38,6 @@ path's (``x eager``).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import dataclass
