@@ -100,6 +100,9 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Host-side facts (imports, environment, the extension's build) that torch.compile must not
+# trace: evaluated once at trace time and taken as constants.
+@torch.compiler.assume_constant_result
 def why_unavailable(backend: str, device: torch.device, build: bool = False) -> str | None:
     """None if ``backend`` can run on ``device``, else the reason, in words. ``build``: the
     cuda backend may compile its extension now (an explicit request; never for auto)."""

@@ -1,12 +1,13 @@
 """The public loss functions. Each validates its arguments, picks a backend from the one
-dispatch table (pydistill/_dispatch.py) and calls that backend's autograd Function."""
+dispatch table (pydistill/_dispatch.py) and calls that backend's autograd Function (under
+torch.compile through the custom ops of pydistill/_custom_ops.py)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from pydistill import _dispatch
+from pydistill import _custom_ops, _dispatch
 from pydistill import _validation as check
 from pydistill.reference.attention_kd import (
     ATTENTION_LOSSES, ATTENTION_REDUCTIONS, AttentionKDConfig, mse_scores_loss, with_scales,
@@ -116,8 +117,7 @@ def kd_loss(
     backend = _dispatch.resolve(
         "kd_loss", backend, student_logits.device, (student_logits.dtype, teacher_logits.dtype)
     )
-    fn = _dispatch.implementation("kd_loss", backend)
-    return fn.apply(student_logits, teacher_logits, labels, cfg)
+    return _custom_ops.kd_loss(student_logits, teacher_logits, labels, cfg, backend)
 
 
 def topk_config(*, tail="bucket", teacher_temperature=None, **kd_kwargs) -> TopKConfig:
@@ -228,8 +228,8 @@ def topk_kd_loss(
     )
     if teacher_topk_logprobs.requires_grad and torch.is_grad_enabled():
         refuse_teacher_grad(backend)
-    fn = _dispatch.implementation("topk_kd_loss", backend)
-    return fn.apply(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels, cfg)
+    return _custom_ops.topk_kd_loss(student_logits, teacher_topk_logprobs, teacher_topk_indices,
+                                    labels, cfg, backend)
 
 
 def linear_kd_loss(
@@ -382,10 +382,10 @@ def linear_kd_loss(
     backend = _dispatch.resolve(
         "linear_kd_loss", backend, student_hidden.device, tuple(x.dtype for x in floating if x is not None)
     )
-    fn = _dispatch.implementation("linear_kd_loss", backend)
     plan = ChunkPlan(chunk_size=chunk_size, group=group)
-    return fn.apply(cfg, plan, labels, student_hidden, student_weight, student_bias, teacher_hidden,
-                    teacher_weight, teacher_bias, teacher_logits, topk_logprobs, topk_indices)
+    tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+               teacher_bias, teacher_logits, topk_logprobs, topk_indices)
+    return _custom_ops.linear_kd_loss(cfg, plan, labels, tensors, backend)
 
 
 def _one_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk):
@@ -537,8 +537,8 @@ def attention_kd_loss(
                                  f"got {x.shape[-1]}; use backend='torch'")
         if (teacher_q.requires_grad or teacher_k.requires_grad) and torch.is_grad_enabled():
             refuse_teacher_grad(backend)
-    fn = _dispatch.implementation("attention_kd_loss", backend)
-    return fn.apply(student_q, student_k, teacher_q, teacher_k, attention_mask, cfg)
+    return _custom_ops.attention_kd_loss(student_q, student_k, teacher_q, teacher_k,
+                                         attention_mask, cfg, backend)
 
 
 def relation_kd_loss(
