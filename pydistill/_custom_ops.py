@@ -3,12 +3,13 @@ them as single graph nodes (and ``torch.library.opcheck`` can check them).
 
 Registered in the ``pydistill`` namespace (``torch.library.custom_op`` adds a FRAGMENT; the
 CUDA extension's ``TORCH_LIBRARY(pydistill, m)`` defines other names, kd_fwd / topk_fwd /
-..., and either may load first)::
+..., and either may load first: a TORCH_LIBRARY loaded after Python ops of its namespace, and
+Python ops defined after it, both register)::
 
     pydistill::kd_loss            (logits pair)            -> (loss, grad_student, grad_teacher)
     pydistill::topk_kd_loss       (logits, top-k teacher)  -> (loss, grad_student)
-    pydistill::linear_kd_loss     (hidden, heads, teacher) -> (loss, 8 gradients)
-    pydistill::linear_kd_loss_backward   (grad_output, ...) -> 8 gradients
+    pydistill::linear_kd_loss     (hidden, heads, teacher) -> (loss, 7 gradients)
+    pydistill::linear_kd_loss_backward   (grad_output, ...) -> 7 gradients
     pydistill::attention_kd_loss  (q, k of both models)    -> (loss, 4 gradients)
     pydistill::attention_kd_loss_backward (grad_output, ...) -> 4 gradients
 

@@ -89,9 +89,9 @@ def topk_inputs(student_name: str, student, logprobs_name: str, logprobs, indice
 
 
 def _compiling() -> bool:
-    """Under torch.compile the value checks of CPU tensors are skipped: they read values on
-    the host, which a traced graph cannot branch on (out-of-range values then give NaN, as
-    on GPU tensors)."""
+    """Under torch.compile the value checks of CPU tensors are skipped, as for GPU tensors:
+    they read values on the host, which a traced graph cannot branch on (an out-of-range
+    label then gives NaN; bad top-k ids or mask values go unnoticed)."""
     return torch.compiler.is_compiling()
 
 
