@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,8 +51,7 @@ from pydistill.reference.attention_kd import expand_heads
 
 from bench import harness, peers
 from bench.bench_softmax_divergence import DTYPES
-from bench.harness import PASSES, Impl, add_run_options, failure_status, run_impl, start_run
-from bench.harness import progress as _progress
+from bench.harness import PASSES, Impl, add_run_options, start_run
 
 COLUMNS = (
     "impl", "dtype", "B", "H", "H_kv", "L", "d_s", "d_t", "causal", "padded", "pass", "status",
@@ -248,36 +246,15 @@ def run_case(case: Case, impls, device, opts, prov: dict):
         "dtype": case.dtype_name, "B": case.b, "H": case.h, "H_kv": case.h_kv, "L": case.length,
         "d_s": case.d_s, "d_t": case.d_t, "causal": case.causal, "padded": case.padded, **prov,
     }
-    n_sets = harness.rotation_count(case.input_bytes(), device)
-    base["n_sets"] = n_sets
-    _progress(opts, f"{case.dtype_name} B={case.b} H={case.h}/{case.h_kv} L={case.length} "
-                    f"d={case.d_s}/{case.d_t} causal={case.causal} padded={case.padded} "
-                    f"({n_sets} input sets)")
-    try:
-        sets = make_inputs(case, device, n_sets)
-        expected = expected_loss(case, sets[0])
-    except Exception as exc:
-        harness.release_memory(device)
-        return [{**base, "impl": impl.name, "pass": "all", "status": failure_status(exc)} for impl in impls]
-    rows = []
-    for impl in impls:
-        if opts.time_limit and time.monotonic() - opts.started > opts.time_limit:
-            status = f"skipped: --time-limit {opts.time_limit:g} s reached"
-            rows.append({**base, "impl": impl.name, "pass": "all", "status": status})
-            continue
-        rows.extend(with_gemm_floor(r, case, opts.floors)
-                    for r in run_impl(impl, case, sets, expected, device, opts, base))
-    del sets
-    harness.release_memory(device)
-    return with_memory_vs_eager(rows)
+    return harness.with_memory_vs(harness.run_case(
+        case, impls, device, opts, base, set_bytes=case.input_bytes(),
+        label=(f"{case.dtype_name} B={case.b} H={case.h}/{case.h_kv} L={case.length} "
+               f"d={case.d_s}/{case.d_t} causal={case.causal} padded={case.padded}"),
+        make_inputs=make_inputs, expected_loss=expected_loss,
+        finish=lambda row: with_gemm_floor(row, case, opts.floors)))
 
 
-def with_memory_vs_eager(rows):
-    eager = {r["pass"]: r.get("peak_extra_mib") for r in rows if r["impl"] == "torch-eager"}
-    for r in rows:
-        if r.get("peak_extra_mib") is not None and eager.get(r["pass"]):
-            r["peak_extra_vs_eager"] = r["peak_extra_mib"] / eager[r["pass"]]
-    return rows
+
 
 
 # --------------------------------------------------------------------------------------

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -61,8 +60,7 @@ from pydistill.reference import softmax_divergence as reference
 
 from bench import harness, peers
 from bench.bench_softmax_divergence import DTYPES, naive_loss
-from bench.harness import PASSES, Impl, add_run_options, failure_status, run_impl, start_run
-from bench.harness import progress as _progress
+from bench.harness import PASSES, Impl, add_run_options, start_run
 
 COLUMNS = (
     "impl", "divergence", "dtype", "N", "H_s", "H_t", "V", "temperature", "beta", "grad_output",
@@ -226,35 +224,14 @@ def run_case(case: Case, impls, device, opts, prov: dict):
         "H_t": case.h_t, "V": case.v, "temperature": case.temperature, "beta": case.beta,
         "grad_output": case.grad_output, **prov,
     }
-    n_sets = harness.rotation_count(case.floor_bytes("fwd"), device)
-    base["n_sets"] = n_sets
-    _progress(opts, f"{case.divergence} {case.dtype_name} N={case.n} H_s={case.h_s} "
-                    f"H_t={case.h_t} V={case.v} ({n_sets} input sets)")
-    try:
-        sets = make_inputs(case, device, n_sets)
-        expected = expected_loss(case, sets[0])
-    except Exception as exc:
-        harness.release_memory(device)
-        return [{**base, "impl": impl.name, "pass": "all", "status": failure_status(exc)} for impl in impls]
-    rows = []
-    for impl in impls:
-        if opts.time_limit and time.monotonic() - opts.started > opts.time_limit:
-            status = f"skipped: --time-limit {opts.time_limit:g} s reached"
-            rows.append({**base, "impl": impl.name, "pass": "all", "status": status})
-            continue
-        rows.extend(with_gemm_floor(r, case, opts.floors)
-                    for r in run_impl(impl, case, sets, expected, device, opts, base))
-    del sets
-    harness.release_memory(device)
-    return with_memory_vs_eager(rows)
+    return harness.with_memory_vs(harness.run_case(
+        case, impls, device, opts, base, set_bytes=case.floor_bytes("fwd"),
+        label=f"{case.divergence} {case.dtype_name} N={case.n} H_s={case.h_s} H_t={case.h_t} V={case.v}",
+        make_inputs=make_inputs, expected_loss=expected_loss,
+        finish=lambda row: with_gemm_floor(row, case, opts.floors)))
 
 
-def with_memory_vs_eager(rows):
-    eager = {r["pass"]: r.get("peak_extra_mib") for r in rows if r["impl"] == "torch-eager"}
-    for r in rows:
-        if r.get("peak_extra_mib") is not None and eager.get(r["pass"]):
-            r["peak_extra_vs_eager"] = r["peak_extra_mib"] / eager[r["pass"]]
-    return rows
+
 
 
 # --------------------------------------------------------------------------------------

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -68,14 +67,7 @@ from pydistill import _dispatch
 from pydistill.reference import softmax_divergence as reference
 
 from bench import harness, peers
-# The runner lives in the harness; these names are kept importable from here.
-from bench.harness import (  # noqa: F401
-    PASSES, Impl, add_run_options, clear_grads, environment, failure_status, pass_callables,
-    run_impl, start_run,
-)
-from bench.harness import measure_passes as _measure_passes  # noqa: F401
-from bench.harness import one_line as _one_line  # noqa: F401
-from bench.harness import progress as _progress
+from bench.harness import PASSES, Impl, add_run_options, start_run
 
 # Bytes that must move, in units of one (N, V) logits tensor (module docstring).
 FLOOR_TENSORS = {"fwd": 2, "bwd": 1, "fwd+bwd": 3}
@@ -230,30 +222,10 @@ def run_case(case: Case, impls, device, opts, prov: dict):
         **prov,
     }
     element = torch.empty((), dtype=case.dtype).element_size()
-    n_sets = harness.rotation_count(2 * case.n * case.v * element, device)
-    base["n_sets"] = n_sets
-    _progress(opts, f"{case.divergence} {case.dtype_name} N={case.n} V={case.v} "
-                    f"({n_sets} input sets)")
-    sets, status = None, None
-    try:
-        sets = make_inputs(case, device, n_sets)
-        expected = expected_loss(case, *sets[0])
-    except Exception as exc:
-        status = failure_status(exc)
-    if status is not None:
-        del sets
-        harness.release_memory(device)
-        return [{**base, "impl": impl.name, "pass": "all", "status": status} for impl in impls]
-    rows = []
-    for impl in impls:
-        if opts.time_limit and time.monotonic() - opts.started > opts.time_limit:
-            status = f"skipped: --time-limit {opts.time_limit:g} s reached"
-            rows.append({**base, "impl": impl.name, "pass": "all", "status": status})
-            continue
-        rows.extend(run_impl(impl, case, sets, expected, device, opts, base))
-    del sets
-    harness.release_memory(device)
-    return rows
+    return harness.run_case(
+        case, impls, device, opts, base, set_bytes=2 * case.n * case.v * element,
+        label=f"{case.divergence} {case.dtype_name} N={case.n} V={case.v}",
+        make_inputs=make_inputs, expected_loss=lambda c, inputs: expected_loss(c, *inputs))
 
 
 # --------------------------------------------------------------------------------------

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +58,7 @@ from pydistill.reference import topk_divergence as reference
 
 from bench import harness, peers
 from bench.bench_softmax_divergence import DTYPES
-from bench.harness import PASSES, Impl, add_run_options, failure_status, run_impl, start_run
-from bench.harness import progress as _progress
+from bench.harness import PASSES, Impl, add_run_options, start_run
 
 COLUMNS = (
     "impl", "divergence", "tail", "dtype", "N", "V", "K", "temperature", "grad_output", "pass",
@@ -207,27 +205,10 @@ def run_case(case: Case, impls, device, opts, prov: dict):
         "V": case.v, "K": case.k, "temperature": case.temperature, "grad_output": case.grad_output,
         **prov,
     }
-    n_sets = harness.rotation_count(case.floor_bytes("fwd"), device)
-    base["n_sets"] = n_sets
-    _progress(opts, f"{case.divergence} tail={case.tail} {case.dtype_name} N={case.n} V={case.v} "
-                    f"K={case.k} ({n_sets} input sets)")
-    try:
-        sets = make_inputs(case, device, n_sets)
-        expected = expected_loss(case, *sets[0])
-    except Exception as exc:
-        status = failure_status(exc)
-        sets = None
-        harness.release_memory(device)
-        return [{**base, "impl": impl.name, "pass": "all", "status": status} for impl in impls]
-    rows = []
-    for impl in impls:
-        if opts.time_limit and time.monotonic() - opts.started > opts.time_limit:
-            rows.append({**base, "impl": impl.name, "pass": "all",
-                         "status": f"skipped: --time-limit {opts.time_limit:g} s reached"})
-            continue
-        rows.extend(run_impl(impl, case, sets, expected, device, opts, base))
-    del sets
-    harness.release_memory(device)
+    rows = harness.run_case(
+        case, impls, device, opts, base, set_bytes=case.floor_bytes("fwd"),
+        label=f"{case.divergence} tail={case.tail} {case.dtype_name} N={case.n} V={case.v} K={case.k}",
+        make_inputs=make_inputs, expected_loss=lambda c, inputs: expected_loss(c, *inputs))
     for row in rows:  # peak extra memory in units of one float32 (N, V) tensor
         if row.get("peak_extra_mib") is not None:
             row["peak_extra_nv"] = row["peak_extra_mib"] * 2**20 / (4 * case.n * case.v)

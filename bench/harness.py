@@ -521,6 +521,50 @@ def progress(opts, message: str):
         print(line, file=sys.stderr, flush=True)
 
 
+def run_case(case, impls, device, opts, base: dict, *, set_bytes: int, label: str,
+             make_inputs: Callable, expected_loss: Callable,
+             finish: Optional[Callable] = None) -> list:
+    """Every implementation's rows on one case. ``make_inputs(case, device, n_sets)`` builds
+    the rotated input sets (how many: from ``set_bytes``, the size of one), and
+    ``expected_loss(case, first_set)`` the value each loss is checked against; ``finish(row)``
+    completes each measured row (a GEMM floor, say). A case whose inputs cannot be made, and
+    implementations not started before ``--time-limit``, get one ``all`` row saying why."""
+    n_sets = rotation_count(set_bytes, device)
+    base = {**base, "n_sets": n_sets}
+    progress(opts, f"{label} ({n_sets} input sets)")
+    sets, status = None, None
+    try:
+        sets = make_inputs(case, device, n_sets)
+        expected = expected_loss(case, sets[0])
+    except Exception as exc:
+        status = failure_status(exc)
+    if status is not None:  # out of the except block, whose traceback holds the tensors
+        del sets
+        release_memory(device)
+        return [{**base, "impl": impl.name, "pass": "all", "status": status} for impl in impls]
+    rows = []
+    for impl in impls:
+        if opts.time_limit and time.monotonic() - opts.started > opts.time_limit:
+            rows.append({**base, "impl": impl.name, "pass": "all",
+                         "status": f"skipped: --time-limit {opts.time_limit:g} s reached"})
+            continue
+        measured = run_impl(impl, case, sets, expected, device, opts, base)
+        rows.extend(measured if finish is None else map(finish, measured))
+    del sets
+    release_memory(device)
+    return rows
+
+
+def with_memory_vs(rows: list, impl: str = "torch-eager") -> list:
+    """Adds ``peak_extra_vs_eager``: each row's peak extra memory over ``impl``'s in the same
+    pass."""
+    ref = {r["pass"]: r.get("peak_extra_mib") for r in rows if r["impl"] == impl}
+    for r in rows:
+        if r.get("peak_extra_mib") is not None and ref.get(r["pass"]):
+            r["peak_extra_vs_eager"] = r["peak_extra_mib"] / ref[r["pass"]]
+    return rows
+
+
 def run_impl(impl: Impl, case, sets, expected: float, device, opts, base: dict):
     """Rows of one implementation on one case (one per pass, or one ``all`` row that says why
     it did not run). ``case.floor_bytes(pass)`` gives each pass's memory floor;
