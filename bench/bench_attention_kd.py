@@ -51,7 +51,7 @@ from pydistill.reference.attention_kd import expand_heads
 
 from bench import harness, peers
 from bench.bench_softmax_divergence import DTYPES
-from bench.harness import PASSES, Impl, add_run_options, start_run
+from bench.harness import Impl, add_run_options, start_run
 
 COLUMNS = (
     "impl", "dtype", "B", "H", "H_kv", "L", "d_s", "d_t", "causal", "padded", "pass", "status",
@@ -219,25 +219,12 @@ def expected_loss(case: Case, inputs) -> float:
                                                  causal=case.causal, backend="torch"))
 
 
-def with_gemm_floor(row: dict, case: Case, floors) -> dict:
-    """The runner's row with its memory floor replaced by the GEMM floor (module docstring)."""
-    row = dict(row)
-    row.pop("floor_bytes", None)
-    row.pop("achieved_gbps", None)
+def with_attention_columns(row: dict, case: Case) -> dict:
+    """Peak extra memory per 1,024 tokens; no loss check for the SDPA yardstick (another op)."""
     if row.get("peak_extra_mib") is not None:
         row["peak_extra_mib_per_kl"] = row["peak_extra_mib"] / (case.length / 1024)
     if row["impl"] == "sdpa":
         row.pop("loss_rel_diff", None)
-    rate = floors.matmul_rate(case.dtype)
-    if row["status"] != "ok" or rate is None:
-        row.pop("floor_ms", None)
-        row.pop("ratio_to_floor", None)
-        return row
-    flops = case.flops(row["pass"])
-    floor_s = flops / rate
-    median_s = row["median_ms"] / 1e3
-    row.update(floor_flops=flops, floor_ms=floor_s * 1e3, ratio_to_floor=median_s / floor_s,
-               achieved_tflops=flops / median_s / 1e12)
     return row
 
 
@@ -251,7 +238,7 @@ def run_case(case: Case, impls, device, opts, prov: dict):
         label=(f"{case.dtype_name} B={case.b} H={case.h}/{case.h_kv} L={case.length} "
                f"d={case.d_s}/{case.d_t} causal={case.causal} padded={case.padded}"),
         make_inputs=make_inputs, expected_loss=expected_loss,
-        finish=lambda row: with_gemm_floor(row, case, opts.floors)))
+        finish=lambda row: with_attention_columns(row, case)))
 
 
 
@@ -305,12 +292,6 @@ def targets(rows) -> list:
     return out
 
 
-def _order(rows):
-    impl_rank = {name: i for i, name in enumerate(IMPL_NAMES)}
-    pass_rank = {p: i for i, p in enumerate(("all",) + PASSES)}
-    return sorted(rows, key=lambda r: (*_key(r), pass_rank[r["pass"]], impl_rank[r["impl"]]))
-
-
 def report(rows, prov: dict, argv) -> str:
     parts = [
         "# attention_kd_loss (MiniLM attention KL) benchmark",
@@ -327,7 +308,7 @@ def report(rows, prov: dict, argv) -> str:
         "grad_output 1. `sdpa` is the speed yardstick (flash attention fwd + bwd at the "
         "student's shape), not the same op.",
         "",
-        harness.markdown_table(_order(rows), TABLE),
+        harness.markdown_table(harness.order_rows(rows, _key, IMPL_NAMES), TABLE),
         "",
         "## Targets (fwd+bwd)",
         "",

@@ -60,7 +60,7 @@ from pydistill.reference import softmax_divergence as reference
 
 from bench import harness, peers
 from bench.bench_softmax_divergence import DTYPES, naive_loss
-from bench.harness import PASSES, Impl, add_run_options, start_run
+from bench.harness import Impl, add_run_options, start_run
 
 COLUMNS = (
     "impl", "divergence", "dtype", "N", "H_s", "H_t", "V", "temperature", "beta", "grad_output",
@@ -200,24 +200,6 @@ def expected_loss(case: Case, inputs) -> float:
             backend="torch"))
 
 
-def with_gemm_floor(row: dict, case: Case, floors) -> dict:
-    """The runner's row with its memory floor replaced by the GEMM floor (module docstring)."""
-    row = dict(row)
-    row.pop("floor_bytes", None)
-    row.pop("achieved_gbps", None)
-    rate = floors.matmul_rate(case.dtype)
-    if row["status"] != "ok" or rate is None:
-        row.pop("floor_ms", None)
-        row.pop("ratio_to_floor", None)
-        return row
-    flops = case.flops(row["pass"])
-    floor_s = flops / rate
-    median_s = row["median_ms"] / 1e3
-    row.update(floor_flops=flops, floor_ms=floor_s * 1e3, ratio_to_floor=median_s / floor_s,
-               achieved_tflops=flops / median_s / 1e12)
-    return row
-
-
 def run_case(case: Case, impls, device, opts, prov: dict):
     base = {
         "divergence": case.divergence, "dtype": case.dtype_name, "N": case.n, "H_s": case.h_s,
@@ -227,8 +209,7 @@ def run_case(case: Case, impls, device, opts, prov: dict):
     return harness.with_memory_vs(harness.run_case(
         case, impls, device, opts, base, set_bytes=case.floor_bytes("fwd"),
         label=f"{case.divergence} {case.dtype_name} N={case.n} H_s={case.h_s} H_t={case.h_t} V={case.v}",
-        make_inputs=make_inputs, expected_loss=expected_loss,
-        finish=lambda row: with_gemm_floor(row, case, opts.floors)))
+        make_inputs=make_inputs, expected_loss=expected_loss))
 
 
 
@@ -286,12 +267,6 @@ def targets(rows) -> list:
     return out
 
 
-def _order(rows):
-    impl_rank = {name: i for i, name in enumerate(IMPL_NAMES)}
-    pass_rank = {p: i for i, p in enumerate(("all",) + PASSES)}
-    return sorted(rows, key=lambda r: (*_key(r), pass_rank[r["pass"]], impl_rank[r["impl"]]))
-
-
 def report(rows, prov: dict, argv) -> str:
     parts = [
         "# linear_kd_loss (fused LM-head distillation) benchmark",
@@ -306,7 +281,7 @@ def report(rows, prov: dict, argv) -> str:
         "forward (its bwd is a rescaling): compare fwd+bwd. Student hidden and weight require "
         "grad; the teacher does not; mean reduction, grad_output 1.",
         "",
-        harness.markdown_table(_order(rows), TABLE),
+        harness.markdown_table(harness.order_rows(rows, _key, IMPL_NAMES), TABLE),
         "",
         "## Targets (fwd+bwd)",
         "",

@@ -67,7 +67,7 @@ from pydistill import _dispatch
 from pydistill.reference import softmax_divergence as reference
 
 from bench import harness, peers
-from bench.harness import PASSES, Impl, add_run_options, start_run
+from bench.harness import Impl, add_run_options, start_run
 
 # Bytes that must move, in units of one (N, V) logits tensor (module docstring).
 FLOOR_TENSORS = {"fwd": 2, "bwd": 1, "fwd+bwd": 3}
@@ -241,12 +241,8 @@ TABLE = (
 )
 
 
-def _order(rows):
-    impl_rank = {name: i for i, name in enumerate(IMPL_NAMES)}
-    pass_rank = {p: i for i, p in enumerate(("all",) + PASSES)}
-    return sorted(rows, key=lambda r: (
-        r["divergence"], r["dtype"], r["N"], r["V"], pass_rank[r["pass"]], impl_rank[r["impl"]]
-    ))
+def _key(r):
+    return (r["divergence"], r["dtype"], r["N"], r["V"])
 
 
 # The goal for kd_loss: pydistill-triton's fwd+bwd within 1.6x of the floor (see
@@ -302,7 +298,7 @@ def report(rows, prov: dict, argv, target_ratio: float = TARGET_RATIO) -> str:
         "memory above what was allocated before the call. "
         f"Backward from grad_output = {grad_output:g}.",
         "",
-        harness.markdown_table(_order(rows), TABLE),
+        harness.markdown_table(harness.order_rows(rows, _key, IMPL_NAMES), TABLE),
         "",
         "## Targets (pydistill-triton, fwd+bwd)",
         "",

@@ -58,7 +58,7 @@ from pydistill.reference import topk_divergence as reference
 
 from bench import harness, peers
 from bench.bench_softmax_divergence import DTYPES
-from bench.harness import PASSES, Impl, add_run_options, start_run
+from bench.harness import Impl, add_run_options, start_run
 
 COLUMNS = (
     "impl", "divergence", "tail", "dtype", "N", "V", "K", "temperature", "grad_output", "pass",
@@ -228,11 +228,8 @@ TABLE = (
 )
 
 
-def _order(rows):
-    impl_rank = {name: i for i, name in enumerate(IMPL_NAMES)}
-    pass_rank = {p: i for i, p in enumerate(("all",) + PASSES)}
-    return sorted(rows, key=lambda r: (r["divergence"], r["tail"], r["dtype"], r["N"], r["V"], r["K"],
-                                       pass_rank[r["pass"]], impl_rank[r["impl"]]))
+def _key(r):
+    return (r["divergence"], r["tail"], r["dtype"], r["N"], r["V"], r["K"])
 
 
 def report(rows, prov: dict, argv) -> str:
@@ -252,7 +249,7 @@ def report(rows, prov: dict, argv) -> str:
         "and for bucket the nearest dense loss (`loss rel diff` against pydistill-torch). "
         f"Backward from grad_output = {grad_output:g}.",
         "",
-        harness.markdown_table(_order(rows), TABLE),
+        harness.markdown_table(harness.order_rows(rows, _key, IMPL_NAMES), TABLE),
     ]) + "\n"
 
 

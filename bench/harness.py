@@ -526,8 +526,9 @@ def run_case(case, impls, device, opts, base: dict, *, set_bytes: int, label: st
              finish: Optional[Callable] = None) -> list:
     """Every implementation's rows on one case. ``make_inputs(case, device, n_sets)`` builds
     the rotated input sets (how many: from ``set_bytes``, the size of one), and
-    ``expected_loss(case, first_set)`` the value each loss is checked against; ``finish(row)``
-    completes each measured row (a GEMM floor, say). A case whose inputs cannot be made, and
+    ``expected_loss(case, first_set)`` the value each loss is checked against. A GEMM-bound
+    case (one with ``case.flops(pass)``) gets the GEMM floor instead of the bytes floor;
+    ``finish(row)`` completes each measured row. A case whose inputs cannot be made, and
     implementations not started before ``--time-limit``, get one ``all`` row saying why."""
     n_sets = rotation_count(set_bytes, device)
     base = {**base, "n_sets": n_sets}
@@ -549,10 +550,38 @@ def run_case(case, impls, device, opts, base: dict, *, set_bytes: int, label: st
                          "status": f"skipped: --time-limit {opts.time_limit:g} s reached"})
             continue
         measured = run_impl(impl, case, sets, expected, device, opts, base)
+        if callable(getattr(case, "flops", None)):
+            measured = [with_gemm_floor(r, case, opts.floors) for r in measured]
         rows.extend(measured if finish is None else map(finish, measured))
     del sets
     release_memory(device)
     return rows
+
+
+def with_gemm_floor(row: dict, case, floors) -> dict:
+    """The row with its bytes floor replaced by the GEMM floor: ``case.flops(pass)`` over the
+    measured matmul rate of ``case.dtype``."""
+    row = dict(row)
+    row.pop("floor_bytes", None)
+    row.pop("achieved_gbps", None)
+    rate = floors.matmul_rate(case.dtype)
+    if row["status"] != "ok" or rate is None:
+        row.pop("floor_ms", None)
+        row.pop("ratio_to_floor", None)
+        return row
+    flops = case.flops(row["pass"])
+    floor_s = flops / rate
+    median_s = row["median_ms"] / 1e3
+    row.update(floor_flops=flops, floor_ms=floor_s * 1e3, ratio_to_floor=median_s / floor_s,
+               achieved_tflops=flops / median_s / 1e12)
+    return row
+
+
+def order_rows(rows: list, key: Callable, impl_names: Sequence[str]) -> list:
+    """Rows sorted by case (``key(row)``), then pass, then the family's implementation order."""
+    impl_rank = {name: i for i, name in enumerate(impl_names)}
+    pass_rank = {p: i for i, p in enumerate(("all",) + PASSES)}
+    return sorted(rows, key=lambda r: (*key(r), pass_rank[r["pass"]], impl_rank[r["impl"]]))
 
 
 def with_memory_vs(rows: list, impl: str = "torch-eager") -> list:
