@@ -90,8 +90,13 @@ def _or_empty(g: Optional[Tensor], like: Tensor) -> Tensor:
     return g.contiguous() if g is not None else like.new_empty(0)
 
 
+def _none_if_empty(g: Tensor) -> Optional[Tensor]:
+    """None for the empty placeholder of an input that needs no gradient."""
+    return None if g.dim() == 1 and g.numel() == 0 else g
+
+
 def _scaled(g: Tensor, grad_out: Tensor, rowwise: bool) -> Optional[Tensor]:
-    if g.numel() == 0 and g.dim() == 1:
+    if _none_if_empty(g) is None:
         return None
     scale = grad_out[..., None] if rowwise and grad_out.dim() else grad_out
     return g * scale.to(g.dtype)
@@ -112,6 +117,33 @@ def _grad_like(x: Optional[Tensor], need: bool) -> Tensor:
     if x is None or not need:
         return (x if x is not None else torch.empty(0)).new_empty(0)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _register_rowmixing_autograd(op, backward_op, *, reduction_at: int, lead: int, trail: int):
+    """Autograd of an op returning (loss, its gradients for a grad_output of ones) whose
+    gradients mix rows (linear_kd_loss, attention_kd_loss): a scalar grad_output scales the
+    saved gradients; with ``reduction="none"`` (input ``reduction_at``) the backward op
+    recomputes them with the per-row grad_output. ``lead`` / ``trail``: how many inputs
+    before / after the differentiable tensors get no gradient."""
+    def setup(ctx, inputs, output):
+        ctx.reduction = inputs[reduction_at]
+        ctx.inputs = inputs
+        if ctx.reduction == "none":
+            ctx.save_for_backward(*[x for x in inputs if isinstance(x, Tensor)])
+        else:
+            ctx.save_for_backward(*output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+
+    def backward(ctx, grad_loss, *_grads):
+        if ctx.reduction == "none":
+            saved = iter(ctx.saved_tensors)
+            inputs = [next(saved) if isinstance(x, Tensor) else x for x in ctx.inputs]
+            grads = [_none_if_empty(g) for g in backward_op(grad_loss, *inputs)]
+        else:
+            grads = [_scaled(g, grad_loss, False) for g in ctx.saved_tensors]
+        return (*([None] * lead), *grads, *([None] * trail))
+
+    op.register_autograd(backward, setup_context=setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,28 +360,8 @@ def _(grad_loss, labels, student_hidden, student_weight, student_bias, teacher_h
                  if x is not None else student_hidden.new_empty(0) for i, x in enumerate(tensors))
 
 
-def _linear_setup(ctx, inputs, output):
-    ctx.reduction = inputs[21]
-    ctx.inputs = inputs
-    if ctx.reduction == "none":
-        ctx.save_for_backward(*[x for x in inputs if isinstance(x, Tensor)])
-    else:
-        ctx.save_for_backward(*output[1:])
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _linear_backward(ctx, grad_loss, *_grads):
-    if ctx.reduction == "none":
-        saved = iter(ctx.saved_tensors)
-        inputs = [next(saved) if isinstance(x, Tensor) else x for x in ctx.inputs]
-        grads = linear_kd_loss_backward_op(grad_loss, *inputs)
-        grads = [None if g.dim() == 1 and g.numel() == 0 else g for g in grads]
-    else:
-        grads = [_scaled(g, grad_loss, False) for g in ctx.saved_tensors]
-    return (None, *grads, *([None] * 16))
-
-
-linear_kd_loss_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+_register_rowmixing_autograd(linear_kd_loss_op, linear_kd_loss_backward_op, reduction_at=21,
+                             lead=1, trail=16)
 
 
 def linear_kd_loss(cfg, plan: ChunkPlan, labels, tensors: Sequence, backend: str):
@@ -428,28 +440,8 @@ def _(grad_loss, student_q, student_k, teacher_q, teacher_k, attention_mask, cau
                  for x, n in zip((student_q, student_k, teacher_q, teacher_k), needs))
 
 
-def _attention_setup(ctx, inputs, output):
-    ctx.reduction = inputs[8]
-    ctx.inputs = inputs
-    if ctx.reduction == "none":
-        ctx.save_for_backward(*[x for x in inputs if isinstance(x, Tensor)])
-    else:
-        ctx.save_for_backward(*output[1:])
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _attention_backward(ctx, grad_loss, *_grads):
-    if ctx.reduction == "none":
-        saved = iter(ctx.saved_tensors)
-        inputs = [next(saved) if isinstance(x, Tensor) else x for x in ctx.inputs]
-        grads = attention_kd_loss_backward_op(grad_loss, *inputs)
-        grads = [None if g.dim() == 1 and g.numel() == 0 else g for g in grads]
-    else:
-        grads = [_scaled(g, grad_loss, False) for g in ctx.saved_tensors]
-    return (*grads, *([None] * 7))
-
-
-attention_kd_loss_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+_register_rowmixing_autograd(attention_kd_loss_op, attention_kd_loss_backward_op,
+                             reduction_at=8, lead=0, trail=7)
 
 
 def attention_kd_loss(student_q, student_k, teacher_q, teacher_k, attention_mask,
