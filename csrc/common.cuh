@@ -292,9 +292,12 @@ PD_HD Terms pointwise(float log_p, float log_q, float beta) {
     r.qh = q != 0.0f ? q * (log_q - log_p + 1.0f) : 0.0f;
     r.pu = -q;
   } else if (DIV == JSD) {
-    const float log_m = pd_log(beta * p + (1.0f - beta) * q);
-    r.pu = beta * (p != 0.0f ? p * (log_p - log_m) : 0.0f);
-    r.qh = (1.0f - beta) * (q != 0.0f ? q * (log_q - log_m) : 0.0f);
+    // m underflows to 0 only where p and q are both below ~1e-38: their terms are then
+    // negligible, not infinite
+    const float m = beta * p + (1.0f - beta) * q;
+    const float log_m = pd_log(m);
+    r.pu = beta * (p != 0.0f && m != 0.0f ? p * (log_p - log_m) : 0.0f);
+    r.qh = (1.0f - beta) * (q != 0.0f && m != 0.0f ? q * (log_q - log_m) : 0.0f);
     r.d = r.pu + r.qh;
   } else if (DIV == TVD) {
     const float g = q > p ? 0.5f : (q < p ? -0.5f : 0.0f);
@@ -305,15 +308,15 @@ PD_HD Terms pointwise(float log_p, float log_q, float beta) {
     const float m = beta * p + (1.0f - beta) * q;
     const float ratio = m != 0.0f ? p / m : 0.0f;
     const float log_ratio = log_p - pd_log(m);
-    r.d = p != 0.0f ? p * log_ratio : 0.0f;
+    r.d = p != 0.0f && m != 0.0f ? p * log_ratio : 0.0f;
     r.qh = -(1.0f - beta) * q * ratio;
-    r.pu = p != 0.0f ? p * (log_ratio - beta * ratio) : 0.0f;
+    r.pu = p != 0.0f && m != 0.0f ? p * (log_ratio - beta * ratio) : 0.0f;
   } else {  // SKEW_REVERSE_KL
     const float m = beta * q + (1.0f - beta) * p;
     const float ratio = m != 0.0f ? q / m : 0.0f;
     const float log_ratio = log_q - pd_log(m);
-    r.d = q != 0.0f ? q * log_ratio : 0.0f;
-    r.qh = q != 0.0f ? q * (log_ratio - beta * ratio) : 0.0f;
+    r.d = q != 0.0f && m != 0.0f ? q * log_ratio : 0.0f;
+    r.qh = q != 0.0f && m != 0.0f ? q * (log_ratio - beta * ratio) : 0.0f;
     r.pu = -(1.0f - beta) * p * ratio;
   }
   return r;

@@ -112,9 +112,12 @@ def _pointwise(log_p, log_q, beta, DIV: tl.constexpr):
         qh = tl.where(q != 0, q * (log_q - log_p + 1.0), 0.0)
         pu = -q
     elif DIV == JSD:
-        log_m = tl.log(beta * p + (1.0 - beta) * q)
-        pu = beta * tl.where(p != 0, p * (log_p - log_m), 0.0)
-        qh = (1.0 - beta) * tl.where(q != 0, q * (log_q - log_m), 0.0)
+        # m underflows to 0 only where p and q are both below ~1e-38 (a denormal p or q times
+        # beta rounds to 0 without FTZ): their terms are then negligible, not infinite
+        m = beta * p + (1.0 - beta) * q
+        log_m = tl.log(m)
+        pu = beta * tl.where((p != 0) & (m != 0), p * (log_p - log_m), 0.0)
+        qh = (1.0 - beta) * tl.where((q != 0) & (m != 0), q * (log_q - log_m), 0.0)
         d = pu + qh
     elif DIV == TVD:
         g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
@@ -125,15 +128,15 @@ def _pointwise(log_p, log_q, beta, DIV: tl.constexpr):
         m = beta * p + (1.0 - beta) * q
         r = tl.where(m != 0, p / m, 0.0)
         log_ratio = log_p - tl.log(m)
-        d = tl.where(p != 0, p * log_ratio, 0.0)
+        d = tl.where((p != 0) & (m != 0), p * log_ratio, 0.0)  # m == 0: see jsd
         qh = -(1.0 - beta) * q * r
-        pu = tl.where(p != 0, p * (log_ratio - beta * r), 0.0)
+        pu = tl.where((p != 0) & (m != 0), p * (log_ratio - beta * r), 0.0)
     else:  # SKEW_REVERSE_KL
         m = beta * q + (1.0 - beta) * p
         r = tl.where(m != 0, q / m, 0.0)
         log_ratio = log_q - tl.log(m)
-        d = tl.where(q != 0, q * log_ratio, 0.0)
-        qh = tl.where(q != 0, q * (log_ratio - beta * r), 0.0)
+        d = tl.where((q != 0) & (m != 0), q * log_ratio, 0.0)
+        qh = tl.where((q != 0) & (m != 0), q * (log_ratio - beta * r), 0.0)
         pu = -(1.0 - beta) * p * r
     return p, q, d, qh, pu
 

@@ -410,6 +410,18 @@ def test_extreme_logits(backend, divergence, request):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["jsd", "skew_kl", "skew_reverse_kl"])
+def test_mixture_underflow(backend, divergence):
+    # log p = -103.6: p is the smallest float32 denormal where q is 0, so beta p (beta = 1/2)
+    # rounds the mixture m to 0; the terms divided by m are ~1e-43, not inf (they once were
+    # inf where denormals are not flushed: the CPU, the interpreter)
+    s = torch.tensor([[0.0, -800.0, 1.0, 2.0], [3.0, 0.0, -800.0, 1.0]], device=DEVICE)
+    t = torch.tensor([[0.0, -101.92, 1.0, 0.5], [0.5, 0.0, -101.3, 2.0]], device=DEVICE)
+    assert (torch.log_softmax(t, -1)[[0, 1], [1, 2]] - -103.6).abs().max() < 0.05
+    check_against_reference(backend, s, t, teacher_grad=True, divergence=divergence, beta=0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_rows_ignored(backend, reduction):
     s = logits((2, 3, 50), seed=50).requires_grad_()

@@ -221,9 +221,10 @@ def chunk_rows(vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
     return max(1, elements // max(vocab, 1))
 
 
-def _weighted(w, x):
-    """w * x, and 0 wherever w == 0 (x may be infinite or NaN there)."""
-    return torch.where(w != 0, w * x, 0.0)
+def _weighted(w, x, m=None):
+    """w * x, and 0 wherever w == 0 (x may be infinite or NaN there), or the mixture m is."""
+    keep = w != 0 if m is None else (w != 0) & (m != 0)
+    return torch.where(keep, w * x, 0.0)
 
 
 def divergence_terms(log_p, log_q, p, q, name: str, beta: float, need_teacher: bool):
@@ -246,10 +247,13 @@ def divergence_terms(log_p, log_q, p, q, name: str, beta: float, need_teacher: b
         if need_teacher:
             pu, s_p = -q, torch.full_like(div, -1.0)
         return div, qh, s_q, pu, s_p
+    # Below, a mixture m that underflows to 0 (a denormal p or q times beta rounds to 0) makes
+    # the terms it divides 0, not infinite: they are below ~1e-38 there.
     if name == "jsd":
-        log_m = torch.log(beta * p + (1.0 - beta) * q)
-        qh = (1.0 - beta) * _weighted(q, log_q - log_m)
-        pu = beta * _weighted(p, log_p - log_m)
+        m = beta * p + (1.0 - beta) * q
+        log_m = torch.log(m)
+        qh = (1.0 - beta) * _weighted(q, log_q - log_m, m)
+        pu = beta * _weighted(p, log_p - log_m, m)
         div = (qh + pu).sum(-1)
     elif name == "tvd":
         g = 0.5 * torch.sign(q - p)
@@ -259,15 +263,15 @@ def divergence_terms(log_p, log_q, p, q, name: str, beta: float, need_teacher: b
         m = beta * p + (1.0 - beta) * q
         r = torch.where(m != 0, p / m, 0.0)
         log_ratio = log_p - torch.log(m)
-        div = _weighted(p, log_ratio).sum(-1)
+        div = _weighted(p, log_ratio, m).sum(-1)
         qh = -(1.0 - beta) * q * r
-        pu = _weighted(p, log_ratio - beta * r) if need_teacher else None
+        pu = _weighted(p, log_ratio - beta * r, m) if need_teacher else None
     elif name == "skew_reverse_kl":
         m = beta * q + (1.0 - beta) * p
         r = torch.where(m != 0, q / m, 0.0)
         log_ratio = log_q - torch.log(m)
-        div = _weighted(q, log_ratio).sum(-1)
-        qh = _weighted(q, log_ratio - beta * r)
+        div = _weighted(q, log_ratio, m).sum(-1)
+        qh = _weighted(q, log_ratio - beta * r, m)
         pu = -(1.0 - beta) * p * r if need_teacher else None
     else:
         raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {name!r}")
