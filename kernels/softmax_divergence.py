@@ -453,7 +453,7 @@ def _launch_args(student, teacher, labels, cfg, divergence, grad_s, grad_t, grad
     block = _block_v(vocab)
     return dict(
         s_ptr=s, t_ptr=t,
-        labels_ptr=labels.reshape(-1) if labels is not None else placeholder,
+        labels_ptr=labels.reshape(-1).contiguous() if labels is not None else placeholder,
         gs_ptr=grad_s if grad_s is not None else placeholder,
         gt_ptr=grad_t if grad_t is not None else placeholder,
         scale_ptr=scale if scale is not None else placeholder,

@@ -402,7 +402,7 @@ def _launch_args(student, topk_logprobs, topk_indices, labels, cfg, divergence, 
     block = _block_v(vocab)
     return dict(
         s_ptr=s, lp_ptr=topk_logprobs, idx_ptr=topk_indices,
-        labels_ptr=labels.reshape(-1) if labels is not None else placeholder,
+        labels_ptr=labels.reshape(-1).contiguous() if labels is not None else placeholder,
         gs_ptr=grad_s if grad_s is not None else placeholder,
         scale_ptr=scale if scale is not None else placeholder,
         n_inner=n_inner, s_stride_outer=stride_outer, s_stride_inner=stride_inner,

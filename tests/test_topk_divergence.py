@@ -612,3 +612,15 @@ def test_bad_input(override, exc, words):
         pdl.topk_kd_loss(*args, **kwargs)
     for w in words:
         assert w in str(info.value), f"{w!r} not in {info.value!r}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_labels_and_indices(backend):
+    # labels and top-k ids as views with stride 2 (once read as contiguous by the Triton launcher)
+    s = logits((3, 5, 40), seed=92)
+    lp, idx = torch.log_softmax(logits((3, 5, 40), seed=93), -1).topk(4, dim=-1)
+    y = make_labels((3, 5), 40, ignore=(1,))
+    y2 = torch.stack([y, torch.zeros_like(y)], -1)[..., 0]
+    idx2 = torch.stack([idx, torch.zeros_like(idx)], -1)[..., 0]
+    assert y2.stride() == (10, 2) and idx2.stride()[-1] == 2
+    check_against_reference(backend, s, lp, idx2, y2, temperature=2.0, hard_weight=0.5)
