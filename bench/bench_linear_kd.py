@@ -5,6 +5,9 @@ weight require grad; the teacher, hidden states + head, does not):
 =============================  ============================================================
 ``pydistill-triton``           ``linear_kd_loss(backend="triton")``: chunked GEMMs, the
                                divergence step in the Triton kernel (CUDA)
+``pydistill-triton-tiled``     ``linear_kd_loss(backend="triton", chunk_size="tiled")``: the
+                               tiled kernels, no logits tile in memory, the backward recomputes
+                               them (6 GEMMs for kl against the chunked path's 4; CUDA)
 ``pydistill-torch``            ``linear_kd_loss(backend="torch")``: the same chunks, the step
                                in closed-form PyTorch
 ``torch-eager``                the naive code: both logits materialised by ``F.linear`` in the
@@ -24,8 +27,9 @@ weight require grad; the teacher, hidden states + head, does not):
 The peers' builders are in bench/peers.py.
 
 Passes as in bench_softmax_divergence.py (``fwd``, ``bwd`` alone, ``fwd+bwd``), whose runner
-this reuses. pydistill computes its gradients in the forward: its ``bwd`` is a rescaling and
-its ``fwd`` holds all the work; compare ``fwd+bwd``.
+this reuses. pydistill's chunked path computes its gradients in the forward: its ``bwd`` is a
+rescaling and its ``fwd`` holds all the work; the tiled path does the opposite (its forward only
+the per-row statistics, its backward recomputes the tiles); compare ``fwd+bwd``.
 
 Floor: a GEMM-bound op's FLOPs over the matrix-product rate measured at the start of the run
 (bf16 on CUDA, float32 on the CPU). N rows, V vocabulary, H_s / H_t hidden sizes::
@@ -127,7 +131,7 @@ def naive_linear_loss(case: Case) -> Callable:
     return eager
 
 
-def build_pydistill(backend: str):
+def build_pydistill(backend: str, chunk_size="auto"):
     def build(case: Case, device: torch.device):
         if backend == "triton" and device.type != "cuda":
             return "skipped: Triton kernels run on CUDA (the CPU interpreter is not timed)"
@@ -138,7 +142,7 @@ def build_pydistill(backend: str):
             pydistill.linear_kd_loss(
                 student_hidden, student_weight, teacher_hidden, teacher_weight,
                 divergence=case.divergence, temperature=case.temperature, beta=case.beta,
-                backend=backend,
+                backend=backend, chunk_size=chunk_size,
             ))
 
     return build
@@ -159,6 +163,7 @@ build_liger_chunked_jsd = peers.liger_chunked_jsd
 
 IMPLS = (
     Impl("pydistill-triton", build_pydistill("triton")),
+    Impl("pydistill-triton-tiled", build_pydistill("triton", "tiled")),
     Impl("pydistill-torch", build_pydistill("torch")),
     Impl("torch-eager", build_eager),
     Impl("torch-compile", build_compiled, failure="skipped: torch.compile failed"),
@@ -277,8 +282,9 @@ def report(rows, prov: dict, argv) -> str:
         "",
         "Floor: FLOPs over the measured matmul rate; fwd 2 N V (H_s + H_t), bwd 4 N V H_s "
         "(d(hidden), d(weight)), fwd+bwd the sum. `x floor` = measured / floor; `x eager` = peak "
-        "extra memory / torch-eager's in the same pass. pydistill computes its gradients in the "
-        "forward (its bwd is a rescaling): compare fwd+bwd. Student hidden and weight require "
+        "extra memory / torch-eager's in the same pass. pydistill's chunked path computes its "
+        "gradients in the forward (its bwd is a rescaling), the tiled one in the backward: "
+        "compare fwd+bwd. Student hidden and weight require "
         "grad; the teacher does not; mean reduction, grad_output 1.",
         "",
         harness.markdown_table(harness.order_rows(rows, _key, IMPL_NAMES), TABLE),

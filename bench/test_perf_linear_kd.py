@@ -27,8 +27,11 @@ TEMPERATURE = 2.0
 
 @pytest.mark.parametrize("pass_name", ["fwd", "bwd", "fwd+bwd"])
 @pytest.mark.parametrize("n,h,v", SHAPES, ids=[f"{n}x{h}x{v}" for n, h, v in SHAPES])
+@pytest.mark.parametrize("chunk_size", ["auto", "tiled"])
 @pytest.mark.parametrize("backend,grad_mode", backend_params("linear_kd_loss", DEVICE))
-def test_linear_kd_loss(benchmark, backend, grad_mode, n, h, v, pass_name):
+def test_linear_kd_loss(benchmark, backend, grad_mode, chunk_size, n, h, v, pass_name):
+    if chunk_size == "tiled" and backend != "triton":
+        pytest.skip("the tiled kernels are Triton's")
     gen = torch.Generator(device=DEVICE).manual_seed(0)
 
     def randn(*shape, scale=1.0):
@@ -40,9 +43,11 @@ def test_linear_kd_loss(benchmark, backend, grad_mode, n, h, v, pass_name):
 
     def loss():
         return pydistill.linear_kd_loss(student_hidden, student_weight, teacher_hidden,
-                                        teacher_weight, temperature=TEMPERATURE, backend=backend)
+                                        teacher_weight, temperature=TEMPERATURE, backend=backend,
+                                        chunk_size=chunk_size)
 
-    benchmark.extra_info.update(device=str(DEVICE), dtype=str(DTYPE), N=n, H=h, V=v)
+    benchmark.extra_info.update(device=str(DEVICE), dtype=str(DTYPE), N=n, H=h, V=v,
+                                chunk_size=chunk_size)
     result = benchmark_pass(benchmark, loss, [student_hidden, student_weight], pass_name,
                             DEVICE, ROUNDS)
     assert torch.isfinite(result.detach()).all()

@@ -282,7 +282,8 @@ def _linear_cfg(topk, tail, teacher_temperature, *kd):
 
 def _linear_fn_args(labels, tensors, chunk_size, topk, tail, teacher_temperature, kd):
     cfg = _linear_cfg(topk, tail, teacher_temperature, *kd)
-    plan = ChunkPlan(chunk_size="auto" if chunk_size <= 0 else chunk_size, group=None)
+    # chunk_size as the ops carry it: 0 "auto", -1 "tiled", else rows per chunk
+    plan = ChunkPlan(chunk_size={0: "auto", -1: "tiled"}.get(chunk_size, chunk_size), group=None)
     return (cfg, plan, labels, *tensors)
 
 
@@ -373,7 +374,7 @@ def linear_kd_loss(cfg, plan: ChunkPlan, labels, tensors: Sequence, backend: str
     needs = [grad and x is not None and x.requires_grad for x in tensors[:7]]
     topk = isinstance(cfg, TopKConfig)
     out = linear_kd_loss_op(
-        labels, *tensors, 0 if plan.chunk_size == "auto" else int(plan.chunk_size),
+        labels, *tensors, {"auto": 0, "tiled": -1}.get(plan.chunk_size, plan.chunk_size),
         cfg.tail if topk else "bucket",
         None if not topk or cfg.teacher_temperature is None else float(cfg.teacher_temperature),
         cfg.divergence, float(cfg.temperature), float(cfg.beta), int(cfg.ignore_index),

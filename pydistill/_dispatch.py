@@ -58,6 +58,7 @@ TABLE = {
     },
     # Both run the same chunked GEMMs; triton's divergence step is one kernel per chunk
     # (kd_loss's, gradient written over the float32 logits) instead of ~20 PyTorch ops.
+    # Triton also has the tiled kernels (chunk_size="tiled", opt-in until timed on a GPU).
     "linear_kd_loss": {
         "triton": Impl("pydistill.ops.linear_kd:TritonLinearKDLoss", _HALF_AND_SINGLE),
         "torch": Impl(

@@ -190,11 +190,11 @@ def leading_dims(name: str, x: torch.Tensor, lead: torch.Size, ref_name: str, re
 
 
 def chunk_size(name: str, value):
-    """'auto' or a positive int."""
-    if isinstance(value, str) and value == "auto":
+    """'auto', 'tiled' or a positive int."""
+    if isinstance(value, str) and value in ("auto", "tiled"):
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name}: expected 'auto' or a positive int (rows per chunk), got {value!r}")
+        raise ValueError(f"{name}: expected 'auto', 'tiled' or a positive int (rows per chunk), got {value!r}")
     return int(value)
 
 

@@ -295,11 +295,19 @@ def linear_kd_loss(
             budget for the chunk's buffers (two (C, V) float32 logits, plus a (C, V) copy of the
             gradient in the weight's dtype for bfloat16 / float16): 64 MiB on the CPU; on CUDA a
             quarter of the free memory (free + PyTorch's cached blocks), at most 2 GiB. Peak
-            extra memory: the gradients plus the chunk's buffers. The tiled ("flash")
-            implementation to come, which writes no logits tile to memory (O(N) extra memory;
-            DESIGN.md section 3), will be selected here as well: ``chunk_size=None`` for it
-            explicitly, and ``"auto"`` for it where it is measured faster; an int always means
-            chunked. Until then None is refused like any other value.
+            extra memory: the gradients plus the chunk's buffers.
+            ``"tiled"``: the tiled ("flash") Triton kernels (kernels/linear_kd.py), which write
+            no logits tile to memory: the forward keeps 8 floats per row, the backward
+            recomputes the logits tiles (so it may run more than once) and accumulates
+            d(hidden), d(weight), d(bias) with float32 atomics (not bitwise reproducible).
+            Extra memory: O(N) for float32 heads; for bfloat16 / float16 heads also a float32
+            d(hidden) (N x H_s) and a float32 d(weight) slab of at most 128 MiB. It costs 6
+            logits-sized GEMMs for kl / reverse_kl and 8 for the other divergences, against the
+            chunked path's 4. Implemented for a student head with a teacher head or teacher
+            logits that need no gradient, whole heads, ``backend="triton"``; anything else (a
+            top-k teacher, a teacher that requires grad, ``process_group``, the torch
+            backend) runs the chunked path at ``"auto"`` instead. ``"auto"`` stays chunked until
+            a GPU measures which is faster where.
         process_group: vocabulary parallelism. ``student_weight`` / ``student_bias`` (and
             ``teacher_weight`` / ``teacher_bias`` or ``teacher_logits``) hold this rank's
             contiguous block of vocabulary rows, the blocks in rank order (ragged sizes
@@ -323,7 +331,7 @@ def linear_kd_loss(
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``. Both run the chunked algorithm and
             differ in the per-chunk divergence step: the Triton kernel of :func:`kd_loss`
             (writing the gradient over the chunk's float32 logits) or its closed form in PyTorch
-            (any device, float64 too).
+            (any device, float64 too). Only Triton has the tiled path (``chunk_size``).
 
     Returns:
         The loss, float32 (float64 for float64 inputs). Gradients come back in the dtype of
@@ -331,9 +339,10 @@ def linear_kd_loss(
         before the softmax); the gradient GEMMs run in the weight's dtype from one rounding of
         the logits' gradient, and the weight gradient accumulates in the weight's dtype, one
         rounding per chunk (pydistill/reference/linear_kd.py has the measured errors). As with
-        ``kd_loss(backend="torch")``, the gradients are computed in the forward pass and the
-        backward scales them by grad_output, so a scalar loss can be back-propagated once
-        (``reduction="none"`` recomputes in the backward instead).
+        ``kd_loss(backend="torch")``, the chunked path computes the gradients in the forward
+        pass and the backward scales them by grad_output, so a scalar loss can be
+        back-propagated once (``reduction="none"`` and ``chunk_size="tiled"`` recompute in the
+        backward instead).
     """
     kd_kwargs = dict(
         divergence=divergence, temperature=temperature, beta=beta, ignore_index=ignore_index,

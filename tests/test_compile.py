@@ -259,3 +259,40 @@ def test_triton_backend_compiles_and_opchecks():
     s, t = _req(torch.randn(4, 12, device=device)), _req(torch.randn(4, 12, device=device))
     torch.library.opcheck(_custom_ops.kd_loss_op, (s, t, None, "kl", 1.0, 0.5, -100, 0.0, 1.0,
                                                    True, None, "mean", "triton", True, True))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_triton_tiled_linear_kd_compiles_and_opchecks(reduction):
+    """linear_kd_loss(chunk_size="tiled") through the custom op (chunk_size -1 there)."""
+    from pydistill import _dispatch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reason = _dispatch.why_unavailable("triton", device)
+    if reason is None and device.type == "cpu":
+        reason = INTERPRETER_PROBLEM
+    if reason is not None:
+        pytest.skip(reason)
+    h, w = torch.randn(6, 16, device=device), torch.randn(20, 16, device=device)
+    h_t, w_t = torch.randn(6, 24, device=device), torch.randn(18, 24, device=device)
+    g = torch.rand(6, device=device)
+
+    def loss_fn(h, w):
+        out = pydistill.linear_kd_loss(h, w, h_t, w_t, temperature=2.0, chunk_size="tiled",
+                                       backend="triton", reduction=reduction)
+        return (out * g).sum() if reduction == "none" else out
+
+    results = []
+    for compiled in (False, True):
+        hh, ww = _req(h), _req(w)
+        fn = loss_fn
+        if compiled:
+            torch._dynamo.reset()
+            fn = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+        loss = fn(hh, ww)
+        loss.backward()
+        results.append((loss.detach(), hh.grad, ww.grad))
+    torch.testing.assert_close(results[1], results[0])
+    kd = ("kl", 2.0, 0.5, -100, 0.0, 1.0, True, None, reduction)
+    args = (None, _req(h), _req(w), None, h_t, w_t, None, None, None, None, -1, "bucket", None,
+            *kd, "triton", [True, True])
+    torch.library.opcheck(_custom_ops.linear_kd_loss_op, args)

@@ -461,7 +461,7 @@ BAD_INPUTS = [
     (dict(labels=torch.full((2, 3), 5), hard_weight=1.0), ValueError, ["labels", "[0, 5)", "5"]),
     (dict(hard_weight=0.5), ValueError, ["labels", "required", "hard_weight"]),
     (dict(chunk_size=0), ValueError, ["chunk_size", "'auto'", "positive int", "0"]),
-    (dict(chunk_size="max"), ValueError, ["chunk_size", "'auto'", "'max'"]),
+    (dict(chunk_size="max"), ValueError, ["chunk_size", "'auto'", "'tiled'", "'max'"]),
     (dict(chunk_size=2.0), ValueError, ["chunk_size", "'auto'", "2.0"]),
     (dict(chunk_size=None), ValueError, ["chunk_size", "'auto'", "None"]),
     (dict(chunk_size=True), ValueError, ["chunk_size", "'auto'", "True"]),

@@ -8,15 +8,23 @@ then the dh / dW GEMMs. One kernel per chunk instead of the ~20 PyTorch ops of t
 The vocabulary-parallel path (``process_group``) uses the torch closed form for both backends:
 its row reductions must be all-reduced between the kernel's passes.
 
-A tiled kernel that never writes a logits tile to memory (DESIGN.md section 3) is a separate
-implementation to come; this one is chosen by ``chunk_size`` ("auto" or rows per chunk).
+``chunk_size="tiled"`` selects the tiled kernels of kernels/linear_kd.py instead (no logits
+tile in memory; the forward keeps per-row statistics, the backward recomputes the tiles), for
+what they implement: a student head with a teacher head or teacher logits that need no
+gradient, whole heads (no ``process_group``). Anything else runs the chunked path at
+``chunk_size="auto"`` (``tiled_unsupported`` says why).
 """
 from __future__ import annotations
 
 import torch
 
-from pydistill.reference.linear_kd import ChunkedLinearKDLoss, linear_kd_forward
-from pydistill.reference.softmax_divergence import KDConfig
+from pydistill.reference.linear_kd import (
+    ChunkPlan,
+    ChunkedLinearKDLoss,
+    linear_kd_backward,
+    linear_kd_forward,
+)
+from pydistill.reference.softmax_divergence import KDConfig, chunk_row_scale, reduce_rows
 
 
 def _kernel_scale(row_scale):
@@ -50,10 +58,80 @@ def topk_chunk_step(s, t, labels, cfg, row_scale, out_s=None, out_t=None):
     return K.topk_loss_and_grad(s, t[0], t[1], labels, cfg, out_s, grad_scale=grad_scale, scale=scale)
 
 
+def tiled_unsupported(cfg: KDConfig, plan: ChunkPlan, tensors, needs):
+    """Why the tiled kernels cannot run this call (None: they can). ``needs``: which of the
+    Function's tensors want a gradient."""
+    if plan.group is not None:
+        return "vocabulary-parallel heads (process_group)"
+    if tensors[7] is not None:
+        return "a top-k teacher"
+    if any(needs[3:7]):
+        return "a teacher that requires grad"
+    return None
+
+
+def _tiled_heads(cfg, labels, tensors):
+    from pydistill.kernels import linear_kd as K
+
+    return K.Heads(*tensors[:7], labels, cfg, cfg.canonical_divergence())
+
+
+def tiled_forward(ctx, cfg: KDConfig, labels, tensors):
+    """Per-row statistics only; the backward recomputes the logits tiles (so it may run twice,
+    and ``reduction="none"`` needs nothing more)."""
+    from pydistill.kernels import linear_kd as K
+
+    heads = _tiled_heads(cfg, labels, tensors)
+    rows, stats = K.linear_kd_fwd(heads)
+    ctx.tiled = True
+    ctx.cfg = cfg
+    ctx.save_for_backward(labels, stats, *tensors[:7])
+    if cfg.reduction == "none":
+        ctx.row_scale = None
+        return rows.reshape(tensors[0].shape[:-1])
+    count, row_scale = chunk_row_scale(heads.labels, heads.n, cfg, torch.float32, heads.device)
+    ctx.row_scale = row_scale
+    return reduce_rows(rows, count, cfg.reduction)
+
+
+def tiled_backward(ctx, grad_loss):
+    from pydistill.kernels import linear_kd as K
+
+    labels, stats, *tensors = ctx.saved_tensors
+    cfg = ctx.cfg
+    heads = _tiled_heads(cfg, labels, tensors)
+    grad_loss = grad_loss.to(torch.float32)
+    if ctx.row_scale is None:
+        scale = grad_loss.reshape(-1).contiguous()
+    else:
+        scale = (grad_loss * ctx.row_scale).reshape(1).expand(heads.n).contiguous()
+    need_dh, need_dw, need_db = ctx.needs_input_grad[3:6]
+    need = (need_dh, need_dw, need_db and tensors[2] is not None)
+    dh, dw, db = K.linear_kd_bwd(heads, stats, scale, need)
+    student_hidden, _, student_bias = tensors[:3]
+    if dh is not None:
+        dh = dh.to(student_hidden.dtype).view(student_hidden.shape)
+    if db is not None:
+        db = db.to(student_bias.dtype)
+    return (None, None, None, dh, dw, db) + (None,) * 6
+
+
 class TritonLinearKDLoss(ChunkedLinearKDLoss):
-    """``linear_kd_loss`` over row chunks with the Triton kernel as the divergence step; the
-    backward is the chunked one (gradients from the forward, scaled by grad_output)."""
+    """``linear_kd_loss`` with the Triton kernels: over row chunks with the divergence kernel as
+    the step (the backward then scales the forward's gradients by grad_output), or, with
+    ``chunk_size="tiled"`` where ``tiled_unsupported`` allows, the tiled kernels."""
 
     @staticmethod
     def forward(ctx, cfg, plan, labels, *tensors):
+        if plan.chunk_size == "tiled":
+            if tiled_unsupported(cfg, plan, tensors, ctx.needs_input_grad[3:]) is None:
+                return tiled_forward(ctx, cfg, labels, tensors)
+        ctx.tiled = False
         return linear_kd_forward(ctx, (kd_chunk_step, topk_chunk_step), cfg, plan, labels, tensors)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        if ctx.tiled:
+            return tiled_backward(ctx, grad_loss)
+        return linear_kd_backward(ctx, grad_loss)

@@ -481,7 +481,7 @@ class LinearKDState:
         return self.student.n_rows
 
     def _chunk_rows(self, chunk_size) -> int:
-        if chunk_size != "auto":
+        if chunk_size not in ("auto", "tiled"):  # "tiled" here: a call the tiled path cannot run
             return chunk_size
         per_row = self.student.bytes_per_row(self.vocab, self.dtype) + (
             self.teacher.bytes_per_row(self.vocab, self.dtype) if self.cfg.has_soft else 0)
