@@ -100,6 +100,25 @@ def _teacher_tile(t_h_ptr, t_h_stride, t_w_ptr, t_w_stride, t_b_ptr, rows, row_m
 
 
 @triton.jit
+def _tiles(h_ptr, h_stride, w_ptr, w_stride, b_ptr, t_h_ptr, t_h_stride, t_w_ptr, t_w_stride,
+           t_b_ptr, rows, row_mask, cols, V_s, V_t, H, H_t, softcap, WITH_TEACHER: tl.constexpr,
+           HAS_BIAS: tl.constexpr, T_HEAD: tl.constexpr, T_HAS_BIAS: tl.constexpr,
+           HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+           DOT_IN_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+           BLOCK_K: tl.constexpr):
+    # The student's logits tile and, WITH_TEACHER, the teacher's (else the student's again).
+    z_s = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, row_mask, cols, V_s, H,
+                       softcap, HAS_BIAS, HAS_SOFTCAP, PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_V,
+                       BLOCK_K)
+    z_t = z_s
+    if WITH_TEACHER:
+        z_t = _teacher_tile(t_h_ptr, t_h_stride, t_w_ptr, t_w_stride, t_b_ptr, rows, row_mask,
+                            cols, V_t, H_t, softcap, T_HEAD, T_HAS_BIAS, HAS_SOFTCAP, T_PRECISION,
+                            DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_K)
+    return z_s, z_t
+
+
+@triton.jit
 def _round_to_bf16(x):
     # x rounded to the nearest bfloat16 (ties to even), kept as float32: what .to(tl.bfloat16)
     # does on a GPU. The interpreter's cast truncates toward zero instead, a bias that the
@@ -168,12 +187,10 @@ def _linear_kd_fwd_kernel(
         p_acc = zero
         for tile in range(first, last):
             cols = tile * BLOCK_V + offs_v
-            z_s = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, active, cols, V_s,
-                               H, softcap, HAS_BIAS, HAS_SOFTCAP, PRECISION, DOT_IN_FP32,
-                               BLOCK_N, BLOCK_V, BLOCK_K)
-            z_t = _teacher_tile(t_h_ptr, t_h_stride, t_w_ptr, t_w_stride, t_b_ptr, rows, active,
-                                cols, V_t, H_t, softcap, T_HEAD, T_HAS_BIAS, HAS_SOFTCAP,
-                                T_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_K)
+            z_s, z_t = _tiles(h_ptr, h_stride, w_ptr, w_stride, b_ptr, t_h_ptr, t_h_stride, t_w_ptr,
+                              t_w_stride, t_b_ptr, rows, active, cols, V_s, V_t, H, H_t, softcap,
+                              True, HAS_BIAS, T_HEAD, T_HAS_BIAS, HAS_SOFTCAP, PRECISION,
+                              T_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_K)
             p, q, d, qh, pu = _pointwise(z_t * inv_t - (m_t + ll_t)[:, None],
                                          z_s * inv_t - (m_s + ll_s)[:, None], beta, DIV)
             d_acc += tl.sum(d, axis=1)
@@ -193,16 +210,13 @@ def _linear_kd_fwd_kernel(
         z_y = zero
         for tile in range(first, last):
             cols = tile * BLOCK_V + offs_v
-            z_s = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, active, cols, V_s,
-                               H, softcap, HAS_BIAS, HAS_SOFTCAP, PRECISION, DOT_IN_FP32,
-                               BLOCK_N, BLOCK_V, BLOCK_K)
+            z_s, z_t = _tiles(h_ptr, h_stride, w_ptr, w_stride, b_ptr, t_h_ptr, t_h_stride, t_w_ptr,
+                              t_w_stride, t_b_ptr, rows, active, cols, V_s, V_t, H, H_t, softcap,
+                              HAS_SOFT, HAS_BIAS, T_HEAD, T_HAS_BIAS, HAS_SOFTCAP, PRECISION,
+                              T_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_K)
             x_s = z_s * inv_t
             m_s_new, l_s_new, e_s = _online_lse_rows(m_s, l_s, x_s)
             if HAS_SOFT:
-                z_t = _teacher_tile(t_h_ptr, t_h_stride, t_w_ptr, t_w_stride, t_b_ptr, rows,
-                                    active, cols, V_t, H_t, softcap, T_HEAD, T_HAS_BIAS,
-                                    HAS_SOFTCAP, T_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_V,
-                                    BLOCK_K)
                 x_t = z_t * inv_t
                 m_t_new, l_t_new, e_t = _online_lse_rows(m_t, l_t, x_t)
                 if DIV == KL:
@@ -265,18 +279,16 @@ def _linear_kd_bwd_kernel(
     ll_s = tl.load(st + 1, mask=active, other=0.0)[:, None]
     scale = tl.load(scale_ptr + rows, mask=active, other=0.0)[:, None]
 
-    z_s = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, active, cols, V_s, H,
-                       softcap, HAS_BIAS, HAS_SOFTCAP, PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_V,
-                       BLOCK_K)
+    z_s, z_t = _tiles(h_ptr, h_stride, w_ptr, w_stride, b_ptr, t_h_ptr, t_h_stride, t_w_ptr,
+                      t_w_stride, t_b_ptr, rows, active, cols, V_s, V_t, H, H_t, softcap,
+                      HAS_SOFT, HAS_BIAS, T_HEAD, T_HAS_BIAS, HAS_SOFTCAP, PRECISION, T_PRECISION,
+                      DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_K)
     x_s = z_s * inv_t
     g = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     if HAS_SOFT:
         m_t = tl.load(st + 2, mask=active, other=0.0)[:, None]
         ll_t = tl.load(st + 3, mask=active, other=0.0)[:, None]
         s_q = tl.load(st + 6, mask=active, other=0.0)[:, None]
-        z_t = _teacher_tile(t_h_ptr, t_h_stride, t_w_ptr, t_w_stride, t_b_ptr, rows, active, cols,
-                            V_t, H_t, softcap, T_HEAD, T_HAS_BIAS, HAS_SOFTCAP, T_PRECISION,
-                            DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_K)
         p, q, d, qh, pu = _pointwise(z_t * inv_t - m_t - ll_t, x_s - m_s - ll_s, beta, DIV)
         g = soft_coef * (qh - q * s_q)
     if HAS_HARD:

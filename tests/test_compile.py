@@ -230,8 +230,8 @@ def test_causal_lm_kd_loss_fullgraph():
     torch.testing.assert_close(g, g_want)
 
 
-def test_triton_backend_compiles_and_opchecks():
-    """kd_loss on the Triton backend (on the CPU under the interpreter; on a GPU, CUDA tensors)."""
+def _triton_device():
+    """The device the Triton backend runs on here (the CPU under the interpreter), or skip."""
     from pydistill import _dispatch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -240,6 +240,12 @@ def test_triton_backend_compiles_and_opchecks():
         reason = INTERPRETER_PROBLEM
     if reason is not None:
         pytest.skip(reason)
+    return device
+
+
+def test_triton_backend_compiles_and_opchecks():
+    """kd_loss on the Triton backend (on the CPU under the interpreter; on a GPU, CUDA tensors)."""
+    device = _triton_device()
     x, t = torch.randn(6, 8, device=device), torch.randn(6, 16, device=device)
 
     def make():
@@ -264,14 +270,7 @@ def test_triton_backend_compiles_and_opchecks():
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_triton_tiled_linear_kd_compiles_and_opchecks(reduction):
     """linear_kd_loss(chunk_size="tiled") through the custom op (chunk_size -1 there)."""
-    from pydistill import _dispatch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reason = _dispatch.why_unavailable("triton", device)
-    if reason is None and device.type == "cpu":
-        reason = INTERPRETER_PROBLEM
-    if reason is not None:
-        pytest.skip(reason)
+    device = _triton_device()
     h, w = torch.randn(6, 16, device=device), torch.randn(20, 16, device=device)
     h_t, w_t = torch.randn(6, 24, device=device), torch.randn(18, 24, device=device)
     g = torch.rand(6, device=device)
