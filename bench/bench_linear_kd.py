@@ -26,6 +26,12 @@ weight require grad; the teacher, hidden states + head, does not):
 
 The peers' builders are in bench/peers.py.
 
+The top-k case (``--k K``; ``H_t`` 0): the teacher is stored top-k log-probs and ids
+(``teacher_topk``, tail ``ignore``: the same math as the dense peer), the student's head as
+above. Its naive peer materialises the student logits and scatters the top-k into a dense
+teacher (bench_topk_divergence's dense kl); Liger and TRL take no top-k teacher and the tiled
+kernels hand it to the chunked path (rows say so).
+
 Passes as in bench_softmax_divergence.py (``fwd``, ``bwd`` alone, ``fwd+bwd``), whose runner
 this reuses. pydistill's chunked path computes its gradients in the forward: its ``bwd`` is a
 rescaling and its ``fwd`` holds all the work; the tiled path does the opposite (its forward only
@@ -64,22 +70,27 @@ from pydistill.reference import softmax_divergence as reference
 
 from bench import harness, peers
 from bench.bench_softmax_divergence import DTYPES, naive_loss
+from bench.bench_topk_divergence import dense_loss as dense_topk_loss
 from bench.harness import Impl, add_run_options, start_run
 
 COLUMNS = (
-    "impl", "divergence", "dtype", "N", "H_s", "H_t", "V", "temperature", "beta", "grad_output",
+    "impl", "divergence", "dtype", "N", "H_s", "H_t", "V", "K", "temperature", "beta", "grad_output",
     "pass", "status", "median_ms", "reps", "n_sets", "peak_extra_mib", "peak_extra_vs_eager",
     "floor_flops", "floor_ms", "ratio_to_floor", "achieved_tflops", "loss_rel_diff",
 ) + harness.PROVENANCE_COLUMNS
 
-# (dtype, N, H_s, H_t, V). quick: the CPU sizes (N = 4096 is the CPU goal's size; minutes per
-# implementation at ~35 GFLOP/s). full: Llama-3-sized heads on an 80 GB GPU, both models
-# H = 4096 and a half-width student.
+# (dtype, N, H_s, H_t, V, K). quick: the CPU sizes (N = 4096 is the CPU goal's size; minutes
+# per implementation at ~35 GFLOP/s). full: Llama-3-sized heads on an 80 GB GPU, both models
+# H = 4096 and a half-width student; the top-k teacher (K = 64) at Qwen's V = 151,936.
 PRESETS = {
-    "quick": [(torch.float32, n, 512, 512, 32000) for n in (1024, 4096)],
-    "full": [(torch.bfloat16, n, 4096, 4096, 128256) for n in (1024, 2048, 4096, 8192, 16384)]
-            + [(torch.bfloat16, n, 2048, 4096, 128256) for n in (4096, 16384)],
+    "quick": [(torch.float32, n, 512, 512, 32000, 0) for n in (1024, 4096)]
+             + [(torch.float32, 4096, 512, 0, 32000, 64)],
+    "full": [(torch.bfloat16, n, 4096, 4096, 128256, 0) for n in (1024, 2048, 4096, 8192, 16384)]
+            + [(torch.bfloat16, n, 2048, 4096, 128256, 0) for n in (4096, 16384)]
+            + [(torch.bfloat16, n, 4096, 0, 151936, 64) for n in (4096, 16384)],
 }
+# The tail of the top-k case: "ignore" is exactly the dense peer's kl (bench_topk_divergence).
+TOPK_TAIL = "ignore"
 # The CPU goal for pydistill's fwd+bwd against the eager path.
 CPU_MEMORY_GOAL, CPU_TIME_GOAL = 0.10, 1.25
 
@@ -95,10 +106,15 @@ class Case:
     temperature: float
     beta: float
     grad_output: float = 1.0
+    k: int = 0  # > 0: a top-k teacher of k entries (h_t is then 0)
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).replace("torch.", "")
+
+    @property
+    def tail(self) -> str:  # for bench_topk_divergence.dense_loss
+        return TOPK_TAIL
 
     def flops(self, pass_name: str) -> int:
         fwd, bwd = 2 * self.n * self.v * (self.h_s + self.h_t), 4 * self.n * self.v * self.h_s
@@ -120,7 +136,14 @@ class Case:
 
 
 def naive_linear_loss(case: Case) -> Callable:
-    """Materialised logits in the input dtype, as users write it, then the naive loss."""
+    """Materialised logits in the input dtype, as users write it, then the naive loss (for a
+    top-k teacher: the dense teacher scattered from it, or why there is no naive loss)."""
+    if case.k:
+        dense = dense_topk_loss(case)
+        if isinstance(dense, str):
+            return dense
+        return lambda student_hidden, student_weight, logprobs, ids: dense(
+            F.linear(student_hidden, student_weight), (logprobs, ids))
     loss = naive_loss(case)
 
     def eager(student_hidden, student_weight, teacher_hidden, teacher_weight):
@@ -135,15 +158,19 @@ def build_pydistill(backend: str, chunk_size="auto"):
     def build(case: Case, device: torch.device):
         if backend == "triton" and device.type != "cuda":
             return "skipped: Triton kernels run on CUDA (the CPU interpreter is not timed)"
+        if chunk_size == "tiled" and case.k:
+            return "skipped: the tiled kernels take no top-k teacher (it runs chunked)"
         reason = _dispatch.why_unavailable(backend, device)
         if reason is not None:
             return f"skipped: {reason}"
+        kw = dict(divergence=case.divergence, temperature=case.temperature, beta=case.beta,
+                  backend=backend, chunk_size=chunk_size)
+        if case.k:
+            return lambda student_hidden, student_weight, logprobs, ids: pydistill.linear_kd_loss(
+                student_hidden, student_weight, teacher_topk=(logprobs, ids), tail=TOPK_TAIL, **kw)
         return lambda student_hidden, student_weight, teacher_hidden, teacher_weight: (
-            pydistill.linear_kd_loss(
-                student_hidden, student_weight, teacher_hidden, teacher_weight,
-                divergence=case.divergence, temperature=case.temperature, beta=case.beta,
-                backend=backend, chunk_size=chunk_size,
-            ))
+            pydistill.linear_kd_loss(student_hidden, student_weight, teacher_hidden,
+                                     teacher_weight, **kw))
 
     return build
 
@@ -153,7 +180,18 @@ def build_eager(case: Case, device: torch.device):
 
 
 def build_compiled(case: Case, device: torch.device):
-    return peers.compiled(naive_linear_loss(case))
+    fn = naive_linear_loss(case)
+    return fn if isinstance(fn, str) else peers.compiled(fn)
+
+
+def dense_teacher_only(builder):
+    """A peer that takes the teacher's hidden states and head: skipped for a top-k teacher."""
+    def build(case: Case, device: torch.device):
+        if case.k:
+            return "skipped: takes no top-k teacher"
+        return builder(case, device)
+
+    return build
 
 
 # Kept for code that imported them from here; the builders live with the other peers.
@@ -167,9 +205,9 @@ IMPLS = (
     Impl("pydistill-torch", build_pydistill("torch")),
     Impl("torch-eager", build_eager),
     Impl("torch-compile", build_compiled, failure="skipped: torch.compile failed"),
-    Impl("liger-fused-linear-jsd", peers.liger_fused_linear_jsd),
-    Impl("liger-chunked-jsd", peers.liger_chunked_jsd),
-    Impl("trl-chunked-divergence", peers.trl_chunked_divergence),
+    Impl("liger-fused-linear-jsd", dense_teacher_only(peers.liger_fused_linear_jsd)),
+    Impl("liger-chunked-jsd", dense_teacher_only(peers.liger_chunked_jsd)),
+    Impl("trl-chunked-divergence", dense_teacher_only(peers.trl_chunked_divergence)),
 )
 IMPL_NAMES = tuple(impl.name for impl in IMPLS)
 
@@ -180,8 +218,9 @@ IMPL_NAMES = tuple(impl.name for impl in IMPLS)
 
 
 def make_inputs(case: Case, device: torch.device, n_sets: int, seed: int = 0):
-    """``n_sets`` fresh (student hidden, student weight, teacher hidden, teacher weight); the
-    student's require grad. Logits spread ~3, softmaxes neither flat nor one-hot at T ~ 1-2."""
+    """``n_sets`` fresh (student hidden, student weight, teacher hidden, teacher weight) or,
+    for a top-k teacher, (..., top-k log-probs, ids); the student's require grad. Logits
+    spread ~3, softmaxes neither flat nor one-hot at T ~ 1-2."""
     sets = []
     for i in range(n_sets):
         gen = torch.Generator(device=device).manual_seed(seed + i)
@@ -189,31 +228,50 @@ def make_inputs(case: Case, device: torch.device, n_sets: int, seed: int = 0):
         def randn(*shape, scale=1.0):
             return (scale * torch.randn(*shape, device=device, generator=gen)).to(case.dtype)
 
-        sets.append((
-            randn(case.n, case.h_s).requires_grad_(),
-            randn(case.v, case.h_s, scale=3.0 / math.sqrt(case.h_s)).requires_grad_(),
-            randn(case.n, case.h_t),
-            randn(case.v, case.h_t, scale=3.0 / math.sqrt(case.h_t)),
-        ))
+        student = (randn(case.n, case.h_s).requires_grad_(),
+                   randn(case.v, case.h_s, scale=3.0 / math.sqrt(case.h_s)).requires_grad_())
+        if case.k:
+            sets.append(student + topk_teacher(case, device, gen))
+        else:
+            sets.append(student + (randn(case.n, case.h_t),
+                                   randn(case.v, case.h_t, scale=3.0 / math.sqrt(case.h_t))))
     return sets
 
 
+def topk_teacher(case: Case, device: torch.device, gen) -> tuple:
+    """Top-k log-probs (the case's dtype) and ids of random teacher logits (spread 3), made
+    1,024 rows at a time (a whole (N, V) float32 teacher would be 10 GB at the full sizes)."""
+    logprobs, ids = [], []
+    for start in range(0, case.n, 1024):
+        rows = min(1024, case.n - start)
+        t = 3.0 * torch.randn(rows, case.v, device=device, generator=gen)
+        lp, idx = torch.log_softmax(t, -1).topk(case.k, dim=-1)
+        logprobs.append(lp.to(case.dtype))
+        ids.append(idx)
+    return torch.cat(logprobs), torch.cat(ids)
+
+
 def expected_loss(case: Case, inputs) -> float:
+    kw = dict(divergence=case.divergence, temperature=case.temperature, beta=case.beta,
+              backend="torch")
     with torch.no_grad():
-        return float(pydistill.linear_kd_loss(
-            *inputs, divergence=case.divergence, temperature=case.temperature, beta=case.beta,
-            backend="torch"))
+        if case.k:
+            return float(pydistill.linear_kd_loss(*inputs[:2], teacher_topk=tuple(inputs[2:]),
+                                                  tail=TOPK_TAIL, **kw))
+        return float(pydistill.linear_kd_loss(*inputs, **kw))
 
 
 def run_case(case: Case, impls, device, opts, prov: dict):
     base = {
         "divergence": case.divergence, "dtype": case.dtype_name, "N": case.n, "H_s": case.h_s,
-        "H_t": case.h_t, "V": case.v, "temperature": case.temperature, "beta": case.beta,
+        "H_t": case.h_t, "V": case.v, "K": case.k or "", "temperature": case.temperature,
+        "beta": case.beta,
         "grad_output": case.grad_output, **prov,
     }
     return harness.with_memory_vs(harness.run_case(
         case, impls, device, opts, base, set_bytes=case.floor_bytes("fwd"),
-        label=f"{case.divergence} {case.dtype_name} N={case.n} H_s={case.h_s} H_t={case.h_t} V={case.v}",
+        label=(f"{case.divergence} {case.dtype_name} N={case.n} H_s={case.h_s} H_t={case.h_t} "
+               f"V={case.v}" + (f" K={case.k}" if case.k else "")),
         make_inputs=make_inputs, expected_loss=expected_loss))
 
 
@@ -227,7 +285,7 @@ def run_case(case: Case, impls, device, opts, prov: dict):
 TABLE = (
     ("impl", "impl", None), ("divergence", "div", None), ("dtype", "dtype", None),
     ("N", "N", None), ("H_s", "H_s", None), ("H_t", "H_t", None), ("V", "V", None),
-    ("pass", "pass", None), ("median_ms", "ms", ".1f"), ("ratio_to_floor", "x floor", ".2f"),
+    ("K", "K", None), ("pass", "pass", None), ("median_ms", "ms", ".1f"), ("ratio_to_floor", "x floor", ".2f"),
     ("achieved_tflops", "TFLOP/s", ".3f"), ("peak_extra_mib", "peak extra MiB", ".0f"),
     ("peak_extra_vs_eager", "x eager", ".3f"), ("reps", "reps", None),
     ("loss_rel_diff", "loss rel diff", ".1e"), ("status", "status", None),
@@ -235,7 +293,7 @@ TABLE = (
 
 TARGETS_TABLE = (
     ("divergence", "div", None), ("dtype", "dtype", None), ("N", "N", None), ("H_s", "H_s", None),
-    ("H_t", "H_t", None), ("V", "V", None), ("impl", "impl", None),
+    ("H_t", "H_t", None), ("V", "V", None), ("K", "K", None), ("impl", "impl", None),
     ("median_ms", "fwd+bwd ms", ".1f"), ("ratio_to_floor", "x floor", ".2f"),
     ("time_vs_eager", "time / eager", ".2f"), ("memory_vs_eager", "memory / eager", ".3f"),
     ("cpu_goal", f"CPU goal (<= {CPU_MEMORY_GOAL:.0%} memory, <= {CPU_TIME_GOAL}x time)", None),
@@ -244,7 +302,7 @@ TARGETS_TABLE = (
 
 
 def _key(r):
-    return (r["divergence"], r["dtype"], r["N"], r["H_s"], r["H_t"], r["V"])
+    return (r["divergence"], r["dtype"], r["N"], r["H_s"], r["H_t"], r["V"], r.get("K", ""))
 
 
 def targets(rows) -> list:
@@ -263,7 +321,7 @@ def targets(rows) -> list:
                  if k in done]
         compiled = done.get((*case, "torch-compile"))
         out.append({
-            **dict(zip(("divergence", "dtype", "N", "H_s", "H_t", "V"), case)), "impl": impl,
+            **dict(zip(("divergence", "dtype", "N", "H_s", "H_t", "V", "K"), case)), "impl": impl,
             "median_ms": r["median_ms"], "ratio_to_floor": r.get("ratio_to_floor"),
             "time_vs_eager": time_ratio, "memory_vs_eager": memory_ratio, "cpu_goal": goal,
             "vs_liger": min(liger) / r["median_ms"] if liger else None,
@@ -316,6 +374,8 @@ def parse_args(argv=None):
     p.add_argument("--h-t", type=int, help="teacher hidden size (with --n)")
     p.add_argument("--v", type=int, nargs="+", help="vocabularies (with --n)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype (with --n)")
+    p.add_argument("--k", type=int, default=0,
+                   help="a top-k teacher of K entries instead of a teacher head (with --n)")
     p.add_argument("--divergence", nargs="+", default=["kl"], choices=reference.DIVERGENCES)
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--beta", type=float, default=0.5)
@@ -329,11 +389,12 @@ def cases_from(opts, device) -> list:
         "full" if device.type == "cuda" else "quick")
     sizes = PRESETS[preset]
     if opts.n:
-        d, _, h_s, h_t, v = sizes[-1]
-        sizes = [(DTYPES[opts.dtype] if opts.dtype else d, n, opts.h_s or h_s, opts.h_t or h_t, v_)
+        d, _, h_s, h_t, v, _ = sizes[0]
+        h_t = 0 if opts.k else (opts.h_t or h_t)
+        sizes = [(DTYPES[opts.dtype] if opts.dtype else d, n, opts.h_s or h_s, h_t, v_, opts.k)
                  for v_ in (opts.v or [v]) for n in opts.n]
-    return [Case(div, d, n, h_s, h_t, v, opts.temperature, opts.beta)
-            for div in opts.divergence for d, n, h_s, h_t, v in sizes]
+    return [Case(div, d, n, h_s, h_t, v, opts.temperature, opts.beta, k=k)
+            for div in opts.divergence for d, n, h_s, h_t, v, k in sizes]
 
 
 def main(argv=None) -> int:
