@@ -212,6 +212,18 @@ def test_backward_recomputes_so_it_runs_twice(kernels):
     torch.testing.assert_close(g2, 3.0 * g1)
 
 
+def test_forward_only(kernels):
+    # evaluation: no gradient wanted, the backward kernels never run
+    inputs = {**head((N,), H_S, V, seed=26, grad=False), **teacher("logits", (N,), V, seed=27)}
+    with torch.no_grad():
+        a = pdl.linear_kd_loss(**inputs, temperature=2.0, chunk_size="tiled", backend="triton",
+                               divergence="skew_kl", beta=0.2)
+    b = R.linear_kd_loss(**{k: v.double() for k, v in inputs.items()},
+                         cfg=pdl.functional.kd_config(temperature=2.0, divergence="skew_kl", beta=0.2))
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+    assert len(kernels.calls) == 1
+
+
 @pytest.mark.parametrize("why", ["teacher_grad", "topk", "torch_backend"])
 def test_unsupported_calls_run_chunked(why, kernels):
     # what the tiled path does not implement falls back to the chunked one, with the same result
