@@ -51,7 +51,7 @@ from pydistill.reference.attention_kd import expand_heads
 
 from bench import harness, peers
 from bench.bench_softmax_divergence import DTYPES
-from bench.harness import Impl, add_run_options, start_run
+from bench.harness import Impl, add_run_options
 
 COLUMNS = (
     "impl", "dtype", "B", "H", "H_kv", "L", "d_s", "d_t", "causal", "padded", "pass", "status",
@@ -364,18 +364,8 @@ def cases_from(opts, device) -> list:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     opts = parse_args(argv)
-    device, prov, out = start_run(opts, "attention_kd")
-    impls = [i for i in IMPLS if not opts.impl or i.name in opts.impl]
-    rows = []
-    for case in cases_from(opts, device):
-        rows.extend(run_case(case, impls, device, opts, prov))
-        # After every size: a run stopped from outside still leaves what it measured.
-        harness.write_csv(rows, out, COLUMNS)
-        text = report(rows, prov, argv)
-        out.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
-    return 0
+    return harness.run_script(opts, argv, "attention_kd", harness.selected(IMPLS, opts), cases_from, run_case, COLUMNS,
+                              report)
 
 
 if __name__ == "__main__":

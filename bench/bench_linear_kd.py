@@ -71,7 +71,7 @@ from pydistill.reference import softmax_divergence as reference
 from bench import harness, peers
 from bench.bench_softmax_divergence import DTYPES, naive_loss
 from bench.bench_topk_divergence import dense_loss as dense_topk_loss
-from bench.harness import Impl, add_run_options, start_run
+from bench.harness import Impl, add_run_options
 
 COLUMNS = (
     "impl", "divergence", "dtype", "N", "H_s", "H_t", "V", "K", "temperature", "beta", "grad_output",
@@ -400,18 +400,8 @@ def cases_from(opts, device) -> list:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     opts = parse_args(argv)
-    device, prov, out = start_run(opts, "linear_kd")
-    impls = [i for i in IMPLS if not opts.impl or i.name in opts.impl]
-    rows = []
-    for case in cases_from(opts, device):
-        rows.extend(run_case(case, impls, device, opts, prov))
-        # After every size: a run stopped from outside still leaves what it measured.
-        harness.write_csv(rows, out, COLUMNS)
-        text = report(rows, prov, argv)
-        out.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
-    return 0
+    return harness.run_script(opts, argv, "linear_kd", harness.selected(IMPLS, opts), cases_from, run_case, COLUMNS,
+                              report)
 
 
 if __name__ == "__main__":

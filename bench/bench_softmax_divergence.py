@@ -67,7 +67,7 @@ from pydistill import _dispatch
 from pydistill.reference import softmax_divergence as reference
 
 from bench import harness, peers
-from bench.harness import Impl, add_run_options, start_run
+from bench.harness import Impl, add_run_options
 
 # Bytes that must move, in units of one (N, V) logits tensor (module docstring).
 FLOOR_TENSORS = {"fwd": 2, "bwd": 1, "fwd+bwd": 3}
@@ -364,7 +364,7 @@ def cases_from(opts, device) -> list:
 
 
 def selected_impls(opts) -> list:
-    impls = [i for i in IMPLS if not opts.impl or i.name in opts.impl]
+    impls = harness.selected(IMPLS, opts)
     if opts.grad_mode == "recompute":
         impls = [i for i in impls if i.name != "pydistill-triton-gradfwd"]
     elif opts.grad_mode == "forward":
@@ -375,18 +375,9 @@ def selected_impls(opts) -> list:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     opts = parse_args(argv)
-    device, prov, out = start_run(opts, "softmax_divergence")
-    impls = selected_impls(opts)
-    rows = []
-    for case in cases_from(opts, device):
-        rows.extend(run_case(case, impls, device, opts, prov))
-        # After every size: a run stopped from outside still leaves what it measured.
-        harness.write_csv(rows, out, COLUMNS)
-        text = report(rows, prov, argv, opts.target_ratio)
-        out.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
-    return 0
+    return harness.run_script(
+        opts, argv, "softmax_divergence", selected_impls(opts), cases_from, run_case, COLUMNS,
+        lambda rows, prov, argv: report(rows, prov, argv, opts.target_ratio))
 
 
 if __name__ == "__main__":

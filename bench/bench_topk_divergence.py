@@ -58,7 +58,7 @@ from pydistill.reference import topk_divergence as reference
 
 from bench import harness, peers
 from bench.bench_softmax_divergence import DTYPES
-from bench.harness import Impl, add_run_options, start_run
+from bench.harness import Impl, add_run_options
 
 COLUMNS = (
     "impl", "divergence", "tail", "dtype", "N", "V", "K", "temperature", "grad_output", "pass",
@@ -295,17 +295,8 @@ def cases_from(opts, device) -> list:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     opts = parse_args(argv)
-    device, prov, out = start_run(opts, "topk_divergence")
-    impls = [i for i in IMPLS if not opts.impl or i.name in opts.impl]
-    rows = []
-    for case in cases_from(opts, device):
-        rows.extend(run_case(case, impls, device, opts, prov))
-        harness.write_csv(rows, out, COLUMNS)  # after every size: a cut-off run keeps its rows
-        text = report(rows, prov, argv)
-        out.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
-    return 0
+    return harness.run_script(opts, argv, "topk_divergence", harness.selected(IMPLS, opts), cases_from, run_case, COLUMNS,
+                              report)
 
 
 if __name__ == "__main__":

@@ -721,6 +721,28 @@ def start_run(opts, family: str):
     return device, prov, out
 
 
+def selected(impls, opts) -> list:
+    """The implementations ``--impl`` names (all of them without it)."""
+    return [i for i in impls if not opts.impl or i.name in opts.impl]
+
+
+def run_script(opts, argv, family: str, impls, cases_from: Callable, run_case: Callable,
+               columns, report: Callable) -> int:
+    """The body of every family script's main: start the run, measure each case, and after
+    every case rewrite the CSV and the Markdown report (``report(rows, prov, argv)``), so that
+    a run stopped from outside still leaves what it measured."""
+    device, prov, out = start_run(opts, family)
+    rows, text = [], ""
+    for case in cases_from(opts, device):
+        rows.extend(run_case(case, impls, device, opts, prov))
+        write_csv(rows, out, columns)
+        text = report(rows, prov, argv)
+        out.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------
 # pytest-benchmark (bench/test_perf_*.py)
 # --------------------------------------------------------------------------------------

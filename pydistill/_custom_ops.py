@@ -280,11 +280,15 @@ def _linear_cfg(topk, tail, teacher_temperature, *kd):
     return cfg
 
 
-def _linear_fn_args(labels, tensors, chunk_size, topk, tail, teacher_temperature, kd):
-    cfg = _linear_cfg(topk, tail, teacher_temperature, *kd)
+def _linear_call(labels, tensors, chunk_size, tail, teacher_temperature, kd, backend, needs):
+    """What both linear_kd_loss ops run: the backend's Function, its arguments, and ``needs``
+    padded to every tensor of the Function."""
+    cfg = _linear_cfg(tensors[7] is not None, tail, teacher_temperature, *kd)
     # chunk_size as the ops carry it: 0 "auto", -1 "tiled", else rows per chunk
     plan = ChunkPlan(chunk_size={0: "auto", -1: "tiled"}.get(chunk_size, chunk_size), group=None)
-    return (cfg, plan, labels, *tensors)
+    needs = [bool(n) for n in needs] + [False] * (_LINEAR_TENSORS - len(needs))
+    return (_dispatch.implementation("linear_kd_loss", backend), (cfg, plan, labels, *tensors),
+            needs)
 
 
 @torch.library.custom_op("pydistill::linear_kd_loss", mutates_args=())
@@ -298,13 +302,11 @@ def linear_kd_loss_op(
     ignore_index: int, hard_weight: float, soft_weight: float, t2: bool,
     softcap: Optional[float], reduction: str, backend: str, needs: List[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-               teacher_bias, teacher_logits, topk_logprobs, topk_indices)
-    args = _linear_fn_args(labels, tensors, chunk_size, topk_logprobs is not None, tail,
-                           teacher_temperature, (divergence, temperature, beta, ignore_index,
-                                                 hard_weight, soft_weight, t2, softcap, reduction))
-    fn = _dispatch.implementation("linear_kd_loss", backend)
-    needs = [bool(n) for n in needs] + [False] * (_LINEAR_TENSORS - len(needs))
+    fn, args, needs = _linear_call(
+        labels, (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                 teacher_bias, teacher_logits, topk_logprobs, topk_indices), chunk_size, tail,
+        teacher_temperature, (divergence, temperature, beta, ignore_index, hard_weight,
+                              soft_weight, t2, softcap, reduction), backend, needs)
     # reduction 'none': the gradients wait for grad_output (linear_kd_loss_backward)
     loss, grads = _run(fn, (False, False, False, *needs), args,
                        loss_shape_of_ones=reduction != "none")
@@ -337,13 +339,11 @@ def linear_kd_loss_backward_op(
     ignore_index: int, hard_weight: float, soft_weight: float, t2: bool,
     softcap: Optional[float], reduction: str, backend: str, needs: List[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-               teacher_bias, teacher_logits, topk_logprobs, topk_indices)
-    args = _linear_fn_args(labels, tensors, chunk_size, topk_logprobs is not None, tail,
-                           teacher_temperature, (divergence, temperature, beta, ignore_index,
-                                                 hard_weight, soft_weight, t2, softcap, reduction))
-    fn = _dispatch.implementation("linear_kd_loss", backend)
-    needs = [bool(n) for n in needs] + [False] * (_LINEAR_TENSORS - len(needs))
+    fn, args, needs = _linear_call(
+        labels, (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                 teacher_bias, teacher_logits, topk_logprobs, topk_indices), chunk_size, tail,
+        teacher_temperature, (divergence, temperature, beta, ignore_index, hard_weight,
+                              soft_weight, t2, softcap, reduction), backend, needs)
     ctx = _Ctx((False, False, False, *needs))
     with torch.no_grad():
         fn.forward(ctx, *args)
