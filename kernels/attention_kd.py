@@ -233,6 +233,7 @@ import os  # noqa: E402  (kept below the kernels: this file reads kernel-first)
 import torch  # noqa: E402
 
 from pydistill._utils import empty  # noqa: E402
+from pydistill.kernels.softmax_divergence import LAUNCH_OPTIONS  # noqa: E402
 
 # Tile sizes override for tests, (BLOCK_M, BLOCK_N) of both kernels: small tiles exercise
 # the multi-tile paths at small L.
@@ -294,7 +295,7 @@ def _common_args(student_q, student_k, teacher_q, teacher_k, mask, placeholder, 
         HAS_MASK=mask is not None, D_S=_head_pad(d_s), D_T=_head_pad(d_t),
         PRECISION=_precision(sq, tq), BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_IN_FP32=_interpreting() and torch.bfloat16 in (sq.dtype, tq.dtype),
-        num_warps=warps,
+        num_warps=warps, **LAUNCH_OPTIONS,
     )
     for name, x in (("sq", sq), ("sk", sk), ("tq", tq), ("tk", tk)):
         args[f"{name}_stride_b"], args[f"{name}_stride_h"], args[f"{name}_stride_l"] = x.stride()[:3]

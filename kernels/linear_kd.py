@@ -338,7 +338,7 @@ import math  # noqa: E402  (kept below the kernels: this file reads kernel-first
 import torch  # noqa: E402
 
 from pydistill.kernels.attention_kd import _interpreting, _precision, _unit_last  # noqa: E402
-from pydistill.kernels.softmax_divergence import DIVERGENCE_CODES  # noqa: E402
+from pydistill.kernels.softmax_divergence import DIVERGENCE_CODES, LAUNCH_OPTIONS  # noqa: E402
 
 # (BLOCK_N, BLOCK_V, BLOCK_K, num_warps) on a GPU, forward and backward: the largest tiles
 # that ptxas compiles for sm_90 without register spills (bfloat16, kl with every option; the
@@ -467,7 +467,8 @@ def linear_kd_fwd(heads: Heads):
     parts = torch.empty((splits, n, N_PARTIALS.value), dtype=torch.float32, device=dev)
     common = dict(N=n, V=heads.vocab, V_s=heads.vs, V_t=heads.vt, H=heads.hs, H_t=heads.ht,
                   n_tiles_per_split=per_split, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k,
-                  num_warps=warps, **heads.operands(parts), **heads.scalars(), **heads.flags)
+                  num_warps=warps, **heads.operands(parts), **heads.scalars(), **heads.flags,
+                  **LAUNCH_OPTIONS)
     if dev.type == "cuda":
         common["num_stages"] = GPU_STAGES
     grid = (row_blocks, splits)
@@ -536,7 +537,8 @@ def linear_kd_bwd(heads: Heads, stats, scale, need):
                   soft_coef=float(cfg.soft_scale / cfg.temperature),
                   HAS_HARD=heads.hard, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
                   GROUP_N=GROUP_N, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k,
-                  num_warps=warps, **heads.operands(placeholder), **heads.scalars(), **heads.flags)
+                  num_warps=warps, **heads.operands(placeholder), **heads.scalars(), **heads.flags,
+                  **LAUNCH_OPTIONS)
     if dev.type == "cuda":
         common["num_stages"] = GPU_STAGES
     n_tiles = triton.cdiv(heads.vs, block_v)

@@ -156,7 +156,7 @@ def _grad_pass(
     for k in range(0, n_tiles):
         cols = (n_tiles - 1 - k) * BLOCK_V + offs
         in_row = cols < V
-        mask = in_row & active
+        mask = cols < tl.where(active, V, 0)  # in_row & active; see _row_start
         z_s = _load_logits(s_row, cols, mask, softcap, HAS_SOFTCAP)
         x_s = z_s * inv_t
         g_s = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -215,7 +215,10 @@ def _row_offset(row, n_inner, stride_outer, stride_inner):
 @triton.jit
 def _row_start(row, s_ptr, t_ptr, labels_ptr, n_inner, s_stride_outer, s_stride_inner,
                t_stride_outer, t_stride_inner, ignore_index, HAS_LABELS: tl.constexpr):
-    # The row's student and teacher pointers, its label and whether it counts.
+    # The row's student and teacher pointers, its label and whether it counts. ``active`` is a
+    # scalar: a mask is formed from it as ``cols < tl.where(active, V, 0)``, never as
+    # ``in_row & active`` (Triton 3.9's interpreter broadcasts a compared int1 scalar to an
+    # int64 array, which tl.load and tl.store refuse as a mask).
     s_row = s_ptr + _row_offset(row, n_inner, s_stride_outer, s_stride_inner)
     t_row = t_ptr + _row_offset(row, n_inner, t_stride_outer, t_stride_inner)
     label = tl.full([], -1, tl.int64)
@@ -395,6 +398,12 @@ from pydistill._utils import empty  # noqa: E402
 BLOCK_V_OVERRIDE = None
 
 
+# Compile options of every launch in kernels/. FMA contraction is stated rather than left to
+# Triton's default: Triton 3.9 warns that the default becomes "off" in 3.10, which would change
+# these kernels' rounding and speed from one Triton release to the next.
+LAUNCH_OPTIONS = dict(enable_fp_fusion=True)
+
+
 def _block_v(vocab: int) -> int:
     if BLOCK_V_OVERRIDE is not None:
         return BLOCK_V_OVERRIDE
@@ -468,7 +477,7 @@ def _launch_args(student, teacher, labels, cfg, divergence, grad_s, grad_t, grad
         HAS_LABELS=labels is not None, HAS_HARD=hard, HAS_SOFT=cfg.has_soft,
         CE_SEPARATE=hard and cfg.temperature != 1.0, HAS_SCALE_PTR=scale is not None,
         GRAD_S=grad_s is not None, GRAD_T=grad_t is not None,
-        BLOCK_V=block, num_warps=_num_warps(block),
+        BLOCK_V=block, num_warps=_num_warps(block), **LAUNCH_OPTIONS,
     )
 
 
@@ -509,6 +518,6 @@ def kd_scale_grad_(grad: torch.Tensor, scale: torch.Tensor):
     block = min(4096, triton.next_power_of_2(vocab))
     stride = scale.stride(0) if scale.numel() > 1 else 0
     _kd_scale_grad_kernel[(n_rows, triton.cdiv(vocab, block))](
-        grad, scale, stride, vocab, BLOCK_V=block, num_warps=_num_warps(block)
+        grad, scale, stride, vocab, BLOCK_V=block, num_warps=_num_warps(block), **LAUNCH_OPTIONS,
     )
     return grad

@@ -41,15 +41,36 @@ def compile_variant(fn, consts, pointer_types, arch, num_warps, int_type="i32"):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from pydistill.kernels.softmax_divergence import LAUNCH_OPTIONS
+
     src = ASTSource(fn=fn, signature=signature(fn, consts, pointer_types, int_type), constexprs=consts)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    options = dict(LAUNCH_OPTIONS, num_warps=num_warps)  # what the launchers pass
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def ptxas_path(arch):
+    """The ptxas Triton itself uses for ``arch``: Triton >= 3.9 bundles two (sm_90 and newer
+    take the newer one, which alone reads the PTX version it emits)."""
+    import triton
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:
+        get_ptxas = None
+    if get_ptxas is not None:
+        try:
+            tool = get_ptxas(arch)
+        except TypeError:  # older Triton: one ptxas for every architecture
+            tool = get_ptxas()
+        path = getattr(tool, "path", None) or (tool[0] if isinstance(tool, tuple) else None)
+        if path:
+            return path
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
 def ptxas_report(compiled, arch):
     """(registers, spill-store bytes) as ptxas reports them for the kernel's PTX."""
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = ptxas_path(arch)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])
     target = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
@@ -58,6 +79,8 @@ def ptxas_report(compiled, arch):
     os.unlink(f.name)
     regs = re.search(r"Used (\d+) registers", out)
     spills = re.search(r"(\d+) bytes spill stores", out)
+    if regs is None:
+        raise RuntimeError(f"{ptxas} reported no register count:\n{out[-2000:]}")
     return (int(regs.group(1)) if regs else None, int(spills.group(1)) if spills else None)
 
 

@@ -49,6 +49,18 @@ def _interpreter_broken():
 INTERPRETER_PROBLEM = _interpreter_broken()
 
 
+def peer(module):
+    """Import a peer library the parity tests compare against (scikit-learn, transformers, TRL,
+    torchdistill): a skip where it is not installed, an error where the run requires the peers
+    (PYDISTILL_REQUIRE_PEERS=1, as .ci/run sets), so a broken install cannot turn the drop-in
+    checks into silent skips."""
+    if os.environ.get("PYDISTILL_REQUIRE_PEERS") == "1":
+        import importlib
+
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
 _CUDA_EXTENSION = {}
 
 

@@ -45,17 +45,6 @@ def test_import_needs_no_triton_and_no_gpu():
     assert "Triton is not installed" in out and "Runnable here: ['torch']" in out
 
 
-def test_kernels_are_a_subpackage_not_a_top_level_package():
-    out = run_python(
-        """
-        import importlib.util
-        print(importlib.util.find_spec("kernels") is None)
-        print(importlib.util.find_spec("pydistill.kernels") is not None)
-        """
-    )
-    assert out.split() == ["True", "True"]
-
-
 def test_auto_is_torch_on_cpu_tensors():
     assert _dispatch.resolve("kd_loss", "auto", torch.device("cpu"), (torch.float32,)) == "torch"
     assert _dispatch.resolve("kd_loss", "auto", torch.device("cpu"), (torch.bfloat16,)) == "torch"

@@ -6,7 +6,7 @@ import torch
 import pydistill
 from pydistill import _custom_ops
 
-from conftest import INTERPRETER_PROBLEM
+from conftest import INTERPRETER_PROBLEM, peer
 
 torch.manual_seed(0)
 
@@ -214,7 +214,7 @@ def test_eager_overhead_is_small(through_ops):
 
 def test_causal_lm_kd_loss_fullgraph():
     """The integration's fused loss, traced inside the compiled student (no graph break)."""
-    pytest.importorskip("transformers")
+    peer("transformers")
     from pydistill.integrations import causal_lm_kd_loss
     from test_integrations import LOSS, batch, tiny_llama
 

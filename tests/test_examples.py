@@ -4,7 +4,9 @@ import sys
 
 import pytest
 
-pytest.importorskip("sklearn")
+from conftest import peer
+
+peer("sklearn")
 
 
 def test_digits_example_runs():
@@ -19,8 +21,8 @@ def test_digits_example_runs():
 
 @pytest.mark.parametrize("example", ["llm_distill", "offline_topk", "teacher_assistant"])
 def test_llm_examples_run_quick(example, tmp_path):
-    pytest.importorskip("transformers")
-    pytest.importorskip("safetensors")
+    peer("transformers")
+    peer("safetensors")
     plot = tmp_path / f"{example}.png"
     out = subprocess.run(
         [sys.executable, "-m", f"pydistill.examples.{example}", "--quick", "--plot", str(plot)],
@@ -34,7 +36,7 @@ def test_llm_examples_run_quick(example, tmp_path):
 def test_minilm_example_runs_quick(tmp_path):
     """BERT teacher -> smaller BERT with MiniLMv2 relations from Q/K/V hooks (SDPA kept): it
     runs, and the distilled student's relation loss to the teacher falls along its run."""
-    pytest.importorskip("transformers")
+    peer("transformers")
     out = subprocess.run(
         [sys.executable, "-m", "pydistill.examples.minilm", "--quick", "--plot",
          str(tmp_path / "minilm.png")],

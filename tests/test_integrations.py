@@ -11,6 +11,8 @@ import torch.nn.functional as F
 import pydistill as pdl
 from pydistill.integrations import generalized_jsd_loss, linear_generalized_jsd_loss
 
+from conftest import peer
+
 
 def trl_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5,
                              temperature=1.0, reduction="batchmean", num_items_in_batch=None):
@@ -92,7 +94,7 @@ def test_generalized_jsd_loss_float32_and_all_masked():
 
 
 def test_generalized_jsd_loss_equals_trl_itself():
-    gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    gkd = peer("trl.experimental.gkd.gkd_trainer")
     fn = gkd.GKDTrainer.generalized_jsd_loss
     s, t, labels = _logits((2, 6, 23), 10), _logits((2, 6, 23), 11), _labels((2, 6), 23, 12)
     for beta in (0.0, 0.5, 0.9, 1.0):
@@ -144,7 +146,7 @@ def test_import_does_not_need_transformers():
 # ---------------------------------------------------------------------------------------------
 # Hugging Face Trainer integration
 
-transformers = pytest.importorskip("transformers")
+transformers = peer("transformers")
 
 
 def tiny_llama(hidden, layers, vocab, seed, heads=4):
@@ -221,7 +223,7 @@ def test_causal_lm_kd_loss_under_torch_compile():
     torch.testing.assert_close(g, g_want)
 
 
-accelerate = pytest.importorskip("accelerate")
+accelerate = peer("accelerate")
 
 
 def _trainer(tmp_path, student, teacher, data, per_device, accumulation, loss=LOSS, **extra):

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 import pydistill as pdl
 
-transformers = pytest.importorskip("transformers")
+from conftest import peer
+
+transformers = peer("transformers")
 
 LOSS = dict(temperature=2.0, hard_weight=0.3, soft_weight=0.7, divergence="kl")
 WORLD = 2

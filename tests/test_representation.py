@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import pydistill as pdl
 from pydistill.reference import representation as R
 
-from conftest import DEVICE
+from conftest import DEVICE, peer
 
 F64 = torch.float64
 
@@ -223,7 +223,7 @@ def test_modules_match_functions():
 
 
 def test_against_installed_torchdistill():
-    mid = pytest.importorskip("torchdistill.losses.mid_level")
+    mid = peer("torchdistill.losses.mid_level")
     s1, t1 = randn(4, 8, 6, 6, seed=26), randn(4, 16, 6, 6, seed=27)
     s2, t2 = randn(4, 16, 3, 3, seed=28), randn(4, 32, 3, 3, seed=29)
     pairs = {"p1": {"student": {"io": "output", "path": "a"}, "teacher": {"io": "output", "path": "a"}},

@@ -1,1 +1,0 @@
-"""End-to-end distillation runs on pydistill: ``python -m pydistill.examples.<name>``."""
