@@ -1,7 +1,7 @@
-"""``python -m bench``: the whole benchmark suite (bench/suite.py; ``--help``)."""
+"""``python -m pydistill.bench``: the whole benchmark suite (bench/suite.py; ``--help``)."""
 import sys
 
-from bench.suite import main
+from pydistill.bench.suite import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,9 +31,9 @@ more.) ``x floor`` = measured / floor. Peak extra memory is also given per 1,024
 (``MiB / kL``: constant when memory grows linearly in L) and as a fraction of the eager
 path's (``x eager``).
 
-    python -m bench.bench_attention_kd --quick     # CPU: float32, H 12, d 32 / 64, L 512-2048
-    python -m bench.bench_attention_kd --full      # GPU: bf16, B 4, H 12, d 64, L 512-16384
-    python -m bench.bench_attention_kd --l 1024 4096 --b 2 --heads 16 --d-s 64 --d-t 128 --causal
+    python -m pydistill.bench.bench_attention_kd --quick     # CPU: float32, H 12, d 32 / 64, L 512-2048
+    python -m pydistill.bench.bench_attention_kd --full      # GPU: bf16, B 4, H 12, d 64, L 512-16384
+    python -m pydistill.bench.bench_attention_kd --l 1024 4096 --b 2 --heads 16 --d-s 64 --d-t 128 --causal
 """
 from __future__ import annotations
 
@@ -49,9 +49,9 @@ import pydistill
 from pydistill import _dispatch
 from pydistill.reference.attention_kd import expand_heads
 
-from bench import harness, peers
-from bench.bench_softmax_divergence import DTYPES
-from bench.harness import Impl, add_run_options
+from pydistill.bench import harness, peers
+from pydistill.bench.bench_softmax_divergence import DTYPES
+from pydistill.bench.harness import Impl, add_run_options
 
 COLUMNS = (
     "impl", "dtype", "B", "H", "H_kv", "L", "d_s", "d_t", "causal", "padded", "pass", "status",
@@ -298,7 +298,7 @@ def report(rows, prov: dict, argv) -> str:
         "",
         harness.provenance_line(prov),
         "",
-        f"Command: `python -m bench.bench_attention_kd {' '.join(argv)}`",
+        f"Command: `python -m pydistill.bench.bench_attention_kd {' '.join(argv)}`",
         "",
         "Floor: FLOPs over the measured matmul rate; fwd 2 B H L^2 (d_s + d_t) (both score "
         "maps), bwd 4 B H L^2 d_s (dQ_s, dK_s), halved (+L) when causal. `x floor` = measured / "
@@ -327,7 +327,7 @@ def report(rows, prov: dict, argv) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m bench.bench_attention_kd",
+        prog="python -m pydistill.bench.bench_attention_kd",
         description="Time attention_kd_loss (kl) and its peers (fwd, bwd, fwd+bwd, peak memory).",
     )
     preset = p.add_mutually_exclusive_group()

@@ -49,9 +49,9 @@ path's (``x eager``). The "Targets" section checks, per size, pydistill's fwd+bw
 eager path (the CPU goal: peak extra memory <= 10% of eager's at <= 1.25x its time) and, on
 CUDA, against the floor and Liger.
 
-    python -m bench.bench_linear_kd --quick        # CPU: float32, H = 512, V = 32,000
-    python -m bench.bench_linear_kd --full         # GPU: bf16, V = 128,256, H 4096 / 2048
-    python -m bench.bench_linear_kd --n 4096 --h-s 2048 --h-t 4096 --v 128256 --dtype bf16
+    python -m pydistill.bench.bench_linear_kd --quick        # CPU: float32, H = 512, V = 32,000
+    python -m pydistill.bench.bench_linear_kd --full         # GPU: bf16, V = 128,256, H 4096 / 2048
+    python -m pydistill.bench.bench_linear_kd --n 4096 --h-s 2048 --h-t 4096 --v 128256 --dtype bf16
 """
 from __future__ import annotations
 
@@ -68,10 +68,10 @@ import pydistill
 from pydistill import _dispatch
 from pydistill.reference import softmax_divergence as reference
 
-from bench import harness, peers
-from bench.bench_softmax_divergence import DTYPES, naive_loss
-from bench.bench_topk_divergence import dense_loss as dense_topk_loss
-from bench.harness import Impl, add_run_options
+from pydistill.bench import harness, peers
+from pydistill.bench.bench_softmax_divergence import DTYPES, naive_loss
+from pydistill.bench.bench_topk_divergence import dense_loss as dense_topk_loss
+from pydistill.bench.harness import Impl, add_run_options
 
 COLUMNS = (
     "impl", "divergence", "dtype", "N", "H_s", "H_t", "V", "K", "temperature", "beta", "grad_output",
@@ -336,7 +336,7 @@ def report(rows, prov: dict, argv) -> str:
         "",
         harness.provenance_line(prov),
         "",
-        f"Command: `python -m bench.bench_linear_kd {' '.join(argv)}`",
+        f"Command: `python -m pydistill.bench.bench_linear_kd {' '.join(argv)}`",
         "",
         "Floor: FLOPs over the measured matmul rate; fwd 2 N V (H_s + H_t), bwd 4 N V H_s "
         "(d(hidden), d(weight)), fwd+bwd the sum. `x floor` = measured / floor; `x eager` = peak "
@@ -363,7 +363,7 @@ def report(rows, prov: dict, argv) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m bench.bench_linear_kd",
+        prog="python -m pydistill.bench.bench_linear_kd",
         description="Time linear_kd_loss and its peers (fwd, bwd, fwd+bwd, peak memory).",
     )
     preset = p.add_mutually_exclusive_group()

@@ -48,9 +48,9 @@ fwd reads student and teacher, 2 N V e; bwd writes the student's gradient, N V e
 check that the rows compute the same thing: the naive eager ``kl`` computes in the input
 dtype and differs by that dtype's rounding.
 
-    python -m bench.bench_softmax_divergence --quick          # CPU-sized
-    python -m bench.bench_softmax_divergence --full           # GPU
-    python -m bench.bench_softmax_divergence --n 4096 --v 128256 --dtype bf16 --divergence kl jsd
+    python -m pydistill.bench.bench_softmax_divergence --quick          # CPU-sized
+    python -m pydistill.bench.bench_softmax_divergence --full           # GPU
+    python -m pydistill.bench.bench_softmax_divergence --n 4096 --v 128256 --dtype bf16 --divergence kl jsd
 """
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ import pydistill
 from pydistill import _dispatch
 from pydistill.reference import softmax_divergence as reference
 
-from bench import harness, peers
-from bench.harness import Impl, add_run_options
+from pydistill.bench import harness, peers
+from pydistill.bench.harness import Impl, add_run_options
 
 # Bytes that must move, in units of one (N, V) logits tensor (module docstring).
 FLOOR_TENSORS = {"fwd": 2, "bwd": 1, "fwd+bwd": 3}
@@ -290,7 +290,7 @@ def report(rows, prov: dict, argv, target_ratio: float = TARGET_RATIO) -> str:
         "",
         harness.provenance_line(prov),
         "",
-        f"Command: `python -m bench.bench_softmax_divergence {' '.join(argv)}`",
+        f"Command: `python -m pydistill.bench.bench_softmax_divergence {' '.join(argv)}`",
         "",
         "Floor: fwd reads student + teacher (2 N V e bytes), bwd writes the student gradient "
         "(N V e), fwd+bwd 3 N V e; divided by the measured copy bandwidth. "
@@ -322,7 +322,7 @@ def report(rows, prov: dict, argv, target_ratio: float = TARGET_RATIO) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m bench.bench_softmax_divergence",
+        prog="python -m pydistill.bench.bench_softmax_divergence",
         description="Time kd_loss's backends and its peers (fwd, bwd, fwd+bwd, peak memory).",
     )
     preset = p.add_mutually_exclusive_group()

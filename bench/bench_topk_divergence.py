@@ -39,9 +39,9 @@ memory is also given in units of one float32 (N, V) tensor (``x NV``): the dense
 its teacher and several softmax intermediates, pydistill the gradient plus a chunk (torch) or
 the gradient alone (Triton).
 
-    python -m bench.bench_topk_divergence --quick          # CPU-sized
-    python -m bench.bench_topk_divergence --full           # GPU: K = 64, V = 151,936, bf16
-    python -m bench.bench_topk_divergence --n 4096 --v 151936 --k 16 64 256 --tail bucket
+    python -m pydistill.bench.bench_topk_divergence --quick          # CPU-sized
+    python -m pydistill.bench.bench_topk_divergence --full           # GPU: K = 64, V = 151,936, bf16
+    python -m pydistill.bench.bench_topk_divergence --n 4096 --v 151936 --k 16 64 256 --tail bucket
 """
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ import pydistill
 from pydistill import _dispatch
 from pydistill.reference import topk_divergence as reference
 
-from bench import harness, peers
-from bench.bench_softmax_divergence import DTYPES
-from bench.harness import Impl, add_run_options
+from pydistill.bench import harness, peers
+from pydistill.bench.bench_softmax_divergence import DTYPES
+from pydistill.bench.harness import Impl, add_run_options
 
 COLUMNS = (
     "impl", "divergence", "tail", "dtype", "N", "V", "K", "temperature", "grad_output", "pass",
@@ -239,7 +239,7 @@ def report(rows, prov: dict, argv) -> str:
         "",
         harness.provenance_line(prov),
         "",
-        f"Command: `python -m bench.bench_topk_divergence {' '.join(argv)}`",
+        f"Command: `python -m pydistill.bench.bench_topk_divergence {' '.join(argv)}`",
         "",
         "Floor: fwd reads the student logits and the teacher's N x K log-probs and ids, bwd "
         "writes the student gradient, fwd+bwd both; divided by the measured copy bandwidth. "
@@ -260,7 +260,7 @@ def report(rows, prov: dict, argv) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m bench.bench_topk_divergence",
+        prog="python -m pydistill.bench.bench_topk_divergence",
         description="Time topk_kd_loss's backends and the dense path (fwd, bwd, fwd+bwd, peak memory).",
     )
     preset = p.add_mutually_exclusive_group()

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The whole GPU run in one command, for a machine with a CUDA GPU and no network: install
 # what is missing from wheels carried in a folder, run the test suite on CUDA, the
-# pytest-benchmark regressions, then the benchmark suite (python -m bench --full), and leave
+# pytest-benchmark regressions, then the benchmark suite (python -m pydistill.bench --full), and leave
 # every log and result in one folder:
 #
 #   setup.log     install log, nvidia-smi, versions of everything imported
 #   tests.log     the test suite on CUDA (+ tests.xml, JUnit)
 #   perf.log      bench/test_perf_*.py (+ perf.json, pytest-benchmark's record)
-#   bench.log     python -m bench's progress
+#   bench.log     python -m pydistill.bench's progress
 #   suite.csv     every row of the benchmark, provenance in each; suite.md the summary;
 #                 suite-*.png the plots
 #   summary.md    what ran, what failed, where the results are
@@ -26,14 +26,14 @@
 #   PYTHON         interpreter (default python3)
 #   SITE           where the wheels are installed (default /tmp/pydistill-site, put first on
 #                  PYTHONPATH)
-#   INSTALL        how pydistill.kernels becomes importable when it is not already:
-#                  auto (offline editable install, else a copy) | editable | copy
+#   INSTALL        editable: pip install -e the checkout first (offline; not needed: the
+#                  source tree imports from the repository root)
 #   BUILD_CUDA     1: let the editable install build the CUDA C++ extension (default: skip it
 #                  there, PYDISTILL_SKIP_CUDA_BUILD=1; the benchmark's pydistill-cuda rows
 #                  build or report it)
 #   SKIP_TESTS, SKIP_PERF_TESTS, SKIP_BENCH    1 skips that section
 #   TESTS_TIMEOUT, PERF_TIMEOUT                seconds for those sections (default: none)
-#   BENCH_ARGS     arguments of python -m bench (default --full)
+#   BENCH_ARGS     arguments of python -m pydistill.bench (default --full)
 #   TIME_BUDGET    seconds for the whole script (default 0: none); sections are cut to what
 #                  is left, the benchmark stops starting new work 60 s before the end
 #   TARBALL        also pack the results folder into this .tar.gz
@@ -105,41 +105,22 @@ else
     note "no wheels to install (WHEELS=${WHEELS:-unset})"
 fi
 
-# kernels/ becomes pydistill.kernels only through pyproject's package-dir mapping, i.e. only
-# in an install. The editable install keeps the checkout what runs; the copy (the installed
-# layout built by hand in $SITE) needs neither setuptools nor pip, and PYTHONSAFEPATH keeps
-# the checkout's pydistill/ (which lacks kernels/) from shadowing it under `python -m`.
-kernels_importable() { (cd "$REPO" && "$PY" -c "import pydistill.kernels") >/dev/null 2>&1; }
-install_editable() {
+# From the repository root the source tree imports as the installed package does
+# (pydistill/kernels, pydistill/examples and pydistill/bench link to the top-level folders),
+# so nothing needs installing; INSTALL=editable installs it anyway (offline, no CUDA build
+# unless BUILD_CUDA=1).
+kernels_importable() { (cd "$REPO" && "$PY" -c "import pydistill.kernels, pydistill.bench") >/dev/null 2>&1; }
+if [ "${INSTALL:-}" = editable ]; then
     env PYDISTILL_SKIP_CUDA_BUILD="$([ "${BUILD_CUDA:-0}" = 1 ] && echo 0 || echo 1)" \
         "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e "$REPO" \
-        >>"$OUT/setup.log" 2>&1
-}
-install_copy() {
-    mkdir -p "$SITE" && rm -rf "$SITE/pydistill" &&
-        cp -r "$REPO/pydistill" "$SITE/pydistill" &&
-        cp -r "$REPO/kernels" "$SITE/pydistill/kernels" &&
-        cp -r "$REPO/examples" "$SITE/pydistill/examples" &&
-        export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} PYTHONSAFEPATH=1
-}
-INSTALL=${INSTALL:-auto}
-if kernels_importable; then
-    note "pydistill.kernels already importable (installed)"
-else
-    case $INSTALL in
-        editable) install_editable ;;
-        copy) install_copy ;;
-        *) { install_editable && kernels_importable; } || install_copy ;;
-    esac
-    if kernels_importable; then
-        note "pydistill installed for this run (INSTALL=$INSTALL; PYTHONSAFEPATH=${PYTHONSAFEPATH:-0})"
-    else
-        note "pydistill.kernels does NOT import: the Triton rows will fail (see setup.log)"
-    fi
+        >>"$OUT/setup.log" 2>&1 && note "pydistill installed editable"
 fi
-# The checkout itself goes on the path only for the bench/ commands: on the path during the
-# test suite it would make kernels/ importable as a top-level package, which a test forbids.
-BENCH_PATH=${PYTHONPATH:+$PYTHONPATH:}$REPO
+if kernels_importable; then
+    note "pydistill.kernels and pydistill.bench import"
+else
+    note "pydistill.kernels does NOT import: the Triton rows will fail (see setup.log)"
+fi
+BENCH_PATH=${PYTHONPATH:-}
 
 "$PY" - >>"$OUT/setup.log" 2>&1 <<'EOF'
 import importlib, platform, torch
@@ -212,7 +193,7 @@ else
         time_limit=(--time-limit $(($(left) - 60)))
         hard=$(($(left) - 10))
     fi
-    PYTHONUNBUFFERED=1 with_timeout "$hard" env PYTHONPATH="$BENCH_PATH" "$PY" -m bench \
+    PYTHONUNBUFFERED=1 with_timeout "$hard" env PYTHONPATH="$BENCH_PATH" "$PY" -m pydistill.bench \
         "${bench_args[@]}" "${time_limit[@]}" --out "$OUT/suite.csv" 2>&1 | tee "$OUT/bench.log"
     rc=${PIPESTATUS[0]}
     if [ -f "$OUT/suite.csv" ]; then
@@ -221,7 +202,7 @@ else
         note "benchmark (exit $rc): $ok of $total rows ok -> suite.csv, suite.md, suite-*.png"
         if [ "$rc" != 0 ] && [ ! -f "$OUT/suite-time_vs_N.png" ]; then
             # Cut off before its end: the plots from what it wrote.
-            PYTHONPATH="$BENCH_PATH" "$PY" -m bench.plot "$OUT/suite.csv" >>"$OUT/bench.log" 2>&1 || true
+            PYTHONPATH="$BENCH_PATH" "$PY" -m pydistill.bench.plot "$OUT/suite.csv" >>"$OUT/bench.log" 2>&1 || true
         fi
     else
         note "benchmark (exit $rc): no CSV written (see bench.log)"
@@ -240,7 +221,7 @@ fi
     echo "- total: $(elapsed) s; results in $OUT"
     if [ -f "$OUT/suite.md" ]; then
         echo
-        echo "Regenerate the README's results: python -m bench.readme <this folder>/suite.csv"
+        echo "Regenerate the README's results: python -m pydistill.bench.readme <this folder>/suite.csv"
     fi
 } >"$OUT/summary.md"
 echo

@@ -47,9 +47,30 @@ REPO = Path(__file__).resolve().parent.parent
 # Columns of provenance that every result row carries (stable: plots and later runs rely on
 # the names).
 PROVENANCE_COLUMNS = (
-    "device", "torch", "triton", "cuda", "python", "git_rev", "date_utc",
+    "device", "torch", "triton", "cuda", "python", "pydistill", "git_rev", "date_utc",
     "copy_gbps", "bf16_tflops", "fp32_tflops",
 )
+
+
+def in_checkout() -> bool:
+    """Whether this file runs from the repository (bench/ beside pyproject.toml) rather than
+    from an installed wheel (site-packages/pydistill/bench/)."""
+    return (REPO / "pyproject.toml").is_file() and (REPO / "bench" / "harness.py").is_file()
+
+
+def results_dir() -> Path:
+    """Where results go without ``--out``: bench/results/ in the repository; from an installed
+    package, ./pydistill-bench/ in the current folder."""
+    return REPO / "bench" / "results" if in_checkout() else Path.cwd() / "pydistill-bench"
+
+
+def output_csv(out: Optional[Path], default_name: str) -> Path:
+    """``--out`` as given when it names a .csv file; a folder (existing or not, any other
+    name) gets ``default_name`` inside it; nothing: results_dir()/default_name."""
+    if out is None:
+        return results_dir() / default_name
+    out = Path(out)
+    return out if out.suffix == ".csv" else out / default_name
 
 
 # --------------------------------------------------------------------------------------
@@ -101,6 +122,8 @@ def git_revision() -> str:
     override = os.environ.get("BENCH_GIT_REV")
     if override:
         return override
+    if not in_checkout():
+        return "installed"  # the pydistill column has the version
 
     def git(*args):
         return subprocess.run(
@@ -113,6 +136,12 @@ def git_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return rev + ("-dirty" if dirty else "")
+
+
+def _pydistill_version() -> str:
+    import pydistill
+
+    return pydistill.__version__
 
 
 def _triton_version() -> str:
@@ -157,6 +186,7 @@ def provenance(device: torch.device, floors: Floors) -> dict:
         "triton": _triton_version(),
         "cuda": torch.version.cuda or "",
         "python": platform.python_version(),
+        "pydistill": _pydistill_version(),
         "git_rev": git_revision(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "copy_gbps": floors.copy_bytes_per_s / 1e9,
@@ -715,9 +745,8 @@ def start_run(opts, family: str):
     opts.floors = measure_floors(device)
     prov = provenance(device, opts.floors)
     progress(opts, provenance_line(prov))
-    out = opts.out or REPO / "bench" / "results" / (
-        f"{family}-{device_slug(device)}-"
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%d}.csv")
+    out = output_csv(opts.out, f"{family}-{device_slug(device)}-"
+                                f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%d}.csv")
     return device, prov, out
 
 

@@ -1,6 +1,6 @@
 """Plots of a suite run, rendered from its CSV alone:
 
-    python -m bench.plot bench/results/suite-cpu-quick.csv [--out-dir DIR] [--pass fwd+bwd]
+    python -m pydistill.bench.plot bench/results/suite-cpu-quick.csv [--out-dir DIR] [--pass fwd+bwd]
 
 Four PNG files beside the CSV (or in ``--out-dir``), one panel per family, one line per
 implementation, the pass chosen by ``--pass`` (fwd+bwd by default):
@@ -92,7 +92,7 @@ def render(csv_path, out_dir=None, pass_name: str = "fwd+bwd", quiet: bool = Fal
     try:
         import matplotlib
     except ImportError:
-        print("bench.plot: matplotlib is not installed (pip install -e \".[bench]\"); "
+        print("pydistill.bench.plot: matplotlib is not installed (pip install -e \".[bench]\"); "
               "no plots drawn", file=sys.stderr)
         return []
     matplotlib.use("Agg")
@@ -150,7 +150,7 @@ def render(csv_path, out_dir=None, pass_name: str = "fwd+bwd", quiet: bool = Fal
         plt.close(fig)
         written.append(path)
     if not quiet:
-        print("bench.plot: wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+        print("pydistill.bench.plot: wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return written
 
 
@@ -176,7 +176,7 @@ def _ratio_panel(ax, members, colors):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.plot",
+    p = argparse.ArgumentParser(prog="python -m pydistill.bench.plot",
                                 description="Plots of a benchmark suite CSV.")
     p.add_argument("csv", type=Path, nargs="+")
     p.add_argument("--out-dir", type=Path, help="where the PNG files go (default: beside the CSV)")

@@ -1,7 +1,7 @@
 """Regenerate the README's benchmark results from committed suite CSVs:
 
-    python -m bench.readme bench/results/suite-cpu-quick.csv [more.csv ...] [--readme README.md]
-    python -m bench.readme bench/results/suite-cpu-quick.csv --check   # exit 1 if out of date
+    python -m pydistill.bench.readme bench/results/suite-cpu-quick.csv [more.csv ...] [--readme README.md]
+    python -m pydistill.bench.readme bench/results/suite-cpu-quick.csv --check   # exit 1 if out of date
 
 Replaces what lies between the two marker lines (``BEGIN`` / ``END`` below) in the README and
 nothing else. For each CSV: its device, versions, git revision and date (from the rows'
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BEGIN = "<!-- bench-results:begin (python -m bench.readme; do not edit by hand) -->"
+BEGIN = "<!-- bench-results:begin (python -m pydistill.bench.readme; do not edit by hand) -->"
 END = "<!-- bench-results:end -->"
 CASE_KEYS = ("divergence", "tail", "dtype", "N", "H_s", "H_t", "V", "K", "B", "H", "H_kv", "L",
              "d_s", "d_t", "causal", "padded", "shape_extra")
@@ -137,23 +137,23 @@ def generate(paths) -> str:
     gpu = any("NVIDIA" in rows[0].get("device", "") for _, rows in runs)
     if not gpu:
         out += ["No GPU results are committed yet: the CPU rows measure the torch fallback and "
-                "memory, not the Triton kernels; `bash bench/gpu_suite.sh` produces the GPU run.", ""]
+                "memory, not the Triton kernels; `python -m pydistill.bench.gpu_check` produces the GPU run.", ""]
     out.append(END)
     return "\n".join(out)
 
 
 def replace_section(text: str, block: str) -> str:
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"bench.readme: the README has no {BEGIN!r} ... {END!r} markers")
+        raise SystemExit(f"pydistill.bench.readme: the README has no {BEGIN!r} ... {END!r} markers")
     start = text.index(BEGIN)
     end = text.index(END, start) + len(END)
     return text[:start] + block + text[end:]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.readme",
+    p = argparse.ArgumentParser(prog="python -m pydistill.bench.readme",
                                 description="Regenerate the README's benchmark results.")
-    p.add_argument("csv", type=Path, nargs="+", help="suite CSVs (python -m bench --out ...)")
+    p.add_argument("csv", type=Path, nargs="+", help="suite CSVs (python -m pydistill.bench --out ...)")
     p.add_argument("--readme", type=Path, default=REPO / "README.md")
     p.add_argument("--check", action="store_true",
                    help="change nothing; exit 1 when the README differs from what would be written")
@@ -162,12 +162,12 @@ def main(argv=None) -> int:
     new = replace_section(text, generate(opts.csv))
     if opts.check:
         if new != text:
-            print(f"bench.readme: {opts.readme} is out of date", file=sys.stderr)
+            print(f"pydistill.bench.readme: {opts.readme} is out of date", file=sys.stderr)
             return 1
         return 0
     if new != text:
         opts.readme.write_text(new)
-        print(f"bench.readme: updated {opts.readme}", file=sys.stderr)
+        print(f"pydistill.bench.readme: updated {opts.readme}", file=sys.stderr)
     return 0
 
 

@@ -1,9 +1,9 @@
 """The benchmark suite: every loss family against its peers and the device's floors, in one
-run, into one CSV (``python -m bench``; bench/README.md).
+run, into one CSV (``python -m pydistill.bench``; bench/README.md).
 
 A family is one entry of ``FAMILIES``: the name used on the command line, the module of its
 benchmark script and that script's arguments for each preset. The script is the family's
-own (``python -m bench.bench_<family>`` runs it alone); the suite uses what every such
+own (``python -m pydistill.bench.bench_<family>`` runs it alone); the suite uses what every such
 script defines:
 
     parse_args(argv) -> options          cases_from(options, device) -> [case, ...]
@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from bench import harness, peers
+from pydistill.bench import harness, peers
 
 
 @dataclass(frozen=True)
@@ -53,22 +53,22 @@ class Family:
 
 # smoke: seconds (the test suite runs it); quick: a few minutes on two CPU cores; full: a GPU.
 FAMILIES = (
-    Family("softmax", "bench.bench_softmax_divergence", "kd_loss", "memory", {
+    Family("softmax", "pydistill.bench.bench_softmax_divergence", "kd_loss", "memory", {
         "smoke": "--n 32 64 --v 256 --dtype fp32",
         "quick": "--n 256 1024 --v 4096 32000 --dtype fp32",
         "full": "--full --divergence kl jsd",
     }),
-    Family("topk", "bench.bench_topk_divergence", "topk_kd_loss", "memory", {
+    Family("topk", "pydistill.bench.bench_topk_divergence", "topk_kd_loss", "memory", {
         "smoke": "--n 32 64 --v 256 --k 16 --tail bucket",
         "quick": "--n 256 1024 --v 4096 32000 --k 64 --tail bucket",
         "full": "--full",
     }),
-    Family("linear", "bench.bench_linear_kd", "linear_kd_loss", "gemm", {
+    Family("linear", "pydistill.bench.bench_linear_kd", "linear_kd_loss", "gemm", {
         "smoke": "--n 32 64 --h-s 32 --h-t 32 --v 256 --dtype fp32",
         "quick": "--n 256 1024 --h-s 256 --h-t 256 --v 4096 16384 --dtype fp32",
         "full": "--full",
     }),
-    Family("attention", "bench.bench_attention_kd", "attention KD", "gemm", {
+    Family("attention", "pydistill.bench.bench_attention_kd", "attention KD", "gemm", {
         "smoke": "--smoke",
         "quick": "--quick --l 512 1024",
         "full": "--full",
@@ -224,7 +224,7 @@ def unify(row: dict, family: Family, kinds: dict, preset: str) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m bench",
+        prog="pydistill-bench",
         description="Every pydistill loss against its peers and the device's floors: fwd, bwd "
                     "and fwd+bwd median time, peak extra memory, ratio to the floor; one CSV, "
                     "a Markdown summary and plots.",
@@ -257,8 +257,10 @@ def parse_args(argv=None):
     p.add_argument("--time-limit", type=float, default=0.0,
                    help="seconds; work not started by then is reported as skipped")
     p.add_argument("--out", type=Path,
-                   help="the run's CSV; the .md and plots go beside it "
-                        "(default bench/results/suite-<device>-<preset>-<date-time>.csv)")
+                   help="the run's CSV (a path ending in .csv) or a folder for it; the .md and "
+                        "plots go beside it (default: bench/results/ in the repository, "
+                        "./pydistill-bench/ from an installed package; the file "
+                        "suite-<device>-<preset>-<date-time>.csv)")
     p.add_argument("--no-plots", action="store_true", help="do not render the plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     opts = p.parse_args(argv)
@@ -289,7 +291,7 @@ def _base_row(family: Family, prov: dict, preset: str, status: str, impl: str = 
 
 def default_out(device, preset: str) -> Path:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return harness.REPO / "bench" / "results" / f"suite-{harness.device_slug(device)}-{preset}-{stamp}.csv"
+    return harness.output_csv(None, f"suite-{harness.device_slug(device)}-{preset}-{stamp}.csv")
 
 
 def run(opts, argv) -> Path:
@@ -302,7 +304,9 @@ def run(opts, argv) -> Path:
         torch.set_num_threads(1)
     harness.fill_run_defaults(opts, device, RUN_SETTINGS.get(opts.preset))
     families = [f for f in FAMILIES if not opts.family or f.name in opts.family]
-    out = Path(opts.out or default_out(device, opts.preset))
+    out = default_out(device, opts.preset) if opts.out is None else Path(opts.out)
+    if out.suffix != ".csv":  # a folder: the default file name inside it
+        out = out / default_out(device, opts.preset).name
     out.parent.mkdir(parents=True, exist_ok=True)
     opts.log = opts.on_impl_done = None
 
@@ -523,7 +527,7 @@ def summary(rows, prov: dict, argv, plans, native: dict, opts) -> str:
         "",
         harness.provenance_line(prov),
         "",
-        f"Command: `python -m bench {' '.join(argv)}`",
+        f"Command: `python -m pydistill.bench {' '.join(argv)}`",
         "",
         "Peers: " + "; ".join(f"{k}: {v}" for k, v in peers.versions().items()) + ".",
         "",
@@ -567,7 +571,7 @@ def main(argv=None) -> int:
     print(md.read_text())
     made = []
     if not opts.no_plots:
-        from bench import plot
+        from pydistill.bench import plot
 
         made = plot.render(out)
     print(f"wrote {out}, {md}" + "".join(f", {p}" for p in made))

@@ -14,7 +14,7 @@ import torch
 
 import pydistill
 
-from bench.harness import backend_params, benchmark_pass
+from pydistill.bench.harness import backend_params, benchmark_pass
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CUDA = DEVICE.type == "cuda"

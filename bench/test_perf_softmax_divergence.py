@@ -8,7 +8,7 @@ synchronised with the device, so that two commits can be compared on one machine
 
 Not part of the test suite (pyproject's testpaths is ``tests``). On the CPU: the torch
 backend; on CUDA also the Triton backend with both gradient schedules. Nothing here asserts
-a time (only that the result is finite); the floors and the peers are ``python -m bench``'s
+a time (only that the result is finite); the floors and the peers are ``python -m pydistill.bench``'s
 job.
 """
 import pytest
@@ -16,7 +16,7 @@ import torch
 
 import pydistill
 
-from bench.harness import backend_params, benchmark_pass
+from pydistill.bench.harness import backend_params, benchmark_pass
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CUDA = DEVICE.type == "cuda"

@@ -156,7 +156,7 @@ def _grad_pass(
     for k in range(0, n_tiles):
         cols = (n_tiles - 1 - k) * BLOCK_V + offs
         in_row = cols < V
-        mask = cols < tl.where(active, V, 0)  # in_row & active; see _row_start
+        mask = in_row & active
         z_s = _load_logits(s_row, cols, mask, softcap, HAS_SOFTCAP)
         x_s = z_s * inv_t
         g_s = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -213,19 +213,25 @@ def _row_offset(row, n_inner, stride_outer, stride_inner):
 
 
 @triton.jit
+def _flag(cond):
+    # A scalar condition to combine with blocks (``in_row & active``) as a load / store mask.
+    # The same value; the form is for Triton 3.9's interpreter, whose comparison of scalars
+    # keeps the operands' dtype, so that broadcasting it gives an int64 array, which
+    # tl.load / tl.store refuse as a mask. ``true & cond`` is an int1 the compiler folds away.
+    return tl.full([], 1, tl.int1) & cond
+
+
+@triton.jit
 def _row_start(row, s_ptr, t_ptr, labels_ptr, n_inner, s_stride_outer, s_stride_inner,
                t_stride_outer, t_stride_inner, ignore_index, HAS_LABELS: tl.constexpr):
-    # The row's student and teacher pointers, its label and whether it counts. ``active`` is a
-    # scalar: a mask is formed from it as ``cols < tl.where(active, V, 0)``, never as
-    # ``in_row & active`` (Triton 3.9's interpreter broadcasts a compared int1 scalar to an
-    # int64 array, which tl.load and tl.store refuse as a mask).
+    # The row's student and teacher pointers, its label and whether it counts.
     s_row = s_ptr + _row_offset(row, n_inner, s_stride_outer, s_stride_inner)
     t_row = t_ptr + _row_offset(row, n_inner, t_stride_outer, t_stride_inner)
     label = tl.full([], -1, tl.int64)
     active = tl.full([], 1, tl.int1)
     if HAS_LABELS:
         label = tl.load(labels_ptr + row).to(tl.int64)
-        active = label != ignore_index
+        active = _flag(label != ignore_index)
     return s_row, t_row, label, active
 
 

@@ -55,6 +55,7 @@ import triton.language as tl
 
 from pydistill.kernels.softmax_divergence import (
     DIVERGENCE_CODES,
+    _flag,
     _finite_or_zero,
     _hard_ce,
     _load_logits,
@@ -94,16 +95,14 @@ def _row_support(row, s_ptr, idx_ptr, labels_ptr, n_inner, s_stride_outer, s_str
     active = tl.full([], 1, tl.int1)
     if HAS_LABELS:
         label = tl.load(labels_ptr + row).to(tl.int64)
-        active = label != ignore_index
+        active = _flag(label != ignore_index)
     k_offs = tl.arange(0, BLOCK_K)
     k_mask = k_offs < n_k
-    # k_mask & active, from a comparison of blocks (softmax_divergence._row_start says why)
-    k_live = k_offs < tl.where(active, n_k, 0)
-    idx = tl.load(idx_ptr + row * n_k + k_offs, mask=k_live, other=0).to(tl.int64)
+    idx = tl.load(idx_ptr + row * n_k + k_offs, mask=k_mask & active, other=0).to(tl.int64)
     in_vocab = (idx >= 0) & (idx < V)
-    z_sup = _load_logits(s_row, idx, k_live & in_vocab, softcap, HAS_SOFTCAP)
+    z_sup = _load_logits(s_row, idx, k_mask & in_vocab & active, softcap, HAS_SOFTCAP)
     z_sup = tl.where(k_mask & (~in_vocab), float("nan"), z_sup)
-    return s_row, label, active, idx, k_mask, k_live, in_vocab, z_sup
+    return s_row, label, active, idx, k_mask, in_vocab, z_sup
 
 
 @triton.jit
@@ -178,7 +177,7 @@ def _grad_pass(
         in_row = cols < V
         g = tl.zeros([BLOCK_V], dtype=tl.float32)
         if (HAS_SOFT and TAIL != RENORMALIZE) or HAS_HARD:
-            z = _load_logits(s_row, cols, cols < tl.where(active, V, 0), softcap, HAS_SOFTCAP)
+            z = _load_logits(s_row, cols, in_row & active, softcap, HAS_SOFTCAP)
             if HAS_SOFT and TAIL != RENORMALIZE:
                 # q_j / Q_tail; 0 at masked entries and in a row with no off-support mass
                 x = z * inv_t
@@ -216,7 +215,7 @@ def _topk_fwd_kernel(
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row, label, active, idx, k_mask, k_live, in_vocab, z_sup = _row_support(
+    s_row, label, active, idx, k_mask, in_vocab, z_sup = _row_support(
         row, s_ptr, idx_ptr, labels_ptr, n_inner, s_stride_outer, s_stride_inner, V, n_k,
         ignore_index, softcap, HAS_SOFTCAP, HAS_LABELS, BLOCK_K,
     )
@@ -272,7 +271,7 @@ def _topk_fwd_kernel(
     c_off = 0.0
     if HAS_SOFT:
         div, member, c_off = _soft_terms(
-            lp_ptr + row * n_k, tl.arange(0, BLOCK_K), k_live, x_sup, V, n_k, power,
+            lp_ptr + row * n_k, tl.arange(0, BLOCK_K), k_mask & active, x_sup, V, n_k, power,
             beta, m_all, ll_all, m_off, ll_off, DIV, TAIL,
         )
     loss = soft_scale * div
@@ -308,7 +307,7 @@ def _topk_bwd_kernel(
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row, label, active, idx, k_mask, k_live, in_vocab, z_sup = _row_support(
+    s_row, label, active, idx, k_mask, in_vocab, z_sup = _row_support(
         row, s_ptr, idx_ptr, labels_ptr, n_inner, s_stride_outer, s_stride_inner, V, n_k,
         ignore_index, softcap, HAS_SOFTCAP, HAS_LABELS, BLOCK_K,
     )
@@ -322,7 +321,7 @@ def _topk_bwd_kernel(
     if HAS_SOFT:
         # the K-sized terms are recomputed (K loads) rather than stored (K floats per row)
         div, member, c_off = _soft_terms(
-            lp_ptr + row * n_k, tl.arange(0, BLOCK_K), k_live, z_sup * inv_t, V, n_k,
+            lp_ptr + row * n_k, tl.arange(0, BLOCK_K), k_mask & active, z_sup * inv_t, V, n_k,
             power, beta, m_all, ll_all, m_off, ll_off, DIV, TAIL,
         )
     row_scale = _row_scale(grad_scale, scale_ptr, row, scale_stride, HAS_SCALE_PTR)

@@ -1,6 +1,6 @@
-"""The benchmark suite runs end to end: ``python -m bench --smoke`` (tiny shapes, seconds)
+"""The benchmark suite runs end to end: ``python -m pydistill.bench --smoke`` (tiny shapes, seconds)
 writes its CSV with every column and the provenance in every row, the Markdown summary, the
-plots when matplotlib is installed, and ``python -m bench.readme`` renders the CSV.
+plots when matplotlib is installed, and ``python -m pydistill.bench.readme`` renders the CSV.
 
 Run in a subprocess from the repository root, as a user runs it (bench/ is a repository
 tool, not part of the installed package); no timing is asserted.
@@ -33,7 +33,7 @@ def _run(*args, timeout=300):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "smoke.csv"
-    proc = _run("-m", "bench", "--smoke", "--device", "cpu", "--no-progress", "--out", str(out))
+    proc = _run("-m", "pydistill.bench", "--smoke", "--device", "cpu", "--no-progress", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out, newline="") as f:
         reader = csv.DictReader(f)
@@ -102,11 +102,11 @@ def test_markdown_and_plots(smoke):
 def test_readme_section_from_the_csv(smoke, tmp_path):
     out, _header, _rows = smoke
     readme = tmp_path / "README.md"
-    begin = "<!-- bench-results:begin (python -m bench.readme; do not edit by hand) -->"
+    begin = "<!-- bench-results:begin (python -m pydistill.bench.readme; do not edit by hand) -->"
     readme.write_text(f"before\n{begin}\nold\n<!-- bench-results:end -->\nafter\n")
-    proc = _run("-m", "bench.readme", str(out), "--readme", str(readme))
+    proc = _run("-m", "pydistill.bench.readme", str(out), "--readme", str(readme))
     assert proc.returncode == 0, proc.stderr
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "\nold\n" not in text
     assert "*softmax*" in text and "pydistill-torch" in text and "git " in text
-    assert _run("-m", "bench.readme", str(out), "--readme", str(readme), "--check").returncode == 0
+    assert _run("-m", "pydistill.bench.readme", str(out), "--readme", str(readme), "--check").returncode == 0

@@ -27,7 +27,7 @@ import pytest
 from conftest import peer
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("kernels", "examples")
+FOLDERS = ("kernels", "examples", "bench")
 KERNEL_MODULES = ("softmax_divergence", "topk_divergence", "linear_kd", "attention_kd")
 
 
@@ -59,7 +59,7 @@ needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="the kernel modules import Triton")
 
 
-@pytest.mark.parametrize("folder", FOLDERS + ("pydistill/kernels", "pydistill/examples"))
+@pytest.mark.parametrize("folder", FOLDERS + tuple(f"pydistill/{f}" for f in FOLDERS))
 def test_checkout_folders_are_namespace_portions(folder):
     assert (ROOT / folder).is_dir()
     assert not (ROOT / folder / "__init__.py").exists(), (
@@ -141,7 +141,8 @@ def wheel_site(tmp_path_factory):
 
 def test_wheel_installs_only_pydistill(wheel_site):
     top = sorted(p.name for p in wheel_site.iterdir() if not p.name.endswith(".dist-info"))
-    assert top == ["pydistill"]
+    assert top == ["bin", "pydistill"]  # bin/: the pydistill-bench console script
+    assert [p.name for p in (wheel_site / "bin").iterdir()] == ["pydistill-bench"]
     for folder in FOLDERS:
         sub = wheel_site / "pydistill" / folder
         assert sub.is_dir() and not sub.is_symlink()
@@ -169,3 +170,27 @@ def test_wheel_install_imports(wheel_site):
     assert Path(lines[0]).is_relative_to(wheel_site.resolve())
     if HF_KERNELS is not None:
         assert Path(lines[1]).resolve().parent == HF_KERNELS
+
+
+def test_pydistill_bench_from_a_wheel_outside_the_checkout(wheel_site, tmp_path):
+    """The console script a ``pip install pydistill-kernels[bench]`` user gets: no checkout,
+    results in the folder given, pydistill's version in every row."""
+    import csv
+
+    import pydistill
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PYDISTILL_") and k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(wheel_site), PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, str(wheel_site / "bin" / "pydistill-bench"), "--smoke", "--family",
+         "softmax", "--device", "cpu", "--no-progress", "--no-plots", "--out", "results"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (csv_path,) = (tmp_path / "results").glob("suite-*-smoke-*.csv")
+    assert csv_path.with_suffix(".md").is_file()
+    rows = list(csv.DictReader(csv_path.open()))
+    assert rows and {r["family"] for r in rows} == {"softmax"}
+    assert {r["pydistill"] for r in rows} == {pydistill.__version__}
+    assert {r["git_rev"] for r in rows} == {"installed"}

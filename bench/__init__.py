@@ -1,1 +1,0 @@
-"""pydistill's benchmark suite: the shared harness and one script per loss family."""

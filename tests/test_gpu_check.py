@@ -1,0 +1,113 @@
+"""bench/gpu_check.py cannot rot between GPU windows: its dry run (the CPU, tiny shapes, the
+Triton interpreter) goes through every section, and its budget logic leaves a valid report
+whatever it cuts off. Run as a user runs it, in a subprocess from the repository root; no
+timing is asserted beyond the budget the script itself enforces."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("env", "correctness", "headline", "tests", "full")
+OPS = {"kd_loss", "topk_kd_loss", "linear_kd_loss", "attention_kd_loss"}
+
+
+def _run(args, timeout=400):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
+    return subprocess.run([sys.executable, "-m", "pydistill.bench.gpu_check", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _report(out: Path) -> dict:
+    data = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").read_text().startswith("# GPU check: ")
+    return data
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-check")
+    proc = _run(["--dry-run", "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout, _report(out)
+
+
+def test_dry_run_runs_every_section(dry_run):
+    out, _stdout, data = dry_run
+    assert data["status"] == "done" and data["meta"]["dry_run"] is True
+    assert [data["sections"][s]["status"] for s in SECTIONS] == ["ok"] * len(SECTIONS)
+    assert data["sections"]["tests"]["summary"].split()[1] == "passed"
+    # small enough to come back from a device: at most 8 files
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files
+    assert {"report.json", "report.md", "headline.csv", "headline.md", "tests.log"} <= set(files)
+
+
+def test_dry_run_checks_every_op_backend_and_dtype(dry_run):
+    _out, stdout, data = dry_run
+    rows = data["correctness"]
+    failed = [r for r in rows if r["status"] != "ok"]
+    assert not failed, failed[:3]
+    assert {r["op"] for r in rows} == OPS
+    for op in OPS:
+        mine = [r for r in rows if r["op"] == op]
+        assert {"triton", "torch"} <= {r["backend"] for r in mine}, op
+        assert {r["dtype"] for r in mine} == {"float32", "bfloat16"}, op
+        assert len({r["shape"] for r in mine}) == 2, op
+    options = {r["options"] for r in rows if r["op"] == "kd_loss" and r["backend"] == "triton"}
+    assert any("grad=forward" in o for o in options) and any("grad=recompute" in o for o in options)
+    assert "extreme -inf" in options
+    assert sum(line.startswith(("ok ", "FAIL")) for line in stdout.splitlines()) == len(rows)
+
+
+def test_dry_run_report_has_the_headline_table(dry_run):
+    out, _stdout, data = dry_run
+    md = (out / "report.md").read_text()
+    assert "## Headline benchmarks" in md and "| section | status |" in md
+    import csv
+
+    rows = list(csv.DictReader((out / "headline.csv").open()))
+    assert {r["family"] for r in rows} == {"softmax", "topk", "linear", "attention"}
+    assert any(r["status"] == "ok" and r["ratio_to_floor"] for r in rows)
+
+
+def test_a_budget_too_small_for_everything_still_writes_a_valid_partial_report(tmp_path):
+    proc = _run(["--dry-run", "--budget", "12", "--out", str(tmp_path)], timeout=120)
+    assert proc.returncode in (0, 3), proc.stderr[-3000:]
+    data = _report(tmp_path)
+    assert data["status"] in ("done", "stopped: budget ran out")
+    assert data["elapsed_s"] <= 12 + 5
+    statuses = [data["sections"].get(s, {}).get("status", "not reached") for s in SECTIONS]
+    # the later sections did not fit: each says so instead of running
+    assert any(s.startswith("skipped: budget") or s == "not reached" for s in statuses), statuses
+
+
+def test_the_deadline_stops_a_step_that_overruns_and_names_it(tmp_path):
+    code = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from pydistill.bench import gpu_check as g
+        budget = g.Budget(2.0)
+        report = g.Report(Path({str(tmp_path)!r}), budget, {{"device": "test"}})
+        report.case({{"op": "kd_loss", "backend": "torch", "dtype": "float32", "shape": "1x2",
+                     "options": "kl", "status": "ok", "loss_err": 0.0, "grad_err": 0.0}})
+        g.start_watchdog(report, 1.0)
+        report.data["current"] = "a case that hangs"
+        time.sleep(60)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 3, proc.stderr
+    data = _report(tmp_path)
+    assert data["status"] == "stopped: budget ran out"
+    assert data["current"] == "a case that hangs" and len(data["correctness"]) == 1
+    assert "Stopped in: a case that hangs" in (tmp_path / "report.md").read_text()
+
+
+def test_bad_arguments_are_refused():
+    proc = _run(["--skip", "everything"], timeout=60)
+    assert proc.returncode == 2 and "--skip" in proc.stderr
