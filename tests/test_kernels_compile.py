@@ -22,13 +22,14 @@ pytestmark = pytest.mark.skipif(
 
 HERE = Path(__file__).parent
 
-# Spill stores (bytes per thread) the no-spill checks below tolerate. Triton >= 3.7 keeps
-# every checked variant in registers; Triton 3.6's allocator spills a few registers in some of
-# them (measured with ptxas: 12-16 B in the top-k forward with the renormalized tail, 24-32 B
-# in the attention backward at d = 64 on sm_80 and d = 128 in fp16 on sm_90), which is small
-# next to the tiles the checks are about (a spilled support vector or score tile is hundreds
-# of bytes).
-SPILL_TOLERANCE = 0 if Version(triton.__version__).release >= (3, 7) else 32
+# Spill stores (bytes per thread) the no-spill checks below tolerate. With Triton 3.7 / 3.8
+# (and their ptxas) every checked variant stays in registers. Other releases' register
+# allocation differs slightly (measured with ptxas): Triton 3.6 spills 12-16 B in the top-k
+# forward with the renormalized tail and 24-32 B in the attention backward at d = 64 on sm_80
+# and d = 128 in fp16 on sm_90; Triton 3.9 (its ptxas 13.4 for sm_90) 4 B in that top-k
+# forward. That is a register or a few, small next to what the checks are about (a spilled
+# support vector or score tile is hundreds of bytes); unknown newer releases get the same.
+SPILL_TOLERANCE = 0 if (3, 7) <= Version(triton.__version__).release[:2] <= (3, 8) else 32
 DIVERGENCES = ["kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"]
 KERNELS = "pydistill.kernels.softmax_divergence"
 
