@@ -420,43 +420,43 @@ def _bind(make, kw):
 
 
 def run_case(case: Case, device) -> dict:
-    import torch
+    from pydistill.bench import harness
 
     row = {"op": case.op, "backend": case.backend, "dtype": case.dtype, "shape": case.shape,
            "options": case.options}
-    saved = {k: os.environ.get(k) for k in case.env}
-    os.environ.update(case.env)
-    try:
-        loss_fn, inputs = case.make(getattr(torch, case.dtype), device)
-        leaves = [x for x in inputs if x.requires_grad]
-        start = time.monotonic()
-        loss = loss_fn(inputs, case.backend)
-        grads = torch.autograd.grad(loss.sum(), leaves)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        row["ms"] = (time.monotonic() - start) * 1e3
-        ref_inputs = [x.detach().double().requires_grad_(x.requires_grad) for x in inputs]
-        ref_loss = loss_fn(ref_inputs, "torch")
-        ref_grads = torch.autograd.grad(ref_loss.sum(), [x for x in ref_inputs if x.requires_grad])
-        row["loss_err"] = _rel(loss.detach().double(), ref_loss.detach())
-        row["grad_err"] = max(_rel(g.double(), r) for g, r in zip(grads, ref_grads))
-        finite = bool(torch.isfinite(loss).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
-        tol_loss, tol_grad = TOLERANCE[case.dtype]
-        ok = finite and row["loss_err"] <= tol_loss and row["grad_err"] <= tol_grad
-        row["status"] = "ok" if ok else "FAIL"
-        if not finite:
-            row["error"] = "non-finite loss or gradient"
-    except Exception as exc:  # a crash is a failed case, not a failed run
-        row["status"] = "FAIL"
-        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        row["traceback"] = traceback.format_exc(limit=4)[-1500:]
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with harness.environment(tuple(case.env.items())):
+        try:
+            _compare(case, device, row)
+        except Exception as exc:  # a crash is a failed case, not a failed run
+            row["status"] = "FAIL"
+            row["error"] = harness.one_line(exc, 200)
+            row["traceback"] = traceback.format_exc(limit=4)[-1500:]
     return row
+
+
+def _compare(case: Case, device, row: dict):
+    """The case's loss and gradients against the torch backend in float64, into ``row``."""
+    import torch
+
+    loss_fn, inputs = case.make(getattr(torch, case.dtype), device)
+    leaves = [x for x in inputs if x.requires_grad]
+    start = time.monotonic()
+    loss = loss_fn(inputs, case.backend)
+    grads = torch.autograd.grad(loss.sum(), leaves)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    row["ms"] = (time.monotonic() - start) * 1e3
+    ref_inputs = [x.detach().double().requires_grad_(x.requires_grad) for x in inputs]
+    ref_loss = loss_fn(ref_inputs, "torch")
+    ref_grads = torch.autograd.grad(ref_loss.sum(), [x for x in ref_inputs if x.requires_grad])
+    row["loss_err"] = _rel(loss.detach().double(), ref_loss.detach())
+    row["grad_err"] = max(_rel(g.double(), r) for g, r in zip(grads, ref_grads))
+    finite = bool(torch.isfinite(loss).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
+    tol_loss, tol_grad = TOLERANCE[case.dtype]
+    ok = finite and row["loss_err"] <= tol_loss and row["grad_err"] <= tol_grad
+    row["status"] = "ok" if ok else "FAIL"
+    if not finite:
+        row["error"] = "non-finite loss or gradient"
 
 
 def _rel(a, b) -> float:
