@@ -22,7 +22,18 @@ weight require grad; the teacher, hidden states + head, does not):
 ``trl-chunked-divergence``     TRL's ``ChunkedDivergenceFunction`` (trl/kernels/
                                chunked_divergence.py, TRL >= 1.16; CUDA), the same
                                divergences as its beta, mean over tokens, times T^2
+``pydistill-trl-dropin``       ``pydistill.integrations.trl_chunked_divergence_loss``, the
+                               drop-in for TRL's ``DistillationTrainer`` loss (its
+                               signature, on ``linear_kd_loss`` with the ``auto`` backend;
+                               a completion mask of ones), times T^2: what a TRL user gets
+                               from the one-line patch, against ``trl-chunked-divergence``
 =============================  ============================================================
+
+Per-model logit transforms (``--transform``, TRANSFORMS below): each model's logits become
+cap(scale * logits) before the temperature (Cohere's logit_scale, Granite's 1 /
+logits_scaling, Gemma-2's final_logit_softcapping). pydistill, TRL and the naive code (on its
+materialised logits) apply them; Liger has none (its rows say so). ``--trl-like`` is TRL's
+DistillationTrainer default case: jsd at beta 0.5, T = 1, without and with transforms.
 
 The peers' builders are in bench/peers.py.
 
@@ -74,7 +85,8 @@ from pydistill.bench.bench_topk_divergence import dense_loss as dense_topk_loss
 from pydistill.bench.harness import Impl, add_run_options
 
 COLUMNS = (
-    "impl", "divergence", "dtype", "N", "H_s", "H_t", "V", "K", "temperature", "beta", "grad_output",
+    "impl", "divergence", "dtype", "N", "H_s", "H_t", "V", "K", "transform", "temperature", "beta",
+    "grad_output",
     "pass", "status", "median_ms", "reps", "n_sets", "peak_extra_mib", "peak_extra_vs_eager",
     "floor_flops", "floor_ms", "ratio_to_floor", "achieved_tflops", "loss_rel_diff",
 ) + harness.PROVENANCE_COLUMNS
@@ -91,6 +103,16 @@ PRESETS = {
 }
 # The tail of the top-k case: "ignore" is exactly the dense peer's kl (bench_topk_divergence).
 TOPK_TAIL = "ignore"
+# Per-model logit transforms of a case (--transform), as linear_kd_loss's keyword arguments:
+# "scale-softcap" gives both models a scale and a soft-cap (different ones), the most work a
+# transform costs (the tanh and its slope on both sides).
+TRANSFORMS = {
+    "none": {},
+    "scale-softcap": dict(student_logit_scale=0.5, student_softcap=30.0, teacher_logit_scale=2.0,
+                          teacher_softcap=50.0),
+}
+# --trl-like: TRL's DistillationTrainer defaults (beta 0.5, temperature 1)
+TRL_LIKE = dict(divergence=["jsd"], beta=0.5, temperature=1.0, transform=["none", "scale-softcap"])
 # The CPU goal for pydistill's fwd+bwd against the eager path.
 CPU_MEMORY_GOAL, CPU_TIME_GOAL = 0.10, 1.25
 
@@ -107,6 +129,12 @@ class Case:
     beta: float
     grad_output: float = 1.0
     k: int = 0  # > 0: a top-k teacher of k entries (h_t is then 0)
+    transform: str = "none"  # a key of TRANSFORMS
+
+    @property
+    def transforms(self) -> dict:
+        """linear_kd_loss's per-model transform arguments (empty: none)."""
+        return TRANSFORMS[self.transform]
 
     @property
     def dtype_name(self) -> str:
@@ -137,19 +165,28 @@ class Case:
 
 def naive_linear_loss(case: Case) -> Callable:
     """Materialised logits in the input dtype, as users write it, then the naive loss (for a
-    top-k teacher: the dense teacher scattered from it, or why there is no naive loss)."""
+    top-k teacher: the dense teacher scattered from it, or why there is no naive loss); the
+    case's transforms on the materialised logits (reference.transform_logits)."""
+    t = case.transforms
+
+    def student_logits(student_hidden, student_weight):
+        return reference.transform_logits(F.linear(student_hidden, student_weight),
+                                          t.get("student_logit_scale", 1.0), t.get("student_softcap"))
+
     if case.k:
         dense = dense_topk_loss(case)
         if isinstance(dense, str):
             return dense
         return lambda student_hidden, student_weight, logprobs, ids: dense(
-            F.linear(student_hidden, student_weight), (logprobs, ids))
+            student_logits(student_hidden, student_weight), (logprobs, ids))
     loss = naive_loss(case)
 
     def eager(student_hidden, student_weight, teacher_hidden, teacher_weight):
         with torch.no_grad():
-            teacher_logits = F.linear(teacher_hidden, teacher_weight)
-        return loss(F.linear(student_hidden, student_weight), teacher_logits)
+            teacher_logits = reference.transform_logits(
+                F.linear(teacher_hidden, teacher_weight), t.get("teacher_logit_scale", 1.0),
+                t.get("teacher_softcap"))
+        return loss(student_logits(student_hidden, student_weight), teacher_logits)
 
     return eager
 
@@ -164,7 +201,7 @@ def build_pydistill(backend: str, chunk_size="auto"):
         if reason is not None:
             return f"skipped: {reason}"
         kw = dict(divergence=case.divergence, temperature=case.temperature, beta=case.beta,
-                  backend=backend, chunk_size=chunk_size)
+                  backend=backend, chunk_size=chunk_size, **case.transforms)
         if case.k:
             return lambda student_hidden, student_weight, logprobs, ids: pydistill.linear_kd_loss(
                 student_hidden, student_weight, teacher_topk=(logprobs, ids), tail=TOPK_TAIL, **kw)
@@ -194,6 +231,41 @@ def dense_teacher_only(builder):
     return build
 
 
+def untransformed_only(builder):
+    """A peer without per-model logit transforms: skipped for a case with them."""
+    def build(case: Case, device: torch.device):
+        if case.transforms:
+            return "skipped: has no per-model logit scale / soft-cap"
+        return builder(case, device)
+
+    return build
+
+
+def build_trl_dropin(case: Case, device: torch.device):
+    """TRL's DistillationTrainer loss through the one-line patch: trl_chunked_divergence_loss
+    (pydistill, backend "auto") with TRL's arguments, every position in the completion mask;
+    its mean over tokens, times T^2."""
+    beta = peers.generalized_jsd_beta(case)
+    if beta is None:
+        return f"skipped: TRL's divergence has no {case.divergence}"
+    from pydistill.integrations import trl_chunked_divergence_loss
+
+    t = case.transforms
+    kw = dict(temperature=case.temperature,
+              student_logit_scale=t.get("student_logit_scale", 1.0),
+              teacher_logit_scale=t.get("teacher_logit_scale", 1.0),
+              student_final_logit_softcapping=t.get("student_softcap"),
+              teacher_final_logit_softcapping=t.get("teacher_softcap"))
+    mask = torch.ones(case.n, dtype=torch.long, device=device)
+    t2 = case.temperature**2
+
+    def dropin(h_s, w_s, h_t, w_t):
+        loss, _entropy_sum, _count = trl_chunked_divergence_loss(h_s, h_t, w_s, w_t, mask, beta, **kw)
+        return loss * t2
+
+    return dropin
+
+
 # Kept for code that imported them from here; the builders live with the other peers.
 build_liger_fused_linear_jsd = peers.liger_fused_linear_jsd
 build_liger_chunked_jsd = peers.liger_chunked_jsd
@@ -205,9 +277,10 @@ IMPLS = (
     Impl("pydistill-torch", build_pydistill("torch")),
     Impl("torch-eager", build_eager),
     Impl("torch-compile", build_compiled, failure="skipped: torch.compile failed"),
-    Impl("liger-fused-linear-jsd", dense_teacher_only(peers.liger_fused_linear_jsd)),
-    Impl("liger-chunked-jsd", dense_teacher_only(peers.liger_chunked_jsd)),
+    Impl("liger-fused-linear-jsd", dense_teacher_only(untransformed_only(peers.liger_fused_linear_jsd))),
+    Impl("liger-chunked-jsd", dense_teacher_only(untransformed_only(peers.liger_chunked_jsd))),
     Impl("trl-chunked-divergence", dense_teacher_only(peers.trl_chunked_divergence)),
+    Impl("pydistill-trl-dropin", dense_teacher_only(build_trl_dropin)),
 )
 IMPL_NAMES = tuple(impl.name for impl in IMPLS)
 
@@ -253,7 +326,7 @@ def topk_teacher(case: Case, device: torch.device, gen) -> tuple:
 
 def expected_loss(case: Case, inputs) -> float:
     kw = dict(divergence=case.divergence, temperature=case.temperature, beta=case.beta,
-              backend="torch")
+              backend="torch", **case.transforms)
     with torch.no_grad():
         if case.k:
             return float(pydistill.linear_kd_loss(*inputs[:2], teacher_topk=tuple(inputs[2:]),
@@ -264,14 +337,15 @@ def expected_loss(case: Case, inputs) -> float:
 def run_case(case: Case, impls, device, opts, prov: dict):
     base = {
         "divergence": case.divergence, "dtype": case.dtype_name, "N": case.n, "H_s": case.h_s,
-        "H_t": case.h_t, "V": case.v, "K": case.k or "", "temperature": case.temperature,
-        "beta": case.beta,
+        "H_t": case.h_t, "V": case.v, "K": case.k or "", "transform": case.transform,
+        "temperature": case.temperature, "beta": case.beta,
         "grad_output": case.grad_output, **prov,
     }
     return harness.with_memory_vs(harness.run_case(
         case, impls, device, opts, base, set_bytes=case.floor_bytes("fwd"),
         label=(f"{case.divergence} {case.dtype_name} N={case.n} H_s={case.h_s} H_t={case.h_t} "
-               f"V={case.v}" + (f" K={case.k}" if case.k else "")),
+               f"V={case.v}" + (f" K={case.k}" if case.k else "")
+               + (f" {case.transform}" if case.transforms else "")),
         make_inputs=make_inputs, expected_loss=expected_loss))
 
 
@@ -285,7 +359,8 @@ def run_case(case: Case, impls, device, opts, prov: dict):
 TABLE = (
     ("impl", "impl", None), ("divergence", "div", None), ("dtype", "dtype", None),
     ("N", "N", None), ("H_s", "H_s", None), ("H_t", "H_t", None), ("V", "V", None),
-    ("K", "K", None), ("pass", "pass", None), ("median_ms", "ms", ".1f"), ("ratio_to_floor", "x floor", ".2f"),
+    ("K", "K", None), ("transform", "transform", None), ("pass", "pass", None),
+    ("median_ms", "ms", ".1f"), ("ratio_to_floor", "x floor", ".2f"),
     ("achieved_tflops", "TFLOP/s", ".3f"), ("peak_extra_mib", "peak extra MiB", ".0f"),
     ("peak_extra_vs_eager", "x eager", ".3f"), ("reps", "reps", None),
     ("loss_rel_diff", "loss rel diff", ".1e"), ("status", "status", None),
@@ -293,16 +368,20 @@ TABLE = (
 
 TARGETS_TABLE = (
     ("divergence", "div", None), ("dtype", "dtype", None), ("N", "N", None), ("H_s", "H_s", None),
-    ("H_t", "H_t", None), ("V", "V", None), ("K", "K", None), ("impl", "impl", None),
-    ("median_ms", "fwd+bwd ms", ".1f"), ("ratio_to_floor", "x floor", ".2f"),
+    ("H_t", "H_t", None), ("V", "V", None), ("K", "K", None), ("transform", "transform", None),
+    ("impl", "impl", None), ("median_ms", "fwd+bwd ms", ".1f"), ("ratio_to_floor", "x floor", ".2f"),
     ("time_vs_eager", "time / eager", ".2f"), ("memory_vs_eager", "memory / eager", ".3f"),
     ("cpu_goal", f"CPU goal (<= {CPU_MEMORY_GOAL:.0%} memory, <= {CPU_TIME_GOAL}x time)", None),
-    ("vs_liger", "speedup vs best Liger", ".2f"), ("vs_compile", "vs torch-compile", ".2f"),
+    ("vs_liger", "speedup vs best Liger", ".2f"), ("vs_trl", "speedup vs TRL", ".2f"),
+    ("vs_compile", "vs torch-compile", ".2f"),
 )
 
 
+_KEY = ("divergence", "dtype", "N", "H_s", "H_t", "V", "K", "transform")
+
+
 def _key(r):
-    return (r["divergence"], r["dtype"], r["N"], r["H_s"], r["H_t"], r["V"], r.get("K", ""))
+    return tuple(r.get(k, "") for k in _KEY)
 
 
 def targets(rows) -> list:
@@ -320,11 +399,13 @@ def targets(rows) -> list:
         liger = [done[k]["median_ms"] for k in [(*case, "liger-fused-linear-jsd"), (*case, "liger-chunked-jsd")]
                  if k in done]
         compiled = done.get((*case, "torch-compile"))
+        trl = done.get((*case, "trl-chunked-divergence"))
         out.append({
-            **dict(zip(("divergence", "dtype", "N", "H_s", "H_t", "V", "K"), case)), "impl": impl,
+            **dict(zip(_KEY, case)), "impl": impl,
             "median_ms": r["median_ms"], "ratio_to_floor": r.get("ratio_to_floor"),
             "time_vs_eager": time_ratio, "memory_vs_eager": memory_ratio, "cpu_goal": goal,
             "vs_liger": min(liger) / r["median_ms"] if liger else None,
+            "vs_trl": trl["median_ms"] / r["median_ms"] if trl else None,
             "vs_compile": compiled["median_ms"] / r["median_ms"] if compiled else None,
         })
     return out
@@ -379,6 +460,11 @@ def parse_args(argv=None):
     p.add_argument("--divergence", nargs="+", default=["kl"], choices=reference.DIVERGENCES)
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--transform", nargs="+", default=["none"], choices=sorted(TRANSFORMS),
+                   help="per-model logit transforms (TRANSFORMS in this file; dense teachers only)")
+    p.add_argument("--trl-like", action="store_true",
+                   help="TRL's DistillationTrainer case: jsd, beta 0.5, T 1, transforms none and "
+                        "scale-softcap (replaces --divergence, --beta, --temperature, --transform)")
     p.add_argument("--impl", nargs="+", choices=IMPL_NAMES, help="only these implementations")
     add_run_options(p, "linear_kd")
     return p.parse_args(argv)
@@ -393,8 +479,13 @@ def cases_from(opts, device) -> list:
         h_t = 0 if opts.k else (opts.h_t or h_t)
         sizes = [(DTYPES[opts.dtype] if opts.dtype else d, n, opts.h_s or h_s, h_t, v_, opts.k)
                  for v_ in (opts.v or [v]) for n in opts.n]
-    return [Case(div, d, n, h_s, h_t, v, opts.temperature, opts.beta, k=k)
-            for div in opts.divergence for d, n, h_s, h_t, v, k in sizes]
+    if opts.trl_like:
+        for name, value in TRL_LIKE.items():
+            setattr(opts, name, value)
+    return [Case(div, d, n, h_s, h_t, v, opts.temperature, opts.beta, k=k, transform=transform)
+            for div in opts.divergence for transform in opts.transform
+            for d, n, h_s, h_t, v, k in sizes
+            if not (k and TRANSFORMS[transform])]  # a top-k teacher has no logits to transform
 
 
 def main(argv=None) -> int:

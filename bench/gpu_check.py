@@ -318,6 +318,8 @@ def topk_inputs(n, v, k):
 
 def linear_inputs(n, h, v, chunk):
     def make(dtype, device):
+        import torch
+
         import pydistill as pdl
 
         r = _gen(n * 13 + v, device)
@@ -326,9 +328,12 @@ def linear_inputs(n, h, v, chunk):
         hs, ws = hs.to(dtype).requires_grad_(), ws.to(dtype).requires_grad_()
 
         def loss(inputs, backend, **kw):
-            return pdl.linear_kd_loss(inputs[0], inputs[1], inputs[2], inputs[3],
-                                      chunk_size=chunk if backend != "torch" else "auto",
-                                      backend=backend, **kw)
+            out = pdl.linear_kd_loss(inputs[0], inputs[1], inputs[2], inputs[3],
+                                     chunk_size=chunk if backend != "torch" else "auto",
+                                     backend=backend, **kw)
+            if kw.get("return_entropy"):  # compared as one vector: the loss, then the entropies
+                return torch.cat([out[0].reshape(1), out[1].reshape(-1).to(out[0].dtype)])
+            return out
 
         return loss, [hs, ws, ht.to(dtype), wt.to(dtype)]
     return make
@@ -355,6 +360,11 @@ def attention_inputs(b, heads, length, d):
     return make
 
 
+# both models with a logit scale and a soft-cap, different ones (the most work the transforms add)
+MIXED_FAMILY = dict(student_logit_scale=0.5, student_softcap=30.0, teacher_logit_scale=2.0,
+                    teacher_softcap=50.0)
+
+
 def correctness_cases(device, dry_run: bool) -> list:
     from pydistill import _dispatch
 
@@ -372,6 +382,8 @@ def correctness_cases(device, dry_run: bool) -> list:
         "kl": dict(),
         "jsd b0.3 T2 hard0.5": dict(divergence="jsd", beta=0.3, temperature=2.0, hard_weight=0.5),
         "reverse_kl softcap30 sum": dict(divergence="reverse_kl", softcap=30.0, reduction="sum"),
+        "jsd per-model scale+cap hard0.3": dict(divergence="jsd", temperature=1.5, hard_weight=0.3,
+                                                **MIXED_FAMILY),
     }
     out = []
     backends = {op: [b for b in _dispatch.TABLE[op] if _dispatch.why_unavailable(b, device) is None]
@@ -392,14 +404,20 @@ def correctness_cases(device, dry_run: bool) -> list:
             for backend in backends["topk_kd_loss"]:
                 for name, kw in {"bucket kl": dict(tail="bucket"),
                                  "renormalize jsd T2": dict(tail="renormalize", divergence="jsd",
-                                                            temperature=2.0)}.items():
+                                                            temperature=2.0),
+                                 "bucket student scale+cap": dict(
+                                     tail="bucket", student_logit_scale=0.5,
+                                     student_softcap=20.0)}.items():
                     out.append(Case("topk_kd_loss", backend, dtype, shape, name,
                                     _bind(topk_inputs(n, v, k), kw)))
         for shape, (n, h, v) in lin_shapes.items():
             for backend in backends["linear_kd_loss"]:
                 chunks = ("auto", "tiled") if backend == "triton" else ("auto",)
                 for chunk in chunks:
-                    for name, kw in {"kl": dict(), "jsd T2": dict(divergence="jsd", temperature=2.0)}.items():
+                    for name, kw in {"kl": dict(), "jsd T2": dict(divergence="jsd", temperature=2.0),
+                                     "jsd per-model scale+cap entropy": dict(
+                                         divergence="jsd", return_entropy=True,
+                                         **MIXED_FAMILY)}.items():
                         out.append(Case("linear_kd_loss", backend, dtype, shape,
                                         f"{name} chunk={chunk}", _bind(linear_inputs(n, h, v, chunk), kw)))
         for shape, (b, heads, length, d) in att_shapes.items():

@@ -272,7 +272,8 @@ def trl_softmax(case, device: torch.device):
 def trl_chunked_divergence(case, device: torch.device):
     """linear_kd_loss's TRL peer (TRL >= 1.16): ``ChunkedDivergenceFunction`` of
     trl/kernels/chunked_divergence.py, the per-token divergence from both hidden states and
-    heads without materialising the logits; its mean over tokens, times T^2."""
+    heads without materialising the logits (with the case's per-model logit scales and
+    soft-caps, if any); its mean over tokens, times T^2."""
     reason = trl_unavailable()
     if reason:
         return reason
@@ -287,10 +288,14 @@ def trl_chunked_divergence(case, device: torch.device):
         return (f"skipped: trl {package_version('trl')} has no importable "
                 f"trl.kernels.chunked_divergence (TRL >= 1.16; {_one_line(exc)})")
     temperature, t2 = case.temperature, case.temperature**2
+    # per-model logit transforms (bench_linear_kd's TRANSFORMS), in TRL's argument order
+    t = getattr(case, "transforms", None) or {}
+    transforms = (t.get("student_logit_scale", 1.0), t.get("student_softcap"),
+                  t.get("teacher_logit_scale", 1.0), t.get("teacher_softcap"))
 
     def trl_loss(h_s, w_s, h_t, w_t):
         divergence, _entropy = ChunkedDivergenceFunction.apply(
-            h_s, w_s, None, h_t, w_t, None, beta, temperature)
+            h_s, w_s, None, h_t, w_t, None, beta, temperature, *transforms)
         return divergence.mean() * t2
 
     return trl_loss

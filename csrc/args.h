@@ -9,9 +9,20 @@ namespace pydistill {
 
 enum DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
+// One model's logit transform z = cap(scale * x), cap(y) = c tanh(y / c) when has_cap (the
+// identity at scale 1 without a cap), applied where its logits are loaded, before the
+// temperature; its slope scale (1 - (z / c)^2) multiplies that model's gradient
+// (transform_logit / transform_slope in common.cuh).
+struct LogitTransform {
+  float scale;  // > 0
+  float cap;    // c, read only when has_cap
+  bool has_cap;
+};
+
 // ---- kd_loss ------------------------------------------------------------------------------
 // Per-row statistics kept between forward and backward: the running max and log-sum of
-// x_s = z_s / T, x_t = z_t / T and z_s (each logsumexp as its two terms), then S_q and S_p.
+// x_s = z_s / T, x_t = z_t / T and z_s (z: the transformed logits; each logsumexp as its
+// two terms), then S_q and S_p.
 constexpr int KD_STATS = 8;
 
 struct KDArgs {
@@ -26,8 +37,9 @@ struct KDArgs {
   int64_t row_scale_stride;
   int64_t n_rows, V, n_inner, s_so, s_si, t_so, t_si;
   int64_t ignore_index;
-  float inv_t, softcap, beta, hard_weight, soft_scale;
-  bool has_softcap, has_hard, has_soft, ce_separate;
+  LogitTransform student, teacher;  // the hard term uses the student's, at temperature 1
+  float inv_t, beta, hard_weight, soft_scale;
+  bool has_hard, has_soft, ce_separate;
   bool compute_stats;       // forward: passes over the row; else the stats are read
 };
 
@@ -56,8 +68,9 @@ struct TopKArgs {
   int64_t row_scale_stride;
   int64_t n_rows, V, K, n_inner, s_so, s_si, ignore_index;
   int tail;
-  float inv_t, softcap, power, beta, hard_weight, soft_scale;
-  bool has_softcap, has_hard, has_soft, ce_separate, compute_stats;
+  LogitTransform student;     // the teacher arrives as log-probabilities: no transform
+  float inv_t, power, beta, hard_weight, soft_scale;
+  bool has_hard, has_soft, ce_separate, compute_stats;
 };
 
 const char* topk_launch(const TopKArgs& a, int divergence, DType dtype, int device, void* stream);

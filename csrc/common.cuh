@@ -15,6 +15,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "args.h"
+
 #define PD_HD __host__ __device__ __forceinline__
 
 namespace pydistill {
@@ -45,6 +47,17 @@ PD_HD float softcap(float z, float cap) {
 PD_HD float softcap_slope(float z, float cap) {
   float th = z / cap;
   return z == kNegInf ? 0.0f : 1.0f - th * th;
+}
+
+// One model's logit transform (args.h): cap(scale * x); -inf stays -inf (scale > 0).
+PD_HD float transform_logit(const LogitTransform& f, float x) {
+  const float z = f.scale * x;
+  return f.has_cap ? softcap(z, f.cap) : z;
+}
+
+// d z / d x at the transformed z: scale (1 - (z / c)^2) with a cap (0 at -inf), else scale.
+PD_HD float transform_slope(const LogitTransform& f, float z) {
+  return f.has_cap ? f.scale * softcap_slope(z, f.cap) : f.scale;
 }
 
 // ------------------------------------------------------------------------------------------

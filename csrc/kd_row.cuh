@@ -22,12 +22,11 @@ PD_HD const T* kd_teacher_row(const KDArgs& a, int64_t row) {
   return static_cast<const T*>(a.t) + row_offset(row, a.n_inner, a.t_so, a.t_si);
 }
 
-// Loads n logits (soft-capped) of a chunk.
+// Loads n logits of a chunk, transformed by their model's f (a.student or a.teacher).
 template <typename T>
-PD_HD void kd_load(const T* p, int64_t j, int n, const KDArgs& a, float* z) {
+PD_HD void kd_load(const T* p, int64_t j, int n, const LogitTransform& f, float* z) {
   load_chunk(p, j, n, z);
-  if (a.has_softcap)
-    for (int i = 0; i < n; ++i) z[i] = softcap(z[i], a.softcap);
+  for (int i = 0; i < n; ++i) z[i] = transform_logit(f, z[i]);
 }
 
 // ---- pass 1: online logsumexps, and kl / reverse_kl online --------------------------------
@@ -35,7 +34,7 @@ struct KDPass1 {
   Lse s, t, one;
   KSum acc;  // compensated, as the sums of Lse
 
-  // zs, zt: n soft-capped logits of the same columns (zt unused without the soft term)
+  // zs, zt: n transformed logits of the same columns (zt unused without the soft term)
   template <int DIV>
   PD_HD void add(const float* zs, const float* zt, int n, const KDArgs& a) {
     constexpr int N = 16;  // large enough for any chunk
@@ -158,16 +157,16 @@ PD_HD float kd_row_loss(const KDArgs& a, const T* s_row, const KDRowState& st) {
   if (a.has_hard) {
     float z_y = NAN;
     if (st.label >= 0 && st.label < a.V) {
-      z_y = to_float(s_row[st.label]);
-      if (a.has_softcap) z_y = softcap(z_y, a.softcap);
+      z_y = transform_logit(a.student, to_float(s_row[st.label]));
     }
     loss += a.hard_weight * ((st.m_1 - z_y) + st.ll_1);
   }
   return loss;
 }
 
-// The gradient of row_scale * loss for n columns starting at col: zs, zt the soft-capped
-// logits (zt read only with the soft term), written to gs / gt (either may be null).
+// The gradient of row_scale * loss for n columns starting at col: zs, zt the transformed
+// logits (zt read only with the soft term), written to gs / gt (either may be null); each
+// side's gradient carries the slope of its own transform.
 template <int DIV>
 PD_HD void kd_grad_chunk(const float* zs, const float* zt, int n, int64_t col, const KDArgs& a,
                          const KDRowState& st, float row_scale, float* gs, float* gt) {
@@ -184,12 +183,9 @@ PD_HD void kd_grad_chunk(const float* zs, const float* zt, int n, int64_t col, c
       const float soft1 = a.ce_separate ? pd_exp(zs[i] - st.m_1 - st.ll_1) : pd_exp(xs - st.m_s - st.ll_s);
       g_s += a.hard_weight * (soft1 - (col + i == st.label ? 1.0f : 0.0f));
     }
-    if (gs) {
-      if (a.has_softcap) g_s *= softcap_slope(zs[i], a.softcap);
-      gs[i] = g_s * row_scale;
-    }
+    if (gs) gs[i] = g_s * transform_slope(a.student, zs[i]) * row_scale;
     if (gt) {
-      if (a.has_softcap && a.has_soft) g_t *= softcap_slope(zt[i], a.softcap);
+      if (a.has_soft) g_t *= transform_slope(a.teacher, zt[i]);  // zt unset without it
       gt[i] = g_t * row_scale;
     }
   }
@@ -220,8 +216,8 @@ PD_HD void kd_row(const KDArgs& a, int64_t row, G& g) {
       KDPass1 p1;
       for_chunks<T>(a.V, sp, g.tid(), g.size(), false, [&](int64_t j, int n) {
         float zs[N], zt[N];
-        kd_load(s_row, j, n, a, zs);
-        if (a.has_soft) kd_load(t_row, j, n, a, zt);
+        kd_load(s_row, j, n, a.student, zs);
+        if (a.has_soft) kd_load(t_row, j, n, a.teacher, zt);
         p1.template add<DIV>(zs, zt, n, a);
       });
       kd_finish_pass1<DIV>(p1.template reduce<DIV>(g, a), a, st);
@@ -229,8 +225,8 @@ PD_HD void kd_row(const KDArgs& a, int64_t row, G& g) {
         KDPass2 p2;
         for_chunks<T>(a.V, sp, g.tid(), g.size(), true, [&](int64_t j, int n) {
           float zs[N], zt[N];
-          kd_load(s_row, j, n, a, zs);
-          kd_load(t_row, j, n, a, zt);
+          kd_load(s_row, j, n, a.student, zs);
+          kd_load(t_row, j, n, a.teacher, zt);
           p2.template add<DIV>(zs, zt, n, a, st);
         });
         kd_finish_pass2(p2, st, g);
@@ -261,8 +257,8 @@ PD_HD void kd_row(const KDArgs& a, int64_t row, G& g) {
     float outs[N], outt[N];
     if (st.active) {
       float zs[N], zt[N];
-      kd_load(s_row, j, n, a, zs);
-      if (a.has_soft) kd_load(t_row, j, n, a, zt);
+      kd_load(s_row, j, n, a.student, zs);
+      if (a.has_soft) kd_load(t_row, j, n, a.teacher, zt);
       kd_grad_chunk<DIV>(zs, zt, n, j, a, st, scale, gs_row ? outs : nullptr, gt_row ? outt : nullptr);
     } else {  // an ignored row: zeros, nothing read
       for (int i = 0; i < n; ++i) outs[i] = outt[i] = 0.0f;

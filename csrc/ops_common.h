@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -97,6 +98,21 @@ inline DType dtype_code(at::ScalarType t, const char* name) {
     case at::kBFloat16: return BF16;
     default: TORCH_CHECK(false, name, ": expected float32, float16 or bfloat16, got ", t);
   }
+}
+
+// One model's logit transform from an op's (scale, softcap) pair; `side` names the model in
+// errors ("student", "teacher").
+inline LogitTransform logit_transform(double scale, const c10::optional<double>& cap,
+                                     const char* side) {
+  TORCH_CHECK(scale > 0 && std::isfinite(scale), side, "_scale: expected a finite value > 0, got ",
+              scale);
+  TORCH_CHECK(!cap.has_value() || (*cap > 0 && std::isfinite(*cap)), side,
+              "_softcap: expected None or a finite value > 0, got ", cap.has_value() ? *cap : 0.0);
+  LogitTransform f;
+  f.scale = static_cast<float>(scale);
+  f.has_cap = cap.has_value();
+  f.cap = f.has_cap ? static_cast<float>(*cap) : 1.0f;
+  return f;
 }
 
 inline void check_launch(const char* error) {

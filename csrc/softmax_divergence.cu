@@ -16,9 +16,9 @@
 //                      the forward-with-gradient reads each once and writes the gradient once.
 //   host loop          the same row code on the CPU, one thread: the ops on CPU tensors (tests).
 //
-// Template parameters: divergence (6) x element type (3). Everything else (softcap, hard
-// term, labels, which gradients) is a run-time flag: uniform branches cost nothing next to
-// the memory traffic, and keep the instantiations (and the build) small.
+// Template parameters: divergence (6) x element type (3). Everything else (each model's logit
+// transform, hard term, labels, which gradients) is a run-time flag: uniform branches cost
+// nothing next to the memory traffic, and keep the instantiations (and the build) small.
 #include "kd_row.cuh"
 
 #include <cuda_runtime.h>

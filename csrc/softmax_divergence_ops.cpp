@@ -25,7 +25,9 @@ struct KDCall {
 
 KDCall kd_prepare(const Tensor& student, const Tensor& teacher, const c10::optional<Tensor>& labels,
                   int64_t divergence, double temperature, double beta, double hard_weight,
-                  double soft_scale, c10::optional<double> cap, int64_t ignore_index) {
+                  double soft_scale, double student_scale, c10::optional<double> student_softcap,
+                  double teacher_scale, c10::optional<double> teacher_softcap,
+                  int64_t ignore_index) {
   TORCH_CHECK(student.dim() >= 1 && student.sizes() == teacher.sizes(),
               "student and teacher: expected one shape (..., V), got ", student.sizes(), " and ",
               teacher.sizes());
@@ -50,8 +52,8 @@ KDCall kd_prepare(const Tensor& student, const Tensor& teacher, const c10::optio
   a.labels = c.labels.defined() ? c.labels.data_ptr<int64_t>() : nullptr;
   a.ignore_index = ignore_index;
   a.inv_t = static_cast<float>(1.0 / temperature);
-  a.has_softcap = cap.has_value();
-  a.softcap = cap.has_value() ? static_cast<float>(*cap) : 1.0f;
+  a.student = logit_transform(student_scale, student_softcap, "student");
+  a.teacher = logit_transform(teacher_scale, teacher_softcap, "teacher");
   a.beta = static_cast<float>(beta);
   a.hard_weight = static_cast<float>(hard_weight);
   a.soft_scale = static_cast<float>(soft_scale);
@@ -80,11 +82,13 @@ Tensor empty_grad(const Tensor& like, bool wanted) {
 std::tuple<Tensor, Tensor> kd_fwd(const Tensor& student, const Tensor& teacher,
                                   const c10::optional<Tensor>& labels, int64_t divergence,
                                   double temperature, double beta, double hard_weight,
-                                  double soft_scale, c10::optional<double> softcap,
-                                  int64_t ignore_index) {
+                                  double soft_scale, double student_scale,
+                                  c10::optional<double> student_softcap, double teacher_scale,
+                                  c10::optional<double> teacher_softcap, int64_t ignore_index) {
   const c10::OptionalDeviceGuard guard(student.device());
   KDCall c = kd_prepare(student, teacher, labels, divergence, temperature, beta, hard_weight,
-                        soft_scale, softcap, ignore_index);
+                        soft_scale, student_scale, student_softcap, teacher_scale,
+                        teacher_softcap, ignore_index);
   auto f32 = student.options().dtype(at::kFloat);
   Tensor loss = at::empty({c.a.n_rows}, f32);
   Tensor stats = at::empty({c.a.n_rows, KD_STATS}, f32);
@@ -100,11 +104,13 @@ std::tuple<Tensor, Tensor> kd_bwd(const Tensor& grad_rows, const Tensor& student
                                   const Tensor& teacher, const c10::optional<Tensor>& labels,
                                   const Tensor& stats, int64_t divergence, double temperature,
                                   double beta, double hard_weight, double soft_scale,
-                                  c10::optional<double> softcap, int64_t ignore_index,
-                                  bool grad_student, bool grad_teacher) {
+                                  double student_scale, c10::optional<double> student_softcap,
+                                  double teacher_scale, c10::optional<double> teacher_softcap,
+                                  int64_t ignore_index, bool grad_student, bool grad_teacher) {
   const c10::OptionalDeviceGuard guard(student.device());
   KDCall c = kd_prepare(student, teacher, labels, divergence, temperature, beta, hard_weight,
-                        soft_scale, softcap, ignore_index);
+                        soft_scale, student_scale, student_softcap, teacher_scale,
+                        teacher_softcap, ignore_index);
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.numel() == c.a.n_rows * KD_STATS,
               "stats: expected ", c.a.n_rows, " x ", KD_STATS, " float32 values");
   Tensor st = stats.contiguous();
@@ -124,11 +130,14 @@ std::tuple<Tensor, Tensor> kd_bwd(const Tensor& grad_rows, const Tensor& student
 std::tuple<Tensor, Tensor, Tensor> kd_fwd_grad(
     const Tensor& student, const Tensor& teacher, const c10::optional<Tensor>& labels,
     const Tensor& row_scale, int64_t divergence, double temperature, double beta,
-    double hard_weight, double soft_scale, c10::optional<double> softcap, int64_t ignore_index,
-    bool grad_student, bool grad_teacher) {
+    double hard_weight, double soft_scale, double student_scale,
+    c10::optional<double> student_softcap, double teacher_scale,
+    c10::optional<double> teacher_softcap, int64_t ignore_index, bool grad_student,
+    bool grad_teacher) {
   const c10::OptionalDeviceGuard guard(student.device());
   KDCall c = kd_prepare(student, teacher, labels, divergence, temperature, beta, hard_weight,
-                        soft_scale, softcap, ignore_index);
+                        soft_scale, student_scale, student_softcap, teacher_scale,
+                        teacher_softcap, ignore_index);
   Tensor scale = row_factors(row_scale, c.a.n_rows, c.a.row_scale_stride);
   Tensor loss = at::empty({c.a.n_rows}, student.options().dtype(at::kFloat));
   Tensor gs = empty_grad(student, grad_student);

@@ -72,11 +72,12 @@ __global__ void __launch_bounds__(kClusterThreads) kd_cluster_kernel(KDArgs a, i
   st.label = a.labels ? a.labels[row] : -1;
   st.active = a.labels ? st.label != a.ignore_index : true;
 
-  auto unpack = [&](const uint4& u, float* z) {
+  // one vector of raw logits (kept raw in shared memory), transformed by its model's f
+  auto unpack = [&](const uint4& u, const LogitTransform& f, float* z) {
     T v[N];
     memcpy(v, &u, 16);
 #pragma unroll
-    for (int i = 0; i < N; ++i) z[i] = a.has_softcap ? softcap(to_float(v[i]), a.softcap) : to_float(v[i]);
+    for (int i = 0; i < N; ++i) z[i] = transform_logit(f, to_float(v[i]));
   };
 
   if (st.active) {
@@ -86,11 +87,11 @@ __global__ void __launch_bounds__(kClusterThreads) kd_cluster_kernel(KDArgs a, i
       float zs[N], zt[N];
       const uint4 us = reinterpret_cast<const uint4*>(s_row)[i];
       s_sm[i - v0] = us;
-      unpack(us, zs);
+      unpack(us, a.student, zs);
       if (a.has_soft) {
         const uint4 ut = reinterpret_cast<const uint4*>(t_row)[i];
         t_sm[i - v0] = ut;
-        unpack(ut, zt);
+        unpack(ut, a.teacher, zt);
       }
       p1.template add<DIV>(zs, zt, N, a);
     }
@@ -129,8 +130,8 @@ __global__ void __launch_bounds__(kClusterThreads) kd_cluster_kernel(KDArgs a, i
       KDPass2 p2;
       for (int64_t i = tid; i < v1 - v0; i += nthreads) {
         float zs[N], zt[N];
-        unpack(s_sm[i], zs);
-        unpack(t_sm[i], zt);
+        unpack(s_sm[i], a.student, zs);
+        unpack(t_sm[i], a.teacher, zt);
         p2.template add<DIV>(zs, zt, N, a, st);
       }
       float d, qh, pu;
@@ -162,8 +163,8 @@ __global__ void __launch_bounds__(kClusterThreads) kd_cluster_kernel(KDArgs a, i
     float outs[N], outt[N];
     if (st.active) {
       float zs[N], zt[N];
-      unpack(s_sm[i], zs);
-      if (a.has_soft) unpack(t_sm[i], zt);
+      unpack(s_sm[i], a.student, zs);
+      if (a.has_soft) unpack(t_sm[i], a.teacher, zt);
       kd_grad_chunk<DIV>(zs, zt, N, (v0 + i) * N, a, st, scale, gs_row ? outs : nullptr,
                          gt_row ? outt : nullptr);
     } else {

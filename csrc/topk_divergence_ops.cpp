@@ -25,7 +25,8 @@ struct TopKCall {
 TopKCall topk_prepare(const Tensor& student, const Tensor& lp, const Tensor& idx,
                       const c10::optional<Tensor>& labels, int64_t divergence, int64_t tail,
                       double temperature, double teacher_power, double beta, double hard_weight,
-                      double soft_scale, c10::optional<double> cap, int64_t ignore_index) {
+                      double soft_scale, double student_scale,
+                      c10::optional<double> student_softcap, int64_t ignore_index) {
   TORCH_CHECK(student.dim() >= 1, "student: expected shape (..., V)");
   TORCH_CHECK(divergence >= 0 && divergence < 6, "divergence: expected a code in [0, 6), got ", divergence);
   TORCH_CHECK(tail >= 0 && tail <= 2, "tail: expected a code in [0, 3), got ", tail);
@@ -58,8 +59,7 @@ TopKCall topk_prepare(const Tensor& student, const Tensor& lp, const Tensor& idx
   a.tail = static_cast<int>(tail);
   a.inv_t = static_cast<float>(1.0 / temperature);
   a.power = static_cast<float>(teacher_power);
-  a.has_softcap = cap.has_value();
-  a.softcap = cap.has_value() ? static_cast<float>(*cap) : 1.0f;
+  a.student = logit_transform(student_scale, student_softcap, "student");
   a.beta = static_cast<float>(beta);
   a.hard_weight = static_cast<float>(hard_weight);
   a.soft_scale = static_cast<float>(soft_scale);
@@ -84,10 +84,12 @@ std::tuple<Tensor, Tensor> topk_fwd(const Tensor& student, const Tensor& lp, con
                                     const c10::optional<Tensor>& labels, int64_t divergence,
                                     int64_t tail, double temperature, double teacher_power,
                                     double beta, double hard_weight, double soft_scale,
-                                    c10::optional<double> softcap, int64_t ignore_index) {
+                                    double student_scale, c10::optional<double> student_softcap,
+                                    int64_t ignore_index) {
   const c10::OptionalDeviceGuard guard(student.device());
   TopKCall c = topk_prepare(student, lp, idx, labels, divergence, tail, temperature,
-                            teacher_power, beta, hard_weight, soft_scale, softcap, ignore_index);
+                            teacher_power, beta, hard_weight, soft_scale, student_scale,
+                            student_softcap, ignore_index);
   auto f32 = student.options().dtype(at::kFloat);
   Tensor loss = at::empty({c.a.n_rows}, f32);
   Tensor stats = at::empty({c.a.n_rows, TOPK_STATS}, f32);
@@ -101,11 +103,12 @@ std::tuple<Tensor, Tensor> topk_fwd(const Tensor& student, const Tensor& lp, con
 Tensor topk_bwd(const Tensor& grad_rows, const Tensor& student, const Tensor& lp, const Tensor& idx,
                 const c10::optional<Tensor>& labels, const Tensor& stats, int64_t divergence,
                 int64_t tail, double temperature, double teacher_power, double beta,
-                double hard_weight, double soft_scale, c10::optional<double> softcap,
-                int64_t ignore_index) {
+                double hard_weight, double soft_scale, double student_scale,
+                c10::optional<double> student_softcap, int64_t ignore_index) {
   const c10::OptionalDeviceGuard guard(student.device());
   TopKCall c = topk_prepare(student, lp, idx, labels, divergence, tail, temperature,
-                            teacher_power, beta, hard_weight, soft_scale, softcap, ignore_index);
+                            teacher_power, beta, hard_weight, soft_scale, student_scale,
+                            student_softcap, ignore_index);
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.numel() == c.a.n_rows * TOPK_STATS,
               "stats: expected ", c.a.n_rows, " x ", TOPK_STATS, " float32 values");
   Tensor st = stats.contiguous();

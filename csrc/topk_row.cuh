@@ -11,7 +11,7 @@ enum Tail : int { BUCKET = 0, RENORMALIZE = 1, IGNORE = 2 };  // TAIL_CODES
 // Per-row workspace of K entries (shared memory on the GPU).
 struct TopKWork {
   int64_t* ids;   // the row's sorted ids
-  float* z_sup;   // soft-capped student logits at the ids (NaN for an id outside [0, V))
+  float* z_sup;   // transformed student logits at the ids (NaN for an id outside [0, V))
   float* log_p;   // the teacher's outcome log-probabilities
   float* member;  // Q_k h_k - Q_k S_q
 };
@@ -40,10 +40,7 @@ PD_HD void topk_load_support(const TopKArgs& a, int64_t row, const T* s_row, Top
     const int64_t id = a.idx[row * a.K + k];
     w.ids[k] = id;
     float z = NAN;
-    if (id >= 0 && id < a.V) {
-      z = to_float(s_row[id]);
-      if (a.has_softcap) z = softcap(z, a.softcap);
-    }
+    if (id >= 0 && id < a.V) z = transform_logit(a.student, to_float(s_row[id]));
     w.z_sup[k] = z;
   }
   g.sync();
@@ -156,8 +153,7 @@ PD_HD void topk_row(const TopKArgs& a, int64_t row, TopKWork& w, G& g) {
         for_chunks<T>(a.V, sp, g.tid(), g.size(), false, [&](int64_t j, int n) {
           float z[N], x[N];
           load_chunk(s_row, j, n, z);
-          if (a.has_softcap)
-            for (int i = 0; i < n; ++i) z[i] = softcap(z[i], a.softcap);
+          for (int i = 0; i < n; ++i) z[i] = transform_logit(a.student, z[i]);
           if (masked || !a.ce_separate) {
             for (int i = 0; i < n; ++i) x[i] = z[i] * a.inv_t;
             if (masked) {
@@ -215,8 +211,7 @@ PD_HD void topk_row(const TopKArgs& a, int64_t row, TopKWork& w, G& g) {
         if (a.has_hard) {
           float z_y = NAN;
           if (st.label >= 0 && st.label < a.V) {
-            z_y = to_float(s_row[st.label]);
-            if (a.has_softcap) z_y = softcap(z_y, a.softcap);
+            z_y = transform_logit(a.student, to_float(s_row[st.label]));
           }
           loss += a.hard_weight * ((st.m_1 - z_y) + st.ll_1);
         }
@@ -243,15 +238,14 @@ PD_HD void topk_row(const TopKArgs& a, int64_t row, TopKWork& w, G& g) {
       float z[N];
       load_chunk(s_row, j, n, z);
       for (int i = 0; i < n; ++i) {
-        if (a.has_softcap) z[i] = softcap(z[i], a.softcap);
+        z[i] = transform_logit(a.student, z[i]);
         float gv = 0.0f;
         if (masked) {
           const float x = z[i] * a.inv_t;
           gv = (soft_coef * st.c_off) * (x == kNegInf ? 0.0f : pd_exp((x - st.m_off) - st.ll_off));
         }
         if (a.has_hard) gv += a.hard_weight * (pd_exp((z[i] - st.m_1) - st.ll_1) - (j + i == st.label ? 1.0f : 0.0f));
-        if (a.has_softcap) gv *= softcap_slope(z[i], a.softcap);
-        out[i] = gv * scale;
+        out[i] = gv * transform_slope(a.student, z[i]) * scale;
       }
     }
     store_chunk(g_row, j, n, out);
@@ -265,8 +259,7 @@ PD_HD void topk_row(const TopKArgs& a, int64_t row, TopKWork& w, G& g) {
     const float z = w.z_sup[k];
     float gm = a.has_soft ? soft_coef * w.member[k] : 0.0f;
     if (a.has_hard) gm += a.hard_weight * (pd_exp((z - st.m_1) - st.ll_1) - (id == st.label ? 1.0f : 0.0f));
-    if (a.has_softcap) gm *= softcap_slope(z, a.softcap);
-    g_row[id] = from_float<T>(gm * scale);
+    g_row[id] = from_float<T>(gm * transform_slope(a.student, z) * scale);
   }
   // the next row reuses the workspace
   g.sync();

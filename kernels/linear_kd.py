@@ -11,7 +11,8 @@ never written to memory:
                     tiles and keeps per row the online max / sum-exp of x_s = z_s / T,
                     x_t = z_t / T and z_s (hard CE at T != 1), the online KL sum of kl /
                     reverse_kl (the row kernel's update, one row per lane of the block), and
-                    z_s[y]. Writes 8 floats per (split, row); the launcher merges the splits
+                    z_s[y] (and, for the student's entropy, sum e^{x_s - m_s} (x_s - m_s)).
+                    Writes 8 (9) floats per (split, row); the launcher merges the splits
                     (flash-decoding's split-K: several programs per row block keep the GPU
                     busy when N / BLOCK_N is small).
   forward, pass 2   jsd / tvd / skew_*: with the merged logsumexps, the sums D, S_q, S_p per
@@ -43,21 +44,23 @@ from pydistill.kernels.softmax_divergence import (
     _finite_or_zero,
     _pointwise,
     _softcap,
+    _transform_slope,
 )
 
 # Per (split, row) partials of pass 1, and of pass 2.
-N_PARTIALS = tl.constexpr(8)
+N_PARTIALS = tl.constexpr(9)
 N_SUMS = tl.constexpr(3)
 # Per-row statistics the backward reads: finite maxima and log-sums of x_s, x_t, z_s, S_q, S_p.
 N_ROW_STATS = tl.constexpr(8)
 
 
 @triton.jit
-def _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, row_mask, cols, V, H, softcap,
-                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+def _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, row_mask, cols, V, H, scale,
+                 softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
                  DOT_IN_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    # z = cap(h[rows] W[cols]^T + b[cols]) in float32, -inf beyond V. Masked rows read zeros.
+    # z = cap(scale (h[rows] W[cols]^T + b[cols])) in float32, -inf beyond V. Masked rows read
+    # zeros.
     offs_k = tl.arange(0, BLOCK_K)
     col_mask = cols < V
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
@@ -74,6 +77,7 @@ def _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, row_mask, cols, 
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    acc = acc * scale
     if HAS_SOFTCAP:
         acc = _softcap(acc, softcap)
     return tl.where(col_mask[None, :], acc, float("-inf"))
@@ -81,39 +85,41 @@ def _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, row_mask, cols, 
 
 @triton.jit
 def _teacher_tile(t_h_ptr, t_h_stride, t_w_ptr, t_w_stride, t_b_ptr, rows, row_mask, cols, V_t,
-                  H_t, softcap, T_HEAD: tl.constexpr, T_HAS_BIAS: tl.constexpr,
-                  HAS_SOFTCAP: tl.constexpr, T_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                  H_t, t_scale, t_cap, T_HEAD: tl.constexpr, T_HAS_BIAS: tl.constexpr,
+                  T_CAP: tl.constexpr, T_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     # The teacher's logits tile: its own head, or its given (N, V_t) rows (t_h_ptr, t_h_stride).
     if T_HEAD:
         z = _logits_tile(t_h_ptr, t_h_stride, t_w_ptr, t_w_stride, t_b_ptr, rows, row_mask, cols,
-                         V_t, H_t, softcap, T_HAS_BIAS, HAS_SOFTCAP, T_PRECISION, DOT_IN_FP32,
+                         V_t, H_t, t_scale, t_cap, T_HAS_BIAS, T_CAP, T_PRECISION, DOT_IN_FP32,
                          BLOCK_N, BLOCK_V, BLOCK_K)
     else:
         col_mask = cols < V_t
         z = tl.load(t_h_ptr + rows[:, None] * t_h_stride + cols[None, :],
                     mask=row_mask[:, None] & col_mask[None, :], other=float("-inf")).to(tl.float32)
-        if HAS_SOFTCAP:
-            z = _softcap(z, softcap)
+        z = z * t_scale
+        if T_CAP:
+            z = _softcap(z, t_cap)
         z = tl.where(col_mask[None, :], z, float("-inf"))
     return z
 
 
 @triton.jit
 def _tiles(h_ptr, h_stride, w_ptr, w_stride, b_ptr, t_h_ptr, t_h_stride, t_w_ptr, t_w_stride,
-           t_b_ptr, rows, row_mask, cols, V_s, V_t, H, H_t, softcap, WITH_TEACHER: tl.constexpr,
-           HAS_BIAS: tl.constexpr, T_HEAD: tl.constexpr, T_HAS_BIAS: tl.constexpr,
-           HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+           t_b_ptr, rows, row_mask, cols, V_s, V_t, H, H_t, s_scale, s_cap, t_scale, t_cap,
+           WITH_TEACHER: tl.constexpr, HAS_BIAS: tl.constexpr, T_HEAD: tl.constexpr,
+           T_HAS_BIAS: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr,
+           PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
            DOT_IN_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
            BLOCK_K: tl.constexpr):
     # The student's logits tile and, WITH_TEACHER, the teacher's (else the student's again).
     z_s = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, row_mask, cols, V_s, H,
-                       softcap, HAS_BIAS, HAS_SOFTCAP, PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_V,
+                       s_scale, s_cap, HAS_BIAS, S_CAP, PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_V,
                        BLOCK_K)
     z_t = z_s
     if WITH_TEACHER:
         z_t = _teacher_tile(t_h_ptr, t_h_stride, t_w_ptr, t_w_stride, t_b_ptr, rows, row_mask,
-                            cols, V_t, H_t, softcap, T_HEAD, T_HAS_BIAS, HAS_SOFTCAP, T_PRECISION,
+                            cols, V_t, H_t, t_scale, t_cap, T_HEAD, T_HAS_BIAS, T_CAP, T_PRECISION,
                             DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_K)
     return z_s, z_t
 
@@ -155,12 +161,13 @@ def _linear_kd_fwd_kernel(
     h_ptr, h_stride, w_ptr, w_stride, b_ptr,
     t_h_ptr, t_h_stride, t_w_ptr, t_w_stride, t_b_ptr,
     labels_ptr, stats_ptr, out_ptr,
-    N, V, V_s, V_t, H, H_t, n_tiles_per_split, inv_t, softcap, beta, ignore_index,
+    N, V, V_s, V_t, H, H_t, n_tiles_per_split, inv_t, s_scale, s_cap, t_scale, t_cap, beta,
+    ignore_index,
     DIV: tl.constexpr, PASS2: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
     HAS_LABELS: tl.constexpr, HAS_BIAS: tl.constexpr, T_HEAD: tl.constexpr,
-    T_HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-    T_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    T_HAS_BIAS: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr,
+    PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1).to(tl.int64)
@@ -188,8 +195,9 @@ def _linear_kd_fwd_kernel(
         for tile in range(first, last):
             cols = tile * BLOCK_V + offs_v
             z_s, z_t = _tiles(h_ptr, h_stride, w_ptr, w_stride, b_ptr, t_h_ptr, t_h_stride, t_w_ptr,
-                              t_w_stride, t_b_ptr, rows, active, cols, V_s, V_t, H, H_t, softcap,
-                              True, HAS_BIAS, T_HEAD, T_HAS_BIAS, HAS_SOFTCAP, PRECISION,
+                              t_w_stride, t_b_ptr, rows, active, cols, V_s, V_t, H, H_t, s_scale,
+                              s_cap, t_scale, t_cap, True, HAS_BIAS, T_HEAD, T_HAS_BIAS, S_CAP,
+                              T_CAP, PRECISION,
                               T_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_K)
             p, q, d, qh, pu = _pointwise(z_t * inv_t - (m_t + ll_t)[:, None],
                                          z_s * inv_t - (m_s + ll_s)[:, None], beta, DIV)
@@ -207,15 +215,20 @@ def _linear_kd_fwd_kernel(
         m_1 = zero + float("-inf")
         l_1 = zero
         acc = zero
+        h_acc = zero
         z_y = zero
         for tile in range(first, last):
             cols = tile * BLOCK_V + offs_v
             z_s, z_t = _tiles(h_ptr, h_stride, w_ptr, w_stride, b_ptr, t_h_ptr, t_h_stride, t_w_ptr,
-                              t_w_stride, t_b_ptr, rows, active, cols, V_s, V_t, H, H_t, softcap,
-                              HAS_SOFT, HAS_BIAS, T_HEAD, T_HAS_BIAS, HAS_SOFTCAP, PRECISION,
+                              t_w_stride, t_b_ptr, rows, active, cols, V_s, V_t, H, H_t, s_scale,
+                              s_cap, t_scale, t_cap, HAS_SOFT, HAS_BIAS, T_HEAD, T_HAS_BIAS,
+                              S_CAP, T_CAP, PRECISION,
                               T_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_K)
             x_s = z_s * inv_t
             m_s_new, l_s_new, e_s = _online_lse_rows(m_s, l_s, x_s)
+            if ENTROPY:  # sum e^{x_s - m_s} (x_s - m_s): kl's update against a zero side
+                h_acc = _online_kl_rows(h_acc, l_s, m_s, m_s_new, zero, zero, x_s, e_s,
+                                        tl.zeros_like(x_s))
             if HAS_SOFT:
                 x_t = z_t * inv_t
                 m_t_new, l_t_new, e_t = _online_lse_rows(m_t, l_t, x_t)
@@ -239,6 +252,8 @@ def _linear_kd_fwd_kernel(
         tl.store(out + 5, l_1, mask=row_in)
         tl.store(out + 6, acc, mask=row_in)
         tl.store(out + 7, z_y, mask=row_in)
+        if ENTROPY:
+            tl.store(out + 8, h_acc, mask=row_in)
 
 
 @triton.jit
@@ -246,11 +261,11 @@ def _linear_kd_bwd_kernel(
     h_ptr, h_stride, w_ptr, w_stride, b_ptr,
     t_h_ptr, t_h_stride, t_w_ptr, t_w_stride, t_b_ptr,
     labels_ptr, stats_ptr, scale_ptr, dh_ptr, dw_ptr, db_ptr,
-    N, V_s, V_t, H, H_t, tile_start, n_tiles, inv_t, softcap, beta, hard_weight, soft_coef,
-    ignore_index,
+    N, V_s, V_t, H, H_t, tile_start, n_tiles, inv_t, s_scale, s_cap, t_scale, t_cap, beta,
+    hard_weight, soft_coef, ignore_index,
     DIV: tl.constexpr, HAS_SOFT: tl.constexpr, HAS_HARD: tl.constexpr,
     CE_SEPARATE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    T_HEAD: tl.constexpr, T_HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    T_HEAD: tl.constexpr, T_HAS_BIAS: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     GROUP_N: tl.constexpr,
@@ -280,8 +295,9 @@ def _linear_kd_bwd_kernel(
     scale = tl.load(scale_ptr + rows, mask=active, other=0.0)[:, None]
 
     z_s, z_t = _tiles(h_ptr, h_stride, w_ptr, w_stride, b_ptr, t_h_ptr, t_h_stride, t_w_ptr,
-                      t_w_stride, t_b_ptr, rows, active, cols, V_s, V_t, H, H_t, softcap,
-                      HAS_SOFT, HAS_BIAS, T_HEAD, T_HAS_BIAS, HAS_SOFTCAP, PRECISION, T_PRECISION,
+                      t_w_stride, t_b_ptr, rows, active, cols, V_s, V_t, H, H_t, s_scale, s_cap,
+                      t_scale, t_cap, HAS_SOFT, HAS_BIAS, T_HEAD, T_HAS_BIAS, S_CAP, T_CAP,
+                      PRECISION, T_PRECISION,
                       DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_K)
     x_s = z_s * inv_t
     g = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
@@ -299,9 +315,7 @@ def _linear_kd_bwd_kernel(
         else:
             soft1 = tl.exp(x_s - m_s - ll_s)
         g += hard_weight * (soft1 - tl.where(cols[None, :] == label[:, None], 1.0, 0.0))
-    if HAS_SOFTCAP:
-        th = z_s / softcap
-        g = g * tl.where(z_s == float("-inf"), 0.0, 1.0 - th * th)
+    g = _transform_slope(g, z_s, s_scale, s_cap, S_CAP)
     col_in = cols < V_s
     g = tl.where(active[:, None] & col_in[None, :], g * scale, 0.0)
 
@@ -338,7 +352,9 @@ import math  # noqa: E402  (kept below the kernels: this file reads kernel-first
 import torch  # noqa: E402
 
 from pydistill.kernels.attention_kd import _interpreting, _precision, _unit_last  # noqa: E402
-from pydistill.kernels.softmax_divergence import DIVERGENCE_CODES, LAUNCH_OPTIONS  # noqa: E402
+from pydistill.kernels.softmax_divergence import (  # noqa: E402
+    DIVERGENCE_CODES, LAUNCH_OPTIONS, transform_args,
+)
 
 # (BLOCK_N, BLOCK_V, BLOCK_K, num_warps) on a GPU, forward and backward: the largest tiles
 # that ptxas compiles for sm_90 without register spills (bfloat16, kl with every option; the
@@ -412,7 +428,8 @@ class Heads:
             CE_SEPARATE=hard and cfg.temperature != 1.0, HAS_LABELS=labels is not None,
             HAS_BIAS=student_bias is not None, T_HEAD=self.t_head,
             T_HAS_BIAS=self.t_head and teacher_bias is not None,
-            HAS_SOFTCAP=cfg.softcap is not None, PRECISION=_precision(self.w),
+            S_CAP=cfg.student_softcap is not None, T_CAP=cfg.teacher_softcap is not None,
+            PRECISION=_precision(self.w),
             T_PRECISION=_precision(self.tw),
             DOT_IN_FP32=_interpreting() and torch.bfloat16 in (self.w.dtype, self.tw.dtype),
         )
@@ -430,9 +447,10 @@ class Heads:
 
     def scalars(self):
         cfg = self.cfg
-        return dict(inv_t=1.0 / cfg.temperature,
-                    softcap=float(cfg.softcap) if cfg.softcap is not None else 1.0,
-                    beta=float(cfg.beta), ignore_index=int(cfg.ignore_index))
+        t = transform_args(cfg)
+        del t["S_CAP"], t["T_CAP"]  # flags, in self.flags
+        return dict(inv_t=1.0 / cfg.temperature, **t, beta=float(cfg.beta),
+                    ignore_index=int(cfg.ignore_index))
 
 
 def _merge_lse(m, total):
@@ -451,9 +469,11 @@ def _merge_kl(acc, l_a, m_a, m_b, top_a, top_b):
     return torch.where(l_a > 0, moved, 0.0).sum(0)
 
 
-def linear_kd_fwd(heads: Heads):
+def linear_kd_fwd(heads: Heads, entropy=None):
     """Per-row losses (float32, N; 0 on ignored rows) and the per-row statistics (N, 8) of the
-    backward. Two launches for kl / reverse_kl (or without a divergence term), three else."""
+    backward. Two launches for kl / reverse_kl (or without a divergence term), three else.
+    ``entropy``: an (N,) buffer for the student's entropy of softmax(z_s / T) (0 on ignored
+    rows), from the same pass."""
     cfg, n, dev = heads.cfg, heads.n, heads.device
     block_n, block_v, block_k, warps = _blocks(dev, backward=False)
     n_tiles = triton.cdiv(heads.vocab, block_v)
@@ -471,12 +491,19 @@ def linear_kd_fwd(heads: Heads):
                   **LAUNCH_OPTIONS)
     if dev.type == "cuda":
         common["num_stages"] = GPU_STAGES
+    common["ENTROPY"] = entropy is not None
     grid = (row_blocks, splits)
     _linear_kd_fwd_kernel[grid](stats_ptr=stats, out_ptr=parts, PASS2=False, **common)
 
-    m_s, l_s, m_t, l_t, m_1, l_1, acc, z_y = parts.unbind(-1)
+    m_s, l_s, m_t, l_t, m_1, l_1, acc, z_y, h_acc = parts.unbind(-1)
     top_s, sum_s = _merge_lse(m_s, l_s)
     ll_s = sum_s.log()
+    if entropy is not None:
+        zero = torch.zeros_like(top_s)
+        ent = ll_s - _merge_kl(h_acc, l_s, m_s, zero, top_s, zero) / sum_s
+        if heads.labels is not None:
+            ent = torch.where(heads.labels != cfg.ignore_index, ent, 0.0)
+        entropy.copy_(ent)
     div = torch.zeros(n, dtype=torch.float32, device=dev)
     s_q = torch.zeros_like(div)
     s_p = torch.zeros_like(div)

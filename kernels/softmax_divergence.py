@@ -1,7 +1,8 @@
 """Fused temperature-softmax divergence: the Triton kernels behind ``kd_loss``.
 
-Math (pydistill/reference/softmax_divergence.py is the oracle). Per row, z = softcap(logits)
-(-inf stays -inf), x = z / T, p = softmax(x_t), q = softmax(x_s)::
+Math (pydistill/reference/softmax_divergence.py is the oracle). Per row and per model,
+z = cap(a * logits) (the model's logit scale a, then its optional soft-cap c tanh(. / c); -inf
+stays -inf), x = z / T, p = softmax(x_t), q = softmax(x_s)::
 
     loss = hard_weight * (lse(z_s) - z_s[y]) + soft_scale * D(p, q),  soft_scale = w * T^2 (t2)
 
@@ -33,7 +34,10 @@ Gradient. With h_j = dD/dq_j and u_j = dD/dp_j, the softmax chain rule gives
     m = b p + (1-b) q (jsd), a p + (1-a) q (skew_kl), a q + (1-a) p (skew_reverse_kl)
 
 so kl and reverse_kl need no pass 2 even for their gradient. The hard term adds
-hard_weight (softmax(z_s)_j - [j = y]); soft-capping multiplies by 1 - (z / c)^2.
+hard_weight (softmax(z_s)_j - [j = y]); each model's transform multiplies its gradient by
+a (1 - (z / c)^2) (by a without a soft-cap). With ``ent`` the forward also writes the
+student's entropy -sum q log q = log l_s - B / l_s, B = sum e^{x_s - m_s} (x_s - m_s) kept
+online in pass 1 like the kl accumulator (no extra read).
 
 The gradient pass runs either at the end of the forward (``kd_fwd(..., grad_s=...)``, then the
 backward only scales it by grad_output: ``kd_scale_grad_``, which returns at once on the device
@@ -71,11 +75,21 @@ def _softcap(z, cap):
 
 
 @triton.jit
-def _load_logits(ptr, cols, mask, softcap, HAS_SOFTCAP: tl.constexpr):
-    z = tl.load(ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+def _load_logits(ptr, cols, mask, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    # one model's transformed logits cap(scale * z); scale > 0 keeps -inf at -inf
+    z = tl.load(ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * scale
     if HAS_SOFTCAP:
         z = _softcap(z, softcap)
     return z
+
+
+@triton.jit
+def _transform_slope(g, z, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    # g times d cap(scale x) / dx at the transformed z: scale (1 - (z / c)^2), 0 at -inf
+    if HAS_SOFTCAP:
+        th = z / softcap
+        g = g * tl.where(z == float("-inf"), 0.0, 1.0 - th * th)
+    return g * scale
 
 
 @triton.jit
@@ -144,9 +158,9 @@ def _pointwise(log_p, log_q, beta, DIV: tl.constexpr):
 @triton.jit
 def _grad_pass(
     s_row, t_row, gs_row, gt_row, label, active, V, n_tiles,
-    inv_t, softcap, beta, hard_weight, soft_coef, row_scale,
+    inv_t, s_scale, s_cap, t_scale, t_cap, beta, hard_weight, soft_coef, row_scale,
     m_s, ll_s, m_t, ll_t, m_1, ll_1, s_q, s_p,
-    DIV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr,
+    DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, HAS_HARD: tl.constexpr,
     HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -157,12 +171,12 @@ def _grad_pass(
         cols = (n_tiles - 1 - k) * BLOCK_V + offs
         in_row = cols < V
         mask = in_row & active
-        z_s = _load_logits(s_row, cols, mask, softcap, HAS_SOFTCAP)
+        z_s = _load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP)
         x_s = z_s * inv_t
         g_s = tl.zeros([BLOCK_V], dtype=tl.float32)
         g_t = tl.zeros([BLOCK_V], dtype=tl.float32)
         if HAS_SOFT:
-            z_t = _load_logits(t_row, cols, mask, softcap, HAS_SOFTCAP)
+            z_t = _load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP)
             p, q, d, qh, pu = _pointwise(z_t * inv_t - m_t - ll_t, x_s - m_s - ll_s, beta, DIV)
             g_s = soft_coef * (qh - q * s_q)
             g_t = soft_coef * (pu - p * s_p)
@@ -173,24 +187,20 @@ def _grad_pass(
                 soft1 = tl.exp(x_s - m_s - ll_s)
             g_s += hard_weight * (soft1 - tl.where(cols == label, 1.0, 0.0))
         if GRAD_S:
-            if HAS_SOFTCAP:
-                th = z_s / softcap
-                g_s = g_s * tl.where(z_s == float("-inf"), 0.0, 1.0 - th * th)
+            g_s = _transform_slope(g_s, z_s, s_scale, s_cap, S_CAP)
             g_s = tl.where(active, g_s * row_scale, 0.0)
             tl.store(gs_row + cols, g_s.to(gs_row.dtype.element_ty), mask=in_row)
         if GRAD_T:
-            if HAS_SOFTCAP:
-                th_t = z_t / softcap
-                g_t = g_t * tl.where(z_t == float("-inf"), 0.0, 1.0 - th_t * th_t)
+            g_t = _transform_slope(g_t, z_t, t_scale, t_cap, T_CAP)
             g_t = tl.where(active, g_t * row_scale, 0.0)
             tl.store(gt_row + cols, g_t.to(gt_row.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
-def _hard_ce(s_row, label, active, V, softcap, m_1, ll_1, HAS_SOFTCAP: tl.constexpr):
+def _hard_ce(s_row, label, active, V, scale, softcap, m_1, ll_1, HAS_SOFTCAP: tl.constexpr):
     # lse(z) - z_y from the logsumexp's two terms; NaN for a label outside [0, V) (not loaded)
     valid = (label >= 0) & (label < V)
-    z_y = tl.load(s_row + label, mask=valid & active, other=float("nan")).to(tl.float32)
+    z_y = tl.load(s_row + label, mask=valid & active, other=float("nan")).to(tl.float32) * scale
     if HAS_SOFTCAP:
         z_y = _softcap(z_y, softcap)
     return (m_1 - z_y) + ll_1
@@ -237,14 +247,15 @@ def _row_start(row, s_ptr, t_ptr, labels_ptr, n_inner, s_stride_outer, s_stride_
 
 @triton.jit
 def _kd_fwd_kernel(
-    s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, gs_ptr, gt_ptr, scale_ptr,
+    s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, gs_ptr, gt_ptr, scale_ptr, ent_ptr,
     n_inner, s_stride_outer, s_stride_inner, t_stride_outer, t_stride_inner, scale_stride,
-    V, inv_t, softcap, beta, hard_weight, soft_scale, grad_scale, ignore_index,
-    DIV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LABELS: tl.constexpr,
+    V, inv_t, s_scale, s_cap, t_scale, t_cap, beta, hard_weight, soft_scale, grad_scale,
+    ignore_index,
+    DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
     NEEDS_PASS2: tl.constexpr, HAS_SCALE_PTR: tl.constexpr,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, STORE_STATS: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row, t_row, label, active = _row_start(
@@ -263,15 +274,18 @@ def _kd_fwd_kernel(
     m_1 = float("-inf")
     l_1 = 0.0
     acc = 0.0
+    h_acc = 0.0
     for k in range(0, n_live):
         cols = k * BLOCK_V + offs
         mask = cols < V
-        z_s = _load_logits(s_row, cols, mask, softcap, HAS_SOFTCAP)
+        z_s = _load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP)
         x_s = z_s * inv_t
         m_s_new = tl.maximum(m_s, tl.max(x_s, axis=0))
         e_s = tl.exp(x_s - _finite_or_zero(m_s_new))
+        if ENTROPY:  # B against a zero "b" side: the same online update as kl's
+            h_acc = _online_kl_update(h_acc, l_s, m_s, m_s_new, 0.0, 0.0, x_s, e_s, tl.zeros_like(e_s))
         if HAS_SOFT:
-            x_t = _load_logits(t_row, cols, mask, softcap, HAS_SOFTCAP) * inv_t
+            x_t = _load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP) * inv_t
             m_t_new = tl.maximum(m_t, tl.max(x_t, axis=0))
             e_t = tl.exp(x_t - _finite_or_zero(m_t_new))
             if DIV == KL:
@@ -316,8 +330,8 @@ def _kd_fwd_kernel(
             for k in range(0, n_live):
                 cols = (n_live - 1 - k) * BLOCK_V + offs
                 mask = cols < V
-                x_s = _load_logits(s_row, cols, mask, softcap, HAS_SOFTCAP) * inv_t
-                x_t = _load_logits(t_row, cols, mask, softcap, HAS_SOFTCAP) * inv_t
+                x_s = _load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP) * inv_t
+                x_t = _load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP) * inv_t
                 p, q, d, qh, pu = _pointwise(x_t - m_t - ll_t, x_s - m_s - ll_s, beta, DIV)
                 d_acc += d
                 q_acc += qh
@@ -328,8 +342,10 @@ def _kd_fwd_kernel(
 
     loss = soft_scale * div
     if HAS_HARD:
-        loss += hard_weight * _hard_ce(s_row, label, active, V, softcap, m_1, ll_1, HAS_SOFTCAP)
+        loss += hard_weight * _hard_ce(s_row, label, active, V, s_scale, s_cap, m_1, ll_1, S_CAP)
     tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
+    if ENTROPY:
+        tl.store(ent_ptr + row, tl.where(active, ll_s - h_acc / l_s, 0.0))
 
     if STORE_STATS:
         st = stats_ptr + row * N_STATS
@@ -347,9 +363,9 @@ def _kd_fwd_kernel(
         row_scale = _row_scale(grad_scale, scale_ptr, row, scale_stride, HAS_SCALE_PTR)
         _grad_pass(
             s_row, t_row, gs_ptr + row * V, gt_ptr + row * V, label, active, V, n_tiles,
-            inv_t, softcap, beta, hard_weight, soft_scale * inv_t, row_scale,
+            inv_t, s_scale, s_cap, t_scale, t_cap, beta, hard_weight, soft_scale * inv_t, row_scale,
             m_s, ll_s, m_t, ll_t, m_1, ll_1, s_q, s_p,
-            DIV, HAS_SOFTCAP, HAS_HARD, HAS_SOFT, CE_SEPARATE, GRAD_S, GRAD_T, BLOCK_V,
+            DIV, S_CAP, T_CAP, HAS_HARD, HAS_SOFT, CE_SEPARATE, GRAD_S, GRAD_T, BLOCK_V,
         )
 
 
@@ -357,8 +373,9 @@ def _kd_fwd_kernel(
 def _kd_bwd_kernel(
     s_ptr, t_ptr, labels_ptr, stats_ptr, gs_ptr, gt_ptr, scale_ptr,
     n_inner, s_stride_outer, s_stride_inner, t_stride_outer, t_stride_inner, scale_stride,
-    V, inv_t, softcap, beta, hard_weight, soft_scale, grad_scale, ignore_index,
-    DIV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LABELS: tl.constexpr,
+    V, inv_t, s_scale, s_cap, t_scale, t_cap, beta, hard_weight, soft_scale, grad_scale,
+    ignore_index,
+    DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
     HAS_SCALE_PTR: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -372,10 +389,10 @@ def _kd_bwd_kernel(
     row_scale = _row_scale(grad_scale, scale_ptr, row, scale_stride, HAS_SCALE_PTR)
     _grad_pass(
         s_row, t_row, gs_ptr + row * V, gt_ptr + row * V, label, active, V, tl.cdiv(V, BLOCK_V),
-        inv_t, softcap, beta, hard_weight, soft_scale * inv_t, row_scale,
+        inv_t, s_scale, s_cap, t_scale, t_cap, beta, hard_weight, soft_scale * inv_t, row_scale,
         tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3), tl.load(st + 4),
         tl.load(st + 5), tl.load(st + 7), tl.load(st + 8),
-        DIV, HAS_SOFTCAP, HAS_HARD, HAS_SOFT, CE_SEPARATE, GRAD_S, GRAD_T, BLOCK_V,
+        DIV, S_CAP, T_CAP, HAS_HARD, HAS_SOFT, CE_SEPARATE, GRAD_S, GRAD_T, BLOCK_V,
     )
 
 
@@ -458,6 +475,19 @@ def _row_layouts(student: torch.Tensor, teacher: torch.Tensor):
     return s, t, n_inner, strides(ds), strides(dt)
 
 
+def transform_args(cfg, teacher: bool = True):
+    """The kernels' arguments of the per-model logit transforms (a soft-cap's placeholder is
+    1.0, never read when its flag is off). ``teacher=False``: the student's only."""
+    out = dict(s_scale=float(cfg.student_logit_scale),
+               s_cap=float(cfg.student_softcap) if cfg.student_softcap is not None else 1.0,
+               S_CAP=cfg.student_softcap is not None)
+    if teacher:
+        out.update(t_scale=float(cfg.teacher_logit_scale),
+                   t_cap=float(cfg.teacher_softcap) if cfg.teacher_softcap is not None else 1.0,
+                   T_CAP=cfg.teacher_softcap is not None)
+    return out
+
+
 def _launch_args(student, teacher, labels, cfg, divergence, grad_s, grad_t, grad_scale, scale,
                  placeholder):
     """Keyword arguments shared by the forward and backward kernels. ``placeholder`` stands
@@ -475,11 +505,10 @@ def _launch_args(student, teacher, labels, cfg, divergence, grad_s, grad_t, grad
         n_inner=n_inner, s_stride_outer=so_s, s_stride_inner=si_s,
         t_stride_outer=so_t, t_stride_inner=si_t,
         scale_stride=scale.stride(0) if scale is not None and scale.numel() > 1 else 0,
-        V=vocab, inv_t=1.0 / cfg.temperature,
-        softcap=float(cfg.softcap) if cfg.softcap is not None else 1.0,
+        V=vocab, inv_t=1.0 / cfg.temperature, **transform_args(cfg),
         beta=float(cfg.beta), hard_weight=float(cfg.hard_weight), soft_scale=float(cfg.soft_scale),
         grad_scale=float(grad_scale), ignore_index=int(cfg.ignore_index),
-        DIV=DIVERGENCE_CODES[divergence], HAS_SOFTCAP=cfg.softcap is not None,
+        DIV=DIVERGENCE_CODES[divergence],
         HAS_LABELS=labels is not None, HAS_HARD=hard, HAS_SOFT=cfg.has_soft,
         CE_SEPARATE=hard and cfg.temperature != 1.0, HAS_SCALE_PTR=scale is not None,
         GRAD_S=grad_s is not None, GRAD_T=grad_t is not None,
@@ -488,10 +517,12 @@ def _launch_args(student, teacher, labels, cfg, divergence, grad_s, grad_t, grad
 
 
 def kd_fwd(student, teacher, labels, cfg, divergence, *, grad_s=None, grad_t=None,
-           grad_scale=1.0, scale=None, store_stats=False):
+           grad_scale=1.0, scale=None, store_stats=False, entropy=None):
     """Per-row losses (float32, N) and, with ``store_stats``, the per-row stats (N, 8) that
     ``kd_bwd`` needs. With ``grad_s`` / ``grad_t`` (contiguous (N, V) buffers) the gradients are
-    written too, scaled by ``grad_scale * scale[row]`` (``scale``: 1 or N float32 values)."""
+    written too, scaled by ``grad_scale * scale[row]`` (``scale``: 1 or N float32 values).
+    ``entropy``: an (N,) float32 buffer for the student's entropy of softmax(z_s / T) per row
+    (0 on ignored rows)."""
     n_rows = student.numel() // student.shape[-1]
     loss = empty(n_rows, dtype=torch.float32, device=student.device)
     stats = empty((n_rows, N_STATS.value), dtype=torch.float32, device=student.device) if store_stats else loss
@@ -500,6 +531,7 @@ def kd_fwd(student, teacher, labels, cfg, divergence, *, grad_s=None, grad_t=Non
                             grad_scale, scale, placeholder=loss)
         _kd_fwd_kernel[(n_rows,)](
             loss_ptr=loss, stats_ptr=stats, STORE_STATS=store_stats,
+            ent_ptr=entropy if entropy is not None else loss, ENTROPY=entropy is not None,
             NEEDS_PASS2=divergence not in ("kl", "reverse_kl"), **args,
         )
     return loss, stats

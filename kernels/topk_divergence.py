@@ -1,8 +1,8 @@
 """Top-k (offline teacher) divergence: the Triton kernels behind ``topk_kd_loss``.
 
 Math (pydistill/reference/topk_divergence.py is the oracle and has the derivation). Per row:
-student logits s (V), the teacher's top-K ids i_k and log-probs lp_k (at T_gen), z = softcap(s),
-x = z / T, a = T_gen / T::
+student logits s (V), the teacher's top-K ids i_k and log-probs lp_k (at T_gen), z = cap(a_s s)
+(the student's logit transform, as in kernels/softmax_divergence.py), x = z / T, a = T_gen / T::
 
     teacher   t = max(0, 1 - sum e^{lp}) (float64),  M = V - K,
               log P_k = a lp_k - log Z,  log P_tail = a log t + (1 - a) log M - log Z
@@ -32,7 +32,7 @@ table evaluated at the outcomes, soft_coef = soft_scale / T:
     j off support    soft_coef e^{(x_j - m_off) - ll_off} c_off,
                      c_off = Q_tail h_tail - S_q Q_tail (bucket), -S_q Q_tail (ignore), none
                      (renormalize: the gradient lives on the support)
-    hard term        + hard_weight (softmax(z)_j - [j = y]);  softcap: x (1 - (z / c)^2)
+    hard term        + hard_weight (softmax(z)_j - [j = y]);  transform: x a (1 - (z / c)^2)
 
 The gradient pass writes every column with the off-support formula (a dense tile store; no
 reads at all for renormalize without a hard term), then, after a barrier (``tl.debug_barrier``:
@@ -59,6 +59,7 @@ from pydistill.kernels.softmax_divergence import (
     _finite_or_zero,
     _hard_ce,
     _load_logits,
+    _transform_slope,
     _pointwise,
     _row_offset,
     _row_scale,
@@ -85,8 +86,8 @@ def _online_lse(m, l, x):
 
 @triton.jit
 def _row_support(row, s_ptr, idx_ptr, labels_ptr, n_inner, s_stride_outer, s_stride_inner,
-                 V, n_k, ignore_index, softcap,
-                 HAS_SOFTCAP: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_K: tl.constexpr):
+                 V, n_k, ignore_index, s_scale, s_cap,
+                 S_CAP: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_K: tl.constexpr):
     # The row's student pointer, label, whether it counts, and its support: sorted ids, which
     # of them are in the vocabulary, and the soft-capped student logits there (NaN for an id
     # outside [0, V): never loaded, it poisons its row instead; nothing loaded for an ignored row).
@@ -100,7 +101,7 @@ def _row_support(row, s_ptr, idx_ptr, labels_ptr, n_inner, s_stride_outer, s_str
     k_mask = k_offs < n_k
     idx = tl.load(idx_ptr + row * n_k + k_offs, mask=k_mask & active, other=0).to(tl.int64)
     in_vocab = (idx >= 0) & (idx < V)
-    z_sup = _load_logits(s_row, idx, k_mask & in_vocab & active, softcap, HAS_SOFTCAP)
+    z_sup = _load_logits(s_row, idx, k_mask & in_vocab & active, s_scale, s_cap, S_CAP)
     z_sup = tl.where(k_mask & (~in_vocab), float("nan"), z_sup)
     return s_row, label, active, idx, k_mask, in_vocab, z_sup
 
@@ -165,8 +166,8 @@ def _soft_terms(lp_row, k_offs, t_mask, x_sup, V, n_k, power, beta, m_all, ll_al
 @triton.jit
 def _grad_pass(
     s_row, g_row, idx, k_mask, in_vocab, z_sup, member, c_off, label, active, V, n_tiles,
-    inv_t, softcap, hard_weight, soft_coef, row_scale, m_off, ll_off, m_1, ll_1,
-    TAIL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr,
+    inv_t, s_scale, s_cap, hard_weight, soft_coef, row_scale, m_off, ll_off, m_1, ll_1,
+    TAIL: tl.constexpr, S_CAP: tl.constexpr, HAS_HARD: tl.constexpr,
     HAS_SOFT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # Every column with the off-support formula (zeros for an ignored row, whose loads are
@@ -177,16 +178,14 @@ def _grad_pass(
         in_row = cols < V
         g = tl.zeros([BLOCK_V], dtype=tl.float32)
         if (HAS_SOFT and TAIL != RENORMALIZE) or HAS_HARD:
-            z = _load_logits(s_row, cols, in_row & active, softcap, HAS_SOFTCAP)
+            z = _load_logits(s_row, cols, in_row & active, s_scale, s_cap, S_CAP)
             if HAS_SOFT and TAIL != RENORMALIZE:
                 # q_j / Q_tail; 0 at masked entries and in a row with no off-support mass
                 x = z * inv_t
                 g = (soft_coef * c_off) * tl.where(x == float("-inf"), 0.0, tl.exp((x - m_off) - ll_off))
             if HAS_HARD:
                 g += hard_weight * (tl.exp((z - m_1) - ll_1) - tl.where(cols == label, 1.0, 0.0))
-            if HAS_SOFTCAP:
-                th = z / softcap
-                g = g * tl.where(z == float("-inf"), 0.0, 1.0 - th * th)
+            g = _transform_slope(g, z, s_scale, s_cap, S_CAP)
             g = tl.where(active, g * row_scale, 0.0)
         tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=in_row)
     # ... then the support's own values over them. Other threads of this program wrote some of
@@ -197,9 +196,7 @@ def _grad_pass(
         gm = soft_coef * member
     if HAS_HARD:
         gm += hard_weight * (tl.exp((z_sup - m_1) - ll_1) - tl.where(idx == label, 1.0, 0.0))
-    if HAS_SOFTCAP:
-        th_s = z_sup / softcap
-        gm = gm * tl.where(z_sup == float("-inf"), 0.0, 1.0 - th_s * th_s)
+    gm = _transform_slope(gm, z_sup, s_scale, s_cap, S_CAP)
     gm = tl.where(active, gm * row_scale, 0.0)
     tl.store(g_row + idx, gm.to(g_row.dtype.element_ty), mask=k_mask & in_vocab)
 
@@ -208,8 +205,8 @@ def _grad_pass(
 def _topk_fwd_kernel(
     s_ptr, lp_ptr, idx_ptr, labels_ptr, loss_ptr, stats_ptr, gs_ptr, scale_ptr,
     n_inner, s_stride_outer, s_stride_inner, scale_stride,
-    V, n_k, inv_t, softcap, power, beta, hard_weight, soft_scale, grad_scale, ignore_index,
-    DIV: tl.constexpr, TAIL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LABELS: tl.constexpr,
+    V, n_k, inv_t, s_scale, s_cap, power, beta, hard_weight, soft_scale, grad_scale, ignore_index,
+    DIV: tl.constexpr, TAIL: tl.constexpr, S_CAP: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
     HAS_SCALE_PTR: tl.constexpr, GRAD_S: tl.constexpr, STORE_STATS: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -217,7 +214,7 @@ def _topk_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row, label, active, idx, k_mask, in_vocab, z_sup = _row_support(
         row, s_ptr, idx_ptr, labels_ptr, n_inner, s_stride_outer, s_stride_inner, V, n_k,
-        ignore_index, softcap, HAS_SOFTCAP, HAS_LABELS, BLOCK_K,
+        ignore_index, s_scale, s_cap, S_CAP, HAS_LABELS, BLOCK_K,
     )
     x_sup = z_sup * inv_t
     n_tiles = tl.cdiv(V, BLOCK_V)
@@ -235,7 +232,7 @@ def _topk_fwd_kernel(
         lo = 0
         for k in range(0, tl.where(active, n_tiles, 0)):
             cols = k * BLOCK_V + offs
-            z = _load_logits(s_row, cols, cols < V, softcap, HAS_SOFTCAP)
+            z = _load_logits(s_row, cols, cols < V, s_scale, s_cap, S_CAP)
             if MASKED or not CE_SEPARATE:
                 x = z * inv_t
                 if MASKED:
@@ -276,7 +273,7 @@ def _topk_fwd_kernel(
         )
     loss = soft_scale * div
     if HAS_HARD:
-        loss += hard_weight * _hard_ce(s_row, label, active, V, softcap, m_1, ll_1, HAS_SOFTCAP)
+        loss += hard_weight * _hard_ce(s_row, label, active, V, s_scale, s_cap, m_1, ll_1, S_CAP)
     tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
 
     if STORE_STATS:
@@ -292,8 +289,8 @@ def _topk_fwd_kernel(
         row_scale = _row_scale(grad_scale, scale_ptr, row, scale_stride, HAS_SCALE_PTR)
         _grad_pass(
             s_row, gs_ptr + row * V, idx, k_mask, in_vocab, z_sup, member, c_off, label, active,
-            V, n_tiles, inv_t, softcap, hard_weight, soft_scale * inv_t, row_scale,
-            m_off, ll_off, m_1, ll_1, TAIL, HAS_SOFTCAP, HAS_HARD, HAS_SOFT, BLOCK_V,
+            V, n_tiles, inv_t, s_scale, s_cap, hard_weight, soft_scale * inv_t, row_scale,
+            m_off, ll_off, m_1, ll_1, TAIL, S_CAP, HAS_HARD, HAS_SOFT, BLOCK_V,
         )
 
 
@@ -301,15 +298,15 @@ def _topk_fwd_kernel(
 def _topk_bwd_kernel(
     s_ptr, lp_ptr, idx_ptr, labels_ptr, stats_ptr, gs_ptr, scale_ptr,
     n_inner, s_stride_outer, s_stride_inner, scale_stride,
-    V, n_k, inv_t, softcap, power, beta, hard_weight, soft_scale, grad_scale, ignore_index,
-    DIV: tl.constexpr, TAIL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LABELS: tl.constexpr,
+    V, n_k, inv_t, s_scale, s_cap, power, beta, hard_weight, soft_scale, grad_scale, ignore_index,
+    DIV: tl.constexpr, TAIL: tl.constexpr, S_CAP: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, HAS_SCALE_PTR: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row, label, active, idx, k_mask, in_vocab, z_sup = _row_support(
         row, s_ptr, idx_ptr, labels_ptr, n_inner, s_stride_outer, s_stride_inner, V, n_k,
-        ignore_index, softcap, HAS_SOFTCAP, HAS_LABELS, BLOCK_K,
+        ignore_index, s_scale, s_cap, S_CAP, HAS_LABELS, BLOCK_K,
     )
     st = stats_ptr + row * N_STATS
     m_all = tl.load(st + 0)
@@ -327,8 +324,8 @@ def _topk_bwd_kernel(
     row_scale = _row_scale(grad_scale, scale_ptr, row, scale_stride, HAS_SCALE_PTR)
     _grad_pass(
         s_row, gs_ptr + row * V, idx, k_mask, in_vocab, z_sup, member, c_off, label, active,
-        V, tl.cdiv(V, BLOCK_V), inv_t, softcap, hard_weight, soft_scale * inv_t, row_scale,
-        m_off, ll_off, tl.load(st + 4), tl.load(st + 5), TAIL, HAS_SOFTCAP, HAS_HARD, HAS_SOFT,
+        V, tl.cdiv(V, BLOCK_V), inv_t, s_scale, s_cap, hard_weight, soft_scale * inv_t, row_scale,
+        m_off, ll_off, tl.load(st + 4), tl.load(st + 5), TAIL, S_CAP, HAS_HARD, HAS_SOFT,
         BLOCK_V,
     )
 
@@ -339,7 +336,9 @@ def _topk_bwd_kernel(
 import torch  # noqa: E402  (kept below the kernels: this file reads kernel-first)
 
 from pydistill._utils import empty  # noqa: E402
-from pydistill.kernels.softmax_divergence import LAUNCH_OPTIONS, _leading_dims, _num_warps  # noqa: E402
+from pydistill.kernels.softmax_divergence import (  # noqa: E402
+    LAUNCH_OPTIONS, _leading_dims, _num_warps, transform_args,
+)
 
 # Largest K: the support's vectors are held in registers (module docstring).
 MAX_K = 4096
@@ -409,12 +408,12 @@ def _launch_args(student, topk_logprobs, topk_indices, labels, cfg, divergence, 
         n_inner=n_inner, s_stride_outer=stride_outer, s_stride_inner=stride_inner,
         scale_stride=scale.stride(0) if scale is not None and scale.numel() > 1 else 0,
         V=vocab, n_k=k, inv_t=1.0 / cfg.temperature,
-        softcap=float(cfg.softcap) if cfg.softcap is not None else 1.0,
+        **transform_args(cfg, teacher=False),
         power=float(cfg.teacher_power), beta=float(cfg.beta),
         hard_weight=float(cfg.hard_weight), soft_scale=float(cfg.soft_scale),
         grad_scale=float(grad_scale), ignore_index=int(cfg.ignore_index),
         DIV=DIVERGENCE_CODES[divergence], TAIL=TAIL_CODES[cfg.tail],
-        HAS_SOFTCAP=cfg.softcap is not None, HAS_LABELS=labels is not None,
+        HAS_LABELS=labels is not None,
         HAS_HARD=cfg.hard_weight != 0.0, HAS_SOFT=cfg.has_soft,
         HAS_SCALE_PTR=scale is not None,
         BLOCK_V=block, BLOCK_K=_block_k(k), num_warps=_warps(block, _block_k(k)), **LAUNCH_OPTIONS,

@@ -203,18 +203,21 @@ def _register_python_side():
     from torch.library import register_autograd, register_fake
 
     def kd_fwd_fake(student, teacher, labels, divergence, temperature, beta, hard_weight,
-                    soft_scale, softcap, ignore_index):
+                    soft_scale, student_scale, student_softcap, teacher_scale, teacher_softcap,
+                    ignore_index):
         n = _rows(student)
         return (student.new_empty((n,), dtype=torch.float32),
                 student.new_empty((n, KD_STATS), dtype=torch.float32))
 
     def kd_bwd_fake(grad_rows, student, teacher, labels, stats, divergence, temperature, beta,
-                    hard_weight, soft_scale, softcap, ignore_index, grad_student, grad_teacher):
+                    hard_weight, soft_scale, student_scale, student_softcap, teacher_scale,
+                    teacher_softcap, ignore_index, grad_student, grad_teacher):
         return (student.new_empty(student.shape if grad_student else (0,)),
                 teacher.new_empty(teacher.shape if grad_teacher else (0,)))
 
     def kd_fwd_grad_fake(student, teacher, labels, row_scale, divergence, temperature, beta,
-                         hard_weight, soft_scale, softcap, ignore_index, grad_student, grad_teacher):
+                         hard_weight, soft_scale, student_scale, student_softcap, teacher_scale,
+                         teacher_softcap, ignore_index, grad_student, grad_teacher):
         return (student.new_empty((_rows(student),), dtype=torch.float32),
                 student.new_empty(student.shape if grad_student else (0,)),
                 teacher.new_empty(teacher.shape if grad_teacher else (0,)))
@@ -223,13 +226,14 @@ def _register_python_side():
         return None
 
     def topk_fwd_fake(student, lp, idx, labels, divergence, tail, temperature, teacher_power,
-                      beta, hard_weight, soft_scale, softcap, ignore_index):
+                      beta, hard_weight, soft_scale, student_scale, student_softcap, ignore_index):
         n = _rows(student)
         return (student.new_empty((n,), dtype=torch.float32),
                 student.new_empty((n, TOPK_STATS), dtype=torch.float32))
 
     def topk_bwd_fake(grad_rows, student, lp, idx, labels, stats, divergence, tail, temperature,
-                      teacher_power, beta, hard_weight, soft_scale, softcap, ignore_index):
+                      teacher_power, beta, hard_weight, soft_scale, student_scale,
+                      student_softcap, ignore_index):
         return student.new_empty(student.shape)
 
     register_fake("pydistill::kd_fwd", kd_fwd_fake)

@@ -8,7 +8,7 @@ Python ops defined after it, both register)::
 
     pydistill::kd_loss            (logits pair)            -> (loss, grad_student, grad_teacher)
     pydistill::topk_kd_loss       (logits, top-k teacher)  -> (loss, grad_student)
-    pydistill::linear_kd_loss     (hidden, heads, teacher) -> (loss, 7 gradients)
+    pydistill::linear_kd_loss     (hidden, heads, teacher) -> (loss, 7 gradients, entropy)
     pydistill::linear_kd_loss_backward   (grad_output, ...) -> 7 gradients
     pydistill::attention_kd_loss  (q, k of both models)    -> (loss, 4 gradients)
     pydistill::attention_kd_loss_backward (grad_output, ...) -> 4 gradients
@@ -29,8 +29,8 @@ Only traced code takes this route (``torch.compiler.is_compiling()``): eager cal
 Functions directly, keeping each backend's own gradient schedule (the Triton backend's default
 recomputes the gradient in the backward; through these ops it is computed in the forward).
 
-The options are passed as scalars (str / float / int / bool / None): the op schema has no
-room for the config dataclasses. ``linear_kd_loss`` with a ``process_group`` (a Python object)
+The options are passed as scalars (str / float / int / bool / None; the per-model logit
+transforms as one list of four floats): the op schema has no room for the config dataclasses. ``linear_kd_loss`` with a ``process_group`` (a Python object)
 bypasses the op and calls its Function directly (not covered under torch.compile).
 """
 
@@ -42,7 +42,7 @@ from torch import Tensor
 from pydistill import _dispatch
 from pydistill.reference.attention_kd import AttentionKDConfig
 from pydistill.reference.linear_kd import ChunkPlan
-from pydistill.reference.softmax_divergence import KDConfig, compute_dtype
+from pydistill.reference.softmax_divergence import KDConfig, compute_dtype, config_fields
 from pydistill.reference.topk_divergence import TopKConfig
 
 
@@ -75,13 +75,14 @@ class _Ctx:
 
 
 def _run(fn, needs, args, loss_shape_of_ones=True):
-    """(loss, grads for a grad_output of ones, or None when no input needs one)."""
+    """(loss, grads for a grad_output of ones, or None when no input needs one). ``loss`` is
+    whatever the Function returns: the loss, or (loss, entropy) for linear_kd's entropy."""
     ctx = _Ctx(needs)
     with torch.no_grad():
         loss = fn.forward(ctx, *args)
         if not any(needs) or not loss_shape_of_ones:
             return loss, None
-        grads = fn.backward(ctx, torch.ones_like(loss))
+        grads = fn.backward(ctx, torch.ones_like(loss[0] if isinstance(loss, tuple) else loss))
     return loss, grads
 
 
@@ -102,11 +103,24 @@ def _scaled(g: Tensor, grad_out: Tensor, rowwise: bool) -> Optional[Tensor]:
     return g * scale.to(g.dtype)
 
 
-def _kd_cfg(divergence, temperature, beta, ignore_index, hard_weight, soft_weight, t2, softcap,
+def _transform(cfg: KDConfig) -> List[float]:
+    """The per-model logit transforms as the ops carry them: [student scale, student soft-cap,
+    teacher scale, teacher soft-cap], 0 for an absent soft-cap (a real one is > 0)."""
+    return [float(cfg.student_logit_scale), float(cfg.student_softcap or 0.0),
+            float(cfg.teacher_logit_scale), float(cfg.teacher_softcap or 0.0)]
+
+
+def _transform_fields(transform) -> dict:
+    a_s, c_s, a_t, c_t = transform
+    return dict(student_logit_scale=a_s, student_softcap=c_s or None, teacher_logit_scale=a_t,
+                teacher_softcap=c_t or None)
+
+
+def _kd_cfg(divergence, temperature, beta, ignore_index, hard_weight, soft_weight, t2, transform,
             reduction) -> KDConfig:
     return KDConfig(divergence=divergence, temperature=temperature, beta=beta,
                     ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                    t2=t2, softcap=softcap, reduction=reduction)
+                    t2=t2, reduction=reduction, **_transform_fields(transform))
 
 
 def _loss_like(x: Tensor, lead, reduction: str, *dtypes) -> Tensor:
@@ -119,25 +133,30 @@ def _grad_like(x: Optional[Tensor], need: bool) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _register_rowmixing_autograd(op, backward_op, *, reduction_at: int, lead: int, trail: int):
-    """Autograd of an op returning (loss, its gradients for a grad_output of ones) whose
-    gradients mix rows (linear_kd_loss, attention_kd_loss): a scalar grad_output scales the
-    saved gradients; with ``reduction="none"`` (input ``reduction_at``) the backward op
-    recomputes them with the per-row grad_output. ``lead`` / ``trail``: how many inputs
-    before / after the differentiable tensors get no gradient."""
+def _register_rowmixing_autograd(op, backward_op, *, reduction_at: int, lead: int, trail: int,
+                                 n_grads=None):
+    """Autograd of an op returning (loss, its gradients for a grad_output of ones[, extra
+    non-differentiable outputs]) whose gradients mix rows (linear_kd_loss, attention_kd_loss):
+    a scalar grad_output scales the saved gradients; with ``reduction="none"`` (input
+    ``reduction_at``) the backward op recomputes them with the per-row grad_output. ``lead`` /
+    ``trail``: how many inputs before / after the differentiable tensors get no gradient;
+    ``n_grads``: how many outputs after the loss are gradients (default: all)."""
     def setup(ctx, inputs, output):
         ctx.reduction = inputs[reduction_at]
         ctx.inputs = inputs
+        grads = output[1:] if n_grads is None else output[1:1 + n_grads]
         if ctx.reduction == "none":
             ctx.save_for_backward(*[x for x in inputs if isinstance(x, Tensor)])
         else:
-            ctx.save_for_backward(*output[1:])
+            ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(*output[1:])
 
     def backward(ctx, grad_loss, *_grads):
         if ctx.reduction == "none":
             saved = iter(ctx.saved_tensors)
             inputs = [next(saved) if isinstance(x, Tensor) else x for x in ctx.inputs]
+            if n_grads is not None:  # the backward op takes the inputs the gradients need
+                inputs = inputs[:reduction_at + 3]
             grads = [_none_if_empty(g) for g in backward_op(grad_loss, *inputs)]
         else:
             grads = [_scaled(g, grad_loss, False) for g in ctx.saved_tensors]
@@ -154,11 +173,11 @@ def _register_rowmixing_autograd(op, backward_op, *, reduction_at: int, lead: in
 @torch.library.custom_op("pydistill::kd_loss", mutates_args=())
 def kd_loss_op(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor],
                divergence: str, temperature: float, beta: float, ignore_index: int,
-               hard_weight: float, soft_weight: float, t2: bool, softcap: Optional[float],
+               hard_weight: float, soft_weight: float, t2: bool, transform: List[float],
                reduction: str, backend: str, need_student: bool,
                need_teacher: bool) -> tuple[Tensor, Tensor, Tensor]:
     cfg = _kd_cfg(divergence, temperature, beta, ignore_index, hard_weight, soft_weight, t2,
-                  softcap, reduction)
+                  transform, reduction)
     fn = _dispatch.implementation("kd_loss", backend)
     loss, grads = _run(fn, (need_student, need_teacher, False, False),
                        (student_logits, teacher_logits, labels, cfg))
@@ -168,7 +187,7 @@ def kd_loss_op(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[
 
 @kd_loss_op.register_fake
 def _(student_logits, teacher_logits, labels, divergence, temperature, beta, ignore_index,
-      hard_weight, soft_weight, t2, softcap, reduction, backend, need_student, need_teacher):
+      hard_weight, soft_weight, t2, transform, reduction, backend, need_student, need_teacher):
     return (_loss_like(student_logits, student_logits.shape[:-1], reduction,
                        student_logits.dtype, teacher_logits.dtype),
             _grad_like(student_logits, need_student), _grad_like(teacher_logits, need_teacher))
@@ -197,7 +216,7 @@ def kd_loss(student_logits, teacher_logits, labels, cfg: KDConfig, backend: str)
     loss, _, _ = kd_loss_op(
         student_logits, teacher_logits, labels, cfg.divergence, float(cfg.temperature),
         float(cfg.beta), int(cfg.ignore_index), float(cfg.hard_weight), float(cfg.soft_weight),
-        bool(cfg.t2), None if cfg.softcap is None else float(cfg.softcap), cfg.reduction, backend,
+        bool(cfg.t2), _transform(cfg), cfg.reduction, backend,
         grad and student_logits.requires_grad, grad and teacher_logits.requires_grad,
     )
     return loss
@@ -212,13 +231,13 @@ def kd_loss(student_logits, teacher_logits, labels, cfg: KDConfig, backend: str)
 def topk_kd_loss_op(student_logits: Tensor, topk_logprobs: Tensor, topk_indices: Tensor,
                     labels: Optional[Tensor], tail: str, teacher_temperature: Optional[float],
                     divergence: str, temperature: float, beta: float, ignore_index: int,
-                    hard_weight: float, soft_weight: float, t2: bool, softcap: Optional[float],
+                    hard_weight: float, soft_weight: float, t2: bool, transform: List[float],
                     reduction: str, backend: str,
                     need_student: bool) -> tuple[Tensor, Tensor]:
     cfg = TopKConfig(divergence=divergence, temperature=temperature, beta=beta,
                      ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-                     t2=t2, softcap=softcap, reduction=reduction, tail=tail,
-                     teacher_temperature=teacher_temperature)
+                     t2=t2, reduction=reduction, tail=tail,
+                     teacher_temperature=teacher_temperature, **_transform_fields(transform))
     fn = _dispatch.implementation("topk_kd_loss", backend)
     loss, grads = _run(fn, (need_student, False, False, False, False),
                        (student_logits, topk_logprobs, topk_indices, labels, cfg))
@@ -227,7 +246,7 @@ def topk_kd_loss_op(student_logits: Tensor, topk_logprobs: Tensor, topk_indices:
 
 @topk_kd_loss_op.register_fake
 def _(student_logits, topk_logprobs, topk_indices, labels, tail, teacher_temperature, divergence,
-      temperature, beta, ignore_index, hard_weight, soft_weight, t2, softcap, reduction, backend,
+      temperature, beta, ignore_index, hard_weight, soft_weight, t2, transform, reduction, backend,
       need_student):
     return (_loss_like(student_logits, student_logits.shape[:-1], reduction,
                        student_logits.dtype, topk_logprobs.dtype),
@@ -257,9 +276,8 @@ def topk_kd_loss(student_logits, topk_logprobs, topk_indices, labels, cfg: TopKC
         student_logits, topk_logprobs, topk_indices, labels, cfg.tail,
         None if cfg.teacher_temperature is None else float(cfg.teacher_temperature),
         cfg.divergence, float(cfg.temperature), float(cfg.beta), int(cfg.ignore_index),
-        float(cfg.hard_weight), float(cfg.soft_weight), bool(cfg.t2),
-        None if cfg.softcap is None else float(cfg.softcap), cfg.reduction, backend,
-        torch.is_grad_enabled() and student_logits.requires_grad,
+        float(cfg.hard_weight), float(cfg.soft_weight), bool(cfg.t2), _transform(cfg),
+        cfg.reduction, backend, torch.is_grad_enabled() and student_logits.requires_grad,
     )
     return loss
 
@@ -275,17 +293,19 @@ _LINEAR_TENSORS = 9  # student_hidden, student_weight, student_bias, teacher_hid
 def _linear_cfg(topk, tail, teacher_temperature, *kd):
     cfg = _kd_cfg(*kd)
     if topk:
-        return TopKConfig(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, tail=tail,
+        return TopKConfig(**config_fields(cfg), tail=tail,
                           teacher_temperature=teacher_temperature)
     return cfg
 
 
-def _linear_call(labels, tensors, chunk_size, tail, teacher_temperature, kd, backend, needs):
+def _linear_call(labels, tensors, chunk_size, tail, teacher_temperature, kd, backend, needs,
+                 entropy=False):
     """What both linear_kd_loss ops run: the backend's Function, its arguments, and ``needs``
     padded to every tensor of the Function."""
     cfg = _linear_cfg(tensors[7] is not None, tail, teacher_temperature, *kd)
     # chunk_size as the ops carry it: 0 "auto", -1 "tiled", else rows per chunk
-    plan = ChunkPlan(chunk_size={0: "auto", -1: "tiled"}.get(chunk_size, chunk_size), group=None)
+    plan = ChunkPlan(chunk_size={0: "auto", -1: "tiled"}.get(chunk_size, chunk_size), group=None,
+                     entropy=entropy)
     needs = [bool(n) for n in needs] + [False] * (_LINEAR_TENSORS - len(needs))
     return (_dispatch.implementation("linear_kd_loss", backend), (cfg, plan, labels, *tensors),
             needs)
@@ -300,32 +320,35 @@ def linear_kd_loss_op(
     topk_indices: Optional[Tensor], chunk_size: int, tail: str,
     teacher_temperature: Optional[float], divergence: str, temperature: float, beta: float,
     ignore_index: int, hard_weight: float, soft_weight: float, t2: bool,
-    softcap: Optional[float], reduction: str, backend: str, needs: List[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    transform: List[float], reduction: str, backend: str, needs: List[bool], entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     fn, args, needs = _linear_call(
         labels, (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                  teacher_bias, teacher_logits, topk_logprobs, topk_indices), chunk_size, tail,
         teacher_temperature, (divergence, temperature, beta, ignore_index, hard_weight,
-                              soft_weight, t2, softcap, reduction), backend, needs)
+                              soft_weight, t2, transform, reduction), backend, needs, entropy)
     # reduction 'none': the gradients wait for grad_output (linear_kd_loss_backward)
     loss, grads = _run(fn, (False, False, False, *needs), args,
                        loss_shape_of_ones=reduction != "none")
+    loss, ent = loss if entropy else (loss, None)
     grads = list(grads[3:3 + 7]) if grads is not None else [None] * 7
-    return (loss, *[_or_empty(g, student_hidden) for g in grads])
+    return (loss, *[_or_empty(g, student_hidden) for g in grads], _or_empty(ent, student_hidden))
 
 
 @linear_kd_loss_op.register_fake
 def _(labels, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
       teacher_bias, teacher_logits, topk_logprobs, topk_indices, chunk_size, tail,
       teacher_temperature, divergence, temperature, beta, ignore_index, hard_weight, soft_weight,
-      t2, softcap, reduction, backend, needs):
+      t2, transform, reduction, backend, needs, entropy):
     tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                teacher_bias, teacher_logits)
     dtypes = [x.dtype for x in tensors + (topk_logprobs,) if x is not None]
     loss = _loss_like(student_hidden, student_hidden.shape[:-1], reduction, *dtypes)
     grads = [_grad_like(x, reduction != "none" and i < len(needs) and bool(needs[i]))
              if x is not None else student_hidden.new_empty(0) for i, x in enumerate(tensors)]
-    return (loss, *grads)
+    ent = (_loss_like(student_hidden, student_hidden.shape[:-1], "none", *dtypes) if entropy
+           else student_hidden.new_empty(0))
+    return (loss, *grads, ent)
 
 
 @torch.library.custom_op("pydistill::linear_kd_loss_backward", mutates_args=())
@@ -337,13 +360,13 @@ def linear_kd_loss_backward_op(
     topk_indices: Optional[Tensor], chunk_size: int, tail: str,
     teacher_temperature: Optional[float], divergence: str, temperature: float, beta: float,
     ignore_index: int, hard_weight: float, soft_weight: float, t2: bool,
-    softcap: Optional[float], reduction: str, backend: str, needs: List[bool],
+    transform: List[float], reduction: str, backend: str, needs: List[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     fn, args, needs = _linear_call(
         labels, (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                  teacher_bias, teacher_logits, topk_logprobs, topk_indices), chunk_size, tail,
         teacher_temperature, (divergence, temperature, beta, ignore_index, hard_weight,
-                              soft_weight, t2, softcap, reduction), backend, needs)
+                              soft_weight, t2, transform, reduction), backend, needs)
     ctx = _Ctx((False, False, False, *needs))
     with torch.no_grad():
         fn.forward(ctx, *args)
@@ -362,7 +385,7 @@ def _(grad_loss, labels, student_hidden, student_weight, student_bias, teacher_h
 
 
 _register_rowmixing_autograd(linear_kd_loss_op, linear_kd_loss_backward_op, reduction_at=21,
-                             lead=1, trail=16)
+                             lead=1, trail=17, n_grads=7)
 
 
 def linear_kd_loss(cfg, plan: ChunkPlan, labels, tensors: Sequence, backend: str):
@@ -378,10 +401,10 @@ def linear_kd_loss(cfg, plan: ChunkPlan, labels, tensors: Sequence, backend: str
         cfg.tail if topk else "bucket",
         None if not topk or cfg.teacher_temperature is None else float(cfg.teacher_temperature),
         cfg.divergence, float(cfg.temperature), float(cfg.beta), int(cfg.ignore_index),
-        float(cfg.hard_weight), float(cfg.soft_weight), bool(cfg.t2),
-        None if cfg.softcap is None else float(cfg.softcap), cfg.reduction, backend, needs,
+        float(cfg.hard_weight), float(cfg.soft_weight), bool(cfg.t2), _transform(cfg),
+        cfg.reduction, backend, needs, bool(plan.entropy),
     )
-    return out[0]
+    return (out[0], out[8]) if plan.entropy else out[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -170,3 +170,4 @@ def resolve_backend(op: str, *tensors: torch.Tensor, backend: str = "auto") -> s
     if not tensors:
         raise ValueError("tensors: expected at least one input tensor")
     return resolve(op, backend, tensors[0].device, tuple(t.dtype for t in tensors))
+

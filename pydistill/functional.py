@@ -13,7 +13,7 @@ from pydistill.reference.attention_kd import (
     ATTENTION_LOSSES, ATTENTION_REDUCTIONS, AttentionKDConfig, mse_scores_loss, with_scales,
 )
 from pydistill.reference.linear_kd import ChunkPlan
-from pydistill.reference.softmax_divergence import DIVERGENCES, REDUCTIONS, KDConfig
+from pydistill.reference.softmax_divergence import DIVERGENCES, REDUCTIONS, KDConfig, config_fields
 from pydistill.reference.topk_divergence import TAILS, TopKConfig, refuse_teacher_grad
 from pydistill.reference import representation
 from pydistill.reference.representation import AT_MODES
@@ -23,8 +23,18 @@ __all__ = ["kd_loss", "linear_kd_loss", "topk_kd_loss", "attention_transfer_loss
 
 
 def kd_config(*, divergence="kl", temperature=1.0, beta=0.5, ignore_index=-100,
-              hard_weight=0.0, soft_weight=1.0, t2=True, softcap=None, reduction="mean") -> KDConfig:
-    """Validate the hyper-parameters shared by the logit-distillation losses."""
+              hard_weight=0.0, soft_weight=1.0, t2=True, softcap=None, student_logit_scale=1.0,
+              teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+              reduction="mean") -> KDConfig:
+    """Validate the hyper-parameters shared by the logit-distillation losses. ``softcap`` is the
+    shorthand for ``student_softcap = teacher_softcap``; giving it with either is an error."""
+    if softcap is not None:
+        given = ", ".join(f"{n}={v}" for n, v in (("student_softcap", student_softcap),
+                                                  ("teacher_softcap", teacher_softcap)) if v is not None)
+        if given:
+            raise ValueError(f"softcap: the shorthand for student_softcap = teacher_softcap, got "
+                             f"softcap={softcap} together with {given}; give one form")
+        student_softcap = teacher_softcap = softcap
     return KDConfig(
         divergence=check.choice("divergence", divergence, DIVERGENCES),
         temperature=check.real("temperature", temperature, low=0.0, low_open=True),
@@ -33,9 +43,18 @@ def kd_config(*, divergence="kl", temperature=1.0, beta=0.5, ignore_index=-100,
         hard_weight=check.real("hard_weight", hard_weight),
         soft_weight=check.real("soft_weight", soft_weight),
         t2=check.boolean("t2", t2),
-        softcap=None if softcap is None else check.real("softcap", softcap, low=0.0, low_open=True),
+        student_logit_scale=check.real("student_logit_scale", student_logit_scale, low=0.0,
+                                       low_open=True),
+        teacher_logit_scale=check.real("teacher_logit_scale", teacher_logit_scale, low=0.0,
+                                       low_open=True),
+        student_softcap=_cap("softcap" if softcap is not None else "student_softcap", student_softcap),
+        teacher_softcap=_cap("softcap" if softcap is not None else "teacher_softcap", teacher_softcap),
         reduction=check.choice("reduction", reduction, REDUCTIONS),
     )
+
+
+def _cap(name, value):
+    return None if value is None else check.real(name, value, low=0.0, low_open=True)
 
 
 def kd_loss(
@@ -51,6 +70,10 @@ def kd_loss(
     soft_weight: float = 1.0,
     t2: bool = True,
     softcap: Optional[float] = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
     reduction: str = "mean",
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -58,8 +81,14 @@ def kd_loss(
 
     Per row i (every leading position of the (..., V) logits)::
 
-        p = softmax(cap(t_i) / T)   q = softmax(cap(s_i) / T)   cap(z) = c tanh(z / c)
-        loss_i = hard_weight * CE(cap(s_i), y_i) + soft_weight * T^2 * D(p, q)
+        z_s = cap_s(a_s s_i)   z_t = cap_t(a_t t_i)         cap(x) = c tanh(x / c)
+        p = softmax(z_t / T)   q = softmax(z_s / T)
+        loss_i = hard_weight * CE(z_s, y_i) + soft_weight * T^2 * D(p, q)
+
+    Each model's logits get their own transform first, in TRL's order (its
+    ``DistillationTrainer``): the logit scale a (Cohere's ``logit_scale``, Granite's
+    1 / ``logits_scaling``), then the soft-cap c (Gemma-2's ``final_logit_softcapping``), then
+    the temperature. Both are identities by default.
 
     ``D`` is ``divergence``:
 
@@ -89,7 +118,12 @@ def kd_loss(
         soft_weight: weight of the divergence (default 1).
         t2: multiply the divergence by T^2 (default True: Hinton, torchdistill, DistilBERT;
             TRL and TextBrewer do not, pass ``t2=False`` to match them).
-        softcap: Gemma-2 style soft-capping c applied to both logits first (None: off).
+        softcap: shorthand for ``student_softcap = teacher_softcap = softcap`` (None: off);
+            giving it together with either per-model one is an error.
+        student_logit_scale, teacher_logit_scale: a > 0 multiplying each model's logits before
+            its soft-cap (default 1).
+        student_softcap, teacher_softcap: c > 0, each model's Gemma-2 style soft-cap
+            c tanh(x / c), applied after its scale (None: off). Gradients include a (1 - (z/c)^2).
         reduction: ``"mean"`` (sum over counted rows / their number, 0 when none count),
             ``"batchmean"`` (the same; the name of nn.KLDivLoss and TRL), ``"sum"``,
             ``"none"`` (per-row losses of shape (...), ignored rows 0).
@@ -99,12 +133,13 @@ def kd_loss(
     Returns:
         The loss, float32 (float64 for float64 inputs); gradients come back in the dtype of
         the logits. Logits equal to -inf carry zero probability (masked or padded vocabulary;
-        they stay -inf under softcap). NaN in a counted row propagates to the loss.
+        they stay -inf under the transforms). NaN in a counted row propagates to the loss.
     """
     cfg = kd_config(
         divergence=divergence, temperature=temperature, beta=beta, ignore_index=ignore_index,
         hard_weight=hard_weight, soft_weight=soft_weight, t2=t2, softcap=softcap,
-        reduction=reduction,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap, reduction=reduction,
     )
     check.logits_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
     if cfg.hard_weight != 0.0 and labels is None:
@@ -125,7 +160,7 @@ def topk_config(*, tail="bucket", teacher_temperature=None, **kd_kwargs) -> TopK
     and ``teacher_temperature``."""
     cfg = kd_config(**kd_kwargs)
     return TopKConfig(
-        **{f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
+        **config_fields(cfg),
         tail=check.choice("tail", tail, TAILS),
         teacher_temperature=None if teacher_temperature is None else check.real(
             "teacher_temperature", teacher_temperature, low=0.0, low_open=True),
@@ -148,6 +183,8 @@ def topk_kd_loss(
     soft_weight: float = 1.0,
     t2: bool = True,
     softcap: Optional[float] = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
     reduction: str = "mean",
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -155,11 +192,11 @@ def topk_kd_loss(
     token ids per position (e.g. K = 64 of V = 152k, stored ahead of time) against the student's
     full-vocabulary logits, without forming a dense teacher.
 
-    Per row i, with q = softmax(cap(s_i) / T) over all V tokens (``cap`` as in :func:`kd_loss`,
-    student only: the teacher arrives as log-probabilities), the teacher's ids i_1..i_K and
-    probabilities p_k = exp(lp_k)::
+    Per row i, with q = softmax(z_s / T) over all V tokens, z_s = cap_s(a_s s_i) the student's
+    transform of :func:`kd_loss` (student only: the teacher arrives as log-probabilities), the
+    teacher's ids i_1..i_K and probabilities p_k = exp(lp_k)::
 
-        loss_i = hard_weight * CE(cap(s_i), y_i) + soft_weight * T^2 * D(P, Q)
+        loss_i = hard_weight * CE(z_s, y_i) + soft_weight * T^2 * D(P, Q)
 
     Re-tempering: the log-probs were stored at T_gen = ``teacher_temperature`` (None: T_gen = T,
     no re-tempering). With a = T_gen / T, the tail mass t = 1 - sum p (floored at 0) is taken as
@@ -198,9 +235,10 @@ def topk_kd_loss(
         tail: ``"bucket"`` | ``"renormalize"`` | ``"ignore"``, see the table.
         teacher_temperature: T_gen > 0 (finite), or None for T_gen = T.
         divergence, temperature, beta, labels, ignore_index, hard_weight, soft_weight, t2,
-        softcap, reduction, backend: as in :func:`kd_loss` (``softcap`` applies to the
-            student logits only; ``labels`` has the leading dims of ``student_logits``). The
-            Triton backend takes K <= 4096.
+        softcap, student_logit_scale, student_softcap, reduction, backend: as in
+            :func:`kd_loss` (``softcap`` is ``student_softcap`` here: the transform applies to
+            the student logits only; ``labels`` has the leading dims of ``student_logits``).
+            The Triton backend takes K <= 4096.
 
     Returns:
         The loss, float32 (float64 for float64 inputs); the gradient comes back in the dtype of
@@ -208,10 +246,14 @@ def topk_kd_loss(
         off-support logits, not as 1 - sum q (which cancels when the support holds nearly all
         of q), and the teacher's as 1 - sum p in float64.
     """
+    if softcap is not None and student_softcap is not None:
+        raise ValueError(f"softcap: the shorthand for student_softcap here, got softcap={softcap} "
+                         f"together with student_softcap={student_softcap}; give one form")
     cfg = topk_config(
         tail=tail, teacher_temperature=teacher_temperature, divergence=divergence,
         temperature=temperature, beta=beta, ignore_index=ignore_index, hard_weight=hard_weight,
-        soft_weight=soft_weight, t2=t2, softcap=softcap, reduction=reduction,
+        soft_weight=soft_weight, t2=t2, student_logit_scale=student_logit_scale,
+        student_softcap=softcap if softcap is not None else student_softcap, reduction=reduction,
     )
     check.topk_inputs("student_logits", student_logits, "teacher_topk_logprobs",
                       teacher_topk_logprobs, "teacher_topk_indices", teacher_topk_indices)
@@ -255,9 +297,14 @@ def linear_kd_loss(
     soft_weight: float = 1.0,
     t2: bool = True,
     softcap: Optional[float] = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
     reduction: str = "mean",
+    return_entropy: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
+):
     r"""Distillation loss fused with the student's LM head: ``kd_loss`` on
     ``student_hidden @ student_weight^T (+ student_bias)`` without materialising the (N, V)
     logits beyond one chunk of rows.
@@ -269,7 +316,7 @@ def linear_kd_loss(
         loss_i = hard_weight * CE(cap(s_i), y_i) + soft_weight * T^2 * D(p_i, q_i)
 
     exactly :func:`kd_loss`'s per-row loss (its six divergences, temperature, ``t2``, hard CE,
-    ``softcap``, ``ignore_index``, reductions). When V_s != V_t (padded vocabularies) the
+    the per-model logit transforms, ``ignore_index``, reductions). When V_s != V_t (padded vocabularies) the
     shorter is treated as -inf beyond its end: zero probability and no gradient there (so a
     teacher with tokens the student lacks makes ``reverse_kl`` infinite, as the math says).
 
@@ -326,15 +373,24 @@ def linear_kd_loss(
             read per call; pass an int to avoid that sync. Labels are not range-checked.
         tail, teacher_temperature: ``teacher_topk`` only (see :func:`topk_kd_loss`).
         divergence, temperature, beta, labels, ignore_index, hard_weight, soft_weight, t2,
-        softcap, reduction: as in :func:`kd_loss`; ``labels`` has the leading dims of
-            ``student_hidden`` and indexes the student vocabulary.
+        softcap, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
+        reduction: as in :func:`kd_loss` (the transforms apply to the computed logits
+            z = h W^T + b, the teacher's to its head or given logits; a top-k teacher takes
+            none); ``labels`` has the leading dims of ``student_hidden`` and indexes the
+            student vocabulary.
+        return_entropy: also return the student's per-row entropy -sum q log q (nats) of
+            q = softmax(z_s / T), computed in the same pass (the TRL trainer logs it): shape
+            the leading dims, float32 (float64 for float64 inputs), 0 on ignored rows, no
+            gradient. For a teacher head or teacher logits; not with ``teacher_topk`` or
+            ``process_group``.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``. Both run the chunked algorithm and
             differ in the per-chunk divergence step: the Triton kernel of :func:`kd_loss`
             (writing the gradient over the chunk's float32 logits) or its closed form in PyTorch
             (any device, float64 too). Only Triton has the tiled path (``chunk_size``).
 
     Returns:
-        The loss, float32 (float64 for float64 inputs). Gradients come back in the dtype of
+        The loss, float32 (float64 for float64 inputs); ``(loss, entropy)`` with
+        ``return_entropy``. Gradients come back in the dtype of
         each input. The logits GEMMs accumulate and output float32 (never rounded to bfloat16
         before the softmax); the gradient GEMMs run in the weight's dtype from one rounding of
         the logits' gradient, and the weight gradient accumulates in the weight's dtype, one
@@ -347,9 +403,25 @@ def linear_kd_loss(
     kd_kwargs = dict(
         divergence=divergence, temperature=temperature, beta=beta, ignore_index=ignore_index,
         hard_weight=hard_weight, soft_weight=soft_weight, t2=t2, softcap=softcap,
-        reduction=reduction,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap, reduction=reduction,
     )
+    return_entropy = check.boolean("return_entropy", return_entropy)
     if teacher_topk is not None:
+        if teacher_logit_scale != 1.0 or teacher_softcap is not None:
+            raise ValueError(
+                "teacher_logit_scale / teacher_softcap: a top-k teacher arrives as log-probs and "
+                f"takes no logit transform, got teacher_logit_scale={teacher_logit_scale}, "
+                f"teacher_softcap={teacher_softcap}")
+        if return_entropy:
+            raise ValueError("return_entropy: not supported with teacher_topk (a teacher head or "
+                             "teacher logits only)")
+        if softcap is not None:  # the shorthand means the student's cap for a top-k teacher
+            if student_softcap is not None:
+                raise ValueError(f"softcap: the shorthand for student_softcap with teacher_topk, got "
+                                 f"softcap={softcap} together with student_softcap={student_softcap}; "
+                                 f"give one form")
+            kd_kwargs.update(softcap=None, student_softcap=softcap)
         cfg = topk_config(tail=tail, teacher_temperature=teacher_temperature, **kd_kwargs)
     else:
         cfg = kd_config(**kd_kwargs)
@@ -382,6 +454,8 @@ def linear_kd_loss(
     if cfg.hard_weight != 0.0 and labels is None:
         raise ValueError(f"labels: required when hard_weight != 0 (got hard_weight={cfg.hard_weight})")
     group = check.process_group("process_group", process_group)
+    if return_entropy and group is not None:
+        raise ValueError("return_entropy: not supported with a process_group (whole heads only)")
     labels = check.labels(
         "labels", labels, lead, "student_hidden", student_hidden, vocab=vocab,
         ignore_index=cfg.ignore_index, check_range=cfg.hard_weight != 0.0 and group is None,
@@ -391,7 +465,7 @@ def linear_kd_loss(
     backend = _dispatch.resolve(
         "linear_kd_loss", backend, student_hidden.device, tuple(x.dtype for x in floating if x is not None)
     )
-    plan = ChunkPlan(chunk_size=chunk_size, group=group)
+    plan = ChunkPlan(chunk_size=chunk_size, group=group, entropy=return_entropy)
     tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                teacher_bias, teacher_logits, topk_logprobs, topk_indices)
     return _custom_ops.linear_kd_loss(cfg, plan, labels, tensors, backend)
@@ -787,3 +861,9 @@ def rkd_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor,
                      teacher_embeddings, min_batch=2)
     return representation.rkd_loss(student_embeddings, teacher_embeddings, distance_weight,
                                    angle_weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-tokenizer distillation: Universal Logit Distillation (ULD)
+# ---------------------------------------------------------------------------------------------
+

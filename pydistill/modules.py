@@ -8,11 +8,25 @@ from torch import nn
 
 from pydistill import _validation as check
 from pydistill import functional as F
+from pydistill.reference.softmax_divergence import config_fields
 from pydistill.reference.topk_divergence import TAILS
 from pydistill.reference.representation import AT_MODES
 
 __all__ = ["KDLoss", "LinearKDLoss", "TopKKDLoss", "AttentionTransferLoss", "HintLoss", "HintRegressor",
            "RKDLoss", "AttentionKDLoss", "RelationKDLoss"]
+
+
+def transform_kwargs(cfg) -> dict:
+    """The per-model logit transforms of a config, as keyword arguments of the functions."""
+    return dict(student_logit_scale=cfg.student_logit_scale,
+                teacher_logit_scale=cfg.teacher_logit_scale,
+                student_softcap=cfg.student_softcap, teacher_softcap=cfg.teacher_softcap)
+
+
+def _transform_repr(cfg) -> str:
+    defaults = dict(student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
+                    teacher_softcap=None)
+    return "".join(f"{k}={v}, " for k, v in transform_kwargs(cfg).items() if v != defaults[k])
 
 
 class KDLoss(nn.Module):
@@ -30,6 +44,10 @@ class KDLoss(nn.Module):
         soft_weight: float = 1.0,
         t2: bool = True,
         softcap: Optional[float] = None,
+        student_logit_scale: float = 1.0,
+        teacher_logit_scale: float = 1.0,
+        student_softcap: Optional[float] = None,
+        teacher_softcap: Optional[float] = None,
         reduction: str = "mean",
         backend: str = "auto",
     ):
@@ -37,7 +55,9 @@ class KDLoss(nn.Module):
         self.cfg = F.kd_config(
             divergence=divergence, temperature=temperature, beta=beta,
             ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight,
-            t2=t2, softcap=softcap, reduction=reduction,
+            t2=t2, softcap=softcap, student_logit_scale=student_logit_scale,
+            teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
+            teacher_softcap=teacher_softcap, reduction=reduction,
         )
         if not isinstance(backend, str):
             raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
@@ -49,8 +69,8 @@ class KDLoss(nn.Module):
         return F.kd_loss(
             student_logits, teacher_logits, divergence=c.divergence, temperature=c.temperature,
             beta=c.beta, labels=labels, ignore_index=c.ignore_index, hard_weight=c.hard_weight,
-            soft_weight=c.soft_weight, t2=c.t2, softcap=c.softcap, reduction=c.reduction,
-            backend=self.backend,
+            soft_weight=c.soft_weight, t2=c.t2, reduction=c.reduction, backend=self.backend,
+            **transform_kwargs(c),
         )
 
     def extra_repr(self) -> str:
@@ -58,7 +78,7 @@ class KDLoss(nn.Module):
         return (
             f"divergence={c.divergence!r}, temperature={c.temperature}, beta={c.beta}, "
             f"hard_weight={c.hard_weight}, soft_weight={c.soft_weight}, t2={c.t2}, "
-            f"softcap={c.softcap}, reduction={c.reduction!r}, backend={self.backend!r}"
+            f"{_transform_repr(c)}reduction={c.reduction!r}, backend={self.backend!r}"
         )
 
 
@@ -69,6 +89,10 @@ class TopKKDLoss(KDLoss):
 
     def __init__(self, *, tail: str = "bucket", teacher_temperature: Optional[float] = None,
                  backend: str = "auto", **kd_kwargs):
+        for name in ("teacher_logit_scale", "teacher_softcap"):
+            if kd_kwargs.get(name, 1.0 if name == "teacher_logit_scale" else None) not in (1.0, None):
+                raise ValueError(f"{name}: a top-k teacher arrives as log-probs and takes no logit "
+                                 f"transform, got {name}={kd_kwargs[name]}")
         super().__init__(backend=backend, **kd_kwargs)
         self.cfg = F.topk_config(tail=tail, teacher_temperature=teacher_temperature, **kd_kwargs)
 
@@ -76,9 +100,11 @@ class TopKKDLoss(KDLoss):
                 teacher_topk_indices: torch.Tensor,
                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         c = self.cfg
+        fields = {f: v for f, v in config_fields(c).items()
+                  if f not in ("teacher_logit_scale", "teacher_softcap")}
         return F.topk_kd_loss(
             student_logits, teacher_topk_logprobs, teacher_topk_indices,
-            labels=labels, backend=self.backend, **{f: getattr(c, f) for f in c.__dataclass_fields__},
+            labels=labels, backend=self.backend, **fields,
         )
 
     def extra_repr(self) -> str:
@@ -95,8 +121,10 @@ class LinearKDLoss(KDLoss):
     """
 
     def __init__(self, *, chunk_size="auto", process_group=None, tail: str = "bucket",
-                 teacher_temperature: Optional[float] = None, **kd_kwargs):
+                 teacher_temperature: Optional[float] = None, return_entropy: bool = False,
+                 **kd_kwargs):
         super().__init__(**kd_kwargs)
+        self.return_entropy = check.boolean("return_entropy", return_entropy)
         self.chunk_size = check.chunk_size("chunk_size", chunk_size)
         self.process_group = check.process_group("process_group", process_group)
         self.tail = check.choice("tail", tail, TAILS)
@@ -118,8 +146,9 @@ class LinearKDLoss(KDLoss):
             process_group=self.process_group, tail=self.tail,
             teacher_temperature=self.teacher_temperature, divergence=c.divergence,
             temperature=c.temperature, beta=c.beta, labels=labels, ignore_index=c.ignore_index,
-            hard_weight=c.hard_weight, soft_weight=c.soft_weight, t2=c.t2, softcap=c.softcap,
-            reduction=c.reduction, backend=self.backend,
+            hard_weight=c.hard_weight, soft_weight=c.soft_weight, t2=c.t2,
+            reduction=c.reduction, return_entropy=self.return_entropy, backend=self.backend,
+            **transform_kwargs(c),
         )
 
     def extra_repr(self) -> str:
@@ -274,3 +303,4 @@ class RKDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}"
+

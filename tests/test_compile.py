@@ -82,6 +82,24 @@ def test_linear_kd_loss_compiles():
     _compare(make, (8, 6), (x, w_s, h_t, w_t))
 
 
+def test_linear_kd_loss_transforms_and_entropy_compile():
+    x = torch.randn(2, 5, 8)
+    w_s = torch.randn(16, 6)
+    h_t, w_t = torch.randn(2, 5, 6), torch.randn(16, 6)
+    y = torch.randint(0, 16, (2, 5))
+    y[1, 2] = -100
+
+    def make():
+        def step(lin, x, w_s, h_t, w_t, y):
+            loss, entropy = pydistill.linear_kd_loss(
+                lin(x), w_s, h_t, w_t, labels=y, chunk_size=3, backend="torch", divergence="jsd",
+                student_logit_scale=0.5, student_softcap=3.0, teacher_logit_scale=2.0,
+                return_entropy=True)
+            return loss + entropy.sum()  # the entropy carries no gradient
+        return step
+    _compare(make, (8, 6), (x, w_s, h_t, w_t, y))
+
+
 def test_attention_kd_loss_compiles():
     x = torch.randn(2, 6, 8)
     t_q, t_k = torch.randn(2, 2, 6, 4), torch.randn(2, 1, 6, 4)
@@ -100,10 +118,11 @@ def test_attention_kd_loss_compiles():
 
 # ---- opcheck: each op, a few option sets, for real on CPU tensors --------------------------
 
-_KD_OPTS = [  # divergence, temperature, beta, ignore_index, hard_w, soft_w, t2, softcap, reduction
-    ("kl", 1.0, 0.5, -100, 0.0, 1.0, True, None, "mean"),
-    ("jsd", 2.0, 0.3, -100, 0.5, 1.0, False, 20.0, "sum"),
-    ("reverse_kl", 1.5, 0.5, -100, 0.0, 1.0, True, None, "none"),
+_NO_TRANSFORM = [1.0, 0.0, 1.0, 0.0]  # student scale, soft-cap (0: none), teacher scale, soft-cap
+_KD_OPTS = [  # divergence, temperature, beta, ignore_index, hard_w, soft_w, t2, transform, reduction
+    ("kl", 1.0, 0.5, -100, 0.0, 1.0, True, _NO_TRANSFORM, "mean"),
+    ("jsd", 2.0, 0.3, -100, 0.5, 1.0, False, [1.0, 20.0, 1.0, 20.0], "sum"),
+    ("reverse_kl", 1.5, 0.5, -100, 0.0, 1.0, True, [0.5, 0.0, 2.0, 3.0], "none"),
 ]
 
 
@@ -128,8 +147,8 @@ def test_opcheck_topk_kd_loss(tail):
     lp, idx = torch.randn(5, 12).log_softmax(-1).topk(3)
     for red in ("mean", "none"):
         torch.library.opcheck(_custom_ops.topk_kd_loss_op, (
-            s, lp, idx, None, tail, None, "kl", 1.0, 0.5, -100, 0.0, 1.0, True, None, red,
-            "torch", True))
+            s, lp, idx, None, tail, None, "kl", 1.0, 0.5, -100, 0.0, 1.0, True,
+            [0.7, 4.0, 1.0, 0.0], red, "torch", True))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -137,10 +156,11 @@ def test_opcheck_linear_kd_loss(reduction):
     h, w = _req(torch.randn(6, 4)), torch.randn(10, 4)
     b = _req(torch.randn(10))
     h_t, w_t = _req(torch.randn(6, 5)), _req(torch.randn(9, 5))  # V_t < V_s: finite kl
-    kd = ("kl", 1.0, 0.5, -100, 0.0, 1.0, True, None, reduction)
+    kd = ("kl", 1.0, 0.5, -100, 0.0, 1.0, True, [1.3, 0.0, 0.8, 5.0], reduction)
     needs = [True, False, True, True, True, False, False]
     args = (None, h, w, b, h_t, w_t, None, None, None, None, 4, "bucket", None, *kd, "torch", needs)
-    torch.library.opcheck(_custom_ops.linear_kd_loss_op, args)
+    for entropy in (False, True):
+        torch.library.opcheck(_custom_ops.linear_kd_loss_op, (*args, entropy))
     if reduction == "none":
         g = torch.rand(6)
         torch.library.opcheck(_custom_ops.linear_kd_loss_backward_op, (g, *_detached(args)))
@@ -187,6 +207,18 @@ def test_ops_equal_functions_eager(monkeypatch, reduction):
     h, w, h_t, w_t = torch.randn(4, 6), torch.randn(12, 6), torch.randn(4, 5), torch.randn(10, 5)
     _eager_both_ways(monkeypatch, lambda h, h_t, w_t: pydistill.linear_kd_loss(
         h, w, h_t, w_t, reduction=reduction, chunk_size=3, backend="torch"), (h, h_t, w_t))
+    transforms = dict(student_logit_scale=0.6, teacher_softcap=2.0, teacher_logit_scale=1.4)
+    _eager_both_ways(monkeypatch, lambda s, t: pydistill.kd_loss(
+        s, t, reduction=reduction, backend="torch", **transforms), (s, t))
+    _eager_both_ways(monkeypatch, lambda h, h_t, w_t: pydistill.linear_kd_loss(
+        h, w, h_t, w_t, reduction=reduction, chunk_size=3, backend="torch", **transforms),
+        (h, h_t, w_t))
+    both = []
+    for force in (False, True):  # the entropy output through the op as well
+        monkeypatch.setattr(_custom_ops, "FORCE", force)
+        both.append(pydistill.linear_kd_loss(h, w, h_t, w_t, reduction=reduction, chunk_size=3,
+                                             backend="torch", return_entropy=True, **transforms))
+    torch.testing.assert_close(both[1], both[0])
     q, k = torch.randn(2, 2, 5, 4), torch.randn(2, 1, 5, 4)
     _eager_both_ways(monkeypatch, lambda q, k, tq: pydistill.attention_kd_loss(
         q, k, tq, k.detach(), reduction=reduction, backend="torch"),
@@ -264,7 +296,7 @@ def test_triton_backend_compiles_and_opchecks():
     torch.testing.assert_close(results[1], results[0])
     s, t = _req(torch.randn(4, 12, device=device)), _req(torch.randn(4, 12, device=device))
     torch.library.opcheck(_custom_ops.kd_loss_op, (s, t, None, "kl", 1.0, 0.5, -100, 0.0, 1.0,
-                                                   True, None, "mean", "triton", True, True))
+                                                   True, _NO_TRANSFORM, "mean", "triton", True, True))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -291,7 +323,8 @@ def test_triton_tiled_linear_kd_compiles_and_opchecks(reduction):
         loss.backward()
         results.append((loss.detach(), hh.grad, ww.grad))
     torch.testing.assert_close(results[1], results[0])
-    kd = ("kl", 2.0, 0.5, -100, 0.0, 1.0, True, None, reduction)
+    kd = ("kl", 2.0, 0.5, -100, 0.0, 1.0, True, _NO_TRANSFORM, reduction)
     args = (None, _req(h), _req(w), None, h_t, w_t, None, None, None, None, -1, "bucket", None,
             *kd, "triton", [True, True])
-    torch.library.opcheck(_custom_ops.linear_kd_loss_op, args)
+    for entropy in (False, True):  # the tiled kernels accumulate the entropy too
+        torch.library.opcheck(_custom_ops.linear_kd_loss_op, (*args, entropy))

@@ -1,5 +1,8 @@
 """pydistill.integrations: TRL's generalized_jsd_loss on kd_loss, its fused hidden-state
-variant, and the Hugging Face Trainer integration on tiny Llama models on the CPU."""
+variant, and the Hugging Face Trainer integration on tiny models on the CPU (Llama; and, for
+the per-model logit transforms, Gemma-2, Cohere, Granite, HyperCLOVA X and a Muse Glimmer VLM
+against their own forward logits in float64). TRL's DistillationTrainer drop-in:
+tests/test_trl_dropin.py."""
 import math
 import subprocess
 import sys
@@ -299,3 +302,194 @@ def test_trainer_needs_a_teacher(tmp_path):
         from pydistill.integrations import causal_lm_kd_loss
         causal_lm_kd_loss(tiny_llama(16, 1, 20, 0), tiny_llama(16, 1, 20, 1),
                           batch(1, 4, 20, 0), loss=pdl.KDLoss())
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-model logit transforms: each head's own scale / soft-cap, read from its config
+
+from pydistill.reference import softmax_divergence as SD  # noqa: E402
+from pydistill.reference.softmax_divergence import transform_logits  # noqa: E402
+
+V_SMALL = 48
+# the transform each architecture's head applies, as its config says it; the two Gemma-2
+# roles differ so that a pair of them has two different caps
+TRANSFORMS = {
+    "llama": {}, "qwen2": {},
+    "gemma2": {"student": dict(final_logit_softcapping=2.5), "teacher": dict(final_logit_softcapping=3.0)},
+    "cohere": dict(logit_scale=0.5),  # logits * logit_scale
+    "granite": dict(logits_scaling=2.0),  # logits / logits_scaling
+    "hyperclovax": dict(logits_scaling=1.5),  # logits * logits_scaling
+    # a VLM: the transform lives on its text config only (Muse Glimmer: multiplier, then cap)
+    "glimmer": dict(output_multiplier=0.7, final_logit_softcapping=2.0),
+}
+# (transformers config, model) class names
+ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+         "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"), "cohere": ("CohereConfig", "CohereForCausalLM"),
+         "granite": ("GraniteConfig", "GraniteForCausalLM"),
+         "hyperclovax": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM")}
+
+
+def tiny_lm(kind, role, hidden, seed, vocab=V_SMALL, dtype=torch.float64):
+    """A one-layer causal LM of architecture ``kind`` with its transform (TRANSFORMS) and an LM
+    head whose raw logits spread ~4, so that the scale and the cap change the softmax."""
+    transform = TRANSFORMS[kind].get(role, TRANSFORMS[kind]) if "student" in TRANSFORMS[kind] else TRANSFORMS[kind]
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2, **transform)
+    torch.manual_seed(seed)
+    if kind == "glimmer":
+        from transformers.models.muse_glimmer import configuration_muse_glimmer as mg
+
+        config = mg.MuseGlimmerConfig(
+            text_config=dict(text, head_dim=hidden // 4),
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+            tie_word_embeddings=False)
+        model = transformers.MuseGlimmerForConditionalGeneration(config)
+    else:
+        config_cls, model_cls = (getattr(transformers, name) for name in ARCHS[kind])
+        extra = dict(head_dim=hidden // 4) if kind == "gemma2" else {}
+        model = model_cls(config_cls(tie_word_embeddings=False, **text, **extra))
+    model = model.to(dtype)
+    with torch.no_grad():
+        w = model.get_output_embeddings().weight
+        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(seed + 100)) * 4 / math.sqrt(hidden))
+    return model
+
+
+def model_logits_loss(student, teacher, inputs, loss_kwargs, student_transform=None):
+    """The float64 reference: kd_loss of pydistill's reference on the models' own forward
+    logits (which include their transforms), with no transform of its own; the student's
+    logits padded with -inf to the teacher's vocabulary."""
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    s = student(**model_inputs).logits
+    if student_transform is not None:
+        s = transform_logits(s, *student_transform)
+    with torch.no_grad():
+        t = teacher(**model_inputs).logits
+    if t.shape[-1] > s.shape[-1]:
+        s = torch.cat([s, torch.full((*s.shape[:-1], t.shape[-1] - s.shape[-1]), -math.inf, dtype=s.dtype)], -1)
+    y = F.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
+    return SD.kd_loss(s, t, y, SD.KDConfig(**loss_kwargs))
+
+
+def assert_same_loss_and_grads(student, got, want):
+    params = [p for p in student.parameters() if p.requires_grad]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    g_got = torch.autograd.grad(got, params, allow_unused=True)
+    g_want = torch.autograd.grad(want, params, allow_unused=True)
+    assert sum(g is not None for g in g_want) > 2
+    for (name, _), a, b in zip(student.named_parameters(), g_got, g_want):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("kind", list(TRANSFORMS))
+def test_model_logits_include_their_transform(kind):
+    """What the reference relies on: forward(...).logits = cap(a * lm_head(h)) with (a, cap)
+    from logit_transform, and the transform is not the identity at these sizes."""
+    from pydistill.integrations.hf import logit_transform
+
+    model = tiny_lm(kind, "student", 32, 0)
+    inputs = batch(2, 7, V_SMALL, 1)
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    logits = model(**model_inputs).logits
+    raw = model.get_output_embeddings()(model.base_model(**model_inputs).last_hidden_state)
+    scale, cap = logit_transform(model)
+    torch.testing.assert_close(logits, transform_logits(raw, scale, cap), rtol=1e-12, atol=1e-12)
+    if TRANSFORMS[kind]:
+        assert (logits - raw).abs().max() > 0.5
+
+
+PAIRS = [
+    ("gemma2", "gemma2"),  # two different caps
+    ("llama", "gemma2"),  # a Gemma-2 teacher into a Llama student
+    ("gemma2", "qwen2"),
+    ("cohere", "llama"), ("qwen2", "cohere"),
+    ("granite", "llama"), ("llama", "granite"),
+    ("cohere", "gemma2"), ("granite", "cohere"),
+    ("hyperclovax", "gemma2"), ("qwen2", "hyperclovax"),
+    ("glimmer", "llama"), ("qwen2", "glimmer"),
+]
+
+
+@pytest.mark.parametrize("student_kind,teacher_kind", PAIRS)
+def test_causal_lm_kd_loss_applies_each_models_transform(student_kind, teacher_kind):
+    from pydistill.integrations import causal_lm_kd_loss
+
+    student = tiny_lm(student_kind, "student", 32, 0)
+    teacher = tiny_lm(teacher_kind, "teacher", 48, 1)
+    inputs = batch(3, 9, V_SMALL, 2)
+    got = causal_lm_kd_loss(student, teacher, inputs, pdl.LinearKDLoss(**LOSS))
+    assert_same_loss_and_grads(student, got, model_logits_loss(student, teacher, inputs, LOSS))
+
+
+def test_padded_teacher_vocabulary_with_transforms():
+    from pydistill.integrations import causal_lm_kd_loss
+
+    student = tiny_lm("cohere", "student", 32, 3)
+    teacher = tiny_lm("gemma2", "teacher", 48, 4, vocab=V_SMALL + 5)
+    inputs = batch(3, 9, V_SMALL, 5)
+    got = causal_lm_kd_loss(student, teacher, inputs, pdl.LinearKDLoss(**LOSS))
+    assert_same_loss_and_grads(student, got, model_logits_loss(student, teacher, inputs, LOSS))
+
+
+def test_loss_transforms_and_the_configs():
+    """The loss may repeat a config's transform (same result), set one where a config declares
+    none (applied), but not contradict one (ValueError naming the argument and the field)."""
+    from pydistill.integrations import causal_lm_kd_loss
+
+    gemma_s, gemma_t = tiny_lm("gemma2", "student", 32, 6), tiny_lm("gemma2", "teacher", 48, 7)
+    inputs = batch(2, 8, V_SMALL, 8)
+    want = causal_lm_kd_loss(gemma_s, gemma_t, inputs, LOSS)
+    same = causal_lm_kd_loss(gemma_s, gemma_t, inputs, dict(LOSS, student_softcap=2.5, teacher_softcap=3.0))
+    torch.testing.assert_close(same, want, rtol=0, atol=0)
+    for bad, words in ((dict(student_softcap=2.0), r"student_softcap: the loss says 2\.0.*2\.5.*final_logit_softcapping"),
+                       (dict(softcap=3.0), r"student_softcap: the loss says 3\.0"),
+                       (dict(teacher_softcap=2.5), r"teacher_softcap")):
+        with pytest.raises(ValueError, match=words):
+            causal_lm_kd_loss(gemma_s, gemma_t, inputs, dict(LOSS, **bad))
+    cohere = tiny_lm("cohere", "teacher", 48, 9)
+    with pytest.raises(ValueError, match=r"teacher_logit_scale: the loss says 0\.25.*0\.5.*logit_scale"):
+        causal_lm_kd_loss(gemma_s, cohere, inputs, dict(LOSS, teacher_logit_scale=0.25))
+    granite = tiny_lm("granite", "teacher", 48, 9)
+    same = causal_lm_kd_loss(gemma_s, granite, inputs, dict(LOSS, teacher_logit_scale=0.5))
+    torch.testing.assert_close(same, causal_lm_kd_loss(gemma_s, granite, inputs, LOSS), rtol=0, atol=0)
+    # a Llama student's config declares nothing: the loss's transform is applied to its logits
+    llama = tiny_lm("llama", "student", 32, 10)
+    got = causal_lm_kd_loss(llama, gemma_t, inputs,
+                            dict(LOSS, student_logit_scale=0.5, student_softcap=4.0))
+    assert_same_loss_and_grads(llama, got, model_logits_loss(llama, gemma_t, inputs, LOSS, (0.5, 4.0)))
+
+
+def test_logit_transform_reads_configs_as_trl():
+    """TRL 1.16's DistillationTrainer rule: logit_scale, else output_multiplier, else
+    lm_head_multiplier, else 1 / logits_scaling (times it for hyperclovax); None: 1.0;
+    final_logit_softcapping; a VLM's text config."""
+    from types import SimpleNamespace as C
+
+    from pydistill.integrations.hf import logit_transform
+
+    assert logit_transform(C()) == (1.0, None)
+    assert logit_transform(C(logit_scale=None, final_logit_softcapping=None)) == (1.0, None)
+    assert logit_transform(C(logit_scale=0.25, output_multiplier=3.0, logits_scaling=8.0)) == (0.25, None)
+    assert logit_transform(C(logit_scale=None, output_multiplier=0.2, lm_head_multiplier=5.0)) == (0.2, None)
+    assert logit_transform(C(lm_head_multiplier=5.0, logits_scaling=8.0)) == (5.0, None)
+    assert logit_transform(C(model_type="granite", logits_scaling=8.0)) == (0.125, None)
+    assert logit_transform(C(model_type="minicpm3", logits_scaling=4)) == (0.25, None)
+    assert logit_transform(C(model_type="hyperclovax", logits_scaling=8.0)) == (8.0, None)
+    assert logit_transform(C(final_logit_softcapping=30.0)) == (1.0, 30.0)
+    # the real configs
+    assert logit_transform(transformers.HyperCLOVAXConfig(logits_scaling=1.5)) == (1.5, None)
+    assert logit_transform(transformers.GraniteConfig(logits_scaling=4.0)) == (0.25, None)
+    assert logit_transform(transformers.CohereConfig()) == (0.0625, None)
+    assert logit_transform(transformers.Gemma2Config()) == (1.0, 30.0)
+    assert logit_transform(transformers.LlamaConfig()) == (1.0, None)
+    # a VLM: the fields are on the text config, read through get_text_config()
+    vlm = C(final_logit_softcapping=None, get_text_config=lambda: C(logit_scale=0.5, final_logit_softcapping=7.0))
+    assert logit_transform(vlm) == (0.5, 7.0)
+    gemma3 = transformers.Gemma3Config(text_config=dict(final_logit_softcapping=20.0))
+    assert logit_transform(gemma3) == (1.0, 20.0)
+    # a model: its config; a module without one: the identity
+    assert logit_transform(tiny_lm("hyperclovax", "student", 16, 0)) == (1.5, None)
+    assert logit_transform(torch.nn.Linear(2, 3)) == (1.0, None)

@@ -43,10 +43,11 @@ def kd_variants():
     out = []
     for div, (arch, full) in itertools.product(DIVERGENCES, [(90, True), (90, False), (80, True)]):
         code = DIVERGENCE_CODES[div]
-        flags = dict(DIV=code, HAS_SOFTCAP=full, HAS_LABELS=full, HAS_HARD=full, HAS_SOFT=True,
-                     CE_SEPARATE=full, HAS_SCALE_PTR=full, GRAD_S=full, GRAD_T=full,
-                     BLOCK_V=4096)
-        fwd = dict(flags, NEEDS_PASS2=div not in ("kl", "reverse_kl"), STORE_STATS=not full)
+        flags = dict(DIV=code, S_CAP=full, T_CAP=full, HAS_LABELS=full, HAS_HARD=full,
+                     HAS_SOFT=True, CE_SEPARATE=full, HAS_SCALE_PTR=full, GRAD_S=full,
+                     GRAD_T=full, BLOCK_V=4096)
+        fwd = dict(flags, NEEDS_PASS2=div not in ("kl", "reverse_kl"), STORE_STATS=not full,
+                   ENTROPY=full)
         tag = f"{div}-sm{arch}-{'all' if full else 'min'}"
         out.append(dict(name=f"fwd-{tag}", module=KERNELS, kernel="_kd_fwd_kernel", consts=fwd,
                         pointer_types=ptrs("bf16"), arch=arch, num_warps=8))
@@ -55,9 +56,10 @@ def kd_variants():
                             consts=flags, pointer_types=ptrs("bf16"), arch=arch, num_warps=8))
     # other dtypes, int32 labels, 64-bit strides, the other tile sizes of the launcher
     for dt, labels, int_type, block, warps in [("fp16", "i32", "i64", 1024, 4), ("fp32", "i64", "i32", 8192, 16)]:
-        flags = dict(DIV=0, HAS_SOFTCAP=True, HAS_LABELS=True, HAS_HARD=True, HAS_SOFT=True,
-                     CE_SEPARATE=False, HAS_SCALE_PTR=True, GRAD_S=True, GRAD_T=True,
-                     NEEDS_PASS2=False, STORE_STATS=True, BLOCK_V=block)
+        flags = dict(DIV=0, S_CAP=True, T_CAP=False, HAS_LABELS=True, HAS_HARD=True,
+                     HAS_SOFT=True, CE_SEPARATE=False, HAS_SCALE_PTR=True, GRAD_S=True,
+                     GRAD_T=True, NEEDS_PASS2=False, STORE_STATS=True, ENTROPY=False,
+                     BLOCK_V=block)
         out.append(dict(name=f"fwd-kl-{dt}-{int_type}", module=KERNELS, kernel="_kd_fwd_kernel",
                         consts=flags, pointer_types=ptrs(dt, labels), arch=90, num_warps=warps,
                         int_type=int_type))
@@ -98,7 +100,7 @@ def topk_variants():
         return {"s_ptr": dt, "lp_ptr": lp or dt, "idx_ptr": ids, "gs_ptr": dt, "labels_ptr": "i64"}
 
     def flags(div, tail, full, block_k=64, block_v=4096):
-        return dict(DIV=DIVERGENCE_CODES[div], TAIL=TAIL_CODES[tail], HAS_SOFTCAP=full,
+        return dict(DIV=DIVERGENCE_CODES[div], TAIL=TAIL_CODES[tail], S_CAP=full,
                     HAS_LABELS=full, HAS_HARD=full, HAS_SOFT=True, HAS_SCALE_PTR=full,
                     BLOCK_V=block_v, BLOCK_K=block_k)
 
@@ -193,8 +195,9 @@ def linear_variants():
 
     def flags(div, full, t_head=True, precision="tf32"):
         return dict(DIV=DIVERGENCE_CODES[div], HAS_SOFT=True, CE_SEPARATE=full, HAS_LABELS=full,
-                    HAS_BIAS=full, T_HEAD=t_head, T_HAS_BIAS=full and t_head, HAS_SOFTCAP=full,
-                    PRECISION=precision, T_PRECISION=precision, DOT_IN_FP32=False)
+                    HAS_BIAS=full, T_HEAD=t_head, T_HAS_BIAS=full and t_head, S_CAP=full,
+                    T_CAP=full and t_head, PRECISION=precision, T_PRECISION=precision,
+                    DOT_IN_FP32=False)
 
     out = []
     # (name, divergence, all options, teacher head, dtype, precision, arch): the launcher's tiles
@@ -211,11 +214,11 @@ def linear_variants():
         block_n, block_v, block_k, warps = K.GPU_BLOCKS_FWD
         tiles = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k)
         out.append(dict(name=f"fwd-{name}", module=module, kernel="_linear_kd_fwd_kernel",
-                        consts=dict(fwd, PASS2=False, **tiles), pointer_types=ptrs(dt), arch=arch,
-                        num_warps=warps))
+                        consts=dict(fwd, PASS2=False, ENTROPY=full, **tiles),
+                        pointer_types=ptrs(dt), arch=arch, num_warps=warps))
         if div not in ("kl", "reverse_kl"):
             out.append(dict(name=f"fwd2-{name}", module=module, kernel="_linear_kd_fwd_kernel",
-                            consts=dict(fwd, PASS2=True, **tiles), pointer_types=ptrs(dt),
+                            consts=dict(fwd, PASS2=True, ENTROPY=False, **tiles), pointer_types=ptrs(dt),
                             arch=arch, num_warps=warps))
         block_n, block_v, block_k, warps = K.GPU_BLOCKS_BWD
         bwd = {k: v for k, v in fwd.items()}
@@ -230,3 +233,4 @@ def test_linear_kd_kernels_compile_for_sm80_and_sm90(tmp_path):
     # register use and spills are printed (pytest -s) for the tile choice; not asserted until
     # the tiles are tuned on a GPU
     compile_all(linear_variants(), tmp_path)
+

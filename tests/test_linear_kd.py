@@ -145,7 +145,8 @@ def test_teacher_kinds(backend, kind, divergence, request):
 
 @pytest.mark.parametrize("backend,divergence,option", matrix(
     ["kl", "skew_reverse_kl"], list(OPTION_SETS),
-    interpreted=lambda d, o: d == "kl" and o in ("hard+ignore", "none", "softcap", "teacher_grad", "ce_only")))
+    interpreted=lambda d, o: d == "kl" and o in ("hard+ignore", "none", "softcap", "teacher_grad", "ce_only",
+                                               "scale+cap", "teacher_cap")))
 def test_options(backend, divergence, option, request):
     if backend == "triton":
         request.getfixturevalue("block_v")(32)

@@ -118,7 +118,7 @@ def float32_references(backend, student, teacher, labels, cfg, grad_out, teacher
     if backend != "torch":
         s = student.detach().float().requires_grad_()
         t = teacher.detach().float().requires_grad_(teacher_grad)
-        kw = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
+        kw = R.config_fields(cfg)
         loss = pdl.kd_loss(s, t, labels=labels, backend="torch", **kw)
         g = torch.autograd.grad(loss, [s, t] if teacher_grad else [s], grad_out.to(loss.dtype))
         refs.append((loss.detach(), g[0], g[1] if teacher_grad else torch.zeros_like(t)))
@@ -162,8 +162,8 @@ def smooth_rows(student, teacher, cfg):
     lead = student.shape[:-1]
     if cfg.divergence != "tvd":
         return torch.ones(lead, dtype=torch.bool, device=student.device)
-    log_p = R.tempered_log_softmax(teacher.double(), cfg.temperature, cfg.softcap)
-    log_q = R.tempered_log_softmax(student.double(), cfg.temperature, cfg.softcap)
+    log_p = torch.log_softmax(cfg.teacher_transform(teacher.double()) / cfg.temperature, -1)
+    log_q = torch.log_softmax(cfg.student_transform(student.double()) / cfg.temperature, -1)
     p, q = log_p.exp(), log_q.exp()
     tie = (p - q).abs() <= 1e-5 * (p + q)
     return ~(tie & (p + q > 0)).any(-1)
@@ -344,6 +344,14 @@ OPTION_SETS = {
     "teacher_grad": dict(teacher_grad=True, temperature=2.0, labels="ignore"),
     "teacher_grad+softcap": dict(teacher_grad=True, softcap=2.5, reduction="sum"),
     "ce_only": dict(soft_weight=0.0, hard_weight=1.0, labels="ignore", teacher_grad=True),
+    # per-model logit transforms (a Gemma-2 teacher into a Cohere-scaled student, ...)
+    "scales": dict(student_logit_scale=0.37, teacher_logit_scale=2.1, temperature=1.5,
+                   hard_weight=0.3, labels="ignore"),
+    "caps": dict(student_softcap=4.0, teacher_softcap=2.5, teacher_grad=True, reduction="sum"),
+    "scale+cap": dict(student_logit_scale=1.8, student_softcap=3.0, teacher_logit_scale=0.5,
+                      temperature=0.7, hard_weight=0.4, labels="all", teacher_grad=True),
+    "teacher_cap": dict(teacher_logit_scale=3.0, teacher_softcap=1.5, reduction="none",
+                        labels="ignore"),
 }
 
 

@@ -55,7 +55,9 @@ def topk_teacher(lead, vocab, k, dtype=torch.float32, *, seed=0, t_gen=1.0, scal
 
 
 def fields(cfg):
-    return {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
+    """topk_kd_loss's keyword arguments of a config (the teacher takes no logit transform)."""
+    return {k: v for k, v in RK.config_fields(cfg).items()
+            if k not in ("teacher_logit_scale", "teacher_softcap")}
 
 
 def reference(student, lp, idx, labels, cfg, grad_out, dtype):
@@ -85,7 +87,7 @@ def smooth_rows(student, lp, idx, cfg):
     P = Q, which float32 and float64 may resolve differently (test_softmax_divergence)."""
     if cfg.divergence != "tvd":
         return torch.ones(student.shape[:-1], dtype=torch.bool, device=student.device)
-    z = RK.softcap_logits(student.double(), cfg.softcap)
+    z = cfg.student_transform(student.double())
     log_p, log_q = R.outcome_log_probs(z, lp.double(), idx, cfg)
     p, q = log_p.exp(), log_q.exp()
     tie = (p - q).abs() <= 1e-5 * (p + q)
@@ -295,6 +297,9 @@ OPTION_SETS = {
     "none": dict(reduction="none", labels="ignore", hard_weight=0.3),
     "batchmean": dict(reduction="batchmean", labels="ignore"),
     "softcap": dict(softcap=3.0, temperature=2.0, hard_weight=0.2, labels="all"),
+    "scale+cap": dict(student_logit_scale=1.7, student_softcap=4.0, temperature=0.8,
+                      hard_weight=0.3, labels="ignore"),
+    "scale": dict(student_logit_scale=0.3, teacher_temperature=1.4, reduction="sum"),
     # -inf teacher entries (padding); divergences that stay finite with P = 0 < Q
     "padded": dict(padded=True, temperature=2.0, divergences=("kl", "jsd", "tvd")),
     "int32-ids": dict(int32=True, teacher_temperature=0.6, temperature=1.2),

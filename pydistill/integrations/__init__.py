@@ -2,6 +2,9 @@
 
 - :func:`generalized_jsd_loss`: TRL's GKD loss (same signature and value) on pydistill's
   kernels; :func:`linear_generalized_jsd_loss`: the same from hidden states and LM heads.
+- :func:`trl_chunked_divergence_loss`: TRL's ``DistillationTrainer`` loss
+  (``trl.trainer.distillation_trainer._chunked_divergence_loss``: same signature and return
+  value) on :func:`pydistill.linear_kd_loss`.
 - :class:`DistillationTrainer` / :func:`causal_lm_kd_loss`: a Hugging Face ``Trainer`` that
   distils a teacher into a causal LM through :func:`pydistill.linear_kd_loss` (no logits).
 
@@ -9,9 +12,10 @@
 integration imports ``transformers`` when one of its names is first used.
 """
 from pydistill.integrations.gkd import generalized_jsd_loss, linear_generalized_jsd_loss
+from pydistill.integrations.trl import trl_chunked_divergence_loss
 
-__all__ = ["generalized_jsd_loss", "linear_generalized_jsd_loss", "DistillationTrainer",
-           "causal_lm_kd_loss"]
+__all__ = ["generalized_jsd_loss", "linear_generalized_jsd_loss", "trl_chunked_divergence_loss",
+           "DistillationTrainer", "causal_lm_kd_loss"]
 
 _HF = ("DistillationTrainer", "causal_lm_kd_loss")
 

@@ -19,10 +19,15 @@ FSDP module): a head sharded by its own ``fully_shard`` is only gathered when th
 itself is called, which this path never does, and is refused with an error. The teacher's
 head is read after its forward; if it is still sharded it is all-gathered with
 ``DTensor.full_tensor()`` (no gradient).
+
+Logit transforms: heads that scale or soft-cap their logits (Cohere, Granite, Gemma-2,
+Falcon-H1, ...) are distilled through the same transform, per model, read from each model's
+config (:func:`logit_transform`, TRL's rule), so the loss is that of the models' own logits.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+import math
+from typing import Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +36,13 @@ import transformers
 from pydistill import functional as pdf
 from pydistill.modules import LinearKDLoss
 
-__all__ = ["DistillationTrainer", "causal_lm_kd_loss"]
+__all__ = ["DistillationTrainer", "causal_lm_kd_loss", "logit_transform"]
 
 # inputs a collator may add that are not backbone arguments
 _NOT_MODEL_INPUTS = ("labels", "shift_labels", "num_items_in_batch", "return_loss")
-# logit transforms some heads apply after the matmul (Cohere, Granite, Falcon-H1, ...)
-_LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+# config fields of the logit scale some heads apply after the matmul, in TRL's order of
+# precedence (logits_scaling, divided by, comes last: logit_transform)
+_LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier")
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -73,35 +79,77 @@ def _call_through(wrapper: torch.nn.Module, module: torch.nn.Module, fn):
         restore()
 
 
-def _text_config(model):
-    config = getattr(model, "config", None)
+def _text_config(model_or_config):
+    """The config that holds the LM head's settings: a model's ``config`` (None if it has
+    none), or the config given, and on a VLM its ``get_text_config()``."""
+    config = model_or_config
+    if isinstance(config, torch.nn.Module):
+        config = getattr(config, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
     return config
 
 
-def _head_softcap(student, teacher, loss: LinearKDLoss) -> Optional[float]:
-    """The soft-capping both heads apply (Gemma-2 ``final_logit_softcapping``); refuse logit
-    scales, which linear_kd_loss does not apply."""
-    caps = []
+def _config_transform(model_or_config):
+    """((scale, the config field it came from), (soft-cap, its field)); fields None if absent."""
+    config = _text_config(model_or_config)
+    for name in _LOGIT_SCALES:
+        scale = getattr(config, name, None)
+        if scale is not None:
+            break
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        scaling = config.logits_scaling
+        name = "logits_scaling"
+        scale = scaling if getattr(config, "model_type", None) == "hyperclovax" else 1 / scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    return ((1.0, None) if scale is None else (float(scale), name),
+            (None, None) if cap is None else (float(cap), "final_logit_softcapping"))
+
+
+def logit_transform(model_or_config) -> Tuple[float, Optional[float]]:
+    """``(logit_scale, softcap)``: the transform a causal LM's head applies to its logits
+    ``h W^T + b``, ``z = softcap * tanh(logit_scale * logits / softcap)`` (no tanh when the
+    soft-cap is None), read from the model's (text) config as TRL 1.16's
+    ``DistillationTrainer`` reads it (``get_text_config()``, so a VLM's text config).
+
+    The scale is the first of these fields that is not None: ``logit_scale`` (Cohere),
+    ``output_multiplier`` (Muse Glimmer), ``lm_head_multiplier`` (Falcon-H1), then
+    ``logits_scaling``, which Granite and MiniCPM3 divide by (scale = 1 / logits_scaling) and
+    HyperCLOVA X (``model_type == "hyperclovax"``) multiplies by; none of them: 1.0. The
+    soft-cap is ``final_logit_softcapping`` (Gemma-2), None when absent.
+    """
+    (scale, _), (cap, _) = _config_transform(model_or_config)
+    return scale, cap
+
+
+def _agree(role, name, from_config, field, from_loss, identity):
+    """One side's setting: the config's, or the loss's where the config has none (identity);
+    two different non-identity values are an error."""
+    if from_loss is None or from_loss == identity:
+        return from_config
+    if from_config is None or from_config == identity:
+        return from_loss
+    if math.isclose(from_config, from_loss, rel_tol=1e-9):
+        return from_config
+    raise ValueError(
+        f"{role}_{name}: the loss says {from_loss}, the {role}'s config {from_config} (from its "
+        f"{field}, the transform its own head applies); leave it unset on the loss to use the "
+        f"config's, or call pydistill.linear_kd_loss directly for another transform")
+
+
+def head_transforms(student, teacher, loss: LinearKDLoss) -> dict:
+    """linear_kd_loss's per-model transform arguments for this pair: each model's
+    :func:`logit_transform`, where the loss sets none for that model (scale 1, no soft-cap) or
+    the same; the loss's own where the model's config declares none."""
+    c = loss.cfg
+    out = {}
     for role, model in (("student", student), ("teacher", teacher)):
-        config = _text_config(model)
-        for name in _LOGIT_SCALES:
-            value = getattr(config, name, None)
-            if value is not None and value != 1:
-                raise NotImplementedError(
-                    f"{role}: its config has {name}={value}, a logit scale that the fused head "
-                    f"does not apply (only h @ W^T + b, and softcap)")
-        caps.append(getattr(config, "final_logit_softcapping", None))
-    if caps[0] != caps[1]:
-        raise ValueError(f"final_logit_softcapping: the student's ({caps[0]}) and the teacher's "
-                         f"({caps[1]}) differ; linear_kd_loss soft-caps both with one value")
-    if loss.cfg.softcap is not None:
-        if caps[0] is not None and caps[0] != loss.cfg.softcap:
-            raise ValueError(f"softcap: the loss says {loss.cfg.softcap}, the models' "
-                             f"final_logit_softcapping {caps[0]}")
-        return loss.cfg.softcap
-    return caps[0]
+        (scale, scale_field), (cap, cap_field) = _config_transform(model)
+        out[f"{role}_logit_scale"] = _agree(role, "logit_scale", scale, scale_field,
+                                            getattr(c, f"{role}_logit_scale"), 1.0)
+        out[f"{role}_softcap"] = _agree(role, "softcap", cap, cap_field,
+                                        getattr(c, f"{role}_softcap"), None)
+    return out
 
 
 def _last_hidden(model, model_inputs):
@@ -134,7 +182,7 @@ def as_linear_kd_loss(loss) -> LinearKDLoss:
                     f"got {type(loss).__name__}")
 
 
-def _fused_loss(loss: LinearKDLoss, h_s, w_s, b_s, h_t, w_t, b_t, labels, softcap,
+def _fused_loss(loss: LinearKDLoss, h_s, w_s, b_s, h_t, w_t, b_t, labels, transforms,
                 num_items_in_batch):
     # traced by torch.compile: linear_kd_loss is a custom op (pydistill/_custom_ops.py)
     c = loss.cfg
@@ -142,7 +190,7 @@ def _fused_loss(loss: LinearKDLoss, h_s, w_s, b_s, h_t, w_t, b_t, labels, softca
         h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, chunk_size=loss.chunk_size,
         divergence=c.divergence, temperature=c.temperature, beta=c.beta, labels=labels,
         ignore_index=c.ignore_index, hard_weight=c.hard_weight, soft_weight=c.soft_weight,
-        t2=c.t2, softcap=softcap,
+        t2=c.t2, **transforms,
         reduction=c.reduction if num_items_in_batch is None else "sum", backend=loss.backend,
     )
     if num_items_in_batch is None:
@@ -159,12 +207,23 @@ def causal_lm_kd_loss(student: torch.nn.Module, teacher: torch.nn.Module,
 
     Per scored position (label != ``ignore_index`` after the causal shift)::
 
-        loss_i = hard_weight * CE(s_i, y_{i+1}) + soft_weight * T^2 * D(p_i, q_i)
-        s_i = h_s,i W_s^T + b_s,   t_i = h_t,i W_t^T + b_t
+        loss_i = hard_weight * CE(z_s,i, y_{i+1}) + soft_weight * T^2 * D(p_i, q_i)
+        z_s,i = cap_s(a_s (h_s,i W_s^T + b_s)),   z_t,i = cap_t(a_t (h_t,i W_t^T + b_t))
+        p_i = softmax(z_t,i / T),   q_i = softmax(z_s,i / T)
 
     (``t2``, divergence, temperature... from ``loss``), computed by
     :func:`pydistill.linear_kd_loss` on the backbones' last hidden states: no (B, T, V)
     logits are formed. The teacher runs under ``torch.no_grad`` in eval mode.
+
+    Each model's transform (logit scale a, soft-cap cap(x) = c tanh(x / c)) is the one its
+    own head applies, so z equals the model's ``forward(...).logits``: :func:`logit_transform`
+    reads it from the model's (text) config as TRL's ``DistillationTrainer`` does (Cohere's
+    ``logit_scale``, Granite's ``1 / logits_scaling``, Gemma-2's ``final_logit_softcapping``,
+    ...). Student and teacher may differ (a Gemma-2 teacher into a Llama student). The
+    loss's own ``student_logit_scale`` / ``teacher_logit_scale`` / ``student_softcap`` /
+    ``teacher_softcap`` (or ``softcap``, both) may repeat the config's value; where a config
+    declares none (scale 1, no cap) the loss's is applied (a head that transforms without a
+    config field); a loss value that differs from a config's is a ``ValueError``.
 
     Args:
         student: the student causal LM (a ``PreTrainedModel`` with ``base_model`` and
@@ -175,8 +234,8 @@ def causal_lm_kd_loss(student: torch.nn.Module, teacher: torch.nn.Module,
             where ``attention_mask`` is 0 set to -100), ``attention_mask`` and any other
             backbone arguments (``position_ids``...), passed to both backbones.
         loss: a :class:`pydistill.LinearKDLoss` (or a dict of its arguments; default
-            ``LinearKDLoss()``: forward KL, T = 1, no hard term). Its ``softcap`` defaults to
-            the models' ``final_logit_softcapping`` (which must agree).
+            ``LinearKDLoss()``: forward KL, T = 1, no hard term). Its logit transforms
+            combine with the models' as said above.
         num_items_in_batch: None: ``loss``'s own reduction over this batch (``mean``: over
             its scored positions). Given (an int or a tensor): the sum over this batch's
             scored positions divided by it, which is how a loss stays exact under gradient
@@ -200,7 +259,7 @@ def causal_lm_kd_loss(student: torch.nn.Module, teacher: torch.nn.Module,
     model_inputs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
 
     student_module, teacher_module = unwrap_model(student), unwrap_model(teacher)
-    softcap = _head_softcap(student_module, teacher_module, loss)
+    transforms = head_transforms(student_module, teacher_module, loss)
     teacher_module.eval()
     with torch.no_grad():
         h_t = _call_through(teacher, teacher_module, lambda: _last_hidden(teacher_module, model_inputs))
@@ -219,7 +278,7 @@ def causal_lm_kd_loss(student: torch.nn.Module, teacher: torch.nn.Module,
                 "the head was given its own fully_shard; shard it with the root module instead "
                 "(fully_shard the decoder layers, then the whole model)")
         return _fused_loss(loss, h_s, w_s, b_s, h_t.to(h_s.device), w_t, b_t,
-                           targets.to(h_s.device), softcap, num_items_in_batch)
+                           targets.to(h_s.device), transforms, num_items_in_batch)
 
     return _call_through(student, student_module, student_forward)
 

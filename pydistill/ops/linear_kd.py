@@ -23,6 +23,7 @@ from pydistill.reference.linear_kd import (
     ChunkedLinearKDLoss,
     linear_kd_backward,
     linear_kd_forward,
+    with_entropy,
 )
 from pydistill.reference.softmax_divergence import KDConfig, chunk_row_scale, reduce_rows
 
@@ -34,26 +35,29 @@ def _kernel_scale(row_scale):
     return float(row_scale), None
 
 
-def kd_chunk_step(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out_t=None):
+def kd_chunk_step(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out_t=None, entropy=None):
     """The step of reference/linear_kd.py on the Triton kernel: per-row losses (float32) and
-    the gradients of sum(row_scale * loss) written into ``out_s`` / ``out_t``."""
+    the gradients of sum(row_scale * loss) written into ``out_s`` / ``out_t`` (and the
+    student's per-row entropy into ``entropy``), in one kernel."""
     from pydistill.kernels import softmax_divergence as K
 
     grad_scale, scale = _kernel_scale(row_scale)
     rows, _ = K.kd_fwd(
         s, t, labels, cfg, cfg.canonical_divergence(), grad_s=out_s,
         grad_t=out_t if cfg.has_soft else None, grad_scale=grad_scale, scale=scale,
+        entropy=entropy,
     )
     if out_t is not None and not cfg.has_soft:
         out_t.zero_()
     return rows
 
 
-def topk_chunk_step(s, t, labels, cfg, row_scale, out_s=None, out_t=None):
+def topk_chunk_step(s, t, labels, cfg, row_scale, out_s=None, out_t=None, entropy=None):
     """The same for a top-k teacher ``t`` = (log-probs, ids), on the top-k family's kernel
     (the teacher is a constant: ``out_t`` is never asked for)."""
     from pydistill.kernels import topk_divergence as K
 
+    assert entropy is None, "return_entropy: refused with a top-k teacher by the API"
     grad_scale, scale = _kernel_scale(row_scale)
     return K.topk_loss_and_grad(s, t[0], t[1], labels, cfg, out_s, grad_scale=grad_scale, scale=scale)
 
@@ -76,22 +80,24 @@ def _tiled_heads(cfg, labels, tensors):
     return K.Heads(*tensors[:7], labels, cfg, cfg.canonical_divergence())
 
 
-def tiled_forward(ctx, cfg: KDConfig, labels, tensors):
+def tiled_forward(ctx, cfg: KDConfig, plan: ChunkPlan, labels, tensors):
     """Per-row statistics only; the backward recomputes the logits tiles (so it may run twice,
     and ``reduction="none"`` needs nothing more)."""
     from pydistill.kernels import linear_kd as K
 
     heads = _tiled_heads(cfg, labels, tensors)
-    rows, stats = K.linear_kd_fwd(heads)
+    entropy = torch.empty(heads.n, dtype=torch.float32, device=heads.device) if plan.entropy else None
+    rows, stats = K.linear_kd_fwd(heads, entropy=entropy)
     ctx.tiled = True
     ctx.cfg = cfg
     ctx.save_for_backward(labels, stats, *tensors[:7])
+    lead = tensors[0].shape[:-1]
     if cfg.reduction == "none":
         ctx.row_scale = None
-        return rows.reshape(tensors[0].shape[:-1])
+        return with_entropy(ctx, rows.reshape(lead), entropy, lead)
     count, row_scale = chunk_row_scale(heads.labels, heads.n, cfg, torch.float32, heads.device)
     ctx.row_scale = row_scale
-    return reduce_rows(rows, count, cfg.reduction)
+    return with_entropy(ctx, reduce_rows(rows, count, cfg.reduction), entropy, lead)
 
 
 def tiled_backward(ctx, grad_loss):
@@ -125,13 +131,13 @@ class TritonLinearKDLoss(ChunkedLinearKDLoss):
     def forward(ctx, cfg, plan, labels, *tensors):
         if plan.chunk_size == "tiled":
             if tiled_unsupported(cfg, plan, tensors, ctx.needs_input_grad[3:]) is None:
-                return tiled_forward(ctx, cfg, labels, tensors)
+                return tiled_forward(ctx, cfg, plan, labels, tensors)
         ctx.tiled = False
         return linear_kd_forward(ctx, (kd_chunk_step, topk_chunk_step), cfg, plan, labels, tensors)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_entropy=None):
         if ctx.tiled:
             return tiled_backward(ctx, grad_loss)
         return linear_kd_backward(ctx, grad_loss)

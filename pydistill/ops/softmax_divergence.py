@@ -176,13 +176,19 @@ class TritonKDLoss(torch.autograd.Function):
 
 
 def cuda_kd_args(cfg: KDConfig):
-    """The scalar arguments every kd op takes after its tensors."""
+    """The scalar arguments every kd op takes after its tensors: divergence code, temperature,
+    beta, hard_weight, soft_scale, then each model's logit transform (student_scale,
+    student_softcap, teacher_scale, teacher_softcap), then ignore_index."""
     from pydistill.reference.softmax_divergence import DIVERGENCES
+
+    def cap(c):
+        return None if c is None else float(c)
 
     # DIVERGENCES is in the order of the kernels' divergence codes (DIVERGENCE_CODES)
     return (DIVERGENCES.index(cfg.canonical_divergence()), float(cfg.temperature), float(cfg.beta),
             float(cfg.hard_weight), float(cfg.soft_scale) if cfg.has_soft else 0.0,
-            None if cfg.softcap is None else float(cfg.softcap), int(cfg.ignore_index))
+            float(cfg.student_logit_scale), cap(cfg.student_softcap),
+            float(cfg.teacher_logit_scale), cap(cfg.teacher_softcap), int(cfg.ignore_index))
 
 
 def _same_dtype(student, teacher):

@@ -120,8 +120,10 @@ class CudaTopKKDLoss:
         lp = topk_logprobs.reshape(-1, k).gather(-1, order).float()
         lead = student_logits.shape[:-1]
         inv_count, row_factor = _mean_weight(labels, lead.numel(), cfg)
-        div, temperature, beta, hard_weight, soft_scale, softcap, ignore_index = cuda_kd_args(cfg)
+        # only the student's logit transform: the teacher arrives as log-probabilities
+        (div, temperature, beta, hard_weight, soft_scale, student_scale, student_softcap, _, _,
+         ignore_index) = cuda_kd_args(cfg)
         rows, _ = ops.topk_fwd(student_logits, lp, idx, labels, div, TAILS.index(cfg.tail),
                                temperature, float(cfg.teacher_power), beta, hard_weight,
-                               soft_scale, softcap, ignore_index)
+                               soft_scale, student_scale, student_softcap, ignore_index)
         return _reduce(rows, lead, cfg.reduction, inv_count, row_factor)

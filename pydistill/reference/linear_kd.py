@@ -48,7 +48,6 @@ import torch
 from pydistill.reference.softmax_divergence import (
     KDConfig,
     _scale_rows_,
-    _softcap_slope,
     chunk_loss_and_grads,
     chunk_row_scale,
     chunk_rows,
@@ -58,7 +57,7 @@ from pydistill.reference.softmax_divergence import (
     kd_loss,
     reduce_rows,
     row_weights,
-    softcap_logits,
+    transform_grad_,
 )
 from pydistill.reference.topk_divergence import topk_chunk_loss_and_grads
 
@@ -126,6 +125,7 @@ class ChunkPlan:
 
     chunk_size: Union[int, str] = "auto"
     group: Optional[object] = None
+    entropy: bool = False  # also return the student's per-row entropy (return_entropy)
 
 
 def auto_budget_bytes(device: torch.device) -> int:
@@ -304,15 +304,17 @@ class GivenTopK:
         return [None, None]
 
 
-def _topk_chunk(s, t, labels, cfg, row_scale, out_s=None, out_t=None):
+def _topk_chunk(s, t, labels, cfg, row_scale, out_s=None, out_t=None, entropy=None):
+    assert entropy is None, "return_entropy: refused with a top-k teacher by the API"
     return topk_chunk_loss_and_grads(s, t[0], t[1], labels, cfg, row_scale, out_s)
 
 
-def torch_chunk_step(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out_t=None, *,
-                     fn=chunk_loss_and_grads):
+def torch_chunk_step(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out_t=None,
+                     entropy=None, *, fn=chunk_loss_and_grads):
     """``chunk_loss_and_grads`` (or ``fn`` of the same contract) over cache-sized slices of the
     chunk's rows (its CHUNK_ELEMENTS): the GEMM chunk is sized for the GEMMs and the memory
-    budget, the divergence's ~10 temporaries for the cache. ``t``: rows, or a tuple of rows."""
+    budget, the divergence's ~10 temporaries for the cache. ``t``: rows, or a tuple of rows.
+    ``entropy``: a (rows,) buffer for the student's per-row entropy, or None."""
     n, step = s.shape[0], chunk_rows(s.shape[-1])
     rows = torch.empty(n, dtype=compute_dtype(s.dtype), device=s.device)
     per_row = isinstance(row_scale, torch.Tensor) and row_scale.dim() > 0
@@ -323,6 +325,7 @@ def torch_chunk_step(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out_t=N
             labels[sl] if labels is not None else None, cfg,
             row_scale[sl] if per_row else row_scale,
             out_s[sl] if out_s is not None else None, out_t[sl] if out_t is not None else None,
+            **({} if entropy is None else dict(entropy=entropy[sl])),
         )
     return rows
 
@@ -368,7 +371,7 @@ def _sharded_log_softmax(xs, group):
 
 
 def vocab_parallel_chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, out_s=None,
-                                        out_t=None, *, group, shard: VocabShard):
+                                        out_t=None, entropy=None, *, group, shard: VocabShard):
     """``chunk_loss_and_grads`` for one vocabulary shard: s, t (rows, width) are this rank's
     columns of the global logits, labels global token ids. Every row reduction is all-reduced
     over ``group``: the maxima and exp-sums of the softmaxes, then in one collective the
@@ -377,18 +380,19 @@ def vocab_parallel_chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, 
     per-row losses (identical on every rank) and this shard's gradient columns equal the
     unsharded ones. Three collectives per chunk; every rank must call it the same number of
     times."""
+    assert entropy is None, "return_entropy: refused with a process_group by the API"
     dtype = compute_dtype(s.dtype, t.dtype)
     counted = labels != cfg.ignore_index if labels is not None else None
 
-    def capped(z):  # ignored rows may hold anything, NaN included
-        z = softcap_logits(z.to(dtype), cfg.softcap)
+    def transformed(z, transform):  # ignored rows may hold anything, NaN included
+        z = transform(z.to(dtype))
         return z.masked_fill(~counted[:, None], 0.0) if counted is not None else z
 
     soft, hard = cfg.has_soft, cfg.hard_weight != 0.0
     need_t = out_t is not None and soft
     inv_t = 1.0 / cfg.temperature
-    z_s = capped(s)
-    z_t = capped(t) if soft else None
+    z_s = transformed(s, cfg.student_transform)
+    z_t = transformed(t, cfg.teacher_transform) if soft else None
     xs = [z_s * inv_t, z_t * inv_t] if soft else []
     separate_ce = hard and (not soft or cfg.temperature != 1.0)
     if separate_ce:
@@ -431,8 +435,7 @@ def vocab_parallel_chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, 
     if out_t is not None:
         if need_t:
             g_t = pu.sub_(p.mul_(totals[:, 2, None])).mul_(coef)
-            if cfg.softcap is not None:
-                g_t.mul_(_softcap_slope(z_t, cfg.softcap))
+            transform_grad_(g_t, z_t, cfg.teacher_logit_scale, cfg.teacher_softcap)
             torch.mul(g_t, row_weights(row_scale, counted), out=out_t)
         else:  # no divergence term: the teacher does not enter the loss
             out_t.zero_()
@@ -452,6 +455,7 @@ class LinearKDState:
         (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
          teacher_bias, teacher_logits, topk_logprobs, topk_indices) = tensors
         self.cfg, self.group = cfg, plan.group
+        self.want_entropy = plan.entropy
         self.dtype = compute_dtype(*(x.dtype for x in tensors if x is not None and x.is_floating_point()))
         self.device = student_hidden.device
         self.lead = student_hidden.shape[:-1]
@@ -503,6 +507,7 @@ class LinearKDState:
         cfg, student, teacher = self.cfg, self.student, self.teacher
         n = self.n_rows
         rows = torch.empty(n, dtype=self.dtype, device=self.device)
+        self.entropy = torch.zeros(n, dtype=self.dtype, device=self.device) if self.want_entropy else None
         need_s = grads and student.need_grad
         need_t = grads and teacher.need_grad and cfg.has_soft
         per_row = isinstance(row_scale, torch.Tensor) and row_scale.dim() > 0
@@ -522,6 +527,7 @@ class LinearKDState:
             rows[sl] = self.step(
                 z_s, z_t, self.labels[sl] if self.labels is not None else None, cfg,
                 row_scale[sl] if per_row else row_scale, z_s if need_s else None, out_t,
+                **({} if self.entropy is None else dict(entropy=self.entropy[sl])),
             )
             if need_s:
                 student.backward(sl, z_s)
@@ -555,18 +561,30 @@ def linear_kd_forward(ctx, steps, cfg: KDConfig, plan: ChunkPlan, labels, tensor
     if cfg.reduction == "none":
         ctx.args = (steps, cfg, plan, need)
         ctx.save_for_backward(labels, *tensors)
-        return state.sweep(1.0, grads=False).reshape(state.lead)
+        loss = state.sweep(1.0, grads=False).reshape(state.lead)
+    else:
+        count, row_scale = chunk_row_scale(state.labels, state.n_rows, cfg, state.dtype,
+                                           state.device)
+        rows = state.sweep(row_scale, grads=True)
+        ctx.grads = state.grads()
+        loss = reduce_rows(rows, count, cfg.reduction)
+    return with_entropy(ctx, loss, state.entropy, state.lead)
 
-    count, row_scale = chunk_row_scale(state.labels, state.n_rows, cfg, state.dtype, state.device)
-    rows = state.sweep(row_scale, grads=True)
-    ctx.grads = state.grads()
-    return reduce_rows(rows, count, cfg.reduction)
+
+def with_entropy(ctx, loss, entropy, lead):
+    """The Functions' output: the loss, or (loss, per-row entropy) for ``return_entropy``."""
+    if entropy is None:
+        return loss
+    entropy = entropy.reshape(lead)
+    ctx.mark_non_differentiable(entropy)
+    return loss, entropy
 
 
 def linear_kd_backward(ctx, grad_loss):
     if ctx.reduction == "none":
         steps, cfg, plan, need = ctx.args
         labels, *tensors = ctx.saved_tensors
+        plan = ChunkPlan(plan.chunk_size, plan.group)  # the backward's sweep needs no entropy
         state = LinearKDState(cfg, plan, labels, tensors, need, steps)
         state.sweep(grad_loss.reshape(-1).to(state.dtype), grads=True)
         grads = state.grads()
@@ -600,5 +618,5 @@ class ChunkedLinearKDLoss(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_entropy=None):
         return linear_kd_backward(ctx, grad_loss)

@@ -2,10 +2,15 @@
 
 Per row i (student logits s, teacher logits t, both of size V)::
 
-    z      = c * tanh(z / c)                  (optional soft-capping; -inf stays -inf)
-    log p  = log_softmax(t / T)               (teacher)
-    log q  = log_softmax(s / T)               (student)
-    loss_i = hard_weight * CE(s, y_i) + soft_weight * T^2 * D(p, q)   (T^2 only if t2)
+    z_s    = cap_s(a_s s),  z_t = cap_t(a_t t)  (each model's own logit transform, below)
+    log p  = log_softmax(z_t / T)             (teacher)
+    log q  = log_softmax(z_s / T)             (student)
+    loss_i = hard_weight * CE(z_s, y_i) + soft_weight * T^2 * D(p, q)   (T^2 only if t2)
+
+The transform is TRL's (``DistillationTrainer``): the logit scale a > 0 first (Cohere's
+``logit_scale``, Granite's 1 / ``logits_scaling``; default 1), then the optional soft-cap
+cap(x) = c tanh(x / c) (Gemma-2's ``final_logit_softcapping``; -inf stays -inf), then the
+temperature. Its derivative, a (1 - (z / c)^2), multiplies each side's gradient.
 
 with ``D`` one of ``DIVERGENCES`` (mixture weight ``beta``)::
 
@@ -17,7 +22,7 @@ with ``D`` one of ``DIVERGENCES`` (mixture weight ``beta``)::
     skew_kl          KL(p || beta p + (1 - beta) q)          (DistiLLM, beta = alpha)
     skew_reverse_kl  KL(q || beta q + (1 - beta) p)
 
-``CE`` is the cross-entropy of the (soft-capped) student logits at temperature 1. Rows whose
+``CE`` is the cross-entropy of the transformed student logits at temperature 1. Rows whose
 label equals ``ignore_index`` contribute 0 and are not counted; ``mean`` (= ``batchmean``)
 divides by the number of counted rows (0, not NaN, when none count).
 
@@ -28,8 +33,9 @@ against (in float64), the baseline of the benchmarks, and, through ``ChunkedKDLo
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Optional
 
 import torch
@@ -57,8 +63,27 @@ class KDConfig:
     hard_weight: float = 0.0
     soft_weight: float = 1.0
     t2: bool = True
-    softcap: Optional[float] = None
+    student_logit_scale: float = 1.0
+    teacher_logit_scale: float = 1.0
+    student_softcap: Optional[float] = None
+    teacher_softcap: Optional[float] = None
     reduction: str = "mean"
+    # KDConfig(softcap=c): the shorthand for student_softcap = teacher_softcap = c (as in the
+    # API); not stored (``cfg.softcap`` does not exist: read the per-model fields)
+    softcap: InitVar[Optional[float]] = None
+
+    def __post_init__(self, softcap):
+        if softcap is not None:
+            if self.student_softcap is not None or self.teacher_softcap is not None:
+                raise ValueError("softcap: give it or the per-model soft-caps, not both")
+            object.__setattr__(self, "student_softcap", softcap)
+            object.__setattr__(self, "teacher_softcap", softcap)
+
+    def student_transform(self, z: torch.Tensor) -> torch.Tensor:
+        return transform_logits(z, self.student_logit_scale, self.student_softcap)
+
+    def teacher_transform(self, z: torch.Tensor) -> torch.Tensor:
+        return transform_logits(z, self.teacher_logit_scale, self.teacher_softcap)
 
     @property
     def soft_scale(self) -> float:
@@ -87,6 +112,14 @@ class KDConfig:
         return d
 
 
+del KDConfig.softcap  # the InitVar's class attribute: cfg.softcap raises instead of reading None
+
+
+def config_fields(cfg) -> dict:
+    """A config's stored fields as keyword arguments (the InitVar shorthand left out)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
@@ -98,10 +131,18 @@ def softcap_logits(z: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
     return torch.where(z == -math.inf, z, softcap * torch.tanh(z / softcap))
 
 
-def tempered_log_softmax(logits: torch.Tensor, temperature: float, softcap=None, dtype=None):
-    """``log_softmax(softcap(logits) / T)`` in ``dtype`` (default: float32 / float64)."""
+def transform_logits(z: torch.Tensor, scale: float = 1.0, softcap: Optional[float] = None):
+    """One model's logit transform ``cap(scale * z)`` (the identity at scale 1, no cap)."""
+    if scale != 1.0:
+        z = z * scale
+    return softcap_logits(z, softcap)
+
+
+def tempered_log_softmax(logits: torch.Tensor, temperature: float, softcap=None, dtype=None,
+                         scale: float = 1.0):
+    """``log_softmax(cap(scale * logits) / T)`` in ``dtype`` (default: float32 / float64)."""
     z = logits.to(dtype or compute_dtype(logits.dtype))
-    return torch.log_softmax(softcap_logits(z, softcap) / temperature, dim=-1)
+    return torch.log_softmax(transform_logits(z, scale, softcap) / temperature, dim=-1)
 
 
 def _weighted_log_ratio(w, log_w, log_v):
@@ -147,30 +188,34 @@ def divergence(log_p: torch.Tensor, log_q: torch.Tensor, name: str, beta: float 
     raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {name!r}")
 
 
-def per_row_loss(student_logits, teacher_logits, labels, cfg: KDConfig):
-    """Per-row losses (shape of the leading dims, ignored rows 0) and the count of counted
-    rows (a 0-dim tensor on the device)."""
+def counted_rows(student_logits, teacher_logits, labels, ignore_index: int):
+    """Both logits in the compute dtype with the ignored rows zeroed, the mask of counted rows
+    (None without labels) and their count (a 0-dim tensor on the device)."""
     dtype = compute_dtype(student_logits.dtype, teacher_logits.dtype)
     s = student_logits.to(dtype)
     t = teacher_logits.to(dtype)
-    lead = s.shape[:-1]
-    if labels is not None:
-        counted = labels != cfg.ignore_index
-        # Ignored rows may hold anything (NaN included): they must not leak into the
-        # gradient through 0 * NaN, so they are replaced before any arithmetic.
-        s = torch.where(counted[..., None], s, 0.0)
-        t = torch.where(counted[..., None], t, 0.0)
-        count = counted.sum()
-    else:
-        counted = None
-        count = torch.tensor(lead.numel(), device=s.device)
+    if labels is None:
+        return s, t, None, torch.tensor(s.shape[:-1].numel(), device=s.device)
+    counted = labels != ignore_index
+    # Ignored rows may hold anything (NaN included): they must not leak into the gradient
+    # through 0 * NaN, so they are replaced before any arithmetic.
+    s = torch.where(counted[..., None], s, 0.0)
+    t = torch.where(counted[..., None], t, 0.0)
+    return s, t, counted, counted.sum()
+
+
+def per_row_loss(student_logits, teacher_logits, labels, cfg: KDConfig):
+    """Per-row losses (shape of the leading dims, ignored rows 0) and the count of counted
+    rows (a 0-dim tensor on the device)."""
+    s, t, counted, count = counted_rows(student_logits, teacher_logits, labels, cfg.ignore_index)
+    dtype, lead = s.dtype, s.shape[:-1]
     loss = torch.zeros(lead, dtype=dtype, device=s.device)
     if cfg.soft_weight != 0.0:
-        log_q = tempered_log_softmax(s, cfg.temperature, cfg.softcap)
-        log_p = tempered_log_softmax(t, cfg.temperature, cfg.softcap)
+        log_q = torch.log_softmax(cfg.student_transform(s) / cfg.temperature, dim=-1)
+        log_p = torch.log_softmax(cfg.teacher_transform(t) / cfg.temperature, dim=-1)
         loss = loss + cfg.soft_scale * divergence(log_p, log_q, cfg.divergence, cfg.beta)
     if cfg.hard_weight != 0.0:
-        ce, _ = hard_cross_entropy(softcap_logits(s, cfg.softcap), labels, counted)
+        ce, _ = hard_cross_entropy(cfg.student_transform(s), labels, counted)
         loss = loss + cfg.hard_weight * ce
     if counted is not None:
         loss = torch.where(counted, loss, 0.0)
@@ -289,15 +334,27 @@ def _softcap_slope(z, softcap):
     return torch.where(z == -math.inf, 0.0, 1.0 - th * th)
 
 
-def chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out_t=None):
+def transform_grad_(g: torch.Tensor, z: torch.Tensor, scale: float, softcap: Optional[float]):
+    """g *= d cap(scale x) / dx at the transformed logits z (in place): the chain rule of one
+    model's logit transform."""
+    if softcap is not None:
+        g.mul_(_softcap_slope(z, softcap))
+    if scale != 1.0:
+        g.mul_(scale)
+    return g
+
+
+def chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out_t=None,
+                         entropy=None):
     """Per-row losses of one chunk of rows (s, t: (rows, V); labels: (rows,) or None), and
     the gradients of sum(row_scale * loss) w.r.t. s and t in closed form, written into
     ``out_s`` / ``out_t`` (contiguous (rows, V) buffers of the inputs' dtypes) when given.
+    ``entropy``: a (rows,) buffer for the student's entropy -sum q log q (0 on ignored rows).
     Float32 math (float64 for float64 inputs); in-place wherever a temporary is dead, since
     on the CPU the allocations cost as much as the arithmetic."""
     dtype = compute_dtype(s.dtype, t.dtype)
     counted = labels != cfg.ignore_index if labels is not None else None
-    z_s = softcap_logits(s.to(dtype), cfg.softcap)
+    z_s = cfg.student_transform(s.to(dtype))
     if counted is not None:  # ignored rows may hold anything, NaN included
         z_s = z_s.masked_fill(~counted[:, None], 0.0)
     rows = torch.zeros(s.shape[0], dtype=dtype, device=s.device)
@@ -305,13 +362,15 @@ def chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out
     coef = cfg.soft_scale / cfg.temperature  # the soft gradient is carried without it
     need_t = out_t is not None and cfg.has_soft
     if cfg.has_soft:
-        z_t = softcap_logits(t.to(dtype), cfg.softcap)
+        z_t = cfg.teacher_transform(t.to(dtype))
         if counted is not None:
             z_t = z_t.masked_fill(~counted[:, None], 0.0)
         scaled = (lambda z: z) if cfg.temperature == 1.0 else (lambda z: z * (1.0 / cfg.temperature))
         log_q = torch.log_softmax(scaled(z_s), dim=-1)
         log_p = torch.log_softmax(scaled(z_t), dim=-1)
         q, p = log_q.exp(), log_p.exp()
+        if entropy is not None:
+            entropy.copy_(_weighted(q, log_q).sum(-1).neg_())
         name = cfg.canonical_divergence()
         if name == "kl" and not need_t:  # the common case, with fewer passes: q h - q S_q = q - p
             # p (log p - log q) is NaN only at 0 * inf (masked entries: zero them) or in a row
@@ -328,9 +387,14 @@ def chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out
                 g_s = qh.sub_(q * s_q[:, None])
             if need_t:
                 g_t = pu.sub_(p.mul_(s_p[:, None]))
-                if cfg.softcap is not None:
-                    g_t.mul_(_softcap_slope(z_t, cfg.softcap))
+                transform_grad_(g_t, z_t, cfg.teacher_logit_scale, cfg.teacher_softcap)
         rows.add_(div, alpha=cfg.soft_scale)
+    if entropy is not None:
+        if not cfg.has_soft:
+            log_q = torch.log_softmax(z_s * (1.0 / cfg.temperature), dim=-1)
+            entropy.copy_(_weighted(log_q.exp(), log_q).sum(-1).neg_())
+        if counted is not None:
+            entropy.masked_fill_(~counted, 0.0)
     rows = finish_student_chunk(rows, g_s, coef, z_s, labels, counted, cfg, row_scale, out_s)
     if out_t is not None:
         if need_t:
@@ -356,7 +420,7 @@ def finish_student_chunk(rows, g_s, coef, z_s, labels, counted, cfg: KDConfig, r
     """How every chunk function ends, given the per-row losses so far and the student's soft
     gradient ``g_s`` (None if there is none) carried without its factor ``coef``: add the hard
     term (value, and gradient folded into g_s), zero the ignored rows, and write the student
-    gradient times row_scale * coef (and the softcap slope at the capped logits ``z_s``) into
+    gradient times row_scale * coef (and the transform's slope at the transformed ``z_s``) into
     ``out_s``. Returns the per-row losses. ``hard``: the hard term's (per-row CE, its gradient
     or None) where the caller computes it (the vocabulary-parallel step of linear_kd, whose
     logsumexp spans the ranks); by default ``hard_cross_entropy`` of ``z_s``."""
@@ -375,8 +439,7 @@ def finish_student_chunk(rows, g_s, coef, z_s, labels, counted, cfg: KDConfig, r
         if g_s is None:
             out_s.zero_()
         else:
-            if cfg.softcap is not None:
-                g_s.mul_(_softcap_slope(z_s, cfg.softcap))
+            transform_grad_(g_s, z_s, cfg.student_logit_scale, cfg.student_softcap)
             torch.mul(g_s, row_weights(row_scale, counted) * coef, out=out_s)
     return rows
 

@@ -83,7 +83,6 @@ from pydistill.reference.softmax_divergence import (
     finish_student_chunk,
     hard_cross_entropy,
     reduce_rows,
-    softcap_logits,
 )
 
 TAILS = ("bucket", "renormalize", "ignore")
@@ -192,7 +191,7 @@ def per_row_loss(student_logits, topk_logprobs, topk_indices, labels, cfg: TopKC
         counted = None
         count = torch.tensor(lead.numel(), device=s.device)
     loss = torch.zeros(lead, dtype=dtype, device=s.device)
-    z = softcap_logits(s, cfg.softcap)
+    z = cfg.student_transform(s)
     if cfg.soft_weight != 0.0:
         log_p, log_q = outcome_log_probs(z, lp, idx, cfg)
         div = divergence(log_p, log_q, cfg.divergence, cfg.beta)
@@ -231,7 +230,7 @@ def topk_chunk_loss_and_grads(s, topk_logprobs, topk_indices, labels, cfg: TopKC
     vocab = s.shape[-1]
     lp, idx = topk_logprobs, topk_indices
     counted = labels != cfg.ignore_index if labels is not None else None
-    z = softcap_logits(s.to(dtype), cfg.softcap)
+    z = cfg.student_transform(s.to(dtype))
     if counted is not None:
         z, lp, idx = _sanitize_ignored(z, lp, idx, counted)
     rows = torch.zeros(s.shape[0], dtype=dtype, device=s.device)
