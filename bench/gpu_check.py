@@ -360,6 +360,43 @@ def attention_inputs(b, heads, length, d):
     return make
 
 
+def uld_inputs(n, v_s, v_t):
+    def make(dtype, device):
+        import torch
+
+        import pydistill as pdl
+
+        r = _gen(n * 19 + v_s, device)
+        s, t = r(n, v_s, scale=2.0), r(n, v_t, scale=2.0)
+        s[:, -2:] = float("-inf")  # padded vocabulary entries
+        labels = torch.zeros(n, dtype=torch.long, device=device)
+        labels[::5] = -100
+        s, t = s.to(dtype).requires_grad_(), t.to(dtype)
+
+        def loss(inputs, backend, **kw):
+            return pdl.uld_loss(inputs[0], inputs[1], labels=labels, backend=backend, **kw)
+
+        return loss, [s, t]
+    return make
+
+
+def linear_uld_inputs(n, h, v_s, v_t):
+    def make(dtype, device):
+        import pydistill as pdl
+
+        r = _gen(n * 23 + v_s, device)
+        hs, ws = r(n, h), r(v_s, h, scale=h ** -0.5 * 3)
+        ht, wt = r(n, h), r(v_t, h, scale=h ** -0.5 * 3)
+        hs, ws = hs.to(dtype).requires_grad_(), ws.to(dtype).requires_grad_()
+
+        def loss(inputs, backend, **kw):
+            return pdl.linear_uld_loss(inputs[0], inputs[1], inputs[2], inputs[3], backend=backend,
+                                       **kw)
+
+        return loss, [hs, ws, ht.to(dtype), wt.to(dtype)]
+    return make
+
+
 # both models with a logit scale and a soft-cap, different ones (the most work the transforms add)
 MIXED_FAMILY = dict(student_logit_scale=0.5, student_softcap=30.0, teacher_logit_scale=2.0,
                     teacher_softcap=50.0)
@@ -373,11 +410,16 @@ def correctness_cases(device, dry_run: bool) -> list:
         topk_shapes = {"5x97,K8": (5, 97, 8), "3x300,K16": (3, 300, 16)}
         lin_shapes = {"5x16x97": (5, 16, 97), "3x24x300": (3, 24, 300)}
         att_shapes = {"1x2x9x16": (1, 2, 9, 16), "2x2x17x16": (2, 2, 17, 16)}
+        uld_shapes = {"5x97,V_t 130": (5, 97, 130), "3x300,V_t 211": (3, 300, 211)}
+        lin_uld_shapes = {"5x16x97,V_t 80": (5, 16, 97, 80)}
     else:
         kd_shapes = {"37x3001": (37, 3001), "64x128256": (64, 128256)}
         topk_shapes = {"37x3001,K64": (37, 3001, 64), "64x151936,K64": (64, 151936, 64)}
         lin_shapes = {"37x96x3001": (37, 96, 3001), "256x512x128256": (256, 512, 128256)}
         att_shapes = {"2x3x77x64": (2, 3, 77, 64), "1x4x1024x64": (1, 4, 1024, 64)}
+        # a Llama-3 student (128,256) under a Qwen teacher (151,936): vocabularies of both sizes
+        uld_shapes = {"37x3001,V_t 2999": (37, 3001, 2999), "64x128256,V_t 151936": (64, 128256, 151936)}
+        lin_uld_shapes = {"256x512x128256,V_t 151936": (256, 512, 128256, 151936)}
     kd_options = {
         "kl": dict(),
         "jsd b0.3 T2 hard0.5": dict(divergence="jsd", beta=0.3, temperature=2.0, hard_weight=0.5),
@@ -425,6 +467,23 @@ def correctness_cases(device, dry_run: bool) -> list:
                 for name, kw in {"kl": dict(), "kl causal": dict(causal=True)}.items():
                     out.append(Case("attention_kd_loss", backend, dtype, shape, name,
                                     _bind(attention_inputs(b, heads, length, d), kw)))
+    # ULD in float32 only: bfloat16's 8-bit mantissa makes many logits of a row equal, and at
+    # such a tie ULD's gradient depends on the order the sort gives the tied entries, which
+    # differs between backends (each a valid subgradient); the loss does not
+    uld_options = {"top_k=64 T2 transforms": dict(top_k=64, temperature=2.0, **MIXED_FAMILY),
+                   "full sort": dict(top_k=None)}
+    for shape, (n, v_s, v_t) in uld_shapes.items():
+        largest = min(1024, v_s, v_t)  # the largest top_k of the fused selection
+        for backend in backends["uld_loss"]:
+            for name, kw in {**uld_options, f"top_k={largest}": dict(top_k=largest)}.items():
+                out.append(Case("uld_loss", backend, "float32", shape, name,
+                                _bind(uld_inputs(n, v_s, v_t), kw)))
+    for shape, (n, h, v_s, v_t) in lin_uld_shapes.items():
+        for backend in backends["linear_uld_loss"]:
+            for name, kw in {"top_k=64 T2 transforms": uld_options["top_k=64 T2 transforms"],
+                             "full sort chunk=128": dict(top_k=None, chunk_size=128)}.items():
+                out.append(Case("linear_uld_loss", backend, "float32", shape, name,
+                                _bind(linear_uld_inputs(n, h, v_s, v_t), kw)))
     # the fast backends first within each op, torch (the reference's own path) last
     order = {"triton": 0, "cuda": 1, "torch": 2}
     return sorted(out, key=lambda c: (c.op != "kd_loss", order.get(c.backend, 3)))

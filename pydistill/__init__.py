@@ -13,6 +13,9 @@ from pydistill.functional import attention_transfer_loss, hint_loss, rkd_loss
 from pydistill.modules import AttentionTransferLoss, HintLoss, RKDLoss
 from pydistill.functional import attention_kd_loss, relation_kd_loss
 from pydistill.modules import AttentionKDLoss, RelationKDLoss
+from pydistill.functional import linear_uld_loss, uld_loss
+from pydistill.modules import LinearULDLoss, ULDLoss
+from pydistill import alignment
 from pydistill.objective import DistillationObjective
 from pydistill.reference.softmax_divergence import DIVERGENCES, REDUCTIONS
 from pydistill.reference.topk_divergence import TAILS
@@ -21,4 +24,5 @@ from pydistill._dispatch import BACKENDS, resolve_backend
 __all__ = ["__version__", "kd_loss", "KDLoss", "linear_kd_loss", "LinearKDLoss", "DIVERGENCES", "REDUCTIONS", "BACKENDS",
            "resolve_backend", "topk_kd_loss", "TopKKDLoss", "TAILS", "DistillationObjective",
            "attention_transfer_loss", "AttentionTransferLoss", "hint_loss", "HintLoss", "rkd_loss",
-           "RKDLoss", "attention_kd_loss", "AttentionKDLoss", "relation_kd_loss", "RelationKDLoss"]
+           "RKDLoss", "attention_kd_loss", "AttentionKDLoss", "relation_kd_loss", "RelationKDLoss",
+           "uld_loss", "ULDLoss", "linear_uld_loss", "LinearULDLoss", "alignment"]

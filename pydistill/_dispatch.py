@@ -171,3 +171,19 @@ def resolve_backend(op: str, *tensors: torch.Tensor, backend: str = "auto") -> s
         raise ValueError("tensors: expected at least one input tensor")
     return resolve(op, backend, tensors[0].device, tuple(t.dtype for t in tensors))
 
+
+# Cross-tokenizer distillation (ULD). Triton: the fused top-k + logsumexp selection reads the
+# logits once and the backward writes the gradient once (top_k None sorts with torch.sort on
+# both backends); torch is the chunked closed form and the only float64 path. By construction,
+# not yet measured on a GPU.
+TABLE.update({
+    "uld_loss": {
+        "triton": Impl("pydistill.ops.uld:TritonULDLoss", _HALF_AND_SINGLE),
+        "torch": Impl("pydistill.reference.uld:ChunkedULDLoss", _HALF_AND_SINGLE + (torch.float64,)),
+    },
+    "linear_uld_loss": {
+        "triton": Impl("pydistill.ops.uld:TritonLinearULDLoss", _HALF_AND_SINGLE),
+        "torch": Impl("pydistill.reference.uld:ChunkedLinearULDLoss",
+                      _HALF_AND_SINGLE + (torch.float64,)),
+    },
+})

@@ -19,7 +19,7 @@ from pydistill.reference import representation
 from pydistill.reference.representation import AT_MODES
 
 __all__ = ["kd_loss", "linear_kd_loss", "topk_kd_loss", "attention_transfer_loss", "hint_loss",
-           "rkd_loss", "attention_kd_loss", "relation_kd_loss"]
+           "rkd_loss", "attention_kd_loss", "relation_kd_loss", "uld_loss", "linear_uld_loss"]
 
 
 def kd_config(*, divergence="kl", temperature=1.0, beta=0.5, ignore_index=-100,
@@ -867,3 +867,225 @@ def rkd_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor,
 # cross-tokenizer distillation: Universal Logit Distillation (ULD)
 # ---------------------------------------------------------------------------------------------
 
+
+def uld_config(*, temperature=1.0, top_k=None, ignore_index=-100, student_logit_scale=1.0,
+               teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+               reduction="mean"):
+    """Validate the hyper-parameters of ``uld_loss`` / ``linear_uld_loss`` (``top_k`` against
+    the vocabularies later, once their sizes are known)."""
+    from pydistill.reference.uld import ULD_REDUCTIONS, ULDConfig
+
+    if top_k is not None:
+        top_k = check.integer("top_k", top_k)
+        if top_k < 1:
+            raise ValueError(f"top_k: expected None (every rank) or an int >= 1, got {top_k}")
+    return ULDConfig(
+        temperature=check.real("temperature", temperature, low=0.0, low_open=True),
+        top_k=top_k,
+        ignore_index=check.integer("ignore_index", ignore_index),
+        student_logit_scale=check.real("student_logit_scale", student_logit_scale, low=0.0,
+                                       low_open=True),
+        teacher_logit_scale=check.real("teacher_logit_scale", teacher_logit_scale, low=0.0,
+                                       low_open=True),
+        student_softcap=_cap("student_softcap", student_softcap),
+        teacher_softcap=_cap("teacher_softcap", teacher_softcap),
+        reduction=check.choice("reduction", reduction, ULD_REDUCTIONS),
+    )
+
+
+def _uld_top_k(top_k, vocab_s: int, vocab_t: int):
+    if top_k is not None and top_k > min(vocab_s, vocab_t):
+        raise ValueError(f"top_k: expected at most min(V_s, V_t) = {min(vocab_s, vocab_t)} (the "
+                         f"smaller vocabulary; V_s = {vocab_s}, V_t = {vocab_t}), got {top_k}")
+
+
+def _uld_vocab(name: str, x: torch.Tensor, what: str = "V") -> int:
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{name}: expected shape (..., {what}) with {what} >= 1, got {tuple(x.shape)}")
+    return x.shape[-1]
+
+
+def uld_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Universal Logit Distillation (Boizard et al. 2024): distillation between models whose
+    tokenizers differ, vocabularies of any sizes, no token mapping.
+
+    Per row i (an aligned position: the same text prefix for both models, e.g. from
+    :mod:`pydistill.alignment`), with each model's logit transform
+    z = cap(scale * logits), cap(y) = c tanh(y / c), applied before the temperature::
+
+        q = softmax(z_s / T)  (V_s)       p = softmax(z_t / T)  (V_t)
+        loss_i = sum_{j < K} |q_(j) - p_(j)|      q_(j), p_(j): the j-th largest, 0 past the end
+
+    the Wasserstein-1 distance between the probabilities sorted in decreasing order, the
+    shorter vector padded with zeros (K = max(V_s, V_t)), or, with ``top_k``, the first
+    ``top_k`` ranks of both. Gradients flow through the sort (the permutation is a constant):
+    d loss / d z_s,v = (1/T) q_v (g_rank(v) - S), g_j = sign(q_(j) - p_(j)), S = sum_j q_(j) g_j.
+
+    Conventions, those of TRL's GOLD trainer (``trl.experimental.gold.ULDLoss``, matched to
+    float32 rounding in the tests): softmax(logits / T) on each side and no T^2 factor (GOLD's
+    two temperatures T_s, T_t: ``temperature=T_s, teacher_logit_scale=T_s / T_t``); no
+    renormalisation over the top k (the probabilities are the full softmax; the truncated loss
+    is the first ``top_k`` terms of the full one); ``mean`` over the counted rows (GOLD means
+    over each sequence's positions, then over sequences: equal when they have equally many).
+    GOLD always sorts the whole vocabulary (``top_k=None``). There is no hard term: add a
+    cross-entropy yourself (GOLD's ``uld_crossentropy_weight``).
+
+    Args:
+        student_logits: (..., V_s) float16 / bfloat16 / float32 (float64: torch backend).
+        teacher_logits: (..., V_t), the same leading dims, any V_t >= 1 and any floating dtype.
+            A constant unless it requires grad; then its gradient is computed too.
+        temperature: T > 0 of both softmaxes (default 1).
+        top_k: None (every rank, a full sort of each row) or 1 <= top_k <= min(V_s, V_t): the
+            ranks compared. The Triton backend selects up to 1024 ranks in its fused kernel
+            (one read of the logits); a larger ``top_k`` or None sorts with torch.
+        labels: optional (...) int64 / int32, used only to skip rows: those equal to
+            ``ignore_index`` contribute 0, are not counted and may hold anything, NaN included
+            (e.g. ``torch.where(index >= 0, 0, -100)`` for the unaligned positions).
+        ignore_index: default -100.
+        student_logit_scale, teacher_logit_scale: each model's logit scale a > 0 (default 1).
+        student_softcap, teacher_softcap: each model's soft-cap c > 0, or None (off).
+        reduction: ``"mean"`` (counted rows; 0 when none count), ``"batchmean"`` (the same),
+            ``"sum"``, ``"none"`` (per-row losses of shape (...), ignored rows 0).
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"``; ``PYDISTILL_BACKEND`` replaces
+            ``auto``. Not wired into torch.compile's custom ops (a graph break there).
+
+    Returns:
+        The loss, float32 (float64 for float64 inputs); gradients in each input's dtype. The
+        loss lies in [0, 2]. Logits equal to -inf carry zero probability; a row that is all
+        -inf, or holds a NaN, gives NaN. The torch backend computes the gradients in the
+        forward (a second backward raises); the Triton one recomputes them in the backward.
+    """
+    cfg = uld_config(temperature=temperature, top_k=top_k, ignore_index=ignore_index,
+                     student_logit_scale=student_logit_scale,
+                     teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
+                     teacher_softcap=teacher_softcap, reduction=reduction)
+    check.tensor("student_logits", student_logits)
+    check.tensor("teacher_logits", teacher_logits)
+    vocab_s = _uld_vocab("student_logits", student_logits, "V_s")
+    vocab_t = _uld_vocab("teacher_logits", teacher_logits, "V_t")
+    lead = student_logits.shape[:-1]
+    check.leading_dims("teacher_logits", teacher_logits, lead, "student_logits", student_logits)
+    _uld_top_k(cfg.top_k, vocab_s, vocab_t)
+    labels = check.labels("labels", labels, lead, "student_logits", student_logits, vocab=vocab_s,
+                          ignore_index=cfg.ignore_index, check_range=False)
+    backend = _dispatch.resolve("uld_loss", backend, student_logits.device,
+                                (student_logits.dtype, teacher_logits.dtype))
+    return _dispatch.implementation("uld_loss", backend).apply(student_logits, teacher_logits,
+                                                                labels, cfg)
+
+
+def linear_uld_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    *,
+    teacher_logits: Optional[torch.Tensor] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    top_k: Optional[int] = None,
+    chunk_size="auto",
+    temperature: float = 1.0,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    r""":func:`uld_loss` fused with the student's LM head: ``uld_loss`` on
+    ``student_hidden @ student_weight^T (+ student_bias)`` without materialising the (N, V_s)
+    logits beyond one chunk of rows.
+
+    The teacher is exactly one of ``teacher_hidden`` (..., H_t) + ``teacher_weight`` (V_t, H_t)
+    (+ ``teacher_bias``), whose logits are formed chunk by chunk too, or ``teacher_logits``
+    (..., V_t) (e.g. the rows gathered by :func:`pydistill.alignment.gather_rows`). V_t, H_t
+    and the teacher's dtype may differ from the student's.
+
+    Chunked algorithm (that of :func:`linear_kd_loss`), C rows at a time: both heads' logits
+    (C, V) in float32 (float64 for float64 inputs), the ULD loss and its logits gradients (the
+    backend's step, written over the logits buffers), then d(hidden) = g W and d(weight) += g^T h
+    for each head that needs them. Peak extra memory: the gradients plus the chunk's (C, V_s) and
+    (C, V_t) buffers and the step's temporaries. ``top_k`` is what makes the step cheap on the
+    Triton backend (its fused selection); with ``top_k=None`` each chunk is fully sorted.
+
+    Args:
+        student_hidden: (..., H_s) float16 / bfloat16 / float32 (float64: torch backend).
+        student_weight: (V_s, H_s), the dtype of ``student_hidden``. Frozen (requires_grad
+            False): no weight gradient is computed or allocated.
+        teacher_hidden, teacher_weight, teacher_bias, teacher_logits: the teacher, see above;
+            constants unless they require grad (then their gradients are computed too).
+        student_bias: optional (V_s,), the dtype of ``student_weight``.
+        top_k: as in :func:`uld_loss` (1 <= top_k <= min(V_s, V_t), or None).
+        chunk_size: rows per chunk (a positive int), or ``"auto"``: as many as fit the budget
+            of :func:`linear_kd_loss`'s ``"auto"`` (64 MiB on the CPU; on CUDA a quarter of the
+            free memory, at most 2 GiB) for the logits buffers and the step's temporaries.
+        temperature, labels, ignore_index, student_logit_scale, teacher_logit_scale,
+        student_softcap, teacher_softcap, reduction, backend: as in :func:`uld_loss`
+            (``labels`` has the leading dims of ``student_hidden``).
+
+    Returns:
+        The loss, float32 (float64 for float64 inputs); gradients in each input's dtype. For
+        scalar reductions the gradients are computed in the forward and the backward scales
+        them (a second backward raises); ``reduction="none"`` recomputes in the backward.
+    """
+    cfg = uld_config(temperature=temperature, top_k=top_k, ignore_index=ignore_index,
+                     student_logit_scale=student_logit_scale,
+                     teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
+                     teacher_softcap=teacher_softcap, reduction=reduction)
+    check.linear_head("student_hidden", student_hidden, "student_weight", student_weight,
+                      "student_bias", student_bias)
+    lead = student_hidden.shape[:-1]
+    vocab_s = student_weight.shape[0]
+    if (teacher_hidden is None) != (teacher_weight is None):
+        given, missing = ("teacher_hidden", "teacher_weight") if teacher_weight is None else (
+            "teacher_weight", "teacher_hidden")
+        raise ValueError(f"{missing}: required with {given} (the teacher's logits are "
+                         f"teacher_hidden @ teacher_weight^T), got None")
+    if (teacher_weight is None) == (teacher_logits is None):
+        raise ValueError("teacher: expected exactly one of teacher_hidden + teacher_weight or "
+                         "teacher_logits, got " + ("both" if teacher_logits is not None else "neither"))
+    if teacher_bias is not None and teacher_weight is None:
+        raise ValueError("teacher_bias: applies only to a teacher given as teacher_hidden + "
+                         "teacher_weight, got a bias with teacher_logits")
+    floating = [student_hidden, student_weight, student_bias]
+    if teacher_weight is not None:
+        check.linear_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight,
+                          "teacher_bias", teacher_bias)
+        check.leading_dims("teacher_hidden", teacher_hidden, lead, "student_hidden", student_hidden)
+        vocab_t = teacher_weight.shape[0]
+        floating += [teacher_hidden, teacher_weight, teacher_bias]
+    else:
+        check.tensor("teacher_logits", teacher_logits)
+        vocab_t = _uld_vocab("teacher_logits", teacher_logits, "V_t")
+        check.leading_dims("teacher_logits", teacher_logits, lead, "student_hidden", student_hidden)
+        floating.append(teacher_logits)
+    _uld_top_k(cfg.top_k, vocab_s, vocab_t)
+    labels = check.labels("labels", labels, lead, "student_hidden", student_hidden, vocab=vocab_s,
+                          ignore_index=cfg.ignore_index, check_range=False)
+    if chunk_size == "tiled":
+        raise ValueError("chunk_size: linear_uld_loss has no tiled path; expected 'auto' or a "
+                         "positive int (rows per chunk), got 'tiled'")
+    chunk_size = check.chunk_size("chunk_size", chunk_size)
+    backend = _dispatch.resolve("linear_uld_loss", backend, student_hidden.device,
+                                tuple(x.dtype for x in floating if x is not None))
+    tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+               teacher_bias, teacher_logits)
+    return _dispatch.implementation("linear_uld_loss", backend).apply(cfg, chunk_size, labels,
+                                                                       *tensors)

@@ -13,7 +13,7 @@ from pydistill.reference.topk_divergence import TAILS
 from pydistill.reference.representation import AT_MODES
 
 __all__ = ["KDLoss", "LinearKDLoss", "TopKKDLoss", "AttentionTransferLoss", "HintLoss", "HintRegressor",
-           "RKDLoss", "AttentionKDLoss", "RelationKDLoss"]
+           "RKDLoss", "AttentionKDLoss", "RelationKDLoss", "ULDLoss", "LinearULDLoss"]
 
 
 def transform_kwargs(cfg) -> dict:
@@ -304,3 +304,61 @@ class RKDLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}"
 
+
+class ULDLoss(nn.Module):
+    """Module form of :func:`pydistill.uld_loss` (Universal Logit Distillation, for teachers and
+    students with different tokenizers); the arguments are validated at construction.
+    ``forward(student_logits, teacher_logits, labels=None)``."""
+
+    def __init__(self, *, temperature: float = 1.0, top_k: Optional[int] = None,
+                 ignore_index: int = -100, student_logit_scale: float = 1.0,
+                 teacher_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
+                 teacher_softcap: Optional[float] = None, reduction: str = "mean",
+                 backend: str = "auto"):
+        super().__init__()
+        self.cfg = F.uld_config(
+            temperature=temperature, top_k=top_k, ignore_index=ignore_index,
+            student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+            student_softcap=student_softcap, teacher_softcap=teacher_softcap, reduction=reduction)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+        self.backend = backend
+
+    def _options(self) -> dict:
+        return dict(backend=self.backend, **{f: getattr(self.cfg, f) for f in self.cfg.__dataclass_fields__})
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return F.uld_loss(student_logits, teacher_logits, labels=labels, **self._options())
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self._options().items())
+
+
+class LinearULDLoss(ULDLoss):
+    """Module form of :func:`pydistill.linear_uld_loss` (ULD fused with the student's LM head):
+    :class:`ULDLoss`'s arguments plus ``chunk_size``. ``forward(student_hidden, student_weight,
+    teacher_hidden=None, teacher_weight=None, *, teacher_logits=None, student_bias=None,
+    teacher_bias=None, labels=None)``."""
+
+    def __init__(self, *, chunk_size="auto", **uld_kwargs):
+        super().__init__(**uld_kwargs)
+        if chunk_size == "tiled":
+            raise ValueError("chunk_size: linear_uld_loss has no tiled path; expected 'auto' or "
+                             "a positive int (rows per chunk), got 'tiled'")
+        self.chunk_size = check.chunk_size("chunk_size", chunk_size)
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                teacher_hidden: Optional[torch.Tensor] = None,
+                teacher_weight: Optional[torch.Tensor] = None, *,
+                teacher_logits: Optional[torch.Tensor] = None,
+                student_bias: Optional[torch.Tensor] = None,
+                teacher_bias: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return F.linear_uld_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight,
+            teacher_logits=teacher_logits, student_bias=student_bias, teacher_bias=teacher_bias,
+            chunk_size=self.chunk_size, labels=labels, **self._options())
+
+    def extra_repr(self) -> str:
+        return f"chunk_size={self.chunk_size!r}, {super().extra_repr()}"

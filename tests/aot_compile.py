@@ -7,7 +7,8 @@ target named explicitly, so a CPU-only machine proves that every kernel variant 
 
 Argument types follow the naming convention of kernels/: ``*_ptr`` are pointers (element
 type from ``pointer_types``, float32 otherwise), ``*_stride*``, ``n_*``, the sizes ``N``,
-``V``, ``H`` (and their ``_s`` / ``_t`` forms), ``tile_start`` and ``ignore_index`` are integers, everything else is a float32 scalar.
+``V``, ``H``, ``K`` (and their ``_s`` / ``_t`` forms), ``tile_start`` and ``ignore_index`` are
+integers, everything else is a float32 scalar.
 
 Run as a script (with TRITON_INTERPRET unset) it compiles the variants named on the command
 line and prints one line each; tests/test_kernels_compile.py drives it in a subprocess.
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-INT_ARGS = re.compile(r"(_stride|^n_|^[NVH](_[st])?$|^tile_start$|^ignore_index$)")
+INT_ARGS = re.compile(r"(_stride|^n_|^[NVHK](_[st])?$|^tile_start$|^ignore_index$)")
 
 
 def signature(fn, consts, pointer_types, int_type="i32"):

@@ -47,3 +47,27 @@ def test_minilm_example_runs_quick(tmp_path):
     lines = out.stdout.split("along the student runs")[1].split("\n\n")[0].splitlines()[2:]
     relation = [float(line.split()[-1]) for line in lines]
     assert len(relation) >= 3 and relation[-1] < relation[0], out.stdout
+
+
+def test_cross_tokenizer_example_runs_quick(tmp_path):
+    """Teacher and student with different tokenizers trained in the run (byte-level BPE,
+    Metaspace BPE), ULD on offset-aligned positions against hard labels: it runs and reports
+    both students, the teacher and the oracle per character, and saves the plot."""
+    peer("transformers")
+    peer("tokenizers")
+    plot = tmp_path / "cross_tokenizer.png"
+    out = subprocess.run(
+        [sys.executable, "-m", "pydistill.examples.cross_tokenizer", "--quick", "--plot",
+         str(plot)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for line in ("student, hard labels only", "student, ULD + CE", "teacher (its own tokens)",
+                 "oracle (the HMM", "whose text prefix ends where a teacher token ends"):
+        assert line in out.stdout, out.stdout
+    rows = {line.split("  ")[1].strip(): line.split() for line in out.stdout.splitlines()
+            if line.startswith("  student,") or line.startswith("  teacher (")}
+    per_char = {name: float(fields[-3] if name.startswith("student") else fields[-1])
+                for name, fields in rows.items()}
+    assert all(0 < v < 10 for v in per_char.values()), out.stdout
+    assert plot.is_file()
