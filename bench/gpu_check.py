@@ -56,6 +56,7 @@ HEADLINE_ARGS = {
     "linear": "--n 1024 8192 --h-s 4096 --h-t 4096 --v 128256 --dtype bf16",
     "topk": "--n 8192 --v 151936 --k 64 --dtype bf16 --tail bucket",
     "attention": "--b 4 --heads 12 --l 8192 --d-s 64 --d-t 64 --dtype bf16",
+    "uld": "--n 8192 --v 128256 --v-t 151936 --top-k 64 --dtype bf16",
 }
 # Seconds kept back from a subprocess's limit for writing the report after it.
 MARGIN_S = 5.0

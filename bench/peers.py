@@ -11,8 +11,8 @@ line):
 ``liger``      Liger-Kernel (``liger-kernel`` on PyPI; Triton, CUDA only): LigerKLDIVLoss,
                LigerJSD, LigerTVDLoss, LigerFusedLinearJSD, LigerFusedLinearJSDLoss
 ``trl``        TRL (``trl`` on PyPI): ``GKDTrainer.generalized_jsd_loss`` (plain PyTorch,
-               any device) and, from TRL 1.16, ``trl.kernels.chunked_divergence`` (Triton,
-               CUDA only)
+               any device), GOLD's ``ULDLoss`` (``trl.experimental.gold``, plain PyTorch)
+               and, from TRL 1.16, ``trl.kernels.chunked_divergence`` (Triton, CUDA only)
 ``sdpa``       a yardstick, not the same op: ``F.scaled_dot_product_attention`` forward +
                backward at the attention family's shapes (bench_attention_kd.py)
 =============  ==========================================================================
@@ -29,8 +29,10 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import os
 import warnings
 from functools import lru_cache
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -243,6 +245,7 @@ def preload() -> None:
     collector's work (harness.PeakMemory collects before every measurement)."""
     if trl_unavailable() is None:
         _trl_generalized_jsd()
+        _trl_gold_uld()
     if importlib.util.find_spec("liger_kernel") is not None:
         try:
             importlib.import_module("liger_kernel.transformers")
@@ -267,6 +270,50 @@ def trl_softmax(case, device: torch.device):
     return lambda student_logits, teacher_logits: fn(
         student_logits, teacher_logits, beta=beta, temperature=temperature,
         reduction="batchmean") * t2
+
+
+@lru_cache(maxsize=None)
+def _trl_gold_uld():
+    """TRL GOLD's ``ULDLoss`` class, or why it cannot be had (a string)."""
+    # trl.experimental warns on import unless this is set: noise in a benchmark's log.
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from trl.experimental.gold.gold_trainer import ULDLoss
+    except Exception as exc:  # TRL imports transformers, datasets, ...: any may fail
+        return (f"skipped: trl {package_version('trl')} has no importable "
+                f"trl.experimental.gold ULDLoss ({_one_line(exc)})")
+    return ULDLoss
+
+
+def trl_uld(case, device: torch.device):
+    """uld_loss's TRL peer: GOLD's ``ULDLoss`` (distillation term only, both temperatures T,
+    positional alignment) on the rows as one sequence of ``case.n`` positions, whose
+    per-sequence mean is pydistill's ``mean``. GOLD sorts the whole vocabulary: no ``top_k``."""
+    reason = trl_unavailable()
+    if reason:
+        return reason
+    if case.top_k is not None:
+        return "skipped: TRL GOLD's ULDLoss sorts the whole vocabulary (no top_k)"
+    uld = _trl_gold_uld()
+    if isinstance(uld, str):
+        return uld
+    config = SimpleNamespace(
+        uld_crossentropy_weight=0.0, uld_distillation_weight=1.0,
+        uld_student_temperature=case.temperature, uld_teacher_temperature=case.temperature,
+        uld_skip_student_eos=False, uld_skip_teacher_eos=False, use_extended_uld=False,
+        uld_token_merge_strategy="observed", uld_use_hybrid_loss=False)
+    loss_fn = uld(config)
+    # Every position is an answer token (no -100): all rows aligned and counted. Without
+    # use_extended_uld the input ids only give the aligned length, their values are unused.
+    labels = torch.zeros(1, case.n, dtype=torch.long, device=device)
+
+    def gold_uld(student_logits, teacher_logits):
+        return loss_fn(student_logits.unsqueeze(0), teacher_logits.unsqueeze(0),
+                       labels, labels, labels, labels)
+
+    return gold_uld
 
 
 def trl_chunked_divergence(case, device: torch.device):

@@ -73,6 +73,11 @@ FAMILIES = (
         "quick": "--quick --l 512 1024",
         "full": "--full",
     }),
+    Family("uld", "pydistill.bench.bench_uld", "uld_loss", "memory", {
+        "smoke": "--smoke",
+        "quick": "--quick",
+        "full": "--full",
+    }),
 )
 FAMILY_NAMES = tuple(f.name for f in FAMILIES)
 PRESETS = ("smoke", "quick", "full")
@@ -531,10 +536,10 @@ def summary(rows, prov: dict, argv, plans, native: dict, opts) -> str:
         "",
         "Peers: " + "; ".join(f"{k}: {v}" for k, v in peers.versions().items()) + ".",
         "",
-        "Floors: memory-bound families (softmax, topk) bytes that must move / measured copy "
-        "bandwidth; GEMM-bound (linear, attention) FLOPs / measured matmul rate in the case's "
-        "dtype. `x floor` = measured / floor. Peak extra: memory above what was allocated "
-        "before the call (CUDA allocator; the CPU's resident-set high-water mark). Every "
+        "Floors: memory-bound families (softmax, topk, uld) bytes that must move / measured "
+        "copy bandwidth; GEMM-bound (linear, attention) FLOPs / measured matmul rate in the "
+        "case's dtype. `x floor` = measured / floor. Peak extra: memory above what was "
+        "allocated before the call (CUDA allocator; the CPU's resident-set high-water mark). Every "
         "pass and every row is in the CSV beside this file.",
     ]
     for family, module, *_ in plans:

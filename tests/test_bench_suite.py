@@ -54,8 +54,9 @@ def test_csv_columns_and_provenance_in_every_row(smoke):
 
 def test_every_family_reports_and_measured_rows_carry_their_floor(smoke):
     _out, _header, rows = smoke
-    assert {r["family"] for r in rows} == {"softmax", "topk", "linear", "attention"}
-    for family, floor_kind in (("softmax", "bytes"), ("topk", "bytes"), ("linear", "flops")):
+    assert {r["family"] for r in rows} == {"softmax", "topk", "linear", "attention", "uld"}
+    for family, floor_kind in (("softmax", "bytes"), ("topk", "bytes"), ("linear", "flops"),
+                               ("uld", "bytes")):
         ok = [r for r in rows if r["family"] == family and r["status"] == "ok"]
         torch_rows = [r for r in ok if r["impl"] == "pydistill-torch"]
         assert {r["pass"] for r in torch_rows} == {"fwd", "bwd", "fwd+bwd"}, family
@@ -75,12 +76,16 @@ def test_peers_that_cannot_run_are_rows_with_a_reason(smoke):
     # Liger: CUDA only (or not installed); torch.compile: not timed in --smoke.
     for key in (("softmax", "liger"), ("linear", "liger-fused-linear-jsd"),
                 ("linear", "liger-chunked-jsd"), ("softmax", "torch-compile"),
-                ("topk", "dense-compile"), ("linear", "torch-compile")):
+                ("topk", "dense-compile"), ("linear", "torch-compile"), ("uld", "torch-compile")):
         assert key in by_impl, key
         assert all(r["status"].startswith("skipped: ") for r in by_impl[key]), by_impl[key]
     trl = by_impl[("softmax", "trl-generalized-jsd")]
     if importlib.util.find_spec("trl") is None:
         assert trl[0]["status"].startswith("skipped: trl not installed")
+    # GOLD's ULDLoss sorts whole vocabularies: a top_k case is a row that says so.
+    gold = by_impl[("uld", "trl-gold-uld")]
+    assert {r["K"] for r in gold} >= {"16", "all"}
+    assert all(r["status"].startswith("skipped: ") for r in gold if r["K"] != "all"), gold
     attention = [r for r in rows if r["family"] == "attention"]
     assert attention and all(r["status"] for r in attention)
 
@@ -89,7 +94,7 @@ def test_markdown_and_plots(smoke):
     out, _header, _rows = smoke
     md = out.with_suffix(".md").read_text()
     assert md.startswith("# pydistill benchmark suite")
-    for family in ("softmax", "topk", "linear", "attention"):
+    for family in ("softmax", "topk", "linear", "attention", "uld"):
         assert f"## {family}" in md
     pngs = [out.with_name(f"{out.stem}-{name}.png")
             for name in ("time_vs_V", "time_vs_N", "memory_vs_N", "ratio_to_floor")]

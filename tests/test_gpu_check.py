@@ -76,7 +76,7 @@ def test_dry_run_report_has_the_headline_table(dry_run):
     import csv
 
     rows = list(csv.DictReader((out / "headline.csv").open()))
-    assert {r["family"] for r in rows} == {"softmax", "topk", "linear", "attention"}
+    assert {r["family"] for r in rows} == {"softmax", "topk", "linear", "attention", "uld"}
     assert any(r["status"] == "ok" and r["ratio_to_floor"] for r in rows)
 
 

@@ -1,0 +1,349 @@
+"""Benchmark of ``pydistill.uld_loss`` (Universal Logit Distillation, cross-tokenizer: each
+model's probabilities sorted in decreasing order, the L1 distance between the sorted vectors,
+the shorter one zero-padded; ``top_k`` keeps the first K ranks) against what users run instead,
+on the same inputs: student logits (N, V), V = V_s, and teacher logits (N, V_t).
+
+================================  =========================================================
+``pydistill-triton``              ``uld_loss(backend="triton")``: for ``top_k`` <= 1024 a fused
+                                  selection kernel (one read of the logits), otherwise (and
+                                  for the full sort) ``torch.sort`` / ``torch.topk`` of the
+                                  logits; gradient recomputed in the backward
+``pydistill-torch``               ``uld_loss(backend="torch")``: the chunked fallback, gradient
+                                  computed in the forward
+``torch-eager``                   the loss as users write it, plain autograd in the input
+                                  dtype: ``softmax(s / T)``, ``softmax(t / T)``, each sorted
+                                  (``torch.sort(descending=True)``, or ``torch.topk`` with
+                                  ``top_k``), the shorter zero-padded, ``(q - p).abs().sum(-1)
+                                  .mean()`` (the reference's ``sorted_probs`` and
+                                  ``wasserstein_rows``, pydistill/reference/uld.py)
+``torch-compile``                 ``torch.compile`` of ``torch-eager``, static shapes
+``trl-gold-uld``                  TRL GOLD's ``ULDLoss`` (``trl.experimental.gold``), the rows
+                                  as one sequence, positional alignment, no cross-entropy;
+                                  full sort only (no ``top_k``)
+================================  =========================================================
+
+The student logits require grad, the teacher's do not; mean over the rows, no T^2 factor (ULD
+and GOLD have none). Passes as in bench_softmax_divergence.py (``fwd``, ``bwd`` alone,
+``fwd+bwd``). Floor of each pass, in bytes that must move (N rows, e bytes per element)::
+
+    fwd      read the student and the teacher logits      N (V + V_t) e
+    bwd      write the student's gradient                 N V e
+    fwd+bwd  both                                         N (2 V + V_t) e
+
+divided by the copy bandwidth measured at the start of the run (``x floor``). The sort is not
+free: the floor is what any implementation must move, not what a sort-based one can reach.
+``loss_rel_diff`` is each loss against the torch backend's (float32 math): the eager, compiled
+and GOLD rows compute in the input dtype and differ by its rounding.
+
+    python -m pydistill.bench.bench_uld --smoke          # tiny shapes; torch.compile takes most
+    python -m pydistill.bench.bench_uld --quick          # CPU-sized
+    python -m pydistill.bench.bench_uld --full           # GPU: V 128,256 / V_t 151,936, bf16
+    python -m pydistill.bench.bench_uld --n 4096 --v 128256 --v-t 151936 --top-k 64 2048 none
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+import pydistill
+from pydistill import _dispatch
+from pydistill.reference import uld as reference
+
+from pydistill.bench import harness, peers
+from pydistill.bench.bench_softmax_divergence import DTYPES
+from pydistill.bench.harness import Impl, add_run_options
+
+COLUMNS = (
+    "impl", "dtype", "N", "V", "V_t", "K", "temperature", "grad_output", "pass", "status",
+    "median_ms", "reps", "n_sets", "peak_extra_mib", "floor_bytes", "floor_ms",
+    "ratio_to_floor", "achieved_gbps", "loss_rel_diff",
+) + harness.PROVENANCE_COLUMNS
+
+# (dtype, N, V_s, V_t, top_k); top_k None sorts the whole vocabularies. smoke: seconds;
+# quick: minutes on two CPU cores; full: a Llama-3 student (128,256) and a Qwen teacher
+# (151,936) on a GPU, where a full sort's (N, V) int64 ids bound N.
+PRESETS = {
+    "smoke": [(torch.float32, n, 256, 320, k) for n in (32, 64) for k in (16, None)],
+    "quick": [(torch.float32, 256, vs, vt, k)
+              for vs, vt in ((4096, 5120), (32000, 32768)) for k in (64, None)],
+    "full": [(torch.bfloat16, n, 128_256, 151_936, k) for n in (4096, 8192) for k in (64, None)],
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    dtype: torch.dtype
+    n: int
+    v: int  # the student's vocabulary, V_s
+    v_t: int
+    top_k: Optional[int]
+    temperature: float
+    grad_output: float = 1.0
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    @property
+    def k(self):
+        """The ``K`` column: top_k, or "all" for the full sort (an empty cell would read as
+        a family without K)."""
+        return "all" if self.top_k is None else self.top_k
+
+    def floor_bytes(self, pass_name: str) -> int:
+        """Bytes the pass must move (module docstring)."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        student, teacher = self.n * self.v * element, self.n * self.v_t * element
+        return {"fwd": student + teacher, "bwd": student,
+                "fwd+bwd": 2 * student + teacher}[pass_name]
+
+
+# --------------------------------------------------------------------------------------
+# The implementations: each builder returns loss(student, teacher) or why it cannot run here
+# ("skipped: ...").
+# --------------------------------------------------------------------------------------
+
+
+def naive_loss(case: Case) -> Callable:
+    """What users write by hand (module docstring), with the reference's own sort and
+    distance so that the math stays in one place."""
+    temperature, top_k = case.temperature, case.top_k
+
+    def eager_uld(student_logits, teacher_logits):
+        q = torch.softmax(student_logits / temperature, dim=-1)
+        p = torch.softmax(teacher_logits / temperature, dim=-1)
+        rows = reference.wasserstein_rows(reference.sorted_probs(q, top_k),
+                                          reference.sorted_probs(p, top_k))
+        return rows.mean()
+
+    return eager_uld
+
+
+def build_pydistill(backend: str):
+    def build(case: Case, device: torch.device):
+        if backend == "triton" and device.type != "cuda":
+            return "skipped: Triton kernels run on CUDA (the CPU interpreter is not timed)"
+        reason = _dispatch.why_unavailable(backend, device)
+        if reason is not None:
+            return f"skipped: {reason}"
+        return lambda student_logits, teacher_logits: pydistill.uld_loss(
+            student_logits, teacher_logits, temperature=case.temperature, top_k=case.top_k,
+            backend=backend,
+        )
+
+    return build
+
+
+def build_eager(case: Case, device: torch.device):
+    return naive_loss(case)
+
+
+def build_compiled(case: Case, device: torch.device):
+    return peers.compiled(naive_loss(case))
+
+
+IMPLS = (
+    Impl("pydistill-triton", build_pydistill("triton")),
+    Impl("pydistill-torch", build_pydistill("torch")),
+    Impl("torch-eager", build_eager),
+    Impl("torch-compile", build_compiled, failure="skipped: torch.compile failed"),
+    Impl("trl-gold-uld", peers.trl_uld),
+)
+IMPL_NAMES = tuple(impl.name for impl in IMPLS)
+
+
+# --------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------
+
+
+def make_inputs(case: Case, device: torch.device, n_sets: int, seed: int = 0):
+    """``n_sets`` fresh random (student, teacher) pairs; the student requires grad."""
+    sets = []
+    for i in range(n_sets):
+        gen = torch.Generator(device=device).manual_seed(seed + i)
+        # Spread 2: softmaxes neither flat nor one-hot, like trained logits at T ~ 1-2.
+        student = 2.0 * torch.randn(case.n, case.v, device=device, dtype=case.dtype, generator=gen)
+        teacher = 2.0 * torch.randn(case.n, case.v_t, device=device, dtype=case.dtype,
+                                    generator=gen)
+        sets.append((student.requires_grad_(), teacher))
+    return sets
+
+
+def expected_loss(case: Case, student, teacher) -> float:
+    with torch.no_grad():
+        loss = pydistill.uld_loss(student.detach(), teacher, temperature=case.temperature,
+                                  top_k=case.top_k, backend="torch")
+    return float(loss)
+
+
+def run_case(case: Case, impls, device, opts, prov: dict):
+    base = {
+        "dtype": case.dtype_name, "N": case.n, "V": case.v, "V_t": case.v_t, "K": case.k,
+        "temperature": case.temperature, "grad_output": case.grad_output, **prov,
+    }
+    return harness.run_case(
+        case, impls, device, opts, base, set_bytes=case.floor_bytes("fwd"),
+        label=f"uld {case.dtype_name} N={case.n} V={case.v} V_t={case.v_t} K={case.k}",
+        make_inputs=make_inputs, expected_loss=lambda c, inputs: expected_loss(c, *inputs))
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+TABLE = (
+    ("impl", "impl", None), ("dtype", "dtype", None), ("N", "N", None), ("V", "V", None),
+    ("V_t", "V_t", None), ("K", "top_k", None), ("pass", "pass", None),
+    ("median_ms", "ms", ".3f"), ("ratio_to_floor", "x floor", ".2f"),
+    ("achieved_gbps", "GB/s", ".1f"), ("peak_extra_mib", "peak extra MiB", ".0f"),
+    ("reps", "reps", None), ("loss_rel_diff", "loss rel diff", ".1e"), ("status", "status", None),
+)
+PEERS = ("torch-eager", "torch-compile", "trl-gold-uld")
+
+
+def _key(r):
+    return (r["dtype"], r["N"], r["V"], r["V_t"], r["K"] == "all", 0 if r["K"] == "all" else r["K"])
+
+
+def speedups(rows) -> list:
+    """For each case and pydistill backend that ran: each peer's fwd+bwd time over its own."""
+    done = {(*_key(r), r["impl"]): r for r in rows
+            if r["pass"] == "fwd+bwd" and r["status"] == "ok"}
+    out = []
+    for (*case, impl), r in done.items():
+        if not impl.startswith("pydistill"):
+            continue
+        line = {"dtype": r["dtype"], "N": r["N"], "V": r["V"], "V_t": r["V_t"], "K": r["K"],
+                "impl": impl, "median_ms": r["median_ms"], "ratio_to_floor": r["ratio_to_floor"]}
+        for peer in PEERS:
+            other = done.get((*case, peer))
+            line[peer] = None if other is None else other["median_ms"] / r["median_ms"]
+        out.append(line)
+    rank = {name: i for i, name in enumerate(IMPL_NAMES)}
+    return sorted(out, key=lambda r: (*_key(r), rank[r["impl"]]))
+
+
+SPEEDUP_TABLE = (
+    ("dtype", "dtype", None), ("N", "N", None), ("V", "V", None), ("V_t", "V_t", None),
+    ("K", "top_k", None), ("impl", "impl", None), ("median_ms", "fwd+bwd ms", ".3f"),
+    ("ratio_to_floor", "x floor", ".2f"),
+) + tuple((peer, f"vs {peer}", ".2f") for peer in PEERS)
+
+
+def report(rows, prov: dict, argv) -> str:
+    grad_output = rows[0]["grad_output"] if rows else 1.0
+    parts = [
+        "# uld_loss (Universal Logit Distillation) benchmark",
+        "",
+        harness.provenance_line(prov),
+        "",
+        f"Command: `python -m pydistill.bench.bench_uld {' '.join(argv)}`",
+        "",
+        "Floor: fwd reads the student (N V e bytes) and teacher (N V_t e) logits, bwd writes "
+        "the student gradient (N V e), fwd+bwd N (2 V + V_t) e; divided by the measured copy "
+        "bandwidth. `x floor` = measured / floor; GB/s = floor bytes / measured time; peak "
+        "extra = memory above what was allocated before the call. V is the student's "
+        "vocabulary, V_t the teacher's; top_k `all` sorts the whole vocabularies. "
+        f"Backward from grad_output = {grad_output:g}.",
+        "",
+        harness.markdown_table(harness.order_rows(rows, _key, IMPL_NAMES), TABLE),
+        "",
+        "## Speedups (fwd+bwd)",
+        "",
+    ]
+    lines = speedups(rows)
+    if lines:
+        parts += ["Each peer's fwd+bwd time / the pydistill backend's (above 1: pydistill "
+                  "faster); `-` where the peer did not run.", "",
+                  harness.markdown_table(lines, SPEEDUP_TABLE)]
+    else:
+        parts.append("No pydistill row ran in this run.")
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+def top_k_arg(text: str) -> Optional[int]:
+    if text.lower() in ("none", "all"):
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"top_k must be >= 1 or none, got {value}")
+    return value
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m pydistill.bench.bench_uld",
+        description="Time uld_loss's backends and its peers (fwd, bwd, fwd+bwd, peak memory).",
+    )
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--smoke", action="store_true",
+                        help="tiny: float32, N {32,64}, V 256 / V_t 320, top_k {16,none}")
+    preset.add_argument("--quick", action="store_true",
+                        help="CPU-sized: float32, N 256, V / V_t {4096/5120, 32000/32768}, "
+                             "top_k {64,none}")
+    preset.add_argument("--full", action="store_true",
+                        help="GPU: bf16, N {4096,8192}, V 128256 / V_t 151936, top_k {64,none}")
+    p.add_argument("--n", type=int, nargs="+", help="rows (replaces the preset's sizes)")
+    p.add_argument("--v", type=int, nargs="+",
+                   help="student vocabularies, paired in order with --v-t (one value pairs "
+                        "with each of the other's; without --v-t the teacher's is the same)")
+    p.add_argument("--v-t", type=int, nargs="+",
+                   help="teacher vocabularies (without --v the student's is the same)")
+    p.add_argument("--top-k", type=top_k_arg, nargs="+", metavar="K",
+                   help="ranks compared, each an integer or none (the full sort)")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES),
+                   help="dtypes (replaces the preset's)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--grad-output", type=float, default=1.0, help="gradient fed to the backward")
+    p.add_argument("--impl", nargs="+", choices=IMPL_NAMES, help="only these implementations")
+    add_run_options(p, "uld")
+    return p.parse_args(argv)
+
+
+def vocab_pairs(vs, vts) -> list:
+    """(V_s, V_t) pairs from --v and --v-t (help text of parse_args)."""
+    vs, vts = vs or vts, vts or vs
+    if len(vs) == 1:
+        vs = vs * len(vts)
+    if len(vts) == 1:
+        vts = vts * len(vs)
+    if len(vs) != len(vts):
+        raise SystemExit(f"--v and --v-t pair in order: {len(vs)} and {len(vts)} values")
+    return list(zip(vs, vts))
+
+
+def cases_from(opts, device) -> list:
+    preset = ("smoke" if opts.smoke else "full" if opts.full else "quick" if opts.quick
+              else "full" if device.type == "cuda" else "quick")
+    sizes = PRESETS[preset]
+    if opts.n or opts.v or opts.v_t or opts.top_k or opts.dtype:
+        dtypes = [DTYPES[d] for d in opts.dtype] if opts.dtype else sorted(
+            {s[0] for s in sizes}, key=str)
+        ns = opts.n or sorted({s[1] for s in sizes})
+        vocabs = (vocab_pairs(opts.v, opts.v_t) if opts.v or opts.v_t
+                  else list(dict.fromkeys((s[2], s[3]) for s in sizes)))
+        ks = opts.top_k or list(dict.fromkeys(s[4] for s in sizes))
+        sizes = [(d, n, vs, vt, k) for d in dtypes for n in ns for vs, vt in vocabs for k in ks]
+    return [Case(d, n, vs, vt, k, opts.temperature, opts.grad_output)
+            for d, n, vs, vt, k in sizes]
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    opts = parse_args(argv)
+    return harness.run_script(opts, argv, "uld", harness.selected(IMPLS, opts), cases_from,
+                              run_case, COLUMNS, report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
