@@ -20,7 +20,7 @@ import pydistill as pdl
 from pydistill.reference import uld as U
 
 from conftest import DEVICE, available_backends, peer
-from test_softmax_divergence import _gen, logits
+from test_softmax_divergence import _gen, logits, make_labels
 
 BACKENDS = available_backends("uld_loss")
 LINEAR_BACKENDS = available_backends("linear_uld_loss")
@@ -36,14 +36,6 @@ OUT_ATOL = {torch.float16: 2.0 * 2.0**-24}
 # ---------------------------------------------------------------------------------------------
 # helpers (random logits: test_softmax_divergence's)
 # ---------------------------------------------------------------------------------------------
-
-
-def labels_with(lead, ignore=(), seed=0):
-    y = torch.randint(0, 5, lead, generator=_gen(seed + 7))
-    flat = y.view(-1)
-    for i in ignore:
-        flat[i] = -100
-    return y.to(DEVICE)
 
 
 def reference(student, teacher, labels, cfg, grad_out, dtype):
@@ -161,7 +153,7 @@ def test_reference_properties():
 
 def test_reference_transforms_and_reductions():
     s, t = logits((2, 3, 19), torch.float64, seed=8), logits((2, 3, 12), torch.float64, seed=9)
-    y = labels_with((2, 3), ignore=(1, 4))
+    y = make_labels((2, 3), 5, ignore=(1, 4))
     cfg = U.ULDConfig(temperature=2.0, student_logit_scale=0.5, student_softcap=3.0,
                       teacher_softcap=4.0, reduction="none")
     rows = U.uld_loss(s, t, y, cfg)
@@ -226,7 +218,7 @@ def test_backend_matches_reference(backend, case):
     shape, vt, opts = CASES[case]
     s = logits(shape, seed=len(case))
     t = logits(shape[:-1] + (vt,), seed=len(case) + 50)
-    y = labels_with(shape[:-1], ignore=(1,))
+    y = make_labels(shape[:-1], 5, ignore=(1,))
     check_against_reference(backend, s, t, y, **opts)
 
 
@@ -269,7 +261,7 @@ def test_backend_fewer_finite_entries_than_top_k(backend):
 def test_backend_ignored_rows_hold_anything(backend):
     s = logits((6, 25), seed=26)
     t = logits((6, 31), seed=27)
-    y = labels_with((6,), ignore=(0, 3, 5))
+    y = make_labels((6,), 5, ignore=(0, 3, 5))
     s[0], t[3], s[5, 2] = math.nan, math.inf, -math.inf
     for top_k in (None, 4):
         loss, grads = check_against_reference(backend, s, t, y, top_k=top_k)
@@ -377,7 +369,7 @@ def test_linear_matches_reference(backend, case):
     teacher_kind, frozen = opts.pop("teacher"), opts.pop("frozen", False)
     n, vs, vt = 9, 43, 30
     hs_, ws_, bs_, ht_, wt_, bt_ = _heads(n, 8, 12, vs, vt)
-    y = labels_with((n,), ignore=(2, 5))
+    y = make_labels((n,), 5, ignore=(2, 5))
     leaves = dict(student_hidden=hs_, student_weight=ws_, student_bias=bs_)
     if teacher_kind == "head":
         leaves.update(teacher_hidden=ht_, teacher_weight=wt_, teacher_bias=bt_)
@@ -428,7 +420,7 @@ def test_linear_never_forms_full_logits(monkeypatch):
 
 def test_modules_are_the_functions():
     s, t = logits((4, 20), seed=50), logits((4, 26), seed=51)
-    y = labels_with((4,), ignore=(2,))
+    y = make_labels((4,), 5, ignore=(2,))
     mod = pdl.ULDLoss(temperature=1.5, top_k=3, teacher_softcap=8.0, backend="torch")
     torch.testing.assert_close(mod(s, t, y), pdl.uld_loss(s, t, labels=y, temperature=1.5, top_k=3,
                                                           teacher_softcap=8.0, backend="torch"))

@@ -502,20 +502,31 @@ class ChunkedKDLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError(
-                "kd_loss(backend='torch') computes its gradient in the forward pass and hands "
-                "it over in the first backward; a second backward through the same loss "
-                "(retain_graph=True) is not supported. Recompute the loss instead."
-            )
-        out = []
-        for grad, shape in zip(grads, ctx.shapes):
-            if grad is not None:
-                _scale_rows_(grad, grad_loss, ctx.reduction)
-                grad = grad.view(shape)
-            out.append(grad)
-        return out[0], out[1], None, None
+        return (*hand_over_grads(ctx, grad_loss, "kd_loss(backend='torch')"), None, None)
+
+
+def grad_once_error(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"{name} computes its gradient in the forward pass and hands it over in the first "
+        "backward; a second backward through the same loss (retain_graph=True) is not "
+        "supported. Recompute the loss instead."
+    )
+
+
+def hand_over_grads(ctx, grad_loss, name: str):
+    """The backward of a Function that computed its (student, teacher) gradients in the
+    forward (``ctx.grads``, ``ctx.shapes``, ``ctx.reduction``): scaled by grad_output in
+    place and handed over, once."""
+    grads, ctx.grads = ctx.grads, None
+    if grads is None:
+        raise grad_once_error(name)
+    out = []
+    for grad, shape in zip(grads, ctx.shapes):
+        if grad is not None:
+            _scale_rows_(grad, grad_loss, ctx.reduction)
+            grad = grad.view(shape)
+        out.append(grad)
+    return out
 
 
 def _scale_rows_(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: str):

@@ -65,6 +65,8 @@ from pydistill.reference.softmax_divergence import (
     chunk_rows,
     compute_dtype,
     counted_rows,
+    grad_once_error,
+    hand_over_grads,
     reduce_rows,
     transform_grad_,
     transform_logits,
@@ -252,14 +254,6 @@ def _rows_per_chunk(vocab_s: int, vocab_t: int) -> int:
     return chunk_rows(max(vocab_s, vocab_t))
 
 
-def _grad_once_error(name: str):
-    return RuntimeError(
-        f"{name} computes its gradient in the forward pass and hands it over in the first "
-        "backward; a second backward through the same loss (retain_graph=True) is not "
-        "supported. Recompute the loss instead."
-    )
-
-
 class ChunkedULDLoss(torch.autograd.Function):
     """``uld_loss`` over row chunks (about 2^18 elements each): each chunk's loss and closed-form
     gradients are computed in the forward and written into preallocated gradients; the
@@ -298,16 +292,7 @@ class ChunkedULDLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise _grad_once_error("uld_loss(backend='torch')")
-        out = []
-        for grad, shape in zip(grads, ctx.shapes):
-            if grad is not None:
-                _scale_rows_(grad, grad_loss, ctx.reduction)
-                grad = grad.view(shape)
-            out.append(grad)
-        return out[0], out[1], None, None
+        return (*hand_over_grads(ctx, grad_loss, "uld_loss(backend='torch')"), None, None)
 
 
 # --------------------------------------------------------------------------------------
@@ -420,7 +405,7 @@ def linear_uld_backward(ctx, grad_loss):
     else:
         grads, ctx.grads = ctx.grads, None
         if grads is None:
-            raise _grad_once_error("linear_uld_loss")
+            raise grad_once_error("linear_uld_loss")
         for g in grads:
             if g is not None:
                 _scale_rows_(g.view(-1, g.shape[-1]) if g.dim() > 1 else g.view(1, -1), grad_loss, "sum")
