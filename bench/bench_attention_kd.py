@@ -46,7 +46,6 @@ import torch
 import torch.nn.functional as F
 
 import pydistill
-from pydistill import _dispatch
 from pydistill.reference.attention_kd import expand_heads
 
 from pydistill.bench import harness, peers
@@ -147,11 +146,9 @@ def naive_attention_kl(case: Case) -> Callable:
 
 def build_pydistill(backend: str):
     def build(case: Case, device: torch.device):
-        if backend == "triton" and device.type != "cuda":
-            return "skipped: Triton kernels run on CUDA (the CPU interpreter is not timed)"
-        reason = _dispatch.why_unavailable(backend, device)
+        reason = harness.backend_unavailable(backend, device)
         if reason is not None:
-            return f"skipped: {reason}"
+            return reason
         return lambda sq, sk, tq, tk, mask: pydistill.attention_kd_loss(
             sq, sk, tq, tk, attention_mask=mask, causal=case.causal, backend=backend)
 

@@ -76,7 +76,6 @@ import torch
 import torch.nn.functional as F
 
 import pydistill
-from pydistill import _dispatch
 from pydistill.reference import softmax_divergence as reference
 
 from pydistill.bench import harness, peers
@@ -193,13 +192,11 @@ def naive_linear_loss(case: Case) -> Callable:
 
 def build_pydistill(backend: str, chunk_size="auto"):
     def build(case: Case, device: torch.device):
-        if backend == "triton" and device.type != "cuda":
-            return "skipped: Triton kernels run on CUDA (the CPU interpreter is not timed)"
+        reason = harness.backend_unavailable(backend, device)
+        if reason is not None:
+            return reason
         if chunk_size == "tiled" and case.k:
             return "skipped: the tiled kernels take no top-k teacher (it runs chunked)"
-        reason = _dispatch.why_unavailable(backend, device)
-        if reason is not None:
-            return f"skipped: {reason}"
         kw = dict(divergence=case.divergence, temperature=case.temperature, beta=case.beta,
                   backend=backend, chunk_size=chunk_size, **case.transforms)
         if case.k:

@@ -113,6 +113,11 @@ class Case:
     grad_output: float = 1.0  # d(objective)/d(loss) fed to the backward
 
     @property
+    def v_t(self) -> int:
+        """The teacher's vocabulary (make_inputs; the uld family's differs)."""
+        return self.v
+
+    @property
     def dtype_name(self) -> str:
         return str(self.dtype).replace("torch.", "")
 
@@ -148,13 +153,9 @@ def naive_loss(case: Case) -> Callable:
 
 def build_pydistill(backend: str):
     def build(case: Case, device: torch.device):
-        if backend == "triton" and device.type != "cuda":
-            return "skipped: Triton kernels run on CUDA (the CPU interpreter is not timed)"
-        # The CUDA C++ extension may be built here, untimed: the benchmark asked for it.
-        reason = (_dispatch.why_unavailable(backend, device, build=True) if backend == "cuda"
-                  else _dispatch.why_unavailable(backend, device))
+        reason = harness.backend_unavailable(backend, device)
         if reason is not None:
-            return f"skipped: {reason}"
+            return reason
         return lambda student_logits, teacher_logits: pydistill.kd_loss(
             student_logits, teacher_logits, divergence=case.divergence,
             temperature=case.temperature, beta=case.beta, backend=backend,
@@ -201,7 +202,8 @@ def make_inputs(case: Case, device: torch.device, n_sets: int, seed: int = 0):
         gen = torch.Generator(device=device).manual_seed(seed + i)
         # Spread 2: softmaxes neither flat nor one-hot, like trained logits at T ~ 1-2.
         student = 2.0 * torch.randn(case.n, case.v, device=device, dtype=case.dtype, generator=gen)
-        teacher = 2.0 * torch.randn(case.n, case.v, device=device, dtype=case.dtype, generator=gen)
+        teacher = 2.0 * torch.randn(case.n, case.v_t, device=device, dtype=case.dtype,
+                                    generator=gen)
         sets.append((student.requires_grad_(), teacher))
     return sets
 

@@ -110,13 +110,9 @@ class Case:
 
 def build_pydistill(backend: str):
     def build(case: Case, device: torch.device):
-        if backend == "triton" and device.type != "cuda":
-            return "skipped: Triton kernels run on CUDA (the CPU interpreter is not timed)"
-        # The CUDA C++ extension may be built here, untimed: the benchmark asked for it.
-        reason = (_dispatch.why_unavailable(backend, device, build=True) if backend == "cuda"
-                  else _dispatch.why_unavailable(backend, device))
+        reason = harness.backend_unavailable(backend, device)
         if reason is not None:
-            return f"skipped: {reason}"
+            return reason
         return lambda student, teacher: pydistill.topk_kd_loss(
             student, *teacher, tail=case.tail, divergence=case.divergence,
             temperature=case.temperature, backend=backend,

@@ -50,11 +50,10 @@ from typing import Callable, Optional
 import torch
 
 import pydistill
-from pydistill import _dispatch
 from pydistill.reference import uld as reference
 
 from pydistill.bench import harness, peers
-from pydistill.bench.bench_softmax_divergence import DTYPES
+from pydistill.bench.bench_softmax_divergence import DTYPES, make_inputs  # (N, V) and (N, V_t)
 from pydistill.bench.harness import Impl, add_run_options
 
 COLUMNS = (
@@ -125,11 +124,9 @@ def naive_loss(case: Case) -> Callable:
 
 def build_pydistill(backend: str):
     def build(case: Case, device: torch.device):
-        if backend == "triton" and device.type != "cuda":
-            return "skipped: Triton kernels run on CUDA (the CPU interpreter is not timed)"
-        reason = _dispatch.why_unavailable(backend, device)
+        reason = harness.backend_unavailable(backend, device)
         if reason is not None:
-            return f"skipped: {reason}"
+            return reason
         return lambda student_logits, teacher_logits: pydistill.uld_loss(
             student_logits, teacher_logits, temperature=case.temperature, top_k=case.top_k,
             backend=backend,
@@ -159,19 +156,6 @@ IMPL_NAMES = tuple(impl.name for impl in IMPLS)
 # --------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------
-
-
-def make_inputs(case: Case, device: torch.device, n_sets: int, seed: int = 0):
-    """``n_sets`` fresh random (student, teacher) pairs; the student requires grad."""
-    sets = []
-    for i in range(n_sets):
-        gen = torch.Generator(device=device).manual_seed(seed + i)
-        # Spread 2: softmaxes neither flat nor one-hot, like trained logits at T ~ 1-2.
-        student = 2.0 * torch.randn(case.n, case.v, device=device, dtype=case.dtype, generator=gen)
-        teacher = 2.0 * torch.randn(case.n, case.v_t, device=device, dtype=case.dtype,
-                                    generator=gen)
-        sets.append((student.requires_grad_(), teacher))
-    return sets
 
 
 def expected_loss(case: Case, student, teacher) -> float:

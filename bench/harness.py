@@ -823,6 +823,18 @@ def benchmark_pass(benchmark, loss: Callable, leaves: Sequence, pass_name: str,
     return benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds)
 
 
+def backend_unavailable(backend: str, device: torch.device) -> Optional[str]:
+    """Why pydistill's ``backend`` cannot be timed on ``device`` (a "skipped: ..." row status),
+    or None. Triton off CUDA is the interpreter, which is not a benchmark; the CUDA C++
+    extension may be built here, untimed: the benchmark asked for it."""
+    from pydistill import _dispatch
+
+    if backend == "triton" and device.type != "cuda":
+        return "skipped: Triton kernels run on CUDA (the CPU interpreter is not timed)"
+    reason = _dispatch.why_unavailable(backend, device, build=backend == "cuda")
+    return None if reason is None else f"skipped: {reason}"
+
+
 def backend_params(op: str, device: torch.device, grad_modes=("recompute",)):
     """pytest parameters (backend, grad_mode) for each of ``op``'s backends and Triton
     gradient schedules, skipped with the reason where one cannot be timed here (Triton off
