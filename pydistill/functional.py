@@ -9,6 +9,7 @@ import torch
 
 from pydistill import _custom_ops, _dispatch
 from pydistill import _validation as check
+from pydistill._utils import autocast_off
 from pydistill.reference.attention_kd import (
     ATTENTION_LOSSES, ATTENTION_REDUCTIONS, AttentionKDConfig, mse_scores_loss, with_scales,
 )
@@ -595,7 +596,11 @@ def attention_kd_loss(
             Triton kernels take head dims up to 256.
 
     Returns:
-        The loss, float32 (float64 for float64 inputs); gradients in the inputs' dtypes. An
+        The loss, float32 (float64 for float64 inputs); gradients in the inputs' dtypes. The
+        scores are computed in float32 under ``torch.autocast`` too (autocast is turned off
+        inside; half inputs are upcast as without it); call ``backward()`` after the autocast
+        region, as PyTorch advises: ``mse_scores`` is differentiated by plain autograd, whose
+        GEMMs a ``backward()`` inside the region would run in the autocast dtype. An
         empty batch gives 0 with zero gradients; NaN in a counted position propagates. With
         ``kl`` on the Triton backend the gradient of student_q is summed with float32
         atomics (not bitwise reproducible from run to run).
@@ -609,9 +614,7 @@ def attention_kd_loss(
     cfg = with_scales(cfg, student_q.shape[-1], teacher_q.shape[-1])
     backend = _dispatch.resolve("attention_kd_loss", backend, student_q.device,
                                 (student_q.dtype, teacher_q.dtype))
-    if cfg.loss == "mse_scores":
-        return mse_scores_loss(student_q, student_k, teacher_q, teacher_k, attention_mask, cfg)
-    if backend == "triton":
+    if backend == "triton" and cfg.loss == "kl":
         from pydistill.ops.attention_kd import MAX_HEAD_DIM, refuse_teacher_grad
 
         for name, x in (("student_q", student_q), ("teacher_q", teacher_q)):
@@ -620,8 +623,11 @@ def attention_kd_loss(
                                  f"got {x.shape[-1]}; use backend='torch'")
         if (teacher_q.requires_grad or teacher_k.requires_grad) and torch.is_grad_enabled():
             refuse_teacher_grad(backend)
-    return _custom_ops.attention_kd_loss(student_q, student_k, teacher_q, teacher_k,
-                                         attention_mask, cfg, backend)
+    with autocast_off(student_q.device):  # the score GEMMs stay float32 (Returns)
+        if cfg.loss == "mse_scores":
+            return mse_scores_loss(student_q, student_k, teacher_q, teacher_k, attention_mask, cfg)
+        return _custom_ops.attention_kd_loss(student_q, student_k, teacher_q, teacher_k,
+                                             attention_mask, cfg, backend)
 
 
 def relation_kd_loss(
@@ -738,7 +744,8 @@ def attention_transfer_loss(student_features, teacher_features, *, p: float = 2,
 
     Returns:
         A 0-dim float32 tensor (float64 if an input is float64); half inputs are computed in
-        float32. An empty batch (B = 0) gives 0 with a zero gradient; NaN propagates.
+        float32, under ``torch.autocast`` too. An empty batch (B = 0) gives 0 with a zero
+        gradient; NaN propagates.
     """
     p = check.real("p", p, low=0.0, low_open=True)
     mode = check.choice("mode", mode, AT_MODES)
@@ -786,8 +793,9 @@ def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
             teacher's shape.
 
     Returns:
-        A 0-dim float32 tensor (float64 if an input is float64). No elements (e.g. B = 0):
-        0 with a zero gradient. NaN propagates.
+        A 0-dim float32 tensor (float64 if an input is float64), under ``torch.autocast`` too;
+        the regressor runs under the caller's autocast (it is a layer of the student). No
+        elements (e.g. B = 0): 0 with a zero gradient. NaN propagates.
     """
     check.tensor("student_features", student_features)
     check.tensor("teacher_features", teacher_features)
@@ -853,7 +861,9 @@ def rkd_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor,
 
     Returns:
         A 0-dim float32 tensor (float64 if an input is float64); half inputs are computed in
-        float32. NaN anywhere in an input makes the loss NaN.
+        float32, under ``torch.autocast`` too (call ``backward()`` after the autocast region, as
+        PyTorch advises: the distance term's plain autograd would run its GEMMs in the autocast
+        dtype inside it). NaN anywhere in an input makes the loss NaN.
     """
     distance_weight = check.real("distance_weight", distance_weight, low=0.0)
     angle_weight = check.real("angle_weight", angle_weight, low=0.0)

@@ -47,6 +47,7 @@ from typing import Optional
 
 import torch
 
+from pydistill._utils import autocast_off
 from pydistill.reference.softmax_divergence import compute_dtype
 
 ATTENTION_LOSSES = ("kl", "mse_scores")
@@ -339,6 +340,11 @@ class ChunkedAttentionKL(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        with autocast_off(grad_loss.device):  # a backward run under autocast: float32 GEMMs
+            return ChunkedAttentionKL._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         need = ctx.needs_input_grad[:4]
         if ctx.grads is not None:
             grads, scale = ctx.grads, grad_loss

@@ -50,6 +50,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from pydistill._utils import autocast_off
+
 AT_MODES = ("code", "paper")
 # F.normalize's eps, as in torchdistill's at(); and the squared-distance floor of its pdist.
 NORMALIZE_EPS = 1e-12
@@ -99,9 +101,11 @@ def attention_transfer_pair(student: torch.Tensor, teacher: torch.Tensor, p: flo
 def attention_transfer_loss(student_features, teacher_features, p: float = 2.0, mode: str = "code"):
     """One pair (tensors), or the sum over pairs (sequences of tensors, one per layer)."""
     if isinstance(student_features, torch.Tensor):
-        return attention_transfer_pair(student_features, teacher_features, p, mode)
-    losses = [attention_transfer_pair(s, t, p, mode) for s, t in zip(student_features, teacher_features)]
-    return torch.stack(losses).sum()
+        with autocast_off(student_features.device):
+            return attention_transfer_pair(student_features, teacher_features, p, mode)
+    with autocast_off(student_features[0].device):
+        losses = [attention_transfer_pair(s, t, p, mode) for s, t in zip(student_features, teacher_features)]
+        return torch.stack(losses).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,11 +115,13 @@ def attention_transfer_loss(student_features, teacher_features, p: float = 2.0, 
 
 def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
               regressor: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
-    """mean((regressor(s) - t)^2); 0 when there are no elements."""
+    """mean((regressor(s) - t)^2); 0 when there are no elements. The regressor runs under the
+    caller's autocast (it is a layer of the student), the loss in float32."""
     s = student_features if regressor is None else regressor(student_features)
     dtype = compute_dtype(s.dtype, teacher_features.dtype)
-    diff = s.to(dtype) - teacher_features.to(dtype)
-    return diff.pow(2).sum() / max(diff.numel(), 1)
+    with autocast_off(s.device):
+        diff = s.to(dtype) - teacher_features.to(dtype)
+        return diff.pow(2).sum() / max(diff.numel(), 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +229,11 @@ class RKDAngleLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        with autocast_off(grad_out.device):  # a backward run under autocast: float32 GEMMs
+            return RKDAngleLoss._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         student_x, teacher_x, ds2, us, dt2, ut = ctx.saved_tensors
         need_s, need_t = ctx.needs_input_grad[:2]
         b = student_x.shape[0]
@@ -255,11 +266,12 @@ def rkd_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor,
     """distance_weight * L_dist + angle_weight * L_ang of (B, ...) embeddings, B >= 2. A term
     whose weight is 0 is not computed (as in torchdistill)."""
     dtype = compute_dtype(student_embeddings.dtype, teacher_embeddings.dtype)
-    s = centred(student_embeddings, dtype)
-    t = centred(teacher_embeddings, dtype)
-    loss = s.new_zeros(())
-    if distance_weight != 0.0:
-        loss = loss + distance_weight * rkd_distance_loss(s, t)
-    if angle_weight != 0.0:
-        loss = loss + angle_weight * rkd_angle_loss(s, t)
-    return loss
+    with autocast_off(student_embeddings.device):  # the Gram matrices stay float32
+        s = centred(student_embeddings, dtype)
+        t = centred(teacher_embeddings, dtype)
+        loss = s.new_zeros(())
+        if distance_weight != 0.0:
+            loss = loss + distance_weight * rkd_distance_loss(s, t)
+        if angle_weight != 0.0:
+            loss = loss + angle_weight * rkd_angle_loss(s, t)
+        return loss
