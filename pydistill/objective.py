@@ -43,8 +43,8 @@ class DistillationObjective(nn.Module):
     Rebalancing (``rebalance="ema"``): the weights are read as target *shares*
     ``s_k = w_k / sum_j w_j``. A running magnitude ``m_k`` of each term is kept, an
     exponential moving average of ``|v_k|`` (``m_k <- momentum * m_k + (1 - momentum) * |v_k|``,
-    initialised to the first value seen), updated in training mode only. The effective weights
-    are
+    initialised to the first finite value seen), updated in training mode only. The effective
+    weights are
 
         e_k = s_k * (sum_j w_j m_j) / m_k
 
@@ -53,8 +53,17 @@ class DistillationObjective(nn.Module):
     sum, so the learning rate keeps its meaning. The effective weights are constants for
     autograd (computed from detached values); the current ones are in :attr:`effective_weights`
     and the magnitudes are buffers (saved in ``state_dict``). No host synchronisation: the
-    first-call initialisation is a ``torch.where`` on a flag buffer. With
-    ``rebalance="none"`` (default) the weights are used as given.
+    first-call initialisation is a ``torch.where`` on per-term flags, and the weights live on
+    the device as a buffer made at construction. With ``rebalance="none"`` (default) the
+    weights are used as given.
+
+    Non-finite terms (a NaN or infinite loss, e.g. one overflowing step under mixed precision)
+    do not enter the running magnitudes: that term's update is skipped for the step (its
+    magnitude keeps its last finite value, or stays uninitialised), so one bad step cannot
+    make every later total NaN. The step itself still shows it: the term's value in the logs
+    and the total are non-finite, as without rebalancing (skip or clip that step as you would
+    without it). A term with no finite magnitude yet is weighted as if its magnitude were 1 in
+    that step, so the other effective weights stay finite.
 
     Args:
         terms: mapping name -> callable (a pydistill loss module, any ``nn.Module`` or function
@@ -101,7 +110,19 @@ class DistillationObjective(nn.Module):
         self.momentum = float(momentum)
         self.eps = float(eps)
         self.register_buffer("magnitudes", torch.zeros(len(self.names), dtype=torch.float32))
-        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        # per term: whether its magnitude holds a finite value yet
+        self.register_buffer("initialised", torch.zeros(len(self.names), dtype=torch.bool))
+        # the weights on the loss's device, made once (no host-to-device copy per call)
+        self.register_buffer("weight_vector", torch.tensor([self.weights[k] for k in self.names],
+                                                           dtype=torch.float32), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # state saved when ``initialised`` was one flag for all the terms
+        key = prefix + "initialised"
+        flag = state_dict.get(key)
+        if isinstance(flag, torch.Tensor) and flag.dim() == 0:
+            state_dict[key] = flag.expand(len(self.names)).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _call_term(self, name, given):
         if isinstance(given, torch.Tensor):
@@ -142,26 +163,31 @@ class DistillationObjective(nn.Module):
         if self.magnitudes.device != current.device:
             self.magnitudes = self.magnitudes.to(current.device)
             self.initialised = self.initialised.to(current.device)
-        if self.training:
+            self.weight_vector = self.weight_vector.to(current.device)
+        finite = torch.isfinite(current)
+        if self.training:  # a non-finite value skips its term's update
             ema = self.momentum * self.magnitudes + (1.0 - self.momentum) * current
-            self.magnitudes = torch.where(self.initialised, ema, current)
-            self.initialised = torch.ones_like(self.initialised)
-        m = torch.where(self.initialised, self.magnitudes, current).clamp_min(self.eps)
-        w = torch.tensor([self.weights[k] for k in self.names], dtype=m.dtype, device=m.device)
-        shares = w / w.sum()
-        effective = shares * (w * m).sum() / m
-        return {k: effective[i] for i, k in enumerate(self.names)}
+            update = torch.where(self.initialised, ema, current)
+            self.magnitudes = torch.where(finite, update, self.magnitudes)
+            self.initialised = self.initialised | finite
+        m = torch.where(self.initialised, self.magnitudes, current)
+        return dict(zip(self.names, self._weights_at(m).unbind()))
+
+    def _weights_at(self, magnitudes):
+        """e_k = s_k * (sum_j w_j m_j) / m_k; a magnitude that is not finite counts as 1."""
+        m = torch.where(torch.isfinite(magnitudes), magnitudes, 1.0).clamp_min(self.eps)
+        w = self.weight_vector.to(m.dtype)
+        return (w / w.sum()) * (w * m).sum() / m
 
     @property
     def effective_weights(self) -> dict:
         """The weights the next call would use if no magnitude changed (a dict of floats;
         reading it synchronises). Equal to ``weights`` without rebalancing or before the
-        first call."""
-        if self.rebalance == "none" or not bool(self.initialised):
+        first finite value; a term with no finite magnitude yet counts as magnitude 1."""
+        if self.rebalance == "none" or not bool(self.initialised.any()):
             return dict(self.weights)
-        m = self.magnitudes.clamp_min(self.eps)
-        w = torch.tensor([self.weights[k] for k in self.names], dtype=m.dtype, device=m.device)
-        effective = (w / w.sum()) * (w * m).sum() / m
+        m = torch.where(self.initialised, self.magnitudes, float("nan"))
+        effective = self._weights_at(m)
         return {k: float(effective[i]) for i, k in enumerate(self.names)}
 
     def extra_repr(self) -> str:

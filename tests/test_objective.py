@@ -110,3 +110,49 @@ def test_bad_call():
         obj(a=(torch.ones(2),), b=(torch.ones(2),))
     with pytest.raises(ValueError, match="scalar"):
         obj(a=(torch.ones(2),), b=torch.ones(3))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_ema_skips_non_finite_terms(bad):
+    """A non-finite term shows in that step's logs and total but not in the running
+    magnitudes: each term's magnitude, and the later steps, are those of a run that never saw
+    it (the other term's value of that step still counts)."""
+    def run(steps):
+        obj = pdl.DistillationObjective({"a": None, "b": None}, weights={"a": 3.0, "b": 1.0},
+                                        rebalance="ema", momentum=0.5)
+        out = [obj(a=torch.tensor(a), b=torch.tensor(b)) for a, b in steps]
+        return obj, out
+
+    clean, clean_out = run([(10.0, 0.1), (20.0, 0.3), (4.0, 0.2)])
+    obj, out = run([(10.0, 0.1), (20.0, bad), (bad, 0.3), (4.0, 0.2)])
+    for total, logs in out[1:3]:  # the bad steps: visible
+        assert not torch.isfinite(total) and not torch.isfinite(logs["total"])
+        assert not all(torch.isfinite(logs[k]) for k in ("a", "b"))
+    torch.testing.assert_close(obj.magnitudes, clean.magnitudes)
+    torch.testing.assert_close(out[3][0], clean_out[2][0])
+    torch.testing.assert_close(out[3][1]["total"], clean_out[2][1]["total"])
+    assert obj.effective_weights == pytest.approx(clean.effective_weights)
+
+
+def test_ema_non_finite_first_value():
+    """A term whose first value is not finite stays uninitialised (weighted as magnitude 1 in
+    that step, so the other terms' weights stay finite) and starts from its first finite one."""
+    obj = pdl.DistillationObjective({"a": None, "b": None}, rebalance="ema", momentum=0.5)
+    x = torch.tensor(1.0, requires_grad=True)
+    total, logs = obj(a=2.0 * x, b=torch.tensor(float("nan")))
+    assert torch.isnan(total) and torch.isnan(logs["b"])
+    assert obj.initialised.tolist() == [True, False]
+    assert obj.effective_weights == pytest.approx({"a": 0.75, "b": 1.5})  # m = (2, 1)
+    total, _ = obj(a=torch.tensor(4.0), b=torch.tensor(8.0))
+    torch.testing.assert_close(obj.magnitudes, torch.tensor([3.0, 8.0]))
+    m = torch.tensor([3.0, 8.0])
+    e = 0.5 * m.sum() / m
+    torch.testing.assert_close(total, e[0] * 4.0 + e[1] * 8.0)
+
+
+def test_ema_state_with_one_initialised_flag_loads():
+    obj = pdl.DistillationObjective({"a": None, "b": None}, rebalance="ema")
+    state = {"magnitudes": torch.tensor([2.0, 4.0]), "initialised": torch.tensor(True)}
+    obj.load_state_dict(state)
+    assert obj.initialised.tolist() == [True, True]
+    assert obj.effective_weights == pytest.approx({"a": 1.5, "b": 0.75})
