@@ -729,7 +729,9 @@ def attention_transfer_loss(student_features, teacher_features, *, p: float = 2,
     torchdistill's ``"paper"`` map sums over channels where ``"code"`` averages: identical
     after the normalisation, so both modes average here. Its maps are always x^2; ``p`` is
     the paper's F^p_sum exponent (p = 2 computes x^2, other p |x|^p, whose gradient at x = 0
-    is NaN for p < 1).
+    is NaN for p < 1). The maps are computed from x / max |x| per sample (the eps rescaled to
+    match), so features of any scale (1e20 in float32) give the finite result of the formula
+    instead of an overflowing |x|^p.
 
     Args:
         student_features: (B, C_s, *spatial) floating tensor (at least 3 dims), or a list /
@@ -843,7 +845,11 @@ def rkd_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor,
     match); and pairs closer than the precision allows (about 2e-3 of the centred embedding
     norm in float32, 1e-7 in float64) count as coincident, direction 0 with no gradient, where
     torchdistill takes their rounded direction (and for exact duplicates a gradient scaled by
-    1e12 through ``F.normalize``'s eps).
+    1e12 through ``F.normalize``'s eps). Triplets on a line (|psi_A| within rounding of 1) get
+    no gradient, as in exact arithmetic (cos is extremal there). Every relation is
+    scale-invariant, so each model's embeddings are divided by their largest |entry| first (a
+    constant for autograd; the distance floor is rescaled with them): any scale, 1e-20 or
+    1e20, gives the loss and gradient of scale 1 (gradient divided by the scale).
 
     Memory. The angle term is computed from the squared-distance matrix (Gram form, no
     (B, B, D) difference tensor; no (B, B, B) angle tensor either: the triplets are produced

@@ -177,6 +177,69 @@ def test_rkd_coincidence_threshold_is_relative_to_the_spread():
     assert u[2, 4] == 0 and u[4, 2] == 0 and (u.count_nonzero() == 5 * 4 - 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("dim", [1, 3])
+def test_rkd_collinear_embeddings_have_no_angle_gradient(dtype, dim):
+    """Embeddings on a line: every angle is +-1, an extremum of the cosine, so the angle
+    term's gradient is 0 (the float64 direct form gives ~1e-17); the Gram form's chain left
+    rounding noise (4e-5 in float32) where it must give 0."""
+    line = randn(8, 1, seed=16, scale=3.0) * randn(1, dim, seed=17) + randn(1, dim, seed=18)
+    s, t = line.to(dtype), randn(8, 4, seed=19).to(dtype)
+    line = s.to(F64)  # the reference on the rounded inputs (no longer exactly on a line)
+    _, (g,) = value_and_grads(lambda a: pdl.rkd_loss(a, t, distance_weight=0.0), s)
+    _, (ref,) = value_and_grads(lambda a: td_rkd(a, t.to(F64), 0.0, 2.0), line)
+    assert g.abs().max() < 1e-15 and ref.abs().max() < (1e-15 if dim == 1 else 1e-5)
+    # with the distance term: the float64 direct form's gradient, to the dtype's rounding
+    _, (g,) = value_and_grads(lambda a: pdl.rkd_loss(a, t), s)
+    _, (ref,) = value_and_grads(lambda a: td_rkd(a, t.to(F64)), line)
+    tol = 1e-4 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(g.to(F64), ref, rtol=tol, atol=tol * ref.abs().max())
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e-20), (torch.float32, 1e-14),
+                                          (torch.float32, 1e20), (F64, 1e-160), (F64, 1e160)])
+def test_rkd_at_any_scale(dtype, scale):
+    """Every RKD relation is scale-invariant: the angle term of x * scale is that of x (float64
+    direct form at scale 1; its gradient divided by the scale), where embeddings of 1e-14 had
+    NaN gradients and 1e20 a NaN loss in float32. The distance term keeps torchdistill's
+    absolute floor (squared distances >= 1e-12): against the float64 direct form at the same
+    scale wherever float64 holds it."""
+    s, t = randn(6, 5, seed=20), randn(6, 3, seed=21)
+    tol = dict(rtol=1e-4, atol=0) if dtype == torch.float32 else dict(rtol=1e-10, atol=0)
+    out, (g,) = value_and_grads(lambda a: pdl.rkd_loss(a, t.to(dtype), distance_weight=0.0),
+                                (s * scale).to(dtype))
+    ref, (ref_g,) = value_and_grads(lambda a: td_rkd(a, t, 0.0, 2.0), s)
+    torch.testing.assert_close(out.to(F64), ref, **tol)
+    torch.testing.assert_close((g.to(F64) * scale), ref_g, rtol=tol["rtol"],
+                               atol=tol["rtol"] * ref_g.abs().max())
+    if dtype == torch.float32:
+        out, (g,) = value_and_grads(lambda a: pdl.rkd_loss(a, t.to(dtype), angle_weight=0.0),
+                                    (s * scale).to(dtype))
+        ref, (ref_g,) = value_and_grads(lambda a: td_rkd(a, t, 1.0, 0.0), s * scale)
+        torch.testing.assert_close(out.to(F64), ref, **tol)
+        torch.testing.assert_close(g.to(F64), ref_g, rtol=1e-4, atol=1e-4 * ref_g.abs().max())
+
+
+@pytest.mark.parametrize("mode, oracle", [("code", td_at_code), ("paper", td_at_paper)])
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e20), (torch.float32, 1e-5),
+                                          (F64, 1e160)])
+def test_attention_transfer_at_any_scale(mode, oracle, dtype, scale):
+    """|x|^p of features of 1e20 overflows float32 (1e160: float64) where the normalised map
+    is finite: the maps are computed from x / max |x| per sample. Against the float64 direct
+    form on the same features (at 1e160 that overflows too: then at scale 1, the map being
+    scale-invariant, gradient divided by the scale)."""
+    s, t = randn(3, 4, 5, 6, seed=22), randn(3, 2, 5, 6, seed=23, scale=2.0)
+    ref_scale = scale if dtype == torch.float32 else 1.0
+    out, grads = value_and_grads(lambda a, b: pdl.attention_transfer_loss(a, b, mode=mode),
+                                 (s * scale).to(dtype), (t * scale).to(dtype))
+    ref, ref_grads = value_and_grads(oracle, s * ref_scale, t * ref_scale)
+    rtol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(out.to(F64), ref, rtol=rtol, atol=0)
+    for g, r in zip(grads, ref_grads):
+        r = r * (ref_scale / scale)
+        torch.testing.assert_close(g.to(F64), r, rtol=rtol, atol=rtol * r.abs().max())
+
+
 def test_hint_loss_is_mse():
     s, t = randn(3, 5, 4, 4, seed=16), randn(3, 5, 4, 4, seed=17)
     out, grads = value_and_grads(pdl.hint_loss, s, t)

@@ -81,10 +81,25 @@ def _smooth_l1(x: torch.Tensor) -> torch.Tensor:
 
 def attention_map(features: torch.Tensor, p: float = 2.0, dtype=None) -> torch.Tensor:
     """at(x): (B, C, *spatial) -> (B, prod(spatial)), the channel mean of |x|^p, L2-normalised
-    per sample (eps 1e-12: an all-zero map stays 0). p = 2 is x^2 (torchdistill's pow(2))."""
+    per sample (eps 1e-12: an all-zero map stays 0). p = 2 is x^2 (torchdistill's pow(2)).
+
+    Scale-safe: with c_b the largest |x| of sample b (a constant for autograd; 1 where it is 0
+    or not finite) and v = c^p w, w the map of x / c,
+
+        at = v / max(|v|, eps) = w / max(|w|, eps / c^p)
+
+    so |x|^p neither overflows (features of 1e20 in float32) nor underflows, and the value
+    and gradient are those of the formula (both sides are identities in c)."""
     x = features.to(dtype or compute_dtype(features.dtype))
-    a = x.pow(2) if p == 2 else x.abs().pow(p)
-    return F.normalize(a.mean(1).flatten(1), p=2.0, dim=1, eps=NORMALIZE_EPS)
+    if x.numel() == 0:  # nothing to scale (and no maximum to take)
+        return F.normalize(x.abs().pow(p).mean(1).flatten(1), p=2.0, dim=1, eps=NORMALIZE_EPS)
+    c = x.detach().abs().flatten(1).amax(1)
+    c = torch.where(torch.isfinite(c) & (c > 0), c, 1.0)
+    y = x / c.view(-1, *([1] * (x.dim() - 1)))
+    a = y.pow(2) if p == 2 else y.abs().pow(p)
+    w = a.mean(1).flatten(1)
+    floor = (NORMALIZE_EPS ** (1.0 / p) / c).pow(p).clamp(max=torch.finfo(w.dtype).max)
+    return w / torch.maximum(torch.linalg.vector_norm(w, dim=1, keepdim=True), floor[:, None])
 
 
 def attention_transfer_pair(student: torch.Tensor, teacher: torch.Tensor, p: float, mode: str):
@@ -145,18 +160,37 @@ def squared_distances(x: torch.Tensor):
     return d2.masked_fill(eye, 0.0), sq
 
 
-def distances(x: torch.Tensor) -> torch.Tensor:
-    """torchdistill's pdist: sqrt(max(D_ij, 1e-12)), 0 on the diagonal (no gradient there)."""
+def unit_scale(x: torch.Tensor):
+    """(x / c, c) with c the largest |entry| of the centred (B, D) ``x`` (a constant for
+    autograd; 1 where it is 0 or not finite, so NaN and inf still propagate). Every RKD
+    relation is scale-invariant (the distance floor aside, which ``distances`` rescales), so
+    the terms are computed on x / c: embeddings of any scale, 1e-20 or 1e20, neither underflow
+    D^(-3/2) to NaN gradients nor overflow the Gram matrix."""
+    c = x.detach().abs().amax()
+    c = torch.where(torch.isfinite(c) & (c > 0), c, 1.0)
+    return x / c, c
+
+
+def distances(x: torch.Tensor, scale=None) -> torch.Tensor:
+    """torchdistill's pdist: sqrt(max(D_ij, 1e-12)), 0 on the diagonal (no gradient there).
+    With ``scale`` c, ``x`` is y / c of embeddings y and the result is pdist(y) / c: the floor
+    becomes 1e-12 / c^2 (capped at the dtype's largest value: at a scale that small every
+    distance is floored, and all of them are equal)."""
     d2, _ = squared_distances(x)
     eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
-    return d2.clamp(min=DISTANCE_EPS).sqrt().masked_fill(eye, 0.0)
+    if scale is None:
+        return d2.clamp(min=DISTANCE_EPS).sqrt().masked_fill(eye, 0.0)
+    floor = (DISTANCE_EPS ** 0.5 / scale).square().clamp(max=torch.finfo(x.dtype).max)
+    return torch.maximum(d2, floor).sqrt().masked_fill(eye, 0.0)
 
 
-def rkd_distance_loss(student_x: torch.Tensor, teacher_x: torch.Tensor) -> torch.Tensor:
-    """Distance term on centred (B, D) inputs, B >= 2. The mean of the positive distances is
-    the mean over the B (B - 1) off-diagonal pairs: the 1e-12 floor keeps each of them > 0."""
+def rkd_distance_loss(student_x: torch.Tensor, teacher_x: torch.Tensor, student_scale=None,
+                      teacher_scale=None) -> torch.Tensor:
+    """Distance term on centred (B, D) inputs, B >= 2 (divided by ``*_scale``, if given, by
+    ``unit_scale``: psi_D does not change). The mean of the positive distances is the mean
+    over the B (B - 1) off-diagonal pairs: the 1e-12 floor keeps each of them > 0."""
     b = student_x.shape[0]
-    ds, dt = distances(student_x), distances(teacher_x)
+    ds, dt = distances(student_x, student_scale), distances(teacher_x, teacher_scale)
     pairs = b * (b - 1)
     ds = ds / (ds.sum() / pairs)
     dt = dt / (dt.sum() / pairs)
@@ -171,6 +205,19 @@ def _inverse_distances(d2: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
     coincident = d2 <= tol
     coincident.fill_diagonal_(True)
     return torch.where(coincident, 0.0, d2.clamp(min=torch.finfo(d2.dtype).tiny).rsqrt())
+
+
+def _collinear(psi: torch.Tensor, sq: torch.Tensor, u: torch.Tensor, lo: int, hi: int):
+    """Triplets of the block (anchors [lo, hi)) whose |psi_A| is within the Gram form's
+    rounding of 1: x_a, x_b, x_c on a line, where the true gradient of psi_A is 0 (cos is
+    extremal there; its size is sqrt(1 - psi^2) / distance) but the chain through D and u
+    leaves rounding noise. The rounding of N = D_ab + D_ac - D_bc is a few
+    eps (|x_a|^2 + |x_b|^2 + |x_c|^2), so that of psi_A is that times u_ab u_ac / 2."""
+    eps = torch.finfo(psi.dtype).eps
+    rows_u = u[lo:hi]
+    norms = sq[lo:hi, None, None] + sq[None, :, None] + sq[None, None, :]
+    tol = (COINCIDENT_ULPS * eps) * norms * rows_u[:, :, None] * rows_u[:, None, :]
+    return (1.0 - psi.abs()) <= tol
 
 
 def _angle_block(d2: torch.Tensor, u: torch.Tensor, lo: int, hi: int):
@@ -223,7 +270,7 @@ class RKDAngleLoss(torch.autograd.Function):
             _, psi_s = _angle_block(ds2, us, lo, hi)
             _, psi_t = _angle_block(dt2, ut, lo, hi)
             total = total + _smooth_l1(psi_s - psi_t).sum()
-        ctx.save_for_backward(student_x, teacher_x, ds2, us, dt2, ut)
+        ctx.save_for_backward(student_x, teacher_x, ds2, us, dt2, ut, sq_s, sq_t)
         return total / (b ** 3)
 
     @staticmethod
@@ -234,7 +281,7 @@ class RKDAngleLoss(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out):
-        student_x, teacher_x, ds2, us, dt2, ut = ctx.saved_tensors
+        student_x, teacher_x, ds2, us, dt2, ut, sq_s, sq_t = ctx.saved_tensors
         need_s, need_t = ctx.needs_input_grad[:2]
         b = student_x.shape[0]
         scale = grad_out / (b ** 3)
@@ -247,10 +294,13 @@ class RKDAngleLoss(torch.autograd.Function):
             n_t, psi_t = _angle_block(dt2, ut, lo, hi)
             # smooth_l1'(x) = clamp(x, -1, 1); NaN stays NaN
             g = (psi_s - psi_t).clamp(-1.0, 1.0) * scale
+            # collinear triplets: no gradient (exactly, not rounding noise)
             if need_s:
-                _angle_grad_block(g, n_s, ds2, us, lo, hi, gd_s, gu_s)
+                g_s = g.masked_fill(_collinear(psi_s, sq_s, us, lo, hi), 0.0)
+                _angle_grad_block(g_s, n_s, ds2, us, lo, hi, gd_s, gu_s)
             if need_t:
-                _angle_grad_block(-g, n_t, dt2, ut, lo, hi, gd_t, gu_t)
+                g_t = (-g).masked_fill(_collinear(psi_t, sq_t, ut, lo, hi), 0.0)
+                _angle_grad_block(g_t, n_t, dt2, ut, lo, hi, gd_t, gu_t)
         grad_s = _grad_embeddings(student_x, ds2, us, gd_s, gu_s) if need_s else None
         grad_t = _grad_embeddings(teacher_x, dt2, ut, gd_t, gu_t) if need_t else None
         return grad_s, grad_t
@@ -267,11 +317,11 @@ def rkd_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor,
     whose weight is 0 is not computed (as in torchdistill)."""
     dtype = compute_dtype(student_embeddings.dtype, teacher_embeddings.dtype)
     with autocast_off(student_embeddings.device):  # the Gram matrices stay float32
-        s = centred(student_embeddings, dtype)
-        t = centred(teacher_embeddings, dtype)
+        s, scale_s = unit_scale(centred(student_embeddings, dtype))
+        t, scale_t = unit_scale(centred(teacher_embeddings, dtype))
         loss = s.new_zeros(())
         if distance_weight != 0.0:
-            loss = loss + distance_weight * rkd_distance_loss(s, t)
+            loss = loss + distance_weight * rkd_distance_loss(s, t, scale_s, scale_t)
         if angle_weight != 0.0:
             loss = loss + angle_weight * rkd_angle_loss(s, t)
         return loss
