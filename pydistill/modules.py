@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from pydistill import _validation as check
+from pydistill._dispatch import TABLE
 from pydistill import functional as F
 from pydistill.reference.softmax_divergence import config_fields
 from pydistill.reference.topk_divergence import TAILS
@@ -29,9 +30,22 @@ def _transform_repr(cfg) -> str:
     return "".join(f"{k}={v}, " for k, v in transform_kwargs(cfg).items() if v != defaults[k])
 
 
+def backend_choice(op: str, backend) -> str:
+    """``backend`` checked at construction: ``"auto"`` or a backend that implements ``op``
+    (whether it can run on the tensors it will get is known only at the call)."""
+    choices = ("auto", *TABLE[op])
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a str, one of {choices}, got {type(backend).__name__}")
+    if backend not in choices:
+        raise ValueError(f"backend: expected one of {choices} for {op}, got {backend!r}")
+    return backend
+
+
 class KDLoss(nn.Module):
     """Module form of :func:`pydistill.kd_loss`; the arguments are the same and are
     validated at construction. ``forward(student_logits, teacher_logits, labels=None)``."""
+
+    _op = "kd_loss"  # the backend table entry its backend= is checked against
 
     def __init__(
         self,
@@ -59,9 +73,7 @@ class KDLoss(nn.Module):
             teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
             teacher_softcap=teacher_softcap, reduction=reduction,
         )
-        if not isinstance(backend, str):
-            raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
-        self.backend = backend
+        self.backend = backend_choice(self._op, backend)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -86,6 +98,8 @@ class TopKKDLoss(KDLoss):
     """Module form of :func:`pydistill.topk_kd_loss` (an offline top-k teacher): ``kd_loss``'s
     hyper-parameters plus ``tail`` and ``teacher_temperature``, validated at construction.
     ``forward(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels=None)``."""
+
+    _op = "topk_kd_loss"  # the backend table entry its backend= is checked against
 
     def __init__(self, *, tail: str = "bucket", teacher_temperature: Optional[float] = None,
                  backend: str = "auto", **kd_kwargs):
@@ -119,6 +133,8 @@ class LinearKDLoss(KDLoss):
     ``forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
     teacher_logits=None, teacher_topk=None, student_bias=None, teacher_bias=None, labels=None)``.
     """
+
+    _op = "linear_kd_loss"  # the backend table entry its backend= is checked against
 
     def __init__(self, *, chunk_size="auto", process_group=None, tail: str = "bucket",
                  teacher_temperature: Optional[float] = None, return_entropy: bool = False,
@@ -160,15 +176,15 @@ class AttentionKDLoss(nn.Module):
     keys: MiniLM's ``kl``, TinyBERT's ``mse_scores``); the hyper-parameters are validated at
     construction. ``forward(student_q, student_k, teacher_q, teacher_k, attention_mask=None)``."""
 
+    _op = "attention_kd_loss"  # the backend table entry its backend= is checked against
+
     def __init__(self, *, loss: str = "kl", causal: bool = False,
                  student_scale: Optional[float] = None, teacher_scale: Optional[float] = None,
                  reduction: str = "mean", backend: str = "auto"):
         super().__init__()
         self.cfg = F.attention_config(loss=loss, causal=causal, student_scale=student_scale,
                                       teacher_scale=teacher_scale, reduction=reduction)
-        if not isinstance(backend, str):
-            raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
-        self.backend = backend
+        self.backend = backend_choice(self._op, backend)
 
     def forward(self, student_q: torch.Tensor, student_k: torch.Tensor, teacher_q: torch.Tensor,
                 teacher_k: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -190,6 +206,8 @@ class RelationKDLoss(nn.Module):
     validated at construction. ``forward(student_x, teacher_x, attention_mask=None)``, each x a
     (B, L, W) tensor or a tuple / list of them (e.g. (Q, K, V))."""
 
+    _op = "attention_kd_loss"  # the backend table entry its backend= is checked against
+
     def __init__(self, *, num_relation_heads: int, causal: bool = False, reduction: str = "mean",
                  backend: str = "auto"):
         super().__init__()
@@ -197,9 +215,7 @@ class RelationKDLoss(nn.Module):
         if self.num_relation_heads < 1:
             raise ValueError(f"num_relation_heads: expected an int >= 1, got {self.num_relation_heads}")
         self.cfg = F.attention_config(causal=causal, reduction=reduction)
-        if not isinstance(backend, str):
-            raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
-        self.backend = backend
+        self.backend = backend_choice(self._op, backend)
 
     def forward(self, student_x, teacher_x, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return F.relation_kd_loss(
@@ -310,6 +326,8 @@ class ULDLoss(nn.Module):
     students with different tokenizers); the arguments are validated at construction.
     ``forward(student_logits, teacher_logits, labels=None)``."""
 
+    _op = "uld_loss"  # the backend table entry its backend= is checked against
+
     def __init__(self, *, temperature: float = 1.0, top_k: Optional[int] = None,
                  ignore_index: int = -100, student_logit_scale: float = 1.0,
                  teacher_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
@@ -320,9 +338,7 @@ class ULDLoss(nn.Module):
             temperature=temperature, top_k=top_k, ignore_index=ignore_index,
             student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
             student_softcap=student_softcap, teacher_softcap=teacher_softcap, reduction=reduction)
-        if not isinstance(backend, str):
-            raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
-        self.backend = backend
+        self.backend = backend_choice(self._op, backend)
 
     def _options(self) -> dict:
         return dict(backend=self.backend, **{f: getattr(self.cfg, f) for f in self.cfg.__dataclass_fields__})
@@ -340,6 +356,8 @@ class LinearULDLoss(ULDLoss):
     :class:`ULDLoss`'s arguments plus ``chunk_size``. ``forward(student_hidden, student_weight,
     teacher_hidden=None, teacher_weight=None, *, teacher_logits=None, student_bias=None,
     teacher_bias=None, labels=None)``."""
+
+    _op = "linear_uld_loss"  # the backend table entry its backend= is checked against
 
     def __init__(self, *, chunk_size="auto", **uld_kwargs):
         super().__init__(**uld_kwargs)

@@ -126,3 +126,41 @@ def test_resolve_backend_is_public_and_checks_like_the_loss():
     if "triton" in available_backends():
         with pytest.raises(TypeError, match="float64"):
             pdl.resolve_backend("kd_loss", x.double(), backend="triton")
+
+
+_MODULES = {  # module -> (its op in the dispatch table, the constructor's required arguments)
+    pdl.KDLoss: ("kd_loss", {}),
+    pdl.TopKKDLoss: ("topk_kd_loss", {}),
+    pdl.LinearKDLoss: ("linear_kd_loss", {}),
+    pdl.AttentionKDLoss: ("attention_kd_loss", {}),
+    pdl.RelationKDLoss: ("attention_kd_loss", {"num_relation_heads": 2}),
+    pdl.ULDLoss: ("uld_loss", {}),
+    pdl.LinearULDLoss: ("linear_uld_loss", {}),
+}
+
+
+@pytest.mark.parametrize("module", list(_MODULES), ids=lambda m: m.__name__)
+def test_modules_refuse_bad_backend_at_construction(module):
+    """A bad ``backend=`` fails when the module is built, not at its first call: an unknown
+    name, a backend with no implementation of the module's op, a non-str."""
+    op, required = _MODULES[module]
+    with pytest.raises(ValueError, match=r"backend: expected one of \('auto'.*got 'bogus'"):
+        module(backend="bogus", **required)
+    for backend in _dispatch.BACKENDS:
+        if backend != "auto" and backend not in _dispatch.TABLE[op]:
+            with pytest.raises(ValueError, match=f"backend: expected one of .* for {op}, got '{backend}'"):
+                module(backend=backend, **required)
+    with pytest.raises(TypeError, match="backend: expected a str"):
+        module(backend=3, **required)
+    for backend in ("auto", *_dispatch.TABLE[op]):  # availability is the call's to check
+        assert module(backend=backend, **required).backend == backend
+
+
+@pytest.mark.parametrize("module", list(_MODULES), ids=lambda m: m.__name__)
+def test_modules_refuse_bad_divergence_and_reduction_at_construction(module):
+    _, required = _MODULES[module]
+    with pytest.raises(ValueError, match="reduction: expected one of .*'bogus'"):
+        module(reduction="bogus", **required)
+    if module in (pdl.KDLoss, pdl.TopKKDLoss, pdl.LinearKDLoss):
+        with pytest.raises(ValueError, match="divergence: expected one of .*'bogus'"):
+            module(divergence="bogus", **required)
