@@ -123,15 +123,32 @@ def align_offsets(student_offsets, teacher_offsets, student_mask=None,
     return index
 
 
+def _check_ends_sorted(name: str, offsets) -> None:
+    """The walk of ``alignment_groups`` needs the ends of the non-zero-width tokens in
+    non-decreasing order (unsorted offsets made empty groups)."""
+    last = None  # (position, end) of the last non-zero-width token
+    for pos, (start, end) in enumerate(offsets):
+        if end <= start:
+            continue
+        if last is not None and end < last[1]:
+            raise ValueError(f"{name}: expected token ends in non-decreasing order (tokens in text "
+                             f"order), got end {end} at position {pos} after end {last[1]} at "
+                             f"position {last[0]}")
+        last = (pos, end)
+
+
 def alignment_groups(student_offsets, teacher_offsets) -> Tuple[List[List[int]], List[List[int]]]:
     """The spans between consecutive shared boundaries, GOLD's grouping: (student groups,
     teacher groups), two lists of equally many lists of consecutive positions; group g of
     each side covers the same text, and ends at a shared boundary (except possibly a last
     group holding what is left when the tokenizations end differently). Walks both sides,
-    advancing the one whose current token ends first; offsets must end in non-decreasing
-    order. Zero-width tokens are kept (they join the group they fall in)."""
+    advancing the one whose current token ends first; the tokens' ends must not decrease
+    (zero-width tokens aside), else a ``ValueError`` names the first that does. Zero-width
+    tokens are kept (they join the group they fall in)."""
     s = _offsets("student_offsets", student_offsets)
     t = _offsets("teacher_offsets", teacher_offsets)
+    _check_ends_sorted("student_offsets", s)
+    _check_ends_sorted("teacher_offsets", t)
     s_groups, t_groups = [], []
     i = j = i0 = j0 = 0
     while i < len(s) and j < len(t):
@@ -186,7 +203,13 @@ def gather_rows(teacher: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     or hidden states for :func:`pydistill.linear_uld_loss`) and ``index`` (B, L_s) from
     :func:`align_batch` give (B, L_s, D), row ``index[b, i]`` of sequence b; where the index is
     -1 the row is that of position 0 (a placeholder: mask those rows, e.g. with
-    ``labels = torch.where(index >= 0, 0, -100)``). Differentiable w.r.t. ``teacher``."""
+    ``labels = torch.where(index >= 0, 0, -100)``). Differentiable w.r.t. ``teacher``.
+
+    Entries must lie in [-1, L_t). An index on the CPU (as :func:`align_batch` makes it) is
+    checked there, which costs no device synchronisation: an entry out of range is a
+    ``ValueError`` naming it. An index already on the GPU is not read back to the host (that
+    would synchronise every call): an out-of-range entry gives a row of NaN (floating teachers)
+    instead of a device-side assert or a silently borrowed row, so it shows in the loss."""
     if not isinstance(teacher, torch.Tensor) or teacher.dim() != 3:
         raise ValueError(f"teacher: expected a (B, L_t, D) tensor, got "
                          f"{tuple(teacher.shape) if isinstance(teacher, torch.Tensor) else type(teacher).__name__}")
@@ -195,6 +218,19 @@ def gather_rows(teacher: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
                          f"{tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__}")
     if index.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"index: expected dtype torch.int64 or torch.int32, got {index.dtype}")
-    idx = index.to(device=teacher.device, dtype=torch.int64).clamp(min=0)
-    return teacher.gather(1, idx[..., None].expand(-1, -1, teacher.shape[-1]))
+    length = teacher.shape[1]
+    if length == 0 and index.numel():
+        raise ValueError(f"teacher: expected at least one position to gather from, got shape "
+                         f"{tuple(teacher.shape)}")
+    if index.device.type == "cpu":
+        bad = (index < -1) | (index >= length)
+        if bool(bad.any()):
+            b, i = bad.nonzero()[0].tolist()
+            raise ValueError(f"index: expected entries in [-1, {length}) (a teacher position, or -1 "
+                             f"for none; L_t = {length}), got {int(index[b, i])} at [{b}, {i}]")
+    idx = index.to(device=teacher.device, dtype=torch.int64)
+    rows = teacher.gather(1, idx.clamp(0, max(length - 1, 0))[..., None].expand(-1, -1, teacher.shape[-1]))
+    if index.device.type != "cpu" and teacher.is_floating_point():  # no host sync: NaN rows
+        rows = torch.where(((idx < -1) | (idx >= length))[..., None], float("nan"), rows)
+    return rows
 

@@ -16,7 +16,7 @@ import torch
 import pydistill as pdl
 from pydistill import alignment as A
 
-from conftest import peer
+from conftest import CUDA, peer
 
 tokenizers = peer("tokenizers")
 # a byte-level (GPT-2 style) or a Metaspace (SentencePiece style) BPE trained on given texts
@@ -257,9 +257,39 @@ def test_zero_width_tokens_and_masks_are_never_aligned():
      ["index", "(2, L_s)", "(3, 3)"]),
     (lambda: A.gather_rows(torch.zeros(2, 3, 4), torch.zeros(2, 3)), TypeError,
      ["index", "int64", "torch.float32"]),
+    # past the teacher's end (was torch.gather's error) and below -1 (was silently row 0)
+    (lambda: A.gather_rows(torch.zeros(2, 3, 4), torch.tensor([[0, 3], [1, -1]])), ValueError,
+     ["index", "[-1, 3)", "got 3 at [0, 1]"]),
+    (lambda: A.gather_rows(torch.zeros(2, 3, 4), torch.tensor([[0, 1], [-2, 2]], dtype=torch.int32)),
+     ValueError, ["index", "[-1, 3)", "got -2 at [1, 0]"]),
+    (lambda: A.gather_rows(torch.zeros(1, 0, 4), torch.tensor([[-1]])), ValueError,
+     ["teacher", "at least one position", "(1, 0, 4)"]),
+    # unsorted offsets (made an empty group)
+    (lambda: A.alignment_groups([(0, 3), (3, 5)], [(3, 5), (0, 3)]), ValueError,
+     ["teacher_offsets", "non-decreasing", "end 3 at position 1 after end 5 at position 0"]),
+    (lambda: A.alignment_groups([(2, 4), (0, 0), (0, 2)], [(0, 4)]), ValueError,
+     ["student_offsets", "end 2 at position 2 after end 4 at position 0"]),
 ])
 def test_bad_input(call, exc, words):
     with pytest.raises(exc) as info:
         call()
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+def test_groups_keep_zero_width_tokens_anywhere():
+    """Zero-width tokens (BOS, EOS, padding) do not count as out of order."""
+    s_groups, t_groups = A.alignment_groups([(0, 0), (0, 2), (2, 3), (0, 0)], [(0, 3), (3, 3)])
+    assert s_groups == [[0, 1, 2], [3]] and t_groups == [[0], [1]]
+
+
+@pytest.mark.skipif(not CUDA, reason="an index on the GPU")
+def test_gather_rows_index_on_the_gpu_is_not_synchronised():
+    """An index already on the GPU is not read back: out-of-range entries give NaN rows (no
+    device-side assert, no borrowed row), in range the rows of the CPU index."""
+    teacher = torch.randn(2, 3, 4, device="cuda")
+    index = torch.tensor([[0, 3], [-2, -1]])
+    rows = A.gather_rows(teacher, index.cuda())
+    assert rows[0, 1].isnan().all() and rows[1, 0].isnan().all()
+    torch.testing.assert_close(rows[0, 0], teacher[0, 0])
+    torch.testing.assert_close(rows[1, 1], teacher[1, 0])
