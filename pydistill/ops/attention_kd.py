@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pydistill.reference.attention_kd import AttentionKDConfig, with_scales
+from pydistill.reference.attention_kd import AttentionKDConfig, mean_divisor, reduce_rows, with_scales
 
 # Widest head dim of either model the kernels take (padded to a power of two in registers).
 MAX_HEAD_DIM = 256
@@ -26,10 +26,6 @@ def refuse_teacher_grad(backend: str):
     )
 
 
-def _row_count(valid_rows: torch.Tensor, n_rows: int, has_mask: bool):
-    return valid_rows.sum() if has_mask else torch.tensor(n_rows, device=valid_rows.device)
-
-
 class TritonAttentionKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_q, student_k, teacher_q, teacher_k, attention_mask, cfg: AttentionKDConfig):
@@ -44,17 +40,13 @@ class TritonAttentionKL(torch.autograd.Function):
             student_q, student_k, teacher_q, teacher_k, mask, cfg.causal,
             cfg.student_scale, cfg.teacher_scale,
         )
-        if mask is not None:
-            valid_rows = mask.to(torch.float32)[:, None, :].expand(batch, heads, length)
-        else:
-            valid_rows = torch.ones((), dtype=torch.float32, device=rows.device).expand(batch, heads, length)
-        count = _row_count(valid_rows, rows.numel(), mask is not None)
+        # counted rows: on the device with a mask, else a Python int (no tensor made from it)
+        count = mask.sum() * heads if mask is not None else rows.numel()
         ctx.cfg = cfg
-        ctx.save_for_backward(student_q, student_k, teacher_q, teacher_k, mask, stats, count)
-        if cfg.reduction == "none":
-            return rows
-        total = rows.sum()
-        return total if cfg.reduction == "sum" else total / count.clamp(min=1).to(total.dtype)
+        ctx.count = None if mask is not None else count
+        ctx.save_for_backward(student_q, student_k, teacher_q, teacher_k, mask, stats,
+                              count if mask is not None else None)
+        return reduce_rows(rows, count, cfg.reduction)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -64,6 +56,7 @@ class TritonAttentionKL(torch.autograd.Function):
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             refuse_teacher_grad("triton")  # the API refuses earlier; this is for direct callers
         student_q, student_k, teacher_q, teacher_k, mask, stats, count = ctx.saved_tensors
+        count = count if count is not None else ctx.count
         cfg = ctx.cfg
         batch, heads, length = student_q.shape[:3]
         device = student_q.device
@@ -78,7 +71,7 @@ class TritonAttentionKL(torch.autograd.Function):
         else:
             scale = g.reshape(())
             if cfg.reduction == "mean":
-                scale = scale / count.clamp(min=1).to(torch.float32)
+                scale = scale / mean_divisor(count, torch.float32)
             weight = valid.to(torch.float32).expand(batch, heads, length).reshape(-1)
         dq, dk = K.attention_kl_bwd(
             student_q, student_k, teacher_q, teacher_k, mask, cfg.causal, cfg.student_scale,

@@ -113,7 +113,8 @@ def scores(q: torch.Tensor, k: torch.Tensor, scale: float, dtype) -> torch.Tenso
 
 def per_row_loss(student_q, student_k, teacher_q, teacher_k, attention_mask, cfg: AttentionKDConfig):
     """Per-query-row losses (B, H, L) from the materialised maps, and the number of counted
-    rows (a 0-dim device tensor). The oracle: plain autograd, any dtype."""
+    rows (a 0-dim device tensor with a mask, else an int: no tensor is made from a Python
+    number on the device). The oracle: plain autograd, any dtype."""
     cfg = with_scales(cfg, student_q.shape[-1], teacher_q.shape[-1])
     dtype = compute_dtype(student_q.dtype, teacher_q.dtype)
     batch, heads, length = student_q.shape[:3]
@@ -126,7 +127,7 @@ def per_row_loss(student_q, student_k, teacher_q, teacher_k, attention_mask, cfg
         if allowed is not None:
             diff = torch.where(allowed, diff, 0.0)
         rows = (diff * diff).sum(-1)
-        return rows, torch.tensor(batch * heads * length * length, device=s.device)
+        return rows, batch * heads * length * length
     if allowed is not None:
         s = s.masked_fill(~allowed, -math.inf)
         t = t.masked_fill(~allowed, -math.inf)
@@ -136,18 +137,26 @@ def per_row_loss(student_q, student_k, teacher_q, teacher_k, attention_mask, cfg
     keep = p != 0  # masked keys carry no probability (and log p - log q = NaN there)
     rows = torch.where(keep, p * (torch.where(keep, log_p, 0.0) - torch.where(keep, log_q, 0.0)), 0.0).sum(-1)
     if valid is None:
-        return rows, torch.tensor(batch * heads * length, device=s.device)
+        return rows, batch * heads * length
     rows = torch.where(valid[:, None, :], rows, 0.0)
     return rows, valid.sum() * heads
 
 
+def mean_divisor(count, dtype):
+    """max(count, 1): of a device tensor (a masked count), or of an int."""
+    if isinstance(count, torch.Tensor):
+        return count.clamp(min=1).to(dtype)
+    return max(count, 1)
+
+
 def reduce_rows(rows: torch.Tensor, count, reduction: str) -> torch.Tensor:
+    """``count``: the counted rows, a 0-dim tensor or an int (``mean_divisor``)."""
     if reduction == "none":
         return rows
     total = rows.sum()
     if reduction == "sum":
         return total
-    return total / count.clamp(min=1).to(total.dtype)
+    return total / mean_divisor(count, total.dtype)
 
 
 def attention_kd_loss(student_q, student_k, teacher_q, teacher_k, attention_mask=None,
@@ -318,14 +327,15 @@ class ChunkedAttentionKL(torch.autograd.Function):
         qs, ks = _prepare(student_q.detach(), student_k.detach(), valid, heads, cfg.student_scale, dtype)
         qt, kt = _prepare(teacher_q.detach(), teacher_k.detach(), valid, heads, cfg.teacher_scale, dtype)
         rows = torch.empty(batch * heads, length, dtype=dtype, device=qs.device)
-        count = valid.sum() * heads if valid is not None else torch.tensor(batch * heads * length, device=qs.device)
+        count = valid.sum() * heads if valid is not None else batch * heads * length
         need = ctx.needs_input_grad[:4]
         grads = None
         if any(need) and cfg.reduction != "none":
-            w = torch.ones((), dtype=dtype, device=qs.device)
-            if cfg.reduction == "mean":
-                w = w / count.clamp(min=1).to(dtype)
-            weight = w.expand(rows.shape) if valid_bh is None else torch.where(valid_bh, w, 0.0)
+            w = 1.0 / mean_divisor(count, dtype) if cfg.reduction == "mean" else 1.0
+            if valid_bh is None:
+                weight = rows.new_ones(()).mul_(w).expand(rows.shape)  # w: a Python float here
+            else:
+                weight = torch.where(valid_bh, w, 0.0)
             grads = _grad_buffers(need, qs, ks, qt, kt)
             _kl_blocks(qs, ks, qt, kt, valid_bh, cfg, rows, weight, grads)
         else:
