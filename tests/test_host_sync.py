@@ -15,7 +15,9 @@ import torch
 
 import pydistill as pdl
 
-from conftest import available_backends
+from pydistill import _dispatch
+
+from conftest import INTERPRETER_PROBLEM, available_backends
 
 F32 = torch.float32
 
@@ -149,9 +151,18 @@ _KNOWN = {
 }
 
 
+def _cpu_backends(op):
+    """The backends that run ``op`` on CPU tensors here (Triton under the interpreter, the
+    cuda backend through its host code), whatever device the rest of the suite uses."""
+    available_backends(op)  # builds / loads the CUDA extension where the suite would
+    cpu = torch.device("cpu")
+    return [b for b in _dispatch.TABLE[op] if _dispatch.why_unavailable(b, cpu) is None
+            and not (b == "triton" and INTERPRETER_PROBLEM)]
+
+
 def _params():
     for name, op, call in _cases():
-        backends = [b for b in available_backends(op) if b != "cuda"] if op else ["torch"]
+        backends = _cpu_backends(op) if op else ["torch"]
         for backend in backends:
             reason = _KNOWN.get((name, backend))
             marks = pytest.mark.xfail(strict=True, reason=reason) if reason else ()
