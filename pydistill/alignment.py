@@ -229,7 +229,8 @@ def gather_rows(teacher: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"index: expected entries in [-1, {length}) (a teacher position, or -1 "
                              f"for none; L_t = {length}), got {int(index[b, i])} at [{b}, {i}]")
     idx = index.to(device=teacher.device, dtype=torch.int64)
-    rows = teacher.gather(1, idx.clamp(0, max(length - 1, 0))[..., None].expand(-1, -1, teacher.shape[-1]))
+    safe = idx.clamp(0, max(length - 1, 0))[..., None].expand(-1, -1, teacher.shape[-1])
+    rows = teacher.gather(1, safe)
     if index.device.type != "cpu" and teacher.is_floating_point():  # no host sync: NaN rows
         rows = torch.where(((idx < -1) | (idx >= length))[..., None], float("nan"), rows)
     return rows

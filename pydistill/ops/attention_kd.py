@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from pydistill.reference.attention_kd import AttentionKDConfig, mean_divisor, reduce_rows, with_scales
+from pydistill.reference.attention_kd import (
+    AttentionKDConfig, mean_divisor, reduce_rows, with_scales,
+)
 
 # Widest head dim of either model the kernels take (padded to a power of two in registers).
 MAX_HEAD_DIM = 256

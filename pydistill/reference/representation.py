@@ -119,7 +119,8 @@ def attention_transfer_loss(student_features, teacher_features, p: float = 2.0, 
         with autocast_off(student_features.device):
             return attention_transfer_pair(student_features, teacher_features, p, mode)
     with autocast_off(student_features[0].device):
-        losses = [attention_transfer_pair(s, t, p, mode) for s, t in zip(student_features, teacher_features)]
+        losses = [attention_transfer_pair(s, t, p, mode)
+                  for s, t in zip(student_features, teacher_features)]
         return torch.stack(losses).sum()
 
 
