@@ -209,7 +209,45 @@ class Launch:
 class Capture:
     def __init__(self):
         self.launches: list = []
+        self.torch_ops: list = []  # (phase, aten op, bytes, flops)
         self.phase = "fwd"
+
+
+# aten ops that move no data (views, allocations without a fill, metadata)
+_NO_TRAFFIC = re.compile(
+    r"^(view|_unsafe_view|reshape|t|transpose|permute|expand|slice|select|as_strided|unsqueeze|"
+    r"squeeze|detach|alias|empty|empty_like|empty_strided|new_empty|new_empty_strided|"
+    r"unbind|split|split_with_sizes|chunk|narrow|lift_fresh|_to_copy_noop|sym_size|"
+    r"sym_stride|sym_numel|is_same_size|_has_compatible_shallow_copy_type|device|dim|size|"
+    r"stride|numel|_local_scalar_dense)$")
+
+
+def _matmul_flops(name, args, out) -> float:
+    name = name.rstrip("_")
+    if name in ("mm", "addmm", "bmm", "baddbmm"):
+        a, b = (args[0], args[1]) if name in ("mm", "bmm") else (args[1], args[2])
+        return 2.0 * a.numel() * b.shape[-1]
+    return 0.0
+
+
+def _torch_recorder(capture: Capture):
+    """A dispatch mode recording the aten ops the public API runs besides the Triton kernels
+    (cuBLAS GEMMs, casts, reductions): bytes of their tensor inputs and outputs, GEMM FLOPs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if not _NO_TRAFFIC.match(name):
+                tensors = list({id(x): x for x in tree_leaves((args, kwargs, out))
+                                if isinstance(x, torch.Tensor)}.values())
+                moved = sum(x.numel() * x.element_size() for x in tensors)
+                capture.torch_ops.append((capture.phase, name, moved, _matmul_flops(name, args, out)))
+            return out
+
+    return Recorder()
 
 
 def triton_unsupported() -> Optional[str]:
@@ -401,24 +439,27 @@ def capture_case(sc: StaticCase, case, module, target: Target) -> list:
             if isinstance(fn, str):
                 raise RuntimeError(fn)
             inputs = _to_fake_cuda(module.make_inputs(case, torch.device("cpu"), 1)[0])
-            if sc.extra == "labels":
-                import pydistill
+            labels = (torch.randint(0, case.v, (case.n,), device=device)
+                      if sc.extra == "labels" else None)
+            grad = torch.full((), float(getattr(case, "grad_output", 1.0)), device=device)
+            with _torch_recorder(capture):
+                if sc.extra == "labels":
+                    import pydistill
 
-                labels = torch.randint(0, case.v, (case.n,), device=device)
-                loss = pydistill.kd_loss(*inputs, labels=labels, divergence=case.divergence,
-                                         temperature=case.temperature, beta=case.beta,
-                                         hard_weight=0.5, soft_weight=0.5, backend="triton")
-            else:
-                loss = fn(*inputs)
-            capture.phase = "bwd"
-            backward(loss, torch.full_like(loss, getattr(case, "grad_output", 1.0)))
+                    loss = pydistill.kd_loss(*inputs, labels=labels, divergence=case.divergence,
+                                             temperature=case.temperature, beta=case.beta,
+                                             hard_weight=0.5, soft_weight=0.5, backend="triton")
+                else:
+                    loss = fn(*inputs)
+                capture.phase = "bwd"
+                backward(loss, grad.expand_as(loss) if loss.dim() else grad)
     finally:
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return capture.launches
+    return capture
 
 
 # --------------------------------------------------------------------------------------
@@ -446,7 +487,7 @@ def _run_tool(name: str, cubin: bytes, *flags) -> str:
     return out.stdout
 
 
-_INSTR = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Za-z0-9_.]*)(.*?);")
 _LOC = re.compile(r'"([^"]+)", line (\d+)')
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _TARGET = re.compile(r"`\((\.L_x_\d+)\)")
@@ -491,13 +532,29 @@ def parse_sass(text: str) -> list:
 
 
 def sass_loops(instrs: list) -> list:
-    """(start index, end index) of each loop: a branch back to an earlier instruction."""
+    """(start index, end index) of each loop: the span from a branch target to the last branch
+    back to it (several back edges to one head are one loop; two spans that overlap without
+    nesting, the rotated halves of one loop, are merged)."""
     index = {ins.address: i for i, ins in enumerate(instrs)}
-    loops = []
+    ends = {}
     for i, ins in enumerate(instrs):
         if ins.target is not None and ins.target < ins.address and ins.target in index:
-            loops.append((index[ins.target], i))
-    return sorted(set(loops), key=lambda lo: (lo[0], -lo[1]))
+            start = index[ins.target]
+            ends[start] = max(ends.get(start, i), i)
+    spans = sorted(ends.items())
+    merged = True
+    while merged:
+        merged = False
+        for x in range(len(spans)):
+            for y in range(len(spans)):
+                (a1, b1), (a2, b2) = spans[x], spans[y]
+                if a1 < a2 <= b1 < b2:
+                    spans = [s for i, s in enumerate(spans) if i not in (x, y)] + [(a1, b2)]
+                    merged = True
+                    break
+            if merged:
+                break
+    return sorted(set(spans), key=lambda lo: (lo[0], -lo[1]))
 
 
 # ---- loop trip counts from the Python source --------------------------------------------
@@ -739,9 +796,10 @@ def _function_namespace(fn_name, functions, kernel_name, launch, module, depth=0
     raise _Unknown(f"no call of {fn_name}")
 
 
-def trip_count(loop_instrs: list, launch: Launch) -> Optional[int]:
-    """The trip count of the SASS loop whose own instructions are ``loop_instrs`` (module
-    docstring), or None when its Python range cannot be evaluated."""
+def trip_count(loop_instrs: list, launch: Launch) -> tuple:
+    """(trip count, Python ``for`` node) of the SASS loop whose own instructions are
+    ``loop_instrs`` (module docstring); the count is None when its range cannot be evaluated,
+    the node when no ``for`` statement holds the loop."""
     module = sys.modules[launch.fn.fn.__module__]
     path = inspect.getsourcefile(launch.fn.fn)
     functions, fors = _module_ast(path)
@@ -749,7 +807,7 @@ def trip_count(loop_instrs: list, launch: Launch) -> Optional[int]:
              for ins in loop_instrs]
     lines = [ls for ls in lines if ls]
     if not lines:
-        return None
+        return None, None
     best = None
     for node, fn in fors:
         inside = sum(1 for ls in lines if any(node.lineno <= ln <= node.end_lineno for ln in ls))
@@ -758,15 +816,15 @@ def trip_count(loop_instrs: list, launch: Launch) -> Optional[int]:
             if best is None or span < best[0]:
                 best = (span, node, fn)
     if best is None:
-        return None
+        return None, None
     _, node, fn = best
     try:
         ns = _function_namespace(fn.name, functions, launch.fn.fn.__name__, launch, module)
         if not _walk_to(fn.body, node, ns):
-            return None
-        return len(_range(node, ns))
+            return None, node
+        return len(_range(node, ns)), node
     except (_Unknown, TypeError, ValueError):
-        return None
+        return None, node
 
 
 # ---- the per-launch figures ------------------------------------------------------------
@@ -891,11 +949,16 @@ def analyse(launch: Launch, target: Target) -> Figures:
     counts = [1.0] * len(instrs)
     unresolved, loops = 0, []
     spans = sass_loops(instrs)
+    nodes = {}
     for lo, hi in spans:
         inner = [(a, b) for a, b in spans if (a, b) != (lo, hi) and lo <= a and b <= hi]
         own = [instrs[i] for i in range(lo, hi + 1)
                if not any(a <= i <= b for a, b in inner)]
-        trips = trip_count(own, launch)
+        trips, node = trip_count(own, launch)
+        nodes[lo, hi] = node
+        outer = [(a, b) for a, b in spans if (a, b) != (lo, hi) and a <= lo and hi <= b]
+        if node is not None and any(nodes.get(o) is node for o in outer):
+            continue  # a copy of its enclosing loop's body (peeled or versioned), counted there
         if trips is None:
             unresolved += 1
             trips = 1
@@ -919,3 +982,209 @@ def analyse(launch: Launch, target: Target) -> Figures:
         atomics=atomics, fences=fences, warp_instructions=per_warp * warps,
         bytes_sass=sass_bytes * warps, bytes_footprint=footprint(launch),
         flops=flops * warps, unresolved_loops=unresolved, loops=loops)
+
+
+# --------------------------------------------------------------------------------------
+# Rows, report, CLI
+# --------------------------------------------------------------------------------------
+
+
+def elements(case) -> int:
+    """The case's unit of work for ``instructions_per_element``: logits (N V) or attention
+    scores (B H L^2)."""
+    if hasattr(case, "v"):
+        return case.n * case.v
+    return case.b * case.h * case.length * case.length
+
+
+def floor_s(family: str, case, target: Target) -> float:
+    """The family's fwd+bwd floor on ``target`` (module docstring)."""
+    if family in GEMM_BOUND:
+        return case.flops("fwd+bwd") / target.tensor_flops
+    return case.floor_bytes("fwd+bwd") / target.bandwidth
+
+
+def _bound(times: dict) -> str:
+    return max(times, key=times.get)
+
+
+def case_rows(sc: StaticCase, case, module, target: Target, cache: dict) -> list:
+    capture = capture_case(sc, case, module, target)
+    label = case_label(sc, case)
+    n_elements = elements(case)
+    rows, bound_time = [], defaultdict(float)
+    for launch in capture.launches:
+        key = (launch.kernel.hash, launch.grid,
+               tuple(sorted((k, v) for k, v in launch.args.items() if not isinstance(v, TensorArg))),
+               footprint(launch))
+        fig = cache.get(key)
+        if fig is None:
+            fig = cache[key] = analyse(launch, target)
+        times = fig.times(target)
+        bound_time[_bound(times)] += max(times.values())
+        rows.append({
+            "family": sc.family, "case": label, "phase": launch.phase, "kernel": fig.kernel,
+            "grid": "x".join(str(g) for g in launch.grid), "num_warps": fig.num_warps,
+            "regs": fig.regs, "spill_stores": fig.spill_stores, "local_bytes": fig.local_bytes,
+            "shared_bytes": fig.shared_bytes, "ctas_per_sm": fig.ctas_per_sm,
+            "limiter": fig.limiter, "mma": fig.mma, "atomics": fig.atomics, "fences": fig.fences,
+            "elements": n_elements, "warp_instructions": int(fig.warp_instructions),
+            "instructions_per_element": fig.warp_instructions / n_elements,
+            "bytes": int(fig.bytes), "bytes_sass": int(fig.bytes_sass),
+            "bytes_footprint": fig.bytes_footprint, "flops": int(fig.flops),
+            "unresolved_loops": fig.unresolved_loops, "predicted_ms": max(times.values()) * 1e3,
+            "bound": _bound(times),
+        })
+    ops = defaultdict(lambda: [0, 0, 0.0, 0.0])  # count, bytes, flops, seconds
+    for phase, name, moved, flops in capture.torch_ops:
+        entry = ops[phase, name]
+        t = max(moved / target.bandwidth, flops / target.tensor_flops)
+        entry[0] += 1
+        entry[1] += moved
+        entry[2] += flops
+        entry[3] += t
+        bound_time["tensor" if flops / target.tensor_flops > moved / target.bandwidth else "memory"] += t
+    for (phase, name), (count, moved, flops, seconds) in ops.items():
+        rows.append({
+            "family": sc.family, "case": label, "phase": phase, "kernel": f"torch.{name} x{count}",
+            "elements": n_elements, "bytes": moved, "flops": int(flops),
+            "predicted_ms": seconds * 1e3,
+            "bound": "tensor" if flops / target.tensor_flops > moved / target.bandwidth else "memory",
+        })
+    total = sum(r["predicted_ms"] for r in rows)
+    floor = floor_s(sc.family, case, target) * 1e3
+    rows.append({
+        "family": sc.family, "case": label, "phase": "fwd+bwd", "kernel": "total",
+        "elements": n_elements,
+        "warp_instructions": sum(r.get("warp_instructions") or 0 for r in rows),
+        "bytes": sum(r["bytes"] for r in rows), "flops": sum(r["flops"] for r in rows),
+        "unresolved_loops": sum(r.get("unresolved_loops") or 0 for r in rows),
+        "predicted_ms": total, "bound": max(bound_time, key=bound_time.get) if bound_time else "-",
+        "floor_ms": floor, "ratio": total / floor if floor else None,
+    })
+    return rows
+
+
+def run_model(target: Target, families=None, cases=None, progress=None) -> list:
+    import importlib
+
+    rows, cache = [], {}
+    for sc in cases if cases is not None else goal_cases(families):
+        module = importlib.import_module(FAMILY_MODULES[sc.family])
+        for case in family_cases(sc, module):
+            if progress:
+                progress(f"{sc.family} {case_label(sc, case)}")
+            rows += case_rows(sc, case, module, target, cache)
+    return rows
+
+
+def _fmt(value, spec=".3g"):
+    if value is None or value == "":
+        return ""
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def write_csv(rows, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r.get(k), ".6g") for k in CSV_COLUMNS})
+
+
+def report(rows, target: Target, command: str) -> str:
+    import triton
+
+    totals = [r for r in rows if r["kernel"] == "total"]
+    lines = [
+        f"# Predicted lower bound from compiled code ({target.name}, {target.device})",
+        "",
+        "**Not a measurement.** Each Triton launch of a forward + backward at the goal shapes, "
+        "compiled for the target through Triton's JIT with a stand-in driver; time of a launch = "
+        "max(bytes / bandwidth, warp-instructions / issue rate, MMA FLOPs / tensor peak), the "
+        "other aten ops (cuBLAS GEMMs, casts) at max(bytes / bandwidth, FLOPs / peak); summed. "
+        "Method and its approximations: bench/static.py.",
+        "",
+        f"Constants: {target.constants()}.",
+        f"Triton {triton.__version__}, torch {torch.__version__}, git {harness.git_revision()}. "
+        f"Command: `{command}`.",
+        "",
+        "| family | case | floor ms | predicted ms | ratio | bound by |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in totals:
+        lines.append(f"| {r['family']} | {r['case']} | {r['floor_ms']:.3g} | {r['predicted_ms']:.3g} | "
+                     f"{r['ratio']:.2f} | {r['bound']} |")
+    lines += ["", "## Kernels (one line per distinct launch; xN: launches)", "",
+              "| family | case | phase | kernel | grid | regs | spills | CTAs/SM (limit) | mma | "
+              "atomics / fences | instr / element | GB | TFLOP | predicted ms | bound |",
+              "|---|---|---|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---|"]
+    groups = {}
+    for r in rows:
+        if r["kernel"] == "total":
+            continue
+        aten = r["kernel"].startswith("torch.")
+        kernel = "aten ops" if aten else r["kernel"]
+        key = (r["family"], r["case"], r["phase"], kernel, r.get("grid"))
+        g = groups.setdefault(key, dict(r, n=0, predicted_ms=0.0, bytes=0, flops=0, ops=[]))
+        g["n"] += 0 if aten else 1
+        g["predicted_ms"] += r["predicted_ms"]
+        g["bytes"] += r["bytes"]
+        g["flops"] += r["flops"]
+        if aten:
+            g["ops"].append((r["predicted_ms"], r["kernel"][len("torch."):]))
+            g["bound"] = "tensor" if g["flops"] / target.tensor_flops > g["bytes"] / target.bandwidth else "memory"
+    for (family, case, phase, kernel, grid), g in groups.items():
+        name = kernel + (f" x{g['n']}" if g["n"] > 1 else "")
+        if g["ops"]:
+            top = sorted(g["ops"], reverse=True)
+            name += " (" + ", ".join(op for _, op in top[:3]) + (", ..." if len(top) > 3 else "") + ")"
+        compiled = g.get("regs") is not None
+        lines.append(
+            f"| {family} | {case} | {phase} | {name} | {grid or ''} | {_fmt(g.get('regs'))} | "
+            f"{_fmt(g.get('spill_stores'))} | "
+            + (f"{g['ctas_per_sm']} ({g['limiter']})" if compiled else "") + " | "
+            + f"{g.get('mma') or ''} | "
+            + (f"{g['atomics']} / {g['fences']}" if compiled else "") + " | "
+            + f"{_fmt(g.get('instructions_per_element'))} | {g['bytes'] / 1e9:.3g} | "
+            f"{g['flops'] / 1e12:.3g} | {g['predicted_ms']:.3g} | {g['bound']} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m pydistill.bench.static",
+        description="Predicted lower bound from compiled code of every Triton launch at the goal "
+                    "shapes (no GPU needed; not a measurement).")
+    p.add_argument("--target", default="sm_90", choices=sorted(TARGETS))
+    p.add_argument("--family", nargs="+", choices=sorted(FAMILY_MODULES))
+    p.add_argument("--out", type=Path, help="CSV path (default bench/results/static-<arch>.csv); "
+                                            "the Markdown report beside it")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    opts = parse_args(argv)
+    reason = triton_unsupported()
+    if reason is not None:
+        print(f"static model unavailable: {reason}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("PYDISTILL_CUDA_JIT", "0")
+    target = TARGETS[opts.target]
+    out = opts.out or harness.REPO / "bench" / "results" / f"static-{opts.target.replace('_', '')}.csv"
+    rows = run_model(target, opts.family, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    write_csv(rows, out)
+    command = "python -m pydistill.bench.static" + (" " + " ".join(argv) if argv else "")
+    text = report(rows, target, command)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
