@@ -889,11 +889,11 @@ def occupancy(regs: int, shared: int, num_warps: int, target: Target) -> tuple:
     """(resident CTAs per SM, what limits it)."""
     regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
     warps_by_regs = (target.regs_per_sm // 4 // regs_per_warp) * 4
-    limits = {
-        "registers": warps_by_regs // num_warps,
-        "shared": target.smem_per_sm // (shared + target.smem_reserved_per_cta),
+    limits = {  # in this order on a tie: a register count at the warp limit is not the limit
         "warps": target.max_warps_per_sm // num_warps,
         "ctas": target.max_ctas_per_sm,
+        "shared": target.smem_per_sm // (shared + target.smem_reserved_per_cta),
+        "registers": warps_by_regs // num_warps,
     }
     limiter = min(limits, key=lambda k: (limits[k], list(limits).index(k)))
     return limits[limiter], limiter
@@ -1008,9 +1008,9 @@ def _bound(times: dict) -> str:
     return max(times, key=times.get)
 
 
-def case_rows(sc: StaticCase, case, module, target: Target, cache: dict) -> list:
+def case_rows(sc: StaticCase, case, module, target: Target, cache: dict, label=None) -> list:
     capture = capture_case(sc, case, module, target)
-    label = case_label(sc, case)
+    label = label or case_label(sc, case)
     n_elements = elements(case)
     rows, bound_time = [], defaultdict(float)
     for launch in capture.launches:
@@ -1065,16 +1065,28 @@ def case_rows(sc: StaticCase, case, module, target: Target, cache: dict) -> list
     return rows
 
 
-def run_model(target: Target, families=None, cases=None, progress=None) -> list:
+# Families whose kernels run one program per row: their instructions per element do not
+# depend on N, so --small runs them at SMALL_ROWS rows.
+ROW_FAMILIES = ("softmax", "topk", "uld")
+SMALL_ROWS = 64
+
+
+def run_model(target: Target, families=None, small: bool = False, progress=None) -> list:
+    """The rows of every goal case (``small``: the row families at SMALL_ROWS rows, labelled as
+    their goal case, for the CI gate of tests/test_static.py)."""
+    import dataclasses
     import importlib
 
     rows, cache = [], {}
-    for sc in cases if cases is not None else goal_cases(families):
+    for sc in goal_cases(families):
         module = importlib.import_module(FAMILY_MODULES[sc.family])
         for case in family_cases(sc, module):
+            label = case_label(sc, case)
+            if small and sc.family in ROW_FAMILIES:
+                case = dataclasses.replace(case, n=SMALL_ROWS)
             if progress:
-                progress(f"{sc.family} {case_label(sc, case)}")
-            rows += case_rows(sc, case, module, target, cache)
+                progress(f"{sc.family} {label}")
+            rows += case_rows(sc, case, module, target, cache, label)
     return rows
 
 
@@ -1161,6 +1173,9 @@ def parse_args(argv=None):
                     "shapes (no GPU needed; not a measurement).")
     p.add_argument("--target", default="sm_90", choices=sorted(TARGETS))
     p.add_argument("--family", nargs="+", choices=sorted(FAMILY_MODULES))
+    p.add_argument("--small", action="store_true",
+                   help=f"the row families at {SMALL_ROWS} rows (same instructions per element; "
+                        "the CI gate)")
     p.add_argument("--out", type=Path, help="CSV path (default bench/results/static-<arch>.csv); "
                                             "the Markdown report beside it")
     return p.parse_args(argv)
@@ -1176,7 +1191,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("PYDISTILL_CUDA_JIT", "0")
     target = TARGETS[opts.target]
     out = opts.out or harness.REPO / "bench" / "results" / f"static-{opts.target.replace('_', '')}.csv"
-    rows = run_model(target, opts.family, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    rows = run_model(target, opts.family, opts.small, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     write_csv(rows, out)
     command = "python -m pydistill.bench.static" + (" " + " ".join(argv) if argv else "")
     text = report(rows, target, command)
@@ -1188,3 +1203,48 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------------------
+# The CI gate (tests/test_static.py)
+# --------------------------------------------------------------------------------------
+
+
+def read_csv(path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def instructions_per_element(rows) -> dict:
+    """(family, case, phase, kernel) -> warp-instructions per element, summed over the launches
+    of each compiled kernel."""
+    out = defaultdict(float)
+    for r in rows:
+        if r.get("regs") not in (None, ""):
+            out[r["family"], r["case"], r["phase"], r["kernel"]] += (
+                float(r["warp_instructions"]) / float(r["elements"]))
+    return dict(out)
+
+
+def gate_failures(committed: list, current: list, tolerance: float = 0.10) -> list:
+    """What the CI gate refuses in ``current`` (rows of this run) against ``committed`` (the
+    rows of bench/results/static-sm90.csv): a kernel that spills or uses local memory, a
+    kernel's instructions per element grown by more than ``tolerance``, a kernel missing from
+    either side (the committed report is then stale: regenerate it)."""
+    failures = []
+    for r in current:
+        if r.get("regs") in (None, ""):
+            continue
+        if int(r.get("spill_stores") or 0) or int(r.get("local_bytes") or 0):
+            failures.append(f"{r['family']} {r['case']} {r['phase']} {r['kernel']}: "
+                            f"{r['spill_stores']} spill stores, {r['local_bytes']} bytes of local memory")
+    old, new = instructions_per_element(committed), instructions_per_element(current)
+    for key in sorted(set(old) | set(new)):
+        if key not in new or key not in old:
+            where = "this run" if key not in new else "the committed report"
+            failures.append(f"{' '.join(key)}: not in {where} (regenerate bench/results/static-*.csv "
+                            "with python -m pydistill.bench.static)")
+        elif new[key] > old[key] * (1 + tolerance):
+            failures.append(f"{' '.join(key)}: {new[key]:.4g} warp-instructions per element, "
+                            f"{new[key] / old[key] - 1:+.1%} over the committed {old[key]:.4g}")
+    return failures
