@@ -25,6 +25,8 @@ backend ``bin`` folder):
 ``warp_instructions``       SASS instructions executed, summed over warps: every instruction
                             outside a loop once per warp, an instruction inside a loop times
                             the product of its loops' trip counts (below)
+``max_load_bytes``          the widest global load of a thread (16: the JIT's alignment and
+                            divisibility specialisation gave 128-bit vector loads)
 ``bytes``                   the lesser of (a) the global loads / stores / atomics of the SASS,
                             times their width and 32 lanes and their executed count (every
                             access reaches DRAM) and (b) the footprint of the tensor arguments
@@ -132,7 +134,7 @@ CSV_COLUMNS = (
     "family", "case", "phase", "kernel", "grid", "num_warps", "regs", "spill_stores",
     "local_bytes", "shared_bytes", "ctas_per_sm", "limiter", "mma", "atomics", "fences",
     "elements", "warp_instructions", "instructions_per_element", "bytes", "bytes_sass",
-    "bytes_footprint", "flops", "unresolved_loops", "predicted_ms", "bound", "floor_ms", "ratio",
+    "bytes_footprint", "max_load_bytes", "flops", "unresolved_loops", "predicted_ms", "bound", "floor_ms", "ratio",
 )
 
 
@@ -917,6 +919,7 @@ class Figures:
     bytes_footprint: int
     flops: float
     unresolved_loops: int
+    max_load_bytes: int  # the widest global load of one thread (16: 128-bit vector loads)
     loops: list = field(default_factory=list)  # (first line, trips, body instructions)
 
     @property
@@ -981,7 +984,79 @@ def analyse(launch: Launch, target: Target) -> Figures:
         num_warps=kernel.metadata.num_warps, ctas_per_sm=ctas, limiter=limiter, mma=mma,
         atomics=atomics, fences=fences, warp_instructions=per_warp * warps,
         bytes_sass=sass_bytes * warps, bytes_footprint=footprint(launch),
-        flops=flops * warps, unresolved_loops=unresolved, loops=loops)
+        flops=flops * warps, unresolved_loops=unresolved, loops=loops,
+        max_load_bytes=max((_width(ins.opcode) for ins in instrs
+                            if ins.opcode.split(".")[0] in ("LDG", "LDGSTS")), default=0))
+
+
+# --------------------------------------------------------------------------------------
+# The CUDA C++ extension: resources only
+# --------------------------------------------------------------------------------------
+
+CUDA_FAMILY = "cuda-ext"
+
+
+def nvcc_path() -> Optional[str]:
+    from pydistill import _cuda_ext
+
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")):
+            return os.path.join(root, "bin", "nvcc")
+    import shutil
+
+    return shutil.which("nvcc") if _cuda_ext is not None else None
+
+
+def cuda_rows(target: Target, progress=None) -> list:
+    """Registers, stack (local memory), spills and shared memory of every kernel of csrc/*.cu
+    as ``nvcc --resource-usage`` reports them for ``target`` (the extension's own nvcc flags);
+    CTAs per SM where the kernel declares its block size (``__launch_bounds__``). The launches
+    are not captured: no time is predicted for them."""
+    from pydistill import _cuda_ext
+
+    nvcc = nvcc_path()
+    if nvcc is None:
+        return []
+    import shutil
+
+    filt = shutil.which("cu++filt", path=os.path.dirname(nvcc)) or shutil.which("c++filt")
+    rows = []
+    for source in sorted((harness.REPO / "csrc").glob("*.cu")):
+        if progress:
+            progress(f"{CUDA_FAMILY} {source.name}")
+        text = source.read_text()
+        for header in re.findall(r'#include "([^"]+)"', text):
+            if (source.parent / header).is_file():
+                text += (source.parent / header).read_text()
+        bounds = dict((name, int(n)) for n, name in
+                      re.findall(r"__launch_bounds__\((\d+)[^)]*\)\s+(\w+)\s*\(", text))
+        with tempfile.TemporaryDirectory() as tmp:
+            out = subprocess.run(
+                [nvcc, f"-arch=sm_{target.arch}a", "-cubin", *_cuda_ext.NVCC_FLAGS,
+                 "--resource-usage", str(source), "-o", os.path.join(tmp, "k.cubin")],
+                capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"nvcc failed on {source.name}: {out.stderr[-2000:]}")
+        for block in re.split(r"ptxas info\s*: Compiling entry function ", out.stdout + out.stderr)[1:]:
+            mangled = block.split("'")[1]
+            name = subprocess.run([filt, mangled], capture_output=True, text=True).stdout.strip() \
+                if filt else mangled
+            name = re.sub(r"\(.*\)$", "", name.replace("pydistill::", "")).replace("__nv_bfloat16", "bf16")
+            name = re.sub(r"^void ", "", name).replace("__half", "fp16").replace("<float", "<fp32").replace(
+                ", float>", ", fp32>")
+            num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, block)) else 0  # noqa: E731
+            regs, smem = num(r"Used (\d+) registers"), num(r"(\d+) bytes smem")
+            base = re.sub(r"<.*", "", name).split("::")[-1].strip()
+            threads = bounds.get(base)
+            ctas, limiter = occupancy(regs, smem, threads // 32, target) if threads else ("", "")
+            rows.append({
+                "family": CUDA_FAMILY, "case": source.name, "phase": "-", "kernel": name,
+                "num_warps": threads // 32 if threads else "", "regs": regs,
+                "spill_stores": num(r"(\d+) bytes spill stores"),
+                "local_bytes": num(r"(\d+) bytes stack frame"), "shared_bytes": smem,
+                "ctas_per_sm": ctas, "limiter": limiter,
+            })
+    return rows
 
 
 # --------------------------------------------------------------------------------------
@@ -1031,7 +1106,8 @@ def case_rows(sc: StaticCase, case, module, target: Target, cache: dict, label=N
             "elements": n_elements, "warp_instructions": int(fig.warp_instructions),
             "instructions_per_element": fig.warp_instructions / n_elements,
             "bytes": int(fig.bytes), "bytes_sass": int(fig.bytes_sass),
-            "bytes_footprint": fig.bytes_footprint, "flops": int(fig.flops),
+            "bytes_footprint": fig.bytes_footprint, "max_load_bytes": fig.max_load_bytes,
+            "flops": int(fig.flops),
             "unresolved_loops": fig.unresolved_loops, "predicted_ms": max(times.values()) * 1e3,
             "bound": _bound(times),
         })
@@ -1135,6 +1211,8 @@ def report(rows, target: Target, command: str) -> str:
               "atomics / fences | instr / element | GB | TFLOP | predicted ms | bound |",
               "|---|---|---|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---|"]
     groups = {}
+    cuda = [r for r in rows if r["family"] == CUDA_FAMILY]
+    rows = [r for r in rows if r["family"] != CUDA_FAMILY]
     for r in rows:
         if r["kernel"] == "total":
             continue
@@ -1163,6 +1241,20 @@ def report(rows, target: Target, command: str) -> str:
             + (f"{g['atomics']} / {g['fences']}" if compiled else "") + " | "
             + f"{_fmt(g.get('instructions_per_element'))} | {g['bytes'] / 1e9:.3g} | "
             f"{g['flops'] / 1e12:.3g} | {g['predicted_ms']:.3g} | {g['bound']} |")
+    if cuda:
+        lines += ["", f"## CUDA C++ extension (nvcc --resource-usage, {target.name}; resources only, "
+                      "no launch captured, no time predicted)", "",
+                  "| source | kernel | regs | stack bytes | spill bytes | smem bytes | CTAs/SM (limit) |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        same = {}  # template instances with the same resources: one line
+        for r in cuda:
+            occ = f"{r['ctas_per_sm']} ({r['limiter']}, {r['num_warps']} warps)" if r["ctas_per_sm"] != "" else ""
+            base, _, args = r["kernel"].partition("<")
+            key = (r["case"], base, r["regs"], r["local_bytes"], r["spill_stores"], r["shared_bytes"], occ)
+            same.setdefault(key, []).append("<" + args if args else "")
+        for (source, base, regs, stack, spills, smem, occ), variants in same.items():
+            shown = " ".join(variants[:4]) + (f" (+{len(variants) - 4})" if len(variants) > 4 else "")
+            lines.append(f"| {source} | `{base}` {shown} | {regs} | {stack} | {spills} | {smem} | {occ} |")
     return "\n".join(lines) + "\n"
 
 
@@ -1176,6 +1268,8 @@ def parse_args(argv=None):
     p.add_argument("--small", action="store_true",
                    help=f"the row families at {SMALL_ROWS} rows (same instructions per element; "
                         "the CI gate)")
+    p.add_argument("--no-cuda", action="store_true",
+                   help="leave out the CUDA C++ extension's resource usage (nvcc, a few minutes)")
     p.add_argument("--out", type=Path, help="CSV path (default bench/results/static-<arch>.csv); "
                                             "the Markdown report beside it")
     return p.parse_args(argv)
@@ -1192,6 +1286,8 @@ def main(argv=None) -> int:
     target = TARGETS[opts.target]
     out = opts.out or harness.REPO / "bench" / "results" / f"static-{opts.target.replace('_', '')}.csv"
     rows = run_model(target, opts.family, opts.small, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    if not (opts.small or opts.no_cuda):
+        rows += cuda_rows(target, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     write_csv(rows, out)
     command = "python -m pydistill.bench.static" + (" " + " ".join(argv) if argv else "")
     text = report(rows, target, command)
@@ -1220,7 +1316,7 @@ def instructions_per_element(rows) -> dict:
     of each compiled kernel."""
     out = defaultdict(float)
     for r in rows:
-        if r.get("regs") not in (None, ""):
+        if r.get("warp_instructions") not in (None, "") and r["kernel"] != "total":
             out[r["family"], r["case"], r["phase"], r["kernel"]] += (
                 float(r["warp_instructions"]) / float(r["elements"]))
     return dict(out)
@@ -1233,7 +1329,7 @@ def gate_failures(committed: list, current: list, tolerance: float = 0.10) -> li
     either side (the committed report is then stale: regenerate it)."""
     failures = []
     for r in current:
-        if r.get("regs") in (None, ""):
+        if r.get("regs") in (None, "") or r["family"] == CUDA_FAMILY:
             continue
         if int(r.get("spill_stores") or 0) or int(r.get("local_bytes") or 0):
             failures.append(f"{r['family']} {r['case']} {r['phase']} {r['kernel']}: "

@@ -79,3 +79,12 @@ def test_occupancy_limits():
     assert static.occupancy(32, 0, 4, h100) == (16, "warps")
     assert static.occupancy(32, 100 * 1024, 4, h100) == (2, "shared")
     assert static.occupancy(16, 0, 1, h100) == (32, "ctas")
+
+
+def test_jit_specialisation_gives_vector_loads(current_rows):
+    # The JIT specialises pointers on 16-byte alignment and V = 128256 on divisibility by 16;
+    # compiled without those specialisations the bf16 row kernels load 2 bytes per thread.
+    rows = [r for r in current_rows if r["family"] == "softmax" and r["kernel"] in ("_kd_fwd_kernel", "_kd_bwd_kernel")]
+    assert rows
+    for r in rows:
+        assert int(r["max_load_bytes"]) == 16, r
