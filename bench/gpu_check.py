@@ -229,13 +229,15 @@ def build_cuda_extension(device, limit_s: float) -> str:
     ``limit_s``; then load it here. Returns a one-line status."""
     from pydistill import _cuda_ext
 
-    env = dict(os.environ)
-    env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     if device.type == "cuda":
         import torch
 
         major, minor = torch.cuda.get_device_capability(device)
-        env.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+        # set here, not only for the build: the cache folder is keyed by it, so this process
+        # loads that build and the later subprocesses (headline, tests) inherit it
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+    env = dict(os.environ)
+    env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     code = ("from pydistill import _cuda_ext as e; import sys; "
             "ok = e.load(build=True); print(e._state.get('error') or 'ok'); sys.exit(0 if ok else 1)")
     start = time.monotonic()
