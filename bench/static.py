@@ -68,7 +68,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,8 +260,9 @@ def triton_unsupported() -> Optional[str]:
         from triton.runtime.jit import JITFunction
     except Exception as exc:  # no Triton, or one without these modules
         return f"Triton's JIT modules are not importable ({exc})"
-    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
-    if (major, minor) < (3, 6):
+    from packaging.version import Version
+
+    if Version(triton.__version__).release[:2] < (3, 6):
         return f"Triton {triton.__version__}: the stand-in follows the JIT of Triton 3.6 and later"
     params = inspect.signature(JITFunction.run).parameters
     if "grid" not in params or "warmup" not in params:
@@ -305,7 +305,7 @@ def standin(target: Target, capture: Capture):
         kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
         if warmup:
             return kernel
-        binder = self.device_caches[0][4]
+        binder = self.device_caches[0][-1]  # the binder is the last entry (Triton 3.6-3.9)
         bound, _, _ = binder(*args, **kwargs)
         if callable(grid):
             grid = grid(bound)
@@ -398,21 +398,18 @@ class StaticCase:
 
 
 def goal_cases(families=None) -> list:
+    """The goal shapes (``gpu_check.HEADLINE_ARGS``, the family scripts' arguments, shared with
+    the GPU check) through each family's ``pydistill-triton``, then ``EXTRA``."""
     from pydistill.bench.gpu_check import HEADLINE_ARGS
 
-    out = []
-    for family, argv in HEADLINE_ARGS.items():
-        impls = ["pydistill-triton"]
-        out.append(StaticCase(family, "goal", argv, impls[0]))
+    out = [StaticCase(family, "goal", argv, "pydistill-triton") for family, argv in HEADLINE_ARGS.items()]
     out += [StaticCase(*c) for c in EXTRA]
     return [c for c in out if families is None or c.family in families]
 
 
-def family_cases(sc: StaticCase, module):
-    """(label, Case) of the family script's cases for ``sc``'s arguments."""
-    opts = module.parse_args(sc.argv.split())
-    cases = module.cases_from(opts, torch.device("cuda"))
-    return cases
+def family_cases(sc: StaticCase, module) -> list:
+    """The family script's Case objects for ``sc``'s arguments (as on a CUDA device)."""
+    return module.cases_from(module.parse_args(sc.argv.split()), torch.device("cuda"))
 
 
 def case_label(sc: StaticCase, case) -> str:
@@ -997,14 +994,12 @@ CUDA_FAMILY = "cuda-ext"
 
 
 def nvcc_path() -> Optional[str]:
+    """The nvcc of the toolkit the extension builds with (pydistill._cuda_ext.cuda_home)."""
     from pydistill import _cuda_ext
 
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")):
-            return os.path.join(root, "bin", "nvcc")
-    import shutil
-
-    return shutil.which("nvcc") if _cuda_ext is not None else None
+    home = _cuda_ext.cuda_home()
+    path = os.path.join(home, "bin", "nvcc") if home else None
+    return path if path and os.path.isfile(path) else None
 
 
 def cuda_rows(target: Target, progress=None) -> list:
@@ -1021,7 +1016,7 @@ def cuda_rows(target: Target, progress=None) -> list:
 
     filt = shutil.which("cu++filt", path=os.path.dirname(nvcc)) or shutil.which("c++filt")
     rows = []
-    for source in sorted((harness.REPO / "csrc").glob("*.cu")):
+    for source in sorted(_cuda_ext.CSRC.glob("*.cu")):
         if progress:
             progress(f"{CUDA_FAMILY} {source.name}")
         text = source.read_text()
@@ -1270,8 +1265,9 @@ def parse_args(argv=None):
                         "the CI gate)")
     p.add_argument("--no-cuda", action="store_true",
                    help="leave out the CUDA C++ extension's resource usage (nvcc, a few minutes)")
-    p.add_argument("--out", type=Path, help="CSV path (default bench/results/static-<arch>.csv); "
-                                            "the Markdown report beside it")
+    p.add_argument("--out", type=Path, help="CSV file or folder (default: bench/results/"
+                                            "static-<arch>.csv in a checkout); the Markdown "
+                                            "report beside it")
     return p.parse_args(argv)
 
 
@@ -1284,7 +1280,7 @@ def main(argv=None) -> int:
         return 2
     os.environ.setdefault("PYDISTILL_CUDA_JIT", "0")
     target = TARGETS[opts.target]
-    out = opts.out or harness.REPO / "bench" / "results" / f"static-{opts.target.replace('_', '')}.csv"
+    out = harness.output_csv(opts.out, f"static-{opts.target.replace('_', '')}.csv")
     rows = run_model(target, opts.family, opts.small, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     if not (opts.small or opts.no_cuda):
         rows += cuda_rows(target, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
