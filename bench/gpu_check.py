@@ -9,7 +9,9 @@ b. ``correctness``: every op x backend x {float32, bfloat16} x two shapes (one r
    a large vocabulary) x a few options (both gradient schedules, extreme logits with -inf
    entries, soft-capping, hard labels), value and gradients against the torch backend in
    float64; one line per case. The CUDA extension is built first (in a subprocess with a
-   time limit, MAX_JOBS = every core, TORCH_CUDA_ARCH_LIST = this device's architecture);
+   time limit, MAX_JOBS = every core, TORCH_CUDA_ARCH_LIST = this device's architecture,
+   kept for the later subprocesses: the build cache is keyed by it), then the Triton
+   kernels of the section are compiled by one process per core (``warm_triton``);
 c. ``headline``: one benchmark per family at the goal shapes, against the peers, with the
    ratio to the floor and peak memory (``python -m pydistill.bench`` with those shapes);
 d. with time left, ``tests``: the whole test suite on CUDA; then ``full``: the suite's
@@ -229,13 +231,15 @@ def build_cuda_extension(device, limit_s: float) -> str:
     ``limit_s``; then load it here. Returns a one-line status."""
     from pydistill import _cuda_ext
 
-    env = dict(os.environ)
-    env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     if device.type == "cuda":
         import torch
 
         major, minor = torch.cuda.get_device_capability(device)
-        env.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+        # set here, not only for the build: the cache folder is keyed by it, so this process
+        # loads that build and the later subprocesses (headline, tests) inherit it
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+    env = dict(os.environ)
+    env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     code = ("from pydistill import _cuda_ext as e; import sys; "
             "ok = e.load(build=True); print(e._state.get('error') or 'ok'); sys.exit(0 if ok else 1)")
     start = time.monotonic()
@@ -596,7 +600,37 @@ def parse_args(argv):
     p.add_argument("--skip", nargs="+", choices=SECTIONS, default=[], help="sections not to run")
     p.add_argument("--wheels", type=Path, help="install these wheels (no network) into a temporary folder first")
     p.add_argument("--tests", nargs="+", help="pytest arguments of the tests section (default: tests)")
+    p.add_argument("--warm", metavar="I/N", help=argparse.SUPPRESS)  # one warm-up process's share
     return p.parse_args(argv)
+
+
+def warm_shard(cases, shard: str) -> list:
+    """The Triton cases of warm-up process I of N (``shard`` = "I/N")."""
+    i, n = (int(x) for x in shard.split("/"))
+    return [c for c in cases if c.backend == "triton"][i::n]
+
+
+def warm_triton(limit_s: float, dry_run: bool) -> str:
+    """Compile the correctness section's Triton specialisations before it runs: one process per
+    core (at most 16), each running its share of the Triton cases once, so that Triton's
+    on-disk cache holds them when the section (timed against its deadline) reaches them.
+    Processes still compiling at ``limit_s`` are stopped: the section compiles the rest."""
+    n = max(1, min(os.cpu_count() or 1, 16))
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-m", "pydistill.bench.gpu_check", "--warm", f"{i}/{n}",
+                               *(["--dry-run"] if dry_run else [])],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i in range(n)]
+    stopped = 0
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, limit_s - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            stopped += 1
+    took = time.monotonic() - start
+    return f"{n} processes, {took:.0f} s" + (f", {stopped} stopped at the {limit_s:.0f} s limit" if stopped else "")
 
 
 def install_wheels(folder: Path) -> str:
@@ -639,6 +673,10 @@ def main(argv=None) -> int:
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() and not opts.dry_run else "cpu")
+    if opts.warm:
+        for case in warm_shard(correctness_cases(device, opts.dry_run), opts.warm):
+            run_case(case, device)
+        return 0
     out = (opts.out or default_out()).resolve()
     meta = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "device": "?", "dry_run": opts.dry_run, "argv": sys.argv[1:] if argv is None else list(argv)}
@@ -678,6 +716,11 @@ def main(argv=None) -> int:
                       else f"not available: {_cuda_ext._state['error']}")
         report.section("correctness", cuda_extension=status)
         print("cuda extension:", status, flush=True)
+        if device.type == "cuda":  # (the dry run interprets: nothing to compile)
+            report.data["current"] = "compiling the Triton kernels in parallel"
+            status = warm_triton(0.5 * (deadline - time.monotonic()), opts.dry_run)
+            report.section("correctness", triton_warmup=status)
+            print("triton warm-up:", status, flush=True)
         cases = correctness_cases(device, opts.dry_run)
         done = 0
         for case in cases:

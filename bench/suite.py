@@ -20,6 +20,9 @@ the rows of all families go to one CSV (``COLUMNS``: the union of the families' 
 plus ``family``, ``peer``, ``impl_version``, ``floor_kind`` and ``preset``; the provenance
 in every row), rewritten after every case, with a Markdown summary beside it and the plots
 (bench/plot.py) at the end.
+
+``--static`` runs the compiled-code model instead (bench/static.py: a predicted lower bound,
+no GPU needed, nothing measured); the arguments after it are the model's.
 """
 from __future__ import annotations
 
@@ -242,6 +245,9 @@ def parse_args(argv=None):
     preset.add_argument("--full", dest="preset", action="store_const", const="full",
                         help="GPU sizes (the default on CUDA; --quick elsewhere)")
     p.add_argument("--family", nargs="+", choices=FAMILY_NAMES, help="only these families")
+    p.add_argument("--static", action="store_true",
+                   help="run the compiled-code model instead (bench/static.py; predicted, "
+                        "not measured); the other arguments are the model's")
     p.add_argument("--impl", nargs="+", metavar="NAME",
                    help="only these implementations (names as in the CSV's impl column)")
     p.add_argument("--peer", nargs="+", choices=peers.KINDS,
@@ -570,6 +576,10 @@ def summary(rows, prov: dict, argv, plans, native: dict, opts) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--static" in argv:
+        from pydistill.bench import static
+
+        return static.main([a for a in argv if a != "--static"])
     opts = parse_args(argv)
     out = run(opts, argv)
     md = out.with_suffix(".md")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
@@ -87,11 +88,31 @@ def toolchain_problem() -> Optional[str]:
     return None
 
 
+def arch_list() -> str:
+    """The architectures a build targets: TORCH_CUDA_ARCH_LIST, else DEFAULT_ARCH_LIST."""
+    return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
+
+
 def cache_dir() -> Path:
+    """The JIT build's folder: one per Python, torch, CUDA and architecture list (a build for
+    one device's architecture never stands in for, or is rebuilt by, one for another list)."""
     root = os.environ.get("PYDISTILL_CUDA_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "pydistill")
-    tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-cu{torch.version.cuda}"
+    arch = re.sub(r"[^0-9A-Za-z]+", "_", arch_list().strip()).strip("_")
+    tag = (f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"
+           f"-cu{torch.version.cuda}-sm{arch}")
     return Path(root) / tag.replace("+", "_")
+
+
+def _cached_build() -> Optional[str]:
+    """The JIT build of cache_dir() when it is newer than every source and header, else None."""
+    path = cache_dir() / "pydistill_C.so"
+    try:
+        built = path.stat().st_mtime
+        newest = max((CSRC / s).stat().st_mtime for s in SOURCES + HEADERS)
+    except OSError:
+        return None
+    return str(path) if built >= newest else None
 
 
 def _prebuilt() -> Optional[str]:
@@ -138,11 +159,15 @@ def jit_build(verbose: bool = False) -> str:
 
 def load(build: bool = False) -> bool:
     """Load the extension's ops into torch.ops.pydistill; with ``build``, compile it first
-    if there is no prebuilt one. True if the ops are there."""
+    if there is no prebuilt one. True if the ops are there. Without ``build``, an up-to-date
+    JIT build in cache_dir() (for this TORCH_CUDA_ARCH_LIST) is loaded too, unless
+    PYDISTILL_CUDA_JIT=0."""
     with _lock:
         if _state["loaded"]:
             return True
         path = _prebuilt()
+        if path is None and not build and os.environ.get("PYDISTILL_CUDA_JIT", "1") != "0":
+            path = _cached_build()
         try:
             if path is not None:
                 torch.ops.load_library(path)

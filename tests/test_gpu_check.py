@@ -116,3 +116,26 @@ def test_the_deadline_stops_a_step_that_overruns_and_names_it(tmp_path):
 def test_bad_arguments_are_refused():
     proc = _run(["--skip", "everything"], timeout=60)
     assert proc.returncode == 2 and "--skip" in proc.stderr
+
+
+def test_warm_up_shards_cover_every_triton_case_once():
+    import torch
+    from pydistill.bench import gpu_check
+
+    cases = gpu_check.correctness_cases(torch.device("cpu"), dry_run=True)
+    shards = [gpu_check.warm_shard(cases, f"{i}/3") for i in range(3)]
+    names = [(c.op, c.backend, c.dtype, c.shape, c.options) for shard in shards for c in shard]
+    triton = [(c.op, c.backend, c.dtype, c.shape, c.options) for c in cases if c.backend == "triton"]
+    assert sorted(names) == sorted(triton) and len(set(names)) == len(names) and triton
+
+
+def test_a_warm_up_process_runs_its_share():
+    proc = _run(["--dry-run", "--warm", "0/60"], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_warm_up_processes_past_the_limit_are_stopped():
+    from pydistill.bench import gpu_check
+
+    status = gpu_check.warm_triton(0.01, dry_run=True)
+    assert "stopped at the 0 s limit" in status
