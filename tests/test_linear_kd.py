@@ -376,33 +376,58 @@ def test_bfloat16_gradients_are_faithful(backend, request):
 # ---------------------------------------------------------------------------------------------
 
 
+def check_topk_teacher(backend, inputs, y, lp, idx, *, chunk_size=5, **kw):
+    """linear_kd_loss with a top-k teacher against the top-k family's reference on the
+    materialised student logits: loss and every gradient."""
+    loss, grads, grad_out = run(backend, inputs, y, teacher_topk=(lp, idx), chunk_size=chunk_size, **kw)
+    cfg = pdl.functional.topk_config(**kw)
+    refs = {}
+    for dtype in [torch.float64, torch.float32]:
+        leaves = {k_: v.detach().to(dtype).requires_grad_() for k_, v in inputs.items()}
+        s = R.head_logits(leaves["student_hidden"], leaves["student_weight"], leaves.get("student_bias"))
+        ref = TK.topk_kd_loss(s, lp.to(dtype), idx, y, cfg)
+        refs[dtype] = ref.detach(), dict(zip(leaves, torch.autograd.grad(ref, list(leaves.values()), grad_out.to(dtype))))
+    (gt_loss, gt), (ref32_loss, ref32) = refs[torch.float64], refs[torch.float32]
+    assert_close("loss", loss, gt_loss, [ref32_loss], loss.dtype, atol=1e-7)
+    assert set(grads) == set(gt)
+    for name, g in grads.items():
+        assert_close(f"grad {name}", g, gt[name], [ref32[name]], torch.float32)
+    return loss, grads
+
+
 @pytest.mark.parametrize("backend,tail,divergence", matrix(
     ["bucket", "renormalize", "ignore"], ["kl", "jsd", "skew_reverse_kl"],
     interpreted=lambda t, d: (t, d) in [("bucket", "kl"), ("ignore", "jsd")]))
 def test_topk_teacher(backend, tail, divergence, request):
-    # against the top-k family's reference on the materialised student logits
     if backend == "triton":
         request.getfixturevalue("block_v")(32)
     k = 6
     inputs = head((N,), H_S, V, seed=50, bias=True)
     teacher_logits = randn((N, V), torch.float64, 3.0, seed=51)
     lp, idx = torch.log_softmax(teacher_logits, -1).topk(k, dim=-1)
-    lp = lp.float()
     y = make_labels((N,), V, ignore=(1,))
-    kw = dict(divergence=divergence, temperature=2.0, hard_weight=0.2)
-    loss, grads, grad_out = run(backend, inputs, y, teacher_topk=(lp, idx), tail=tail,
-                                teacher_temperature=1.5, **kw)
-    cfg = pdl.functional.topk_config(tail=tail, teacher_temperature=1.5, **kw)
-    refs = {}
-    for dtype in [torch.float64, torch.float32]:
-        leaves = {k_: v.detach().to(dtype).requires_grad_() for k_, v in inputs.items()}
-        s = R.head_logits(leaves["student_hidden"], leaves["student_weight"], leaves["student_bias"])
-        ref = TK.topk_kd_loss(s, lp.to(dtype), idx, y, cfg)
-        refs[dtype] = ref.detach(), dict(zip(leaves, torch.autograd.grad(ref, list(leaves.values()), grad_out.to(dtype))))
-    (gt_loss, gt), (ref32_loss, ref32) = refs[torch.float64], refs[torch.float32]
-    assert_close("loss", loss, gt_loss, [ref32_loss], loss.dtype, atol=1e-7)
-    for name, g in grads.items():
-        assert_close(f"grad {name}", g, gt[name], [ref32[name]], torch.float32)
+    check_topk_teacher(backend, inputs, y, lp.float(), idx, tail=tail, teacher_temperature=1.5,
+                       divergence=divergence, temperature=2.0, hard_weight=0.2)
+
+
+@pytest.mark.parametrize("backend,chunk_size", matrix([4, "auto", "tiled"]))
+def test_topk_teacher_not_contiguous_along_k(backend, chunk_size, request):
+    # (B, L, K) top-k stored as (K, B, L) and permuted, and transposed back from a K-major
+    # copy: once read as contiguous rows by the Triton kernels (hidden and weight gradients
+    # 72-100 % off)
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)
+    lead, k = (3, 4), 5
+    inputs = head(lead, H_S, V, seed=52)
+    lp, idx = torch.log_softmax(randn(lead + (V,), torch.float64, 3.0, seed=53), -1).topk(k, dim=-1)
+    y = make_labels(lead, V, ignore=(1,))
+    views = [lambda x: x.permute(2, 0, 1).contiguous().permute(1, 2, 0),
+             lambda x: x.reshape(-1, k).t().contiguous().t().reshape(x.shape)]
+    for view in views:
+        lp_v, idx_v = view(lp.float()), view(idx)
+        assert idx_v.reshape(-1, k).stride()[-1] != 1
+        check_topk_teacher(backend, inputs, y, lp_v, idx_v, chunk_size=chunk_size,
+                           teacher_temperature=1.0, temperature=2.0, hard_weight=0.2)
 
 
 # ---------------------------------------------------------------------------------------------
