@@ -431,6 +431,48 @@ def test_topk_teacher_not_contiguous_along_k(backend, chunk_size, request):
 
 
 # ---------------------------------------------------------------------------------------------
+# rows ignored through labels: whatever their hidden states hold, NaN included
+# ---------------------------------------------------------------------------------------------
+
+
+def poison_rows(x, rows, value):
+    x = x.detach().clone()
+    x.view(-1, x.shape[-1])[list(rows)] = value
+    return x
+
+
+@pytest.mark.parametrize("backend,kind,chunk_size", matrix(
+    ["head", "logits", "topk"], [4, "tiled"],
+    interpreted=lambda k, c: (k, c) in [("head", 4), ("topk", 4), ("head", "tiled")]))
+def test_nan_hidden_states_in_ignored_rows(backend, kind, chunk_size, request):
+    # padding positions with NaN / inf hidden states: once 0 * NaN in the dW GEMM made the
+    # whole weight gradient NaN (chunked paths); the result must not depend on those rows
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)
+    lead, ignored = (2, 7), (1, 6, 9)
+    inputs = head(lead, H_S, V, seed=70, bias=True)
+    kw = dict(temperature=2.0, hard_weight=0.4, chunk_size=chunk_size)
+    if kind == "topk":
+        lp, idx = torch.log_softmax(randn(lead + (V,), torch.float64, 3.0, seed=71), -1).topk(5, dim=-1)
+        kw.update(teacher_topk=(lp.float(), idx), teacher_temperature=1.0)
+    else:  # a teacher that requires grad: its gradients must stay clean too
+        inputs.update(teacher(kind, lead, V, seed=72, grad=True))
+    y = make_labels(lead, V, ignore=ignored)
+    for value in (math.nan, math.inf):
+        bad = dict(inputs)
+        bad["student_hidden"] = poison_rows(inputs["student_hidden"], ignored, value).requires_grad_()
+        if "teacher_hidden" in bad:
+            bad["teacher_hidden"] = poison_rows(inputs["teacher_hidden"], ignored, value).requires_grad_()
+        for reduction in ("mean", "none"):
+            loss, grads, grad_out = run(backend, bad, y, reduction=reduction, **kw)
+            want, want_grads, _ = run(backend, inputs, y, grad_out=grad_out, reduction=reduction, **kw)
+            torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-7)
+            for name, g in grads.items():
+                assert torch.isfinite(g).all(), f"{name} ({value}, {reduction})"
+                torch.testing.assert_close(g, want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
 # return_components: the soft and hard terms from the same pass
 # ---------------------------------------------------------------------------------------------
 

@@ -181,14 +181,19 @@ class LinearHead:
     """One linear head over row chunks: its logits ``hidden @ weight^T (+ bias)`` written into a
     float32 (float64) buffer, and its gradients accumulated from the logits' gradient.
 
-    ``need`` = (hidden, weight, bias) gradients wanted; a frozen weight allocates no dW."""
+    ``need`` = (hidden, weight, bias) gradients wanted; a frozen weight allocates no dW.
+    ``counted``: (N,) bool, the rows the loss counts (None: all). The hidden states of the
+    others never enter a GEMM: they may hold anything (NaN at padding positions is common), and
+    one NaN row would reach every entry of dW through 0 * NaN."""
 
     read_without_soft = False  # both steps read the teacher only for the divergence term
 
-    def __init__(self, hidden, weight, bias, need, dtype, slot=0):
+    def __init__(self, hidden, weight, bias, need, dtype, slot=0, counted=None):
         self.slot = slot  # of ``hidden`` in the Function's tensors
         self.shape = hidden.shape
         self.hidden = hidden.reshape(-1, hidden.shape[-1])
+        self.counted = counted
+        self._chunk = None  # (slice, its hidden rows with the ignored ones zeroed)
         self.weight, self.bias = weight, bias
         self.vocab = weight.shape[0]
         self.need_grad = any(need)
@@ -210,9 +215,19 @@ class LinearHead:
         logits = vocab * torch.empty((), dtype=dtype).element_size()
         return logits + (self.vocab * self.weight.element_size() if self.round_grad else 0)
 
+    def rows(self, sl: slice) -> torch.Tensor:
+        """hidden[sl], its ignored rows zeroed (one (C, H) copy per chunk, kept for the
+        chunk's gradient GEMMs)."""
+        if self.counted is None:
+            return self.hidden[sl]
+        if self._chunk is None or self._chunk[0] != sl:
+            h = self.hidden[sl].masked_fill(~self.counted[sl, None], 0)
+            self._chunk = (sl, h)
+        return self._chunk[1]
+
     def logits(self, sl: slice, out: torch.Tensor) -> torch.Tensor:
         own = out[:, :self.vocab]
-        linear_into(own, self.hidden[sl], self.weight)
+        linear_into(own, self.rows(sl), self.weight)
         if self.bias is not None:
             own.add_(self.bias)
         out[:, self.vocab:] = -math.inf  # padded vocabulary (refilled: g overwrote it with 0)
@@ -232,7 +247,7 @@ class LinearHead:
         if self.grad_hidden is not None:
             torch.mm(g, self.weight, out=self.grad_hidden[sl])
         if self.grad_weight is not None:
-            self.grad_weight.addmm_(g.T, self.hidden[sl])
+            self.grad_weight.addmm_(g.T, self.rows(sl))
 
     def grads(self):
         dh = self.grad_hidden.view(self.shape) if self.grad_hidden is not None else None
@@ -464,14 +479,16 @@ class LinearKDState:
         self.device = student_hidden.device
         self.lead = student_hidden.shape[:-1]
         self.labels = labels.reshape(-1) if labels is not None else None
+        counted = self.labels != cfg.ignore_index if labels is not None else None
         self.vocab = student_weight.shape[0]  # this rank's block when sharded
         dense_step, topk_step = steps
         self.step = dense_step
-        self.student = LinearHead(student_hidden, student_weight, student_bias, need[0:3], self.dtype)
+        self.student = LinearHead(student_hidden, student_weight, student_bias, need[0:3],
+                                  self.dtype, counted=counted)
         if teacher_weight is not None:
             self.vocab = max(self.vocab, teacher_weight.shape[0])
             self.teacher = LinearHead(teacher_hidden, teacher_weight, teacher_bias, need[3:6],
-                                      self.dtype, slot=3)
+                                      self.dtype, slot=3, counted=counted)
         elif teacher_logits is not None:
             self.vocab = max(self.vocab, teacher_logits.shape[-1])
             self.teacher = GivenLogits(teacher_logits, need[6], self.vocab)
