@@ -157,13 +157,21 @@ def kd_loss(
 
 def topk_config(*, tail="bucket", teacher_temperature=None, **kd_kwargs) -> TopKConfig:
     """Validate the hyper-parameters of ``topk_kd_loss``: those of ``kd_config`` plus ``tail``
-    and ``teacher_temperature``."""
+    and ``teacher_temperature``, which a top-k teacher requires (stored log-probs carry no
+    temperature of their own; guessing T re-tempers them wrongly whenever it is not theirs)."""
     cfg = kd_config(**kd_kwargs)
+    if teacher_temperature is None:
+        raise ValueError(
+            "teacher_temperature: required with a top-k teacher, got None. It is the temperature "
+            "the stored log-probabilities were computed at (1.0 for log_softmax(logits), T_gen "
+            "for log_softmax(logits / T_gen)); they are re-tempered from it to temperature="
+            f"{cfg.temperature}. Pass it explicitly, e.g. teacher_temperature=1.0"
+        )
     return TopKConfig(
         **config_fields(cfg),
         tail=check.choice("tail", tail, TAILS),
-        teacher_temperature=None if teacher_temperature is None else check.real(
-            "teacher_temperature", teacher_temperature, low=0.0, low_open=True),
+        teacher_temperature=check.real("teacher_temperature", teacher_temperature, low=0.0,
+                                       low_open=True),
     )
 
 
@@ -198,8 +206,9 @@ def topk_kd_loss(
 
         loss_i = hard_weight * CE(z_s, y_i) + soft_weight * T^2 * D(P, Q)
 
-    Re-tempering: the log-probs were stored at T_gen = ``teacher_temperature`` (None: T_gen = T,
-    no re-tempering). With a = T_gen / T, the tail mass t = 1 - sum p (floored at 0) is taken as
+    Re-tempering: the log-probs were stored at T_gen = ``teacher_temperature`` (required: stored
+    log-probs do not carry their temperature, and assuming T_gen = T silently re-tempers
+    log-probs stored at 1.0 when T != 1). With a = T_gen / T, the tail mass t = 1 - sum p (floored at 0) is taken as
     spread uniformly over the V - K missing tokens and every probability raised to the power a:
     p'_k = p_k^a / Z, t' = (V - K) (t / (V - K))^a / Z, Z = sum p_k^a + (V - K) (t / (V - K))^a.
     Exact if the teacher's tail is uniform (whatever it is, when a = 1). No tail when K = V or
@@ -233,7 +242,9 @@ def topk_kd_loss(
             out-of-range id is never dereferenced and makes its row's loss and gradient NaN, and
             repeated ids give an undefined result.
         tail: ``"bucket"`` | ``"renormalize"`` | ``"ignore"``, see the table.
-        teacher_temperature: T_gen > 0 (finite), or None for T_gen = T.
+        teacher_temperature: T_gen > 0 (finite), the temperature the log-probs were stored at:
+            1.0 for ``log_softmax(logits)``. Required (None raises a ValueError); pass
+            ``temperature`` itself to use stored log-probs as they are.
         divergence, temperature, beta, labels, ignore_index, hard_weight, soft_weight, t2,
         softcap, student_logit_scale, student_softcap, reduction, backend: as in
             :func:`kd_loss` (``softcap`` is ``student_softcap`` here: the transform applies to
@@ -372,7 +383,9 @@ def linear_kd_loss(
             need the collectives between them). Every rank must call it, with the same rows.
             ``chunk_size="auto"`` agrees on the rows per chunk with one all-reduce and one host
             read per call; pass an int to avoid that sync. Labels are not range-checked.
-        tail, teacher_temperature: ``teacher_topk`` only (see :func:`topk_kd_loss`).
+        tail, teacher_temperature: ``teacher_topk`` only (see :func:`topk_kd_loss`);
+            ``teacher_temperature`` is required with it (the temperature its log-probs were
+            stored at, e.g. 1.0).
         divergence, temperature, beta, labels, ignore_index, hard_weight, soft_weight, t2,
         softcap, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
         reduction: as in :func:`kd_loss` (the transforms apply to the computed logits

@@ -84,7 +84,8 @@ class KDLoss(nn.Module):
 
 class TopKKDLoss(KDLoss):
     """Module form of :func:`pydistill.topk_kd_loss` (an offline top-k teacher): ``kd_loss``'s
-    hyper-parameters plus ``tail`` and ``teacher_temperature``, validated at construction.
+    hyper-parameters plus ``tail`` and ``teacher_temperature`` (required: the temperature the
+    log-probs were stored at, e.g. 1.0), validated at construction.
     ``forward(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels=None)``."""
 
     def __init__(self, *, tail: str = "bucket", teacher_temperature: Optional[float] = None,
