@@ -18,6 +18,9 @@ from pydistill.reference.topk_divergence import TAILS, TopKConfig, refuse_teache
 from pydistill.reference import representation
 from pydistill.reference.representation import AT_MODES
 
+# linear_kd_loss(vocab_mismatch=...): what V_s != V_t means (its docstring)
+VOCAB_MISMATCH = ("restrict", "pad", "error")
+
 __all__ = ["kd_loss", "linear_kd_loss", "topk_kd_loss", "attention_transfer_loss", "hint_loss",
            "rkd_loss", "attention_kd_loss", "relation_kd_loss", "uld_loss", "linear_uld_loss"]
 
@@ -297,6 +300,7 @@ def linear_kd_loss(
     teacher_bias: Optional[torch.Tensor] = None,
     chunk_size="auto",
     process_group=None,
+    vocab_mismatch: str = "restrict",
     tail: str = "bucket",
     teacher_temperature: Optional[float] = None,
     divergence: str = "kl",
@@ -328,9 +332,9 @@ def linear_kd_loss(
         loss_i = hard_weight * CE(cap(s_i), y_i) + soft_weight * T^2 * D(p_i, q_i)
 
     exactly :func:`kd_loss`'s per-row loss (its six divergences, temperature, ``t2``, hard CE,
-    the per-model logit transforms, ``ignore_index``, reductions). When V_s != V_t (padded vocabularies) the
-    shorter is treated as -inf beyond its end: zero probability and no gradient there (so a
-    teacher with tokens the student lacks makes ``reverse_kl`` infinite, as the math says).
+    the per-model logit transforms, ``ignore_index``, reductions). When V_s != V_t (padded
+    vocabularies, e.g. a teacher head padded to 152064 rows beside a student's 151936),
+    ``vocab_mismatch`` decides; see below.
 
     The teacher is exactly one of:
 
@@ -383,6 +387,20 @@ def linear_kd_loss(
             need the collectives between them). Every rank must call it, with the same rows.
             ``chunk_size="auto"`` agrees on the rows per chunk with one all-reduce and one host
             read per call; pass an int to avoid that sync. Labels are not range-checked.
+        vocab_mismatch: what V_s != V_t (a teacher head or teacher logits) means.
+            ``"restrict"`` (default): the teacher is restricted to the student's vocabulary: a
+            longer teacher is truncated to its first V_s logits and renormalised there (its
+            extra tokens, padding rows of the head, carry no probability), a shorter one is
+            -inf beyond its end (zero probability and no gradient there). ``"pad"``: the
+            shorter side is -inf beyond its end, V = max(V_s, V_t): a teacher with tokens the
+            student lacks then makes ``kl`` (and the soft term of jsd's endpoints / skew_kl
+            where they reduce to it) infinite, as the math says; a student with extra tokens
+            makes ``reverse_kl`` infinite. ``"error"``: V_s != V_t raises a ValueError naming
+            both sizes. A top-k teacher's ids index the student vocabulary: no effect there.
+            With ``process_group`` the sizes are those of each rank's blocks: ``"restrict"``
+            and ``"error"`` then need every rank's student and teacher blocks of one size
+            (checked across the ranks with one host read per call; all ranks raise together),
+            and ``"pad"`` is the sharded convention described under ``process_group``.
         tail, teacher_temperature: ``teacher_topk`` only (see :func:`topk_kd_loss`);
             ``teacher_temperature`` is required with it (the temperature its log-probs were
             stored at, e.g. 1.0).
@@ -483,6 +501,7 @@ def linear_kd_loss(
         floating.append(teacher_topk[0])
     if cfg.hard_weight != 0.0 and labels is None:
         raise ValueError(f"labels: required when hard_weight != 0 (got hard_weight={cfg.hard_weight})")
+    vocab_mismatch = check.choice("vocab_mismatch", vocab_mismatch, VOCAB_MISMATCH)
     if return_components and process_group is not None:
         raise ValueError("return_components: not supported with a process_group (whole heads only)")
     group = check.process_group("process_group", process_group)
@@ -495,11 +514,29 @@ def linear_kd_loss(
     )
     chunk_size = check.chunk_size("chunk_size", chunk_size)
     topk_logprobs, topk_indices = teacher_topk if teacher_topk is not None else (None, None)
+    equal_blocks = None
+    if teacher_topk is None:
+        vocab_t = teacher_weight.shape[0] if teacher_weight is not None else teacher_logits.shape[-1]
+        if group is not None:
+            equal_blocks = vocab_mismatch if vocab_mismatch != "pad" else None
+        elif vocab_t != vocab and vocab_mismatch == "error":
+            raise ValueError(
+                f"vocab_mismatch='error': the student's vocabulary has V_s = {vocab} tokens "
+                f"(student_weight rows), the teacher's V_t = {vocab_t} "
+                f"({'teacher_weight rows' if teacher_weight is not None else 'teacher_logits columns'})")
+        elif vocab_t > vocab and vocab_mismatch == "restrict":
+            # the teacher's first V_s logits (views: no copy; autograd carries any teacher
+            # gradient back to the whole tensors, zero on the dropped rows)
+            if teacher_weight is not None:
+                teacher_weight = teacher_weight[:vocab]
+                teacher_bias = teacher_bias[:vocab] if teacher_bias is not None else None
+            else:
+                teacher_logits = teacher_logits[..., :vocab]
     backend = _dispatch.resolve(
         "linear_kd_loss", backend, student_hidden.device, tuple(x.dtype for x in floating if x is not None)
     )
     plan = ChunkPlan(chunk_size=chunk_size, group=group, entropy=return_entropy,
-                     components=return_components)
+                     components=return_components, equal_blocks=equal_blocks)
     tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                teacher_bias, teacher_logits, topk_logprobs, topk_indices)
     out = _custom_ops.linear_kd_loss(cfg, plan, labels, tensors, backend)

@@ -165,8 +165,9 @@ def test_options(backend, divergence, option, request):
     ["head", "logits"], ["student", "teacher"], ["natural", "jsd", "tvd"],
     interpreted=lambda k, s, d: (k, s, d) in [("head", "student", "natural"), ("logits", "teacher", "jsd")]))
 def test_mismatched_vocabulary(backend, kind, shorter, divergence, request):
-    # the shorter vocabulary is -inf beyond its end; "natural": the divergence that stays finite
-    # there (reverse_kl when the student lacks tokens, kl when the teacher does)
+    # vocab_mismatch="pad": the shorter vocabulary is -inf beyond its end; "natural": the
+    # divergence that stays finite there (reverse_kl when the student lacks tokens, kl when the
+    # teacher does)
     if backend == "triton":
         request.getfixturevalue("block_v")(32)
     v_s, v_t = (V - 9, V) if shorter == "student" else (V, V - 9)
@@ -174,8 +175,58 @@ def test_mismatched_vocabulary(backend, kind, shorter, divergence, request):
         divergence = "reverse_kl" if shorter == "student" else "kl"
     inputs = {**head((N,), H_S, v_s, seed=3, bias=True), **teacher(kind, (N,), v_t, seed=13, grad=True)}
     y = make_labels((N,), min(v_s, v_t), ignore=(4,))
-    loss, _ = check(backend, inputs, y, divergence=divergence, temperature=1.5, hard_weight=0.3)
+    loss, _ = check(backend, inputs, y, divergence=divergence, temperature=1.5, hard_weight=0.3,
+                    vocab_mismatch="pad")
     assert torch.isfinite(loss)
+
+
+def truncated_teacher(inputs, vocab):
+    """The inputs with the teacher cut to its first ``vocab`` logits, explicitly."""
+    out = dict(inputs)
+    for name in ("teacher_weight", "teacher_bias"):
+        if name in out:
+            out[name] = out[name].detach()[:vocab].clone().requires_grad_(out[name].requires_grad)
+    if "teacher_logits" in out:
+        x = out["teacher_logits"]
+        out["teacher_logits"] = x.detach()[..., :vocab].clone().requires_grad_(x.requires_grad)
+    return out
+
+
+@pytest.mark.parametrize("backend,kind,chunk_size,longer", matrix(
+    ["head+bias", "logits"], [5, "tiled"], ["teacher", "student"],
+    interpreted=lambda k, c, lg: (k, c, lg) in [("head+bias", "tiled", "teacher"),
+                                                ("logits", 5, "teacher")]))
+def test_vocab_mismatch_restrict(backend, kind, chunk_size, longer, request):
+    # the default: a padded teacher head (V_t > V_s) is the teacher on its first V_s tokens,
+    # renormalised (kl stays finite where "pad" makes it inf); a shorter teacher is -inf beyond
+    # its end, as with "pad". Against the reference on explicitly truncated teacher inputs.
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)
+    v_s, v_t = (V - 9, V) if longer == "teacher" else (V, V - 9)
+    grad_t = kind == "logits" and chunk_size == 5  # a teacher gradient too (chunked)
+    inputs = {**head((N,), H_S, v_s, seed=80, bias=True), **teacher(kind, (N,), v_t, seed=81, grad=grad_t)}
+    y = make_labels((N,), min(v_s, v_t), ignore=(4,))
+    kw = dict(divergence="kl", temperature=1.5, hard_weight=0.3)
+    cfg = pdl.functional.kd_config(**kw)
+    loss, grads, grad_out = run(backend, inputs, y, chunk_size=chunk_size, **kw)
+    assert torch.isfinite(loss)
+    cut = truncated_teacher(inputs, v_s)
+    gt_loss, gt = reference(cut, y, cfg, grad_out, torch.float64)
+    ref_loss, ref32 = reference(cut, y, cfg, grad_out, torch.float32)
+    assert_close("loss", loss, gt_loss, [ref_loss], loss.dtype, atol=1e-7)
+    for name, g in grads.items():
+        assert g.shape == inputs[name].shape, name
+        if name == "teacher_logits" and longer == "teacher":
+            assert torch.equal(g[..., v_s:], torch.zeros_like(g[..., v_s:]))
+            g = g[..., :v_s]
+        assert_close(f"grad {name}", g, gt[name], [ref32[name]], torch.float32)
+    # "pad" keeps the old convention: a teacher with tokens the student lacks makes kl infinite
+    if longer == "teacher":
+        pad, _, _ = run(backend, inputs, y, chunk_size=chunk_size, vocab_mismatch="pad", **kw)
+        assert pad == math.inf
+    torch.testing.assert_close(
+        pdl.LinearKDLoss(chunk_size=chunk_size, backend=backend, **kw)(**inputs, labels=y), loss)
+
 
 
 @pytest.mark.parametrize("backend,chunk_size", matrix(
@@ -654,6 +705,11 @@ BAD_INPUTS = [
           teacher_topk=(torch.randn(2, 3, 2), torch.tensor([0, 1]).expand(2, 3, 2))), ValueError,
      ["teacher_temperature", "required", "top-k", "stored", "None"]),
     (dict(tail="drop"), ValueError, ["tail", "'bucket'", "'drop'"]),
+    (dict(vocab_mismatch="error"), ValueError, ["vocab_mismatch='error'", "V_s = 5", "V_t = 6",
+                                                "teacher_weight"]),
+    (dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(2, 3, 4),
+          vocab_mismatch="error"), ValueError, ["V_s = 5", "V_t = 4", "teacher_logits"]),
+    (dict(vocab_mismatch="truncate"), ValueError, ["vocab_mismatch", "'restrict'", "'truncate'"]),
     (dict(labels=torch.zeros(2, dtype=torch.long)), ValueError, ["labels", "(2, 3)", "(2,)"]),
     (dict(labels=torch.zeros(2, 3)), TypeError, ["labels", "int64", "float32"]),
     (dict(labels=torch.full((2, 3), 5), hard_weight=1.0), ValueError, ["labels", "[0, 5)", "5"]),

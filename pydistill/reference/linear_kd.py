@@ -129,6 +129,9 @@ class ChunkPlan:
     group: Optional[object] = None
     entropy: bool = False  # also return the student's per-row entropy (return_entropy)
     components: bool = False  # also return the soft and hard terms (return_components)
+    # vocab_mismatch ("restrict" / "error") under a process_group: every rank's student and
+    # teacher blocks must be of one size, checked across the ranks (None: not checked)
+    equal_blocks: Optional[str] = None
 
 
 def auto_budget_bytes(device: torch.device) -> int:
@@ -364,13 +367,29 @@ class VocabShard:
     total: torch.Tensor
 
 
-def vocab_shard(group, width: int, device: torch.device) -> VocabShard:
-    """One all-reduce of every rank's block width (collective: every rank calls it)."""
+def vocab_shard(group, width: int, device: torch.device, blocks=None, mode=None) -> VocabShard:
+    """One all-reduce of every rank's block width (collective: every rank calls it). With
+    ``blocks`` = (student rows, teacher rows) of this rank, the same collective carries every
+    rank's pair, and every rank raises the same ValueError (``vocab_mismatch=mode``) if any
+    rank's two differ: one host read, so that no rank is left waiting in a collective."""
     dist = torch.distributed
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    widths = torch.zeros(world, dtype=torch.int64, device=device)
-    widths[rank] = width
+    widths = torch.zeros((world, 3), dtype=torch.int64, device=device)
+    widths[rank, 0] = width
+    if blocks is not None:
+        widths[rank, 1], widths[rank, 2] = blocks
     dist.all_reduce(widths, group=group)
+    if blocks is not None:
+        pairs = widths[:, 1:].tolist()
+        bad = [(r, s, t) for r, (s, t) in enumerate(pairs) if s != t]
+        if bad:
+            r, s, t = bad[0]
+            raise ValueError(
+                f"vocab_mismatch={mode!r}: with a process_group every rank's student and teacher "
+                f"blocks must have one size (rank {r}: student {s} rows, teacher {t}); restricting "
+                "a sharded teacher to the student's vocabulary is not supported. Pass "
+                "vocab_mismatch='pad' for the sharded padded-vocabulary convention")
+    widths = widths[:, 0]
     return VocabShard(width, widths[:rank].sum(), widths.sum())
 
 
@@ -496,7 +515,10 @@ class LinearKDState:
             self.teacher = GivenTopK(topk_logprobs, topk_indices)
             self.step = topk_step
         if self.group is not None:
-            self.shard = vocab_shard(self.group, self.vocab, self.device)
+            blocks = None
+            if plan.equal_blocks is not None:
+                blocks = (self.student.vocab, self.teacher.vocab)
+            self.shard = vocab_shard(self.group, self.vocab, self.device, blocks, plan.equal_blocks)
             self.step = functools.partial(vocab_parallel_chunk_loss_and_grads, group=self.group,
                                           shard=self.shard)
         # return_components: how the soft term D (times T^2 with t2) is had per row. From the
