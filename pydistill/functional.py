@@ -240,8 +240,8 @@ def topk_kd_loss(
             fewer than K candidates, padded) are listed tokens of probability 0. A constant: if
             it requires grad the backends raise (the reference
             ``pydistill.reference.topk_divergence.topk_kd_loss`` differentiates it).
-        teacher_topk_indices: (..., K) int64 / int32 token ids in [0, V), distinct within a row,
-            in any order. Checked on CPU tensors; on CUDA (where checking would synchronise) an
+        teacher_topk_indices: (..., K) int64 / int32 token ids in [0, V), distinct within each
+            row the loss counts (a row ``labels`` ignores may repeat a padding id), in any order. Checked on CPU tensors; on CUDA (where checking would synchronise) an
             out-of-range id is never dereferenced and makes its row's loss and gradient NaN, and
             repeated ids give an undefined result.
         tail: ``"bucket"`` | ``"renormalize"`` | ``"ignore"``, see the table.
@@ -270,7 +270,8 @@ def topk_kd_loss(
         student_softcap=softcap if softcap is not None else student_softcap, reduction=reduction,
     )
     check.topk_inputs("student_logits", student_logits, "teacher_topk_logprobs",
-                      teacher_topk_logprobs, "teacher_topk_indices", teacher_topk_indices)
+                      teacher_topk_logprobs, "teacher_topk_indices", teacher_topk_indices,
+                      labels=labels, ignore_index=cfg.ignore_index)
     if cfg.hard_weight != 0.0 and labels is None:
         raise ValueError(f"labels: required when hard_weight != 0 (got hard_weight={cfg.hard_weight})")
     labels = check.labels(
@@ -497,7 +498,8 @@ def linear_kd_loss(
             raise ValueError(f"teacher_logits: expected a vocabulary size V >= 1, got shape {tuple(teacher_logits.shape)}")
         floating.append(teacher_logits)
     else:
-        _check_topk_teacher(teacher_topk, student_hidden, vocab, process_group)
+        _check_topk_teacher(teacher_topk, student_hidden, vocab, process_group, labels,
+                            cfg.ignore_index)
         floating.append(teacher_topk[0])
     if cfg.hard_weight != 0.0 and labels is None:
         raise ValueError(f"labels: required when hard_weight != 0 (got hard_weight={cfg.hard_weight})")
@@ -571,7 +573,8 @@ def _one_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, t
         )
 
 
-def _check_topk_teacher(teacher_topk, student_hidden, vocab: int, process_group):
+def _check_topk_teacher(teacher_topk, student_hidden, vocab: int, process_group, labels,
+                        ignore_index: int):
     """A (log-probs, ids) pair checked as topk_kd_loss checks it, against the student logits'
     shape (a zero-stride view: nothing is materialised); a constant, on whole heads."""
     if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
@@ -583,7 +586,8 @@ def _check_topk_teacher(teacher_topk, student_hidden, vocab: int, process_group)
     logprobs, indices = teacher_topk
     shape = student_hidden.new_empty(()).expand(*student_hidden.shape[:-1], vocab)
     check.topk_inputs("student logits (student_hidden @ student_weight^T)", shape,
-                      "teacher_topk[0] (logprobs)", logprobs, "teacher_topk[1] (indices)", indices)
+                      "teacher_topk[0] (logprobs)", logprobs, "teacher_topk[1] (indices)", indices,
+                      labels=labels, ignore_index=ignore_index)
     if logprobs.requires_grad:
         raise ValueError("teacher_topk: gradients w.r.t. the top-k teacher's log-probs are not "
                          "supported by linear_kd_loss; pass teacher_topk[0].detach()")

@@ -759,3 +759,29 @@ def test_auto_chunk_rows_follow_the_budget(monkeypatch):
     assert R.auto_chunk_rows(10**6, 2 * 4 * 10**8, torch.device("cpu")) == 1
     monkeypatch.setattr(R, "AUTO_BUDGET_CPU", 1000 * 2 * 4 * 32000)
     assert R.auto_chunk_rows(10**6, 2 * 4 * 32000, torch.device("cpu")) == 896
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_teacher_duplicate_padding_ids_in_ignored_rows(backend):
+    inputs = head((N,), H_S, V, seed=90)
+    lp, idx = torch.log_softmax(randn((N, V), torch.float64, 3.0, seed=91), -1).topk(4, dim=-1)
+    lp = lp.float()
+    y = make_labels((N,), V, ignore=(2, 8))
+    pad_lp, pad_idx = lp.clone(), idx.clone()
+    pad_idx[[2, 8]] = 7
+    kw = dict(temperature=2.0, teacher_temperature=1.0, hard_weight=0.2, chunk_size=4)
+    got, g_got, grad_out = run(backend, inputs, y, teacher_topk=(pad_lp, pad_idx), **kw)
+    want, g_want, _ = run(backend, inputs, y, teacher_topk=(lp, idx), grad_out=grad_out, **kw)
+    torch.testing.assert_close(got, want)
+    for name in g_got:
+        torch.testing.assert_close(g_got[name], g_want[name], msg=name)
+
+
+@pytest.mark.parametrize("fn", ["linear_kd_loss", "linear_uld_loss"])
+def test_empty_hidden_size_is_a_clear_error(fn):
+    # H = 0: once a reshape RuntimeError
+    h, w = torch.randn(2, 3, 0), torch.randn(5, 0)
+    with pytest.raises(ValueError, match=r"student_hidden: expected a hidden size H >= 1.*\(2, 3, 0\)"):
+        getattr(pdl, fn)(h, w, teacher_logits=torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match=r"teacher_hidden: expected a hidden size H >= 1"):
+        getattr(pdl, fn)(torch.randn(2, 3, 4), torch.randn(5, 4), torch.randn(2, 3, 0), torch.randn(5, 0))

@@ -661,3 +661,28 @@ def test_topk_views_not_contiguous_along_k(backend, view, request):
     for tail in TAILS:
         check_against_reference(backend, s, lp_v, idx_v, y, tail=tail, temperature=2.0,
                                 hard_weight=0.3, divergence="jsd")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_duplicate_padding_ids_in_ignored_rows(backend):
+    # rows the labels ignore (padding positions) may repeat a padding id; the result is that
+    # of any distinct ids there, and counted rows still need distinct ids
+    s = logits((2, 3, 30), seed=96)
+    lp, idx, _ = topk_teacher((2, 3), 30, 5, seed=97)
+    y = make_labels((2, 3), 30, ignore=(1, 4))
+    pad_lp, pad_idx = lp.clone(), idx.clone()
+    pad_idx.view(-1, 5)[[1, 4]] = 0
+    pad_lp.view(-1, 5)[[1, 4]] = -math.inf
+    kw = dict(labels=y, temperature=2.0, teacher_temperature=1.0, hard_weight=0.3, backend=backend)
+    for reduction in ("mean", "none"):
+        a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+        got = pdl.topk_kd_loss(a, pad_lp, pad_idx, reduction=reduction, **kw)
+        want = pdl.topk_kd_loss(b, lp, idx, reduction=reduction, **kw)
+        torch.testing.assert_close(got, want)
+        ga, = torch.autograd.grad(got.sum(), a)
+        gb, = torch.autograd.grad(want.sum(), b)
+        torch.testing.assert_close(ga, gb)
+    y2 = y.clone()
+    y2.view(-1)[4] = 3  # row 4 now counts: its repeated id is an error again
+    with pytest.raises(ValueError, match="distinct ids within a row, got 0 twice in row 4"):
+        pdl.topk_kd_loss(s, pad_lp, pad_idx, **{**kw, "labels": y2})
