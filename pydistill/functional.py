@@ -211,8 +211,9 @@ def topk_kd_loss(
 
     Re-tempering: the log-probs were stored at T_gen = ``teacher_temperature`` (required: stored
     log-probs do not carry their temperature, and assuming T_gen = T silently re-tempers
-    log-probs stored at 1.0 when T != 1). With a = T_gen / T, the tail mass t = 1 - sum p (floored at 0) is taken as
-    spread uniformly over the V - K missing tokens and every probability raised to the power a:
+    log-probs stored at 1.0 when T != 1). With a = T_gen / T, the tail mass t = 1 - sum p
+    (floored at 0) is taken as spread uniformly over the V - K missing tokens and every
+    probability raised to the power a:
     p'_k = p_k^a / Z, t' = (V - K) (t / (V - K))^a / Z, Z = sum p_k^a + (V - K) (t / (V - K))^a.
     Exact if the teacher's tail is uniform (whatever it is, when a = 1). No tail when K = V or
     t = 0.
@@ -241,9 +242,10 @@ def topk_kd_loss(
             it requires grad the backends raise (the reference
             ``pydistill.reference.topk_divergence.topk_kd_loss`` differentiates it).
         teacher_topk_indices: (..., K) int64 / int32 token ids in [0, V), distinct within each
-            row the loss counts (a row ``labels`` ignores may repeat a padding id), in any order. Checked on CPU tensors; on CUDA (where checking would synchronise) an
-            out-of-range id is never dereferenced and makes its row's loss and gradient NaN, and
-            repeated ids give an undefined result.
+            row the loss counts (a row ``labels`` ignores may repeat a padding id), in any order.
+            Checked on CPU tensors; on CUDA (where checking would synchronise) an out-of-range
+            id is never dereferenced and makes its row's loss and gradient NaN, and repeated ids
+            in a counted row give an undefined result.
         tail: ``"bucket"`` | ``"renormalize"`` | ``"ignore"``, see the table.
         teacher_temperature: T_gen > 0 (finite), the temperature the log-probs were stored at:
             1.0 for ``log_softmax(logits)``. Required (None raises a ValueError); pass
@@ -438,8 +440,8 @@ def linear_kd_loss(
 
     Returns:
         The loss, float32 (float64 for float64 inputs); ``(loss, entropy)`` with
-        ``return_entropy``; ``(loss, parts)`` with ``return_components``. Gradients come back in the dtype of
-        each input. The logits GEMMs accumulate and output float32 (never rounded to bfloat16
+        ``return_entropy``; ``(loss, parts)`` with ``return_components``. Gradients come back in
+        the dtype of each input. The logits GEMMs accumulate and output float32 (never rounded to bfloat16
         before the softmax); the gradient GEMMs run in the weight's dtype from one rounding of
         the logits' gradient, and the weight gradient accumulates in the weight's dtype, one
         rounding per chunk (pydistill/reference/linear_kd.py has the measured errors). As with
