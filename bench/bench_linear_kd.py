@@ -201,7 +201,8 @@ def build_pydistill(backend: str, chunk_size="auto"):
                   backend=backend, chunk_size=chunk_size, **case.transforms)
         if case.k:
             return lambda student_hidden, student_weight, logprobs, ids: pydistill.linear_kd_loss(
-                student_hidden, student_weight, teacher_topk=(logprobs, ids), tail=TOPK_TAIL, **kw)
+                student_hidden, student_weight, teacher_topk=(logprobs, ids), tail=TOPK_TAIL,
+                teacher_temperature=case.temperature, **kw)  # log-probs used as they are
         return lambda student_hidden, student_weight, teacher_hidden, teacher_weight: (
             pydistill.linear_kd_loss(student_hidden, student_weight, teacher_hidden,
                                      teacher_weight, **kw))
@@ -327,7 +328,8 @@ def expected_loss(case: Case, inputs) -> float:
     with torch.no_grad():
         if case.k:
             return float(pydistill.linear_kd_loss(*inputs[:2], teacher_topk=tuple(inputs[2:]),
-                                                  tail=TOPK_TAIL, **kw))
+                                                  tail=TOPK_TAIL, teacher_temperature=case.temperature,
+                                                  **kw))
         return float(pydistill.linear_kd_loss(*inputs, **kw))
 
 

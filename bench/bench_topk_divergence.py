@@ -113,16 +113,18 @@ def build_pydistill(backend: str):
         reason = harness.backend_unavailable(backend, device)
         if reason is not None:
             return reason
+        # teacher_temperature = T: the stored log-probs used as they are, as the peers use them
         return lambda student, teacher: pydistill.topk_kd_loss(
             student, *teacher, tail=case.tail, divergence=case.divergence,
-            temperature=case.temperature, backend=backend,
+            temperature=case.temperature, teacher_temperature=case.temperature, backend=backend,
         )
 
     return build
 
 
 def build_reference(case: Case, device: torch.device):
-    cfg = reference.TopKConfig(divergence=case.divergence, tail=case.tail, temperature=case.temperature)
+    cfg = reference.TopKConfig(divergence=case.divergence, tail=case.tail, temperature=case.temperature,
+                               teacher_temperature=case.temperature)
     return lambda student, teacher: reference.topk_kd_loss(student, *teacher, None, cfg)
 
 
@@ -192,7 +194,8 @@ def make_inputs(case: Case, device: torch.device, n_sets: int, seed: int = 0):
 def expected_loss(case: Case, student, teacher) -> float:
     with torch.no_grad():
         return float(pydistill.topk_kd_loss(student, *teacher, tail=case.tail, divergence=case.divergence,
-                                            temperature=case.temperature, backend="torch"))
+                                            temperature=case.temperature,
+                                            teacher_temperature=case.temperature, backend="torch"))
 
 
 def run_case(case: Case, impls, device, opts, prov: dict):

@@ -315,7 +315,9 @@ def topk_inputs(n, v, k):
         s = s.to(dtype).requires_grad_()
 
         def loss(inputs, backend, **kw):
-            return pdl.topk_kd_loss(inputs[0], inputs[1], idx, backend=backend, **kw)
+            # the log-probs are log_softmax(t): stored at 1.0
+            return pdl.topk_kd_loss(inputs[0], inputs[1], idx, backend=backend,
+                                    teacher_temperature=1.0, **kw)
 
         return loss, [s, lp.float()]
     return make

@@ -43,8 +43,8 @@ def test_topk_kd_loss(benchmark, monkeypatch, backend, grad_mode, tail, n, v, k,
     logprobs, ids = _teacher(n, v, k, gen)
 
     def loss():
-        return pydistill.topk_kd_loss(student, logprobs, ids, tail=tail,
-                                      temperature=TEMPERATURE, backend=backend)
+        return pydistill.topk_kd_loss(student, logprobs, ids, tail=tail, temperature=TEMPERATURE,
+                                      teacher_temperature=TEMPERATURE, backend=backend)
 
     benchmark.extra_info.update(device=str(DEVICE), dtype=str(DTYPE), N=n, V=v, K=k)
     result = benchmark_pass(benchmark, loss, [student], pass_name, DEVICE, ROUNDS)

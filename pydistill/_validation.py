@@ -50,11 +50,13 @@ def same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor):
         raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got {x.device}")
 
 
-def topk_inputs(student_name: str, student, logprobs_name: str, logprobs, indices_name: str, indices):
+def topk_inputs(student_name: str, student, logprobs_name: str, logprobs, indices_name: str, indices,
+                labels=None, ignore_index: int = -100):
     """Student logits (..., V), V >= 1, and a top-k teacher: log-probs (..., K) floating and
     token ids (..., K) int64 / int32, with the student's leading dims, 1 <= K <= V, one device.
-    Ids in [0, V) and distinct within a row: checked for CPU tensors only (a GPU check would
-    synchronise)."""
+    Ids in [0, V), and distinct within each row the loss counts (``labels`` != ``ignore_index``;
+    every row without labels): rows it ignores may repeat a padding id. Checked for CPU tensors
+    only (a GPU check would synchronise)."""
     tensor(student_name, student)
     tensor(logprobs_name, logprobs)
     tensor(indices_name, indices, floating=False)
@@ -82,6 +84,9 @@ def topk_inputs(student_name: str, student, logprobs_name: str, logprobs, indice
             raise ValueError(f"{indices_name}: expected values in [0, {vocab}), got {int(indices[bad][0])}")
         ids = indices.reshape(-1, k).sort(dim=-1).values
         twice = ids[:, 1:] == ids[:, :-1]
+        if (isinstance(labels, torch.Tensor) and tuple(labels.shape) == lead
+                and labels.device == indices.device):  # else the labels check reports them
+            twice &= (labels.reshape(-1) != ignore_index)[:, None]
         if bool(twice.any()):
             row, col = twice.nonzero()[0].tolist()
             raise ValueError(f"{indices_name}: expected distinct ids within a row, got {int(ids[row, col])} "
@@ -159,6 +164,9 @@ def linear_head(hidden_name: str, hidden, weight_name: str, weight, bias_name: s
     tensor(weight_name, weight)
     if hidden.dim() < 1:
         raise ValueError(f"{hidden_name}: expected shape (..., H), got a 0-dim tensor")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"{hidden_name}: expected a hidden size H >= 1 (the last dim), got shape "
+                         f"{tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[0] == 0:
         raise ValueError(f"{weight_name}: expected shape (V, H) with V >= 1, got {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:

@@ -19,6 +19,9 @@ from pydistill.reference.topk_divergence import TAILS, TopKConfig, refuse_teache
 from pydistill.reference import representation
 from pydistill.reference.representation import AT_MODES
 
+# linear_kd_loss(vocab_mismatch=...): what V_s != V_t means (its docstring)
+VOCAB_MISMATCH = ("restrict", "pad", "error")
+
 __all__ = ["kd_loss", "linear_kd_loss", "topk_kd_loss", "attention_transfer_loss", "hint_loss",
            "rkd_loss", "attention_kd_loss", "relation_kd_loss", "uld_loss", "linear_uld_loss"]
 
@@ -158,13 +161,21 @@ def kd_loss(
 
 def topk_config(*, tail="bucket", teacher_temperature=None, **kd_kwargs) -> TopKConfig:
     """Validate the hyper-parameters of ``topk_kd_loss``: those of ``kd_config`` plus ``tail``
-    and ``teacher_temperature``."""
+    and ``teacher_temperature``, which a top-k teacher requires (stored log-probs carry no
+    temperature of their own; guessing T re-tempers them wrongly whenever it is not theirs)."""
     cfg = kd_config(**kd_kwargs)
+    if teacher_temperature is None:
+        raise ValueError(
+            "teacher_temperature: required with a top-k teacher, got None. It is the temperature "
+            "the stored log-probabilities were computed at (1.0 for log_softmax(logits), T_gen "
+            "for log_softmax(logits / T_gen)); they are re-tempered from it to temperature="
+            f"{cfg.temperature}. Pass it explicitly, e.g. teacher_temperature=1.0"
+        )
     return TopKConfig(
         **config_fields(cfg),
         tail=check.choice("tail", tail, TAILS),
-        teacher_temperature=None if teacher_temperature is None else check.real(
-            "teacher_temperature", teacher_temperature, low=0.0, low_open=True),
+        teacher_temperature=check.real("teacher_temperature", teacher_temperature, low=0.0,
+                                       low_open=True),
     )
 
 
@@ -199,9 +210,11 @@ def topk_kd_loss(
 
         loss_i = hard_weight * CE(z_s, y_i) + soft_weight * T^2 * D(P, Q)
 
-    Re-tempering: the log-probs were stored at T_gen = ``teacher_temperature`` (None: T_gen = T,
-    no re-tempering). With a = T_gen / T, the tail mass t = 1 - sum p (floored at 0) is taken as
-    spread uniformly over the V - K missing tokens and every probability raised to the power a:
+    Re-tempering: the log-probs were stored at T_gen = ``teacher_temperature`` (required: stored
+    log-probs do not carry their temperature, and assuming T_gen = T silently re-tempers
+    log-probs stored at 1.0 when T != 1). With a = T_gen / T, the tail mass t = 1 - sum p
+    (floored at 0) is taken as spread uniformly over the V - K missing tokens and every
+    probability raised to the power a:
     p'_k = p_k^a / Z, t' = (V - K) (t / (V - K))^a / Z, Z = sum p_k^a + (V - K) (t / (V - K))^a.
     Exact if the teacher's tail is uniform (whatever it is, when a = 1). No tail when K = V or
     t = 0.
@@ -229,12 +242,15 @@ def topk_kd_loss(
             fewer than K candidates, padded) are listed tokens of probability 0. A constant: if
             it requires grad the backends raise (the reference
             ``pydistill.reference.topk_divergence.topk_kd_loss`` differentiates it).
-        teacher_topk_indices: (..., K) int64 / int32 token ids in [0, V), distinct within a row,
-            in any order. Checked on CPU tensors; on CUDA (where checking would synchronise) an
-            out-of-range id is never dereferenced and makes its row's loss and gradient NaN, and
-            repeated ids give an undefined result.
+        teacher_topk_indices: (..., K) int64 / int32 token ids in [0, V), distinct within each
+            row the loss counts (a row ``labels`` ignores may repeat a padding id), in any order.
+            Checked on CPU tensors; on CUDA (where checking would synchronise) an out-of-range
+            id is never dereferenced and makes its row's loss and gradient NaN, and repeated ids
+            in a counted row give an undefined result.
         tail: ``"bucket"`` | ``"renormalize"`` | ``"ignore"``, see the table.
-        teacher_temperature: T_gen > 0 (finite), or None for T_gen = T.
+        teacher_temperature: T_gen > 0 (finite), the temperature the log-probs were stored at:
+            1.0 for ``log_softmax(logits)``. Required (None raises a ValueError); pass
+            ``temperature`` itself to use stored log-probs as they are.
         divergence, temperature, beta, labels, ignore_index, hard_weight, soft_weight, t2,
         softcap, student_logit_scale, student_softcap, reduction, backend: as in
             :func:`kd_loss` (``softcap`` is ``student_softcap`` here: the transform applies to
@@ -257,7 +273,8 @@ def topk_kd_loss(
         student_softcap=softcap if softcap is not None else student_softcap, reduction=reduction,
     )
     check.topk_inputs("student_logits", student_logits, "teacher_topk_logprobs",
-                      teacher_topk_logprobs, "teacher_topk_indices", teacher_topk_indices)
+                      teacher_topk_logprobs, "teacher_topk_indices", teacher_topk_indices,
+                      labels=labels, ignore_index=cfg.ignore_index)
     if cfg.hard_weight != 0.0 and labels is None:
         raise ValueError(f"labels: required when hard_weight != 0 (got hard_weight={cfg.hard_weight})")
     labels = check.labels(
@@ -287,6 +304,7 @@ def linear_kd_loss(
     teacher_bias: Optional[torch.Tensor] = None,
     chunk_size="auto",
     process_group=None,
+    vocab_mismatch: str = "restrict",
     tail: str = "bucket",
     teacher_temperature: Optional[float] = None,
     divergence: str = "kl",
@@ -304,6 +322,7 @@ def linear_kd_loss(
     teacher_softcap: Optional[float] = None,
     reduction: str = "mean",
     return_entropy: bool = False,
+    return_components: bool = False,
     backend: str = "auto",
 ):
     r"""Distillation loss fused with the student's LM head: ``kd_loss`` on
@@ -317,9 +336,9 @@ def linear_kd_loss(
         loss_i = hard_weight * CE(cap(s_i), y_i) + soft_weight * T^2 * D(p_i, q_i)
 
     exactly :func:`kd_loss`'s per-row loss (its six divergences, temperature, ``t2``, hard CE,
-    the per-model logit transforms, ``ignore_index``, reductions). When V_s != V_t (padded vocabularies) the
-    shorter is treated as -inf beyond its end: zero probability and no gradient there (so a
-    teacher with tokens the student lacks makes ``reverse_kl`` infinite, as the math says).
+    the per-model logit transforms, ``ignore_index``, reductions). When V_s != V_t (padded
+    vocabularies, e.g. a teacher head padded to 152064 rows beside a student's 151936),
+    ``vocab_mismatch`` decides; see below.
 
     The teacher is exactly one of:
 
@@ -372,7 +391,23 @@ def linear_kd_loss(
             need the collectives between them). Every rank must call it, with the same rows.
             ``chunk_size="auto"`` agrees on the rows per chunk with one all-reduce and one host
             read per call; pass an int to avoid that sync. Labels are not range-checked.
-        tail, teacher_temperature: ``teacher_topk`` only (see :func:`topk_kd_loss`).
+        vocab_mismatch: what V_s != V_t (a teacher head or teacher logits) means.
+            ``"restrict"`` (default): the teacher is restricted to the student's vocabulary: a
+            longer teacher is truncated to its first V_s logits and renormalised there (its
+            extra tokens, padding rows of the head, carry no probability), a shorter one is
+            -inf beyond its end (zero probability and no gradient there). ``"pad"``: the
+            shorter side is -inf beyond its end, V = max(V_s, V_t): a teacher with tokens the
+            student lacks then makes ``kl`` (and the soft term of jsd's endpoints / skew_kl
+            where they reduce to it) infinite, as the math says; a student with extra tokens
+            makes ``reverse_kl`` infinite. ``"error"``: V_s != V_t raises a ValueError naming
+            both sizes. A top-k teacher's ids index the student vocabulary: no effect there.
+            With ``process_group`` the sizes are those of each rank's blocks: ``"restrict"``
+            and ``"error"`` then need every rank's student and teacher blocks of one size
+            (checked across the ranks with one host read per call; all ranks raise together),
+            and ``"pad"`` is the sharded convention described under ``process_group``.
+        tail, teacher_temperature: ``teacher_topk`` only (see :func:`topk_kd_loss`);
+            ``teacher_temperature`` is required with it (the temperature its log-probs were
+            stored at, e.g. 1.0).
         divergence, temperature, beta, labels, ignore_index, hard_weight, soft_weight, t2,
         softcap, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
         reduction: as in :func:`kd_loss` (the transforms apply to the computed logits
@@ -384,6 +419,21 @@ def linear_kd_loss(
             the leading dims, float32 (float64 for float64 inputs), 0 on ignored rows, no
             gradient. For a teacher head or teacher logits; not with ``teacher_topk`` or
             ``process_group``.
+        return_components: also return the loss's two terms from the same pass, as
+            ``(loss, parts)`` with ``parts`` a dict of detached tensors, float32 (float64 for
+            float64 inputs), each reduced exactly as the loss is (mean over the counted rows,
+            sum, or per row for ``"none"``, 0 on ignored rows), so that
+            ``loss == soft_weight * parts["kd"] + hard_weight * parts["ce"]``:
+            ``parts["kd"]`` the soft term T^2 * D (D without ``t2``), not weighted by
+            ``soft_weight``; ``parts["ce"]`` the hard cross-entropy CE(cap(s_i), y_i), not
+            weighted by ``hard_weight``, present whenever ``labels`` are given (then computed
+            even at ``hard_weight=0``, labels range-checked; 0, not NaN, when no row counts).
+            With ``return_entropy`` too the entropy is ``parts["entropy"]`` and the return is
+            still ``(loss, parts)``. Every teacher kind and chunk size; not with
+            ``process_group``. The soft term comes from the step's own per-row losses
+            (less the hard term, computed here from the chunk's logits: one more read of
+            them), so at ``soft_weight=0`` (no soft term in the loss) the chunked path runs
+            a loss-only divergence step for it, and ``"tiled"`` runs chunked.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``. Both run the chunked algorithm and
             differ in the per-chunk divergence step: the Triton kernel of :func:`kd_loss`
             (writing the gradient over the chunk's float32 logits) or its closed form in PyTorch
@@ -391,8 +441,8 @@ def linear_kd_loss(
 
     Returns:
         The loss, float32 (float64 for float64 inputs); ``(loss, entropy)`` with
-        ``return_entropy``. Gradients come back in the dtype of
-        each input. The logits GEMMs accumulate and output float32 (never rounded to bfloat16
+        ``return_entropy``; ``(loss, parts)`` with ``return_components``. Gradients come back in
+        the dtype of each input. The logits GEMMs accumulate and output float32 (never rounded to bfloat16
         before the softmax); the gradient GEMMs run in the weight's dtype from one rounding of
         the logits' gradient, and the weight gradient accumulates in the weight's dtype, one
         rounding per chunk (pydistill/reference/linear_kd.py has the measured errors). As with
@@ -408,6 +458,7 @@ def linear_kd_loss(
         student_softcap=student_softcap, teacher_softcap=teacher_softcap, reduction=reduction,
     )
     return_entropy = check.boolean("return_entropy", return_entropy)
+    return_components = check.boolean("return_components", return_components)
     if teacher_topk is not None:
         if teacher_logit_scale != 1.0 or teacher_softcap is not None:
             raise ValueError(
@@ -450,26 +501,59 @@ def linear_kd_loss(
             raise ValueError(f"teacher_logits: expected a vocabulary size V >= 1, got shape {tuple(teacher_logits.shape)}")
         floating.append(teacher_logits)
     else:
-        _check_topk_teacher(teacher_topk, student_hidden, vocab, process_group)
+        _check_topk_teacher(teacher_topk, student_hidden, vocab, process_group, labels,
+                            cfg.ignore_index)
         floating.append(teacher_topk[0])
     if cfg.hard_weight != 0.0 and labels is None:
         raise ValueError(f"labels: required when hard_weight != 0 (got hard_weight={cfg.hard_weight})")
+    vocab_mismatch = check.choice("vocab_mismatch", vocab_mismatch, VOCAB_MISMATCH)
+    if return_components and process_group is not None:
+        raise ValueError("return_components: not supported with a process_group (whole heads only)")
     group = check.process_group("process_group", process_group)
     if return_entropy and group is not None:
         raise ValueError("return_entropy: not supported with a process_group (whole heads only)")
     labels = check.labels(
         "labels", labels, lead, "student_hidden", student_hidden, vocab=vocab,
-        ignore_index=cfg.ignore_index, check_range=cfg.hard_weight != 0.0 and group is None,
+        ignore_index=cfg.ignore_index,
+        check_range=(cfg.hard_weight != 0.0 or return_components) and group is None,
     )
     chunk_size = check.chunk_size("chunk_size", chunk_size)
     topk_logprobs, topk_indices = teacher_topk if teacher_topk is not None else (None, None)
+    equal_blocks = None
+    if teacher_topk is None:
+        vocab_t = teacher_weight.shape[0] if teacher_weight is not None else teacher_logits.shape[-1]
+        if group is not None:
+            equal_blocks = vocab_mismatch if vocab_mismatch != "pad" else None
+        elif vocab_t != vocab and vocab_mismatch == "error":
+            raise ValueError(
+                f"vocab_mismatch='error': the student's vocabulary has V_s = {vocab} tokens "
+                f"(student_weight rows), the teacher's V_t = {vocab_t} "
+                f"({'teacher_weight rows' if teacher_weight is not None else 'teacher_logits columns'})")
+        elif vocab_t > vocab and vocab_mismatch == "restrict":
+            # the teacher's first V_s logits (views: no copy; autograd carries any teacher
+            # gradient back to the whole tensors, zero on the dropped rows)
+            if teacher_weight is not None:
+                teacher_weight = teacher_weight[:vocab]
+                teacher_bias = teacher_bias[:vocab] if teacher_bias is not None else None
+            else:
+                teacher_logits = teacher_logits[..., :vocab]
     backend = _dispatch.resolve(
         "linear_kd_loss", backend, student_hidden.device, tuple(x.dtype for x in floating if x is not None)
     )
-    plan = ChunkPlan(chunk_size=chunk_size, group=group, entropy=return_entropy)
+    plan = ChunkPlan(chunk_size=chunk_size, group=group, entropy=return_entropy,
+                     components=return_components, equal_blocks=equal_blocks)
     tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                teacher_bias, teacher_logits, topk_logprobs, topk_indices)
-    return _custom_ops.linear_kd_loss(cfg, plan, labels, tensors, backend)
+    out = _custom_ops.linear_kd_loss(cfg, plan, labels, tensors, backend)
+    if not return_components:
+        return out
+    loss, kd, ce, *entropy = out
+    parts = {"kd": kd.detach()}
+    if labels is not None:
+        parts["ce"] = ce.detach()
+    if entropy:
+        parts["entropy"] = entropy[0]
+    return loss, parts
 
 
 def _one_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk):
@@ -492,7 +576,8 @@ def _one_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, t
         )
 
 
-def _check_topk_teacher(teacher_topk, student_hidden, vocab: int, process_group):
+def _check_topk_teacher(teacher_topk, student_hidden, vocab: int, process_group, labels,
+                        ignore_index: int):
     """A (log-probs, ids) pair checked as topk_kd_loss checks it, against the student logits'
     shape (a zero-stride view: nothing is materialised); a constant, on whole heads."""
     if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
@@ -504,7 +589,8 @@ def _check_topk_teacher(teacher_topk, student_hidden, vocab: int, process_group)
     logprobs, indices = teacher_topk
     shape = student_hidden.new_empty(()).expand(*student_hidden.shape[:-1], vocab)
     check.topk_inputs("student logits (student_hidden @ student_weight^T)", shape,
-                      "teacher_topk[0] (logprobs)", logprobs, "teacher_topk[1] (indices)", indices)
+                      "teacher_topk[0] (logprobs)", logprobs, "teacher_topk[1] (indices)", indices,
+                      labels=labels, ignore_index=ignore_index)
     if logprobs.requires_grad:
         raise ValueError("teacher_topk: gradients w.r.t. the top-k teacher's log-probs are not "
                          "supported by linear_kd_loss; pass teacher_topk[0].detach()")

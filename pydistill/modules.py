@@ -96,7 +96,8 @@ class KDLoss(nn.Module):
 
 class TopKKDLoss(KDLoss):
     """Module form of :func:`pydistill.topk_kd_loss` (an offline top-k teacher): ``kd_loss``'s
-    hyper-parameters plus ``tail`` and ``teacher_temperature``, validated at construction.
+    hyper-parameters plus ``tail`` and ``teacher_temperature`` (required: the temperature the
+    log-probs were stored at, e.g. 1.0), validated at construction.
     ``forward(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels=None)``."""
 
     _op = "topk_kd_loss"  # the backend table entry its backend= is checked against
@@ -128,21 +129,25 @@ class TopKKDLoss(KDLoss):
 
 class LinearKDLoss(KDLoss):
     """Module form of :func:`pydistill.linear_kd_loss` (the distillation loss fused with the
-    student's LM head): ``kd_loss``'s hyper-parameters plus ``chunk_size``, ``process_group``
-    and the top-k teacher's ``tail`` / ``teacher_temperature``, validated at construction.
+    student's LM head): ``kd_loss``'s hyper-parameters plus ``chunk_size``, ``process_group``,
+    ``vocab_mismatch``, ``return_entropy``, ``return_components`` and the top-k teacher's ``tail`` /
+    ``teacher_temperature``, validated at construction.
     ``forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
     teacher_logits=None, teacher_topk=None, student_bias=None, teacher_bias=None, labels=None)``.
     """
 
     _op = "linear_kd_loss"  # the backend table entry its backend= is checked against
 
-    def __init__(self, *, chunk_size="auto", process_group=None, tail: str = "bucket",
+    def __init__(self, *, chunk_size="auto", process_group=None, vocab_mismatch: str = "restrict",
+                 tail: str = "bucket",
                  teacher_temperature: Optional[float] = None, return_entropy: bool = False,
-                 **kd_kwargs):
+                 return_components: bool = False, **kd_kwargs):
         super().__init__(**kd_kwargs)
         self.return_entropy = check.boolean("return_entropy", return_entropy)
+        self.return_components = check.boolean("return_components", return_components)
         self.chunk_size = check.chunk_size("chunk_size", chunk_size)
         self.process_group = check.process_group("process_group", process_group)
+        self.vocab_mismatch = check.choice("vocab_mismatch", vocab_mismatch, F.VOCAB_MISMATCH)
         self.tail = check.choice("tail", tail, TAILS)
         self.teacher_temperature = None if teacher_temperature is None else check.real(
             "teacher_temperature", teacher_temperature, low=0.0, low_open=True)
@@ -159,11 +164,12 @@ class LinearKDLoss(KDLoss):
             student_hidden, student_weight, teacher_hidden, teacher_weight,
             teacher_logits=teacher_logits, teacher_topk=teacher_topk, student_bias=student_bias,
             teacher_bias=teacher_bias, chunk_size=self.chunk_size,
-            process_group=self.process_group, tail=self.tail,
+            process_group=self.process_group, vocab_mismatch=self.vocab_mismatch, tail=self.tail,
             teacher_temperature=self.teacher_temperature, divergence=c.divergence,
             temperature=c.temperature, beta=c.beta, labels=labels, ignore_index=c.ignore_index,
             hard_weight=c.hard_weight, soft_weight=c.soft_weight, t2=c.t2,
-            reduction=c.reduction, return_entropy=self.return_entropy, backend=self.backend,
+            reduction=c.reduction, return_entropy=self.return_entropy,
+            return_components=self.return_components, backend=self.backend,
             **transform_kwargs(c),
         )
 

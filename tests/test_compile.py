@@ -65,7 +65,7 @@ def test_topk_kd_loss_compiles():
     lp, idx = torch.randn(7, 16).log_softmax(-1).topk(4)
 
     def make():
-        return _logits_step(lambda s, lp, idx: pydistill.topk_kd_loss(s, lp, idx, backend="torch"))
+        return _logits_step(lambda s, lp, idx: pydistill.topk_kd_loss(s, lp, idx, backend="torch", teacher_temperature=1.0))
     _compare(make, (8, 16), (x, lp, idx))
 
 
@@ -159,8 +159,8 @@ def test_opcheck_linear_kd_loss(reduction):
     kd = ("kl", 1.0, 0.5, -100, 0.0, 1.0, True, [1.3, 0.0, 0.8, 5.0], reduction)
     needs = [True, False, True, True, True, False, False]
     args = (None, h, w, b, h_t, w_t, None, None, None, None, 4, "bucket", None, *kd, "torch", needs)
-    for entropy in (False, True):
-        torch.library.opcheck(_custom_ops.linear_kd_loss_op, (*args, entropy))
+    for entropy, components in ((False, False), (True, False), (False, True), (True, True)):
+        torch.library.opcheck(_custom_ops.linear_kd_loss_op, (*args, entropy, components))
     if reduction == "none":
         g = torch.rand(6)
         torch.library.opcheck(_custom_ops.linear_kd_loss_backward_op, (g, *_detached(args)))
@@ -203,7 +203,7 @@ def test_ops_equal_functions_eager(monkeypatch, reduction):
         s, t, divergence="tvd", reduction=reduction, backend="torch"), (s, t))
     lp, idx = torch.randn(4, 12).log_softmax(-1).topk(3)
     _eager_both_ways(monkeypatch, lambda s: pydistill.topk_kd_loss(
-        s, lp, idx, reduction=reduction, backend="torch"), (s,))
+        s, lp, idx, reduction=reduction, backend="torch", teacher_temperature=1.0), (s,))
     h, w, h_t, w_t = torch.randn(4, 6), torch.randn(12, 6), torch.randn(4, 5), torch.randn(10, 5)
     _eager_both_ways(monkeypatch, lambda h, h_t, w_t: pydistill.linear_kd_loss(
         h, w, h_t, w_t, reduction=reduction, chunk_size=3, backend="torch"), (h, h_t, w_t))

@@ -163,7 +163,7 @@ def test_losses_trace_with_fake_cuda_tensors(ops):
         assert loss.shape == (4,) and loss.dtype == torch.float32 and loss.requires_grad
         lp = torch.empty(4, 8, device="cuda")
         idx = torch.empty(4, 8, dtype=torch.long, device="cuda")
-        loss = pdl.topk_kd_loss(s, lp, idx, backend="cuda")
+        loss = pdl.topk_kd_loss(s, lp, idx, backend="cuda", teacher_temperature=1.0)
         assert loss.shape == ()
 
 
@@ -291,7 +291,7 @@ def test_topk_k_limit(ops):
     s = torch.randn(1, 5000, device=DEVICE)
     lp, idx = torch.log_softmax(s, -1).topk(4097, dim=-1)
     with pytest.raises(ValueError, match=r"K <= 4096.*backend='torch'"):
-        pdl.topk_kd_loss(s, lp, idx, backend="cuda")
+        pdl.topk_kd_loss(s, lp, idx, backend="cuda", teacher_temperature=1.0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -474,6 +474,7 @@ def _check_topk_transform(s, lp, idx, y, kw, ref_kw=None):
 def _topk_case(name, divergence, tail):
     kw, magnitude, masked = TOPK_TRANSFORMS[name]
     kw = dict(_DEFAULTS, divergence=divergence, tail=tail, **kw)
+    kw.setdefault("teacher_temperature", kw["temperature"])  # stored at T: no re-tempering
     return kw, _topk_inputs(magnitude, masked)
 
 
@@ -509,7 +510,7 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("PYDISTILL_CUDA_JIT", "1")
     monkeypatch.setattr(_cuda_ext, "toolchain_problem", lambda: "no CUDA toolkit found (test)")
     with pytest.raises(ValueError, match=r"not built and cannot be built here: no CUDA toolkit"):
-        pdl.topk_kd_loss(s, s[:, :2], torch.tensor([[0, 1], [2, 3]], device=DEVICE), backend="cuda")
+        pdl.topk_kd_loss(s, s[:, :2], torch.tensor([[0, 1], [2, 3]], device=DEVICE), backend="cuda", teacher_temperature=1.0)
     # auto never builds and never picks it
     assert pdl.resolve_backend("kd_loss", s) in ("triton", "torch")
 

@@ -200,9 +200,9 @@ def test_causal_lm_kd_loss_equals_direct_and_logits():
     # and the logits the models themselves produce, through kd_loss
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     s = student(**model_inputs).logits
-    # the teacher's extra (padded) tokens are -inf on the student side
-    s_full = torch.cat([s, torch.full((*s.shape[:-1], 6), -math.inf)], -1)
-    t_full = teacher(**model_inputs).logits.float()
+    # the teacher restricted to the student's vocabulary (its 6 padded tokens dropped)
+    s_full = s
+    t_full = teacher(**model_inputs).logits.float()[..., :50]
     y = F.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
     via_logits = pdl.kd_loss(s_full, t_full, labels=y, **LOSS)
     torch.testing.assert_close(got, via_logits, rtol=1e-5, atol=1e-5)
@@ -358,8 +358,8 @@ def tiny_lm(kind, role, hidden, seed, vocab=V_SMALL, dtype=torch.float64):
 
 def model_logits_loss(student, teacher, inputs, loss_kwargs, student_transform=None):
     """The float64 reference: kd_loss of pydistill's reference on the models' own forward
-    logits (which include their transforms), with no transform of its own; the student's
-    logits padded with -inf to the teacher's vocabulary."""
+    logits (which include their transforms), with no transform of its own; a padded teacher
+    restricted to the student's vocabulary (linear_kd_loss's vocab_mismatch="restrict")."""
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     s = student(**model_inputs).logits
     if student_transform is not None:
@@ -367,7 +367,7 @@ def model_logits_loss(student, teacher, inputs, loss_kwargs, student_transform=N
     with torch.no_grad():
         t = teacher(**model_inputs).logits
     if t.shape[-1] > s.shape[-1]:
-        s = torch.cat([s, torch.full((*s.shape[:-1], t.shape[-1] - s.shape[-1]), -math.inf, dtype=s.dtype)], -1)
+        t = t[..., :s.shape[-1]]
     y = F.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
     return SD.kd_loss(s, t, y, SD.KDConfig(**loss_kwargs))
 

@@ -165,8 +165,9 @@ def test_options(backend, divergence, option, request):
     ["head", "logits"], ["student", "teacher"], ["natural", "jsd", "tvd"],
     interpreted=lambda k, s, d: (k, s, d) in [("head", "student", "natural"), ("logits", "teacher", "jsd")]))
 def test_mismatched_vocabulary(backend, kind, shorter, divergence, request):
-    # the shorter vocabulary is -inf beyond its end; "natural": the divergence that stays finite
-    # there (reverse_kl when the student lacks tokens, kl when the teacher does)
+    # vocab_mismatch="pad": the shorter vocabulary is -inf beyond its end; "natural": the
+    # divergence that stays finite there (reverse_kl when the student lacks tokens, kl when the
+    # teacher does)
     if backend == "triton":
         request.getfixturevalue("block_v")(32)
     v_s, v_t = (V - 9, V) if shorter == "student" else (V, V - 9)
@@ -174,8 +175,58 @@ def test_mismatched_vocabulary(backend, kind, shorter, divergence, request):
         divergence = "reverse_kl" if shorter == "student" else "kl"
     inputs = {**head((N,), H_S, v_s, seed=3, bias=True), **teacher(kind, (N,), v_t, seed=13, grad=True)}
     y = make_labels((N,), min(v_s, v_t), ignore=(4,))
-    loss, _ = check(backend, inputs, y, divergence=divergence, temperature=1.5, hard_weight=0.3)
+    loss, _ = check(backend, inputs, y, divergence=divergence, temperature=1.5, hard_weight=0.3,
+                    vocab_mismatch="pad")
     assert torch.isfinite(loss)
+
+
+def truncated_teacher(inputs, vocab):
+    """The inputs with the teacher cut to its first ``vocab`` logits, explicitly."""
+    out = dict(inputs)
+    for name in ("teacher_weight", "teacher_bias"):
+        if name in out:
+            out[name] = out[name].detach()[:vocab].clone().requires_grad_(out[name].requires_grad)
+    if "teacher_logits" in out:
+        x = out["teacher_logits"]
+        out["teacher_logits"] = x.detach()[..., :vocab].clone().requires_grad_(x.requires_grad)
+    return out
+
+
+@pytest.mark.parametrize("backend,kind,chunk_size,longer", matrix(
+    ["head+bias", "logits"], [5, "tiled"], ["teacher", "student"],
+    interpreted=lambda k, c, lg: (k, c, lg) in [("head+bias", "tiled", "teacher"),
+                                                ("logits", 5, "teacher")]))
+def test_vocab_mismatch_restrict(backend, kind, chunk_size, longer, request):
+    # the default: a padded teacher head (V_t > V_s) is the teacher on its first V_s tokens,
+    # renormalised (kl stays finite where "pad" makes it inf); a shorter teacher is -inf beyond
+    # its end, as with "pad". Against the reference on explicitly truncated teacher inputs.
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)
+    v_s, v_t = (V - 9, V) if longer == "teacher" else (V, V - 9)
+    grad_t = kind == "logits" and chunk_size == 5  # a teacher gradient too (chunked)
+    inputs = {**head((N,), H_S, v_s, seed=80, bias=True), **teacher(kind, (N,), v_t, seed=81, grad=grad_t)}
+    y = make_labels((N,), min(v_s, v_t), ignore=(4,))
+    kw = dict(divergence="kl", temperature=1.5, hard_weight=0.3)
+    cfg = pdl.functional.kd_config(**kw)
+    loss, grads, grad_out = run(backend, inputs, y, chunk_size=chunk_size, **kw)
+    assert torch.isfinite(loss)
+    cut = truncated_teacher(inputs, v_s)
+    gt_loss, gt = reference(cut, y, cfg, grad_out, torch.float64)
+    ref_loss, ref32 = reference(cut, y, cfg, grad_out, torch.float32)
+    assert_close("loss", loss, gt_loss, [ref_loss], loss.dtype, atol=1e-7)
+    for name, g in grads.items():
+        assert g.shape == inputs[name].shape, name
+        if name == "teacher_logits" and longer == "teacher":
+            assert torch.equal(g[..., v_s:], torch.zeros_like(g[..., v_s:]))
+            g = g[..., :v_s]
+        assert_close(f"grad {name}", g, gt[name], [ref32[name]], torch.float32)
+    # "pad" keeps the old convention: a teacher with tokens the student lacks makes kl infinite
+    if longer == "teacher":
+        pad, _, _ = run(backend, inputs, y, chunk_size=chunk_size, vocab_mismatch="pad", **kw)
+        assert pad == math.inf
+    torch.testing.assert_close(
+        pdl.LinearKDLoss(chunk_size=chunk_size, backend=backend, **kw)(**inputs, labels=y), loss)
+
 
 
 @pytest.mark.parametrize("backend,chunk_size", matrix(
@@ -376,33 +427,227 @@ def test_bfloat16_gradients_are_faithful(backend, request):
 # ---------------------------------------------------------------------------------------------
 
 
+def check_topk_teacher(backend, inputs, y, lp, idx, *, chunk_size=5, **kw):
+    """linear_kd_loss with a top-k teacher against the top-k family's reference on the
+    materialised student logits: loss and every gradient."""
+    loss, grads, grad_out = run(backend, inputs, y, teacher_topk=(lp, idx), chunk_size=chunk_size, **kw)
+    cfg = pdl.functional.topk_config(**kw)
+    refs = {}
+    for dtype in [torch.float64, torch.float32]:
+        leaves = {k_: v.detach().to(dtype).requires_grad_() for k_, v in inputs.items()}
+        s = R.head_logits(leaves["student_hidden"], leaves["student_weight"], leaves.get("student_bias"))
+        ref = TK.topk_kd_loss(s, lp.to(dtype), idx, y, cfg)
+        refs[dtype] = ref.detach(), dict(zip(leaves, torch.autograd.grad(ref, list(leaves.values()), grad_out.to(dtype))))
+    (gt_loss, gt), (ref32_loss, ref32) = refs[torch.float64], refs[torch.float32]
+    assert_close("loss", loss, gt_loss, [ref32_loss], loss.dtype, atol=1e-7)
+    assert set(grads) == set(gt)
+    for name, g in grads.items():
+        assert_close(f"grad {name}", g, gt[name], [ref32[name]], torch.float32)
+    return loss, grads
+
+
 @pytest.mark.parametrize("backend,tail,divergence", matrix(
     ["bucket", "renormalize", "ignore"], ["kl", "jsd", "skew_reverse_kl"],
     interpreted=lambda t, d: (t, d) in [("bucket", "kl"), ("ignore", "jsd")]))
 def test_topk_teacher(backend, tail, divergence, request):
-    # against the top-k family's reference on the materialised student logits
     if backend == "triton":
         request.getfixturevalue("block_v")(32)
     k = 6
     inputs = head((N,), H_S, V, seed=50, bias=True)
     teacher_logits = randn((N, V), torch.float64, 3.0, seed=51)
     lp, idx = torch.log_softmax(teacher_logits, -1).topk(k, dim=-1)
-    lp = lp.float()
     y = make_labels((N,), V, ignore=(1,))
-    kw = dict(divergence=divergence, temperature=2.0, hard_weight=0.2)
-    loss, grads, grad_out = run(backend, inputs, y, teacher_topk=(lp, idx), tail=tail,
-                                teacher_temperature=1.5, **kw)
-    cfg = pdl.functional.topk_config(tail=tail, teacher_temperature=1.5, **kw)
-    refs = {}
-    for dtype in [torch.float64, torch.float32]:
-        leaves = {k_: v.detach().to(dtype).requires_grad_() for k_, v in inputs.items()}
-        s = R.head_logits(leaves["student_hidden"], leaves["student_weight"], leaves["student_bias"])
-        ref = TK.topk_kd_loss(s, lp.to(dtype), idx, y, cfg)
-        refs[dtype] = ref.detach(), dict(zip(leaves, torch.autograd.grad(ref, list(leaves.values()), grad_out.to(dtype))))
-    (gt_loss, gt), (ref32_loss, ref32) = refs[torch.float64], refs[torch.float32]
-    assert_close("loss", loss, gt_loss, [ref32_loss], loss.dtype, atol=1e-7)
-    for name, g in grads.items():
-        assert_close(f"grad {name}", g, gt[name], [ref32[name]], torch.float32)
+    check_topk_teacher(backend, inputs, y, lp.float(), idx, tail=tail, teacher_temperature=1.5,
+                       divergence=divergence, temperature=2.0, hard_weight=0.2)
+
+
+@pytest.mark.parametrize("backend,chunk_size", matrix([4, "auto", "tiled"]))
+def test_topk_teacher_not_contiguous_along_k(backend, chunk_size, request):
+    # (B, L, K) top-k stored as (K, B, L) and permuted, and transposed back from a K-major
+    # copy: once read as contiguous rows by the Triton kernels (hidden and weight gradients
+    # 72-100 % off)
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)
+    lead, k = (3, 4), 5
+    inputs = head(lead, H_S, V, seed=52)
+    lp, idx = torch.log_softmax(randn(lead + (V,), torch.float64, 3.0, seed=53), -1).topk(k, dim=-1)
+    y = make_labels(lead, V, ignore=(1,))
+    views = [lambda x: x.permute(2, 0, 1).contiguous().permute(1, 2, 0),
+             lambda x: x.reshape(-1, k).t().contiguous().t().reshape(x.shape)]
+    for view in views:
+        lp_v, idx_v = view(lp.float()), view(idx)
+        assert idx_v.reshape(-1, k).stride()[-1] != 1
+        check_topk_teacher(backend, inputs, y, lp_v, idx_v, chunk_size=chunk_size,
+                           teacher_temperature=1.0, temperature=2.0, hard_weight=0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# rows ignored through labels: whatever their hidden states hold, NaN included
+# ---------------------------------------------------------------------------------------------
+
+
+def poison_rows(x, rows, value):
+    x = x.detach().clone()
+    x.view(-1, x.shape[-1])[list(rows)] = value
+    return x
+
+
+@pytest.mark.parametrize("backend,kind,chunk_size", matrix(
+    ["head", "logits", "topk"], [4, "tiled"],
+    interpreted=lambda k, c: (k, c) in [("head", 4), ("topk", 4), ("head", "tiled")]))
+def test_nan_hidden_states_in_ignored_rows(backend, kind, chunk_size, request):
+    # padding positions with NaN / inf hidden states: once 0 * NaN in the dW GEMM made the
+    # whole weight gradient NaN (chunked paths); the result must not depend on those rows
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)
+    lead, ignored = (2, 7), (1, 6, 9)
+    inputs = head(lead, H_S, V, seed=70, bias=True)
+    kw = dict(temperature=2.0, hard_weight=0.4, chunk_size=chunk_size)
+    if kind == "topk":
+        lp, idx = torch.log_softmax(randn(lead + (V,), torch.float64, 3.0, seed=71), -1).topk(5, dim=-1)
+        kw.update(teacher_topk=(lp.float(), idx), teacher_temperature=1.0)
+    else:  # a teacher that requires grad: its gradients must stay clean too
+        inputs.update(teacher(kind, lead, V, seed=72, grad=True))
+    y = make_labels(lead, V, ignore=ignored)
+    for value in (math.nan, math.inf):
+        bad = dict(inputs)
+        bad["student_hidden"] = poison_rows(inputs["student_hidden"], ignored, value).requires_grad_()
+        if "teacher_hidden" in bad:
+            bad["teacher_hidden"] = poison_rows(inputs["teacher_hidden"], ignored, value).requires_grad_()
+        for reduction in ("mean", "none"):
+            loss, grads, grad_out = run(backend, bad, y, reduction=reduction, **kw)
+            want, want_grads, _ = run(backend, inputs, y, grad_out=grad_out, reduction=reduction, **kw)
+            torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-7)
+            for name, g in grads.items():
+                assert torch.isfinite(g).all(), f"{name} ({value}, {reduction})"
+                torch.testing.assert_close(g, want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# return_components: the soft and hard terms from the same pass
+# ---------------------------------------------------------------------------------------------
+
+
+def component_references(inputs, labels, cfg, topk, dtype):
+    """The reference's soft term (soft_weight 1, no hard term) and hard term (hard_weight 1, no
+    soft term), reduced as the loss, in ``dtype``, on the materialised student logits."""
+    x = {k: v.detach().to(dtype) for k, v in inputs.items()}
+    fields = SD.config_fields(cfg)
+    out = {}
+    for name, weights in (("kd", dict(soft_weight=1.0, hard_weight=0.0)),
+                          ("ce", dict(soft_weight=0.0, hard_weight=1.0))):
+        if name == "ce" and labels is None:
+            continue
+        c = type(cfg)(**{**fields, **weights})
+        if topk is None:
+            out[name] = R.linear_kd_loss(**x, labels=labels, cfg=c)
+        else:
+            s = R.head_logits(x["student_hidden"], x["student_weight"], x.get("student_bias"))
+            out[name] = TK.topk_kd_loss(s, topk[0].to(dtype), topk[1], labels, c)
+    return out
+
+
+COMPONENT_CASES = {
+    "hard+ignore": dict(labels="ignore", hard_weight=0.3, soft_weight=0.8, temperature=2.0),
+    "hard-T1-sum": dict(labels="all", hard_weight=1.5, reduction="sum", divergence="jsd"),
+    "no_t2-none": dict(labels="ignore", hard_weight=0.2, t2=False, temperature=3.0, reduction="none"),
+    "labels_without_hard": dict(labels="ignore", temperature=2.0, divergence="reverse_kl"),
+    "no_labels": dict(temperature=2.0, divergence="tvd"),
+    "soft_weight0": dict(labels="ignore", soft_weight=0.0, hard_weight=1.0, temperature=2.0),
+    "all_ignored": dict(labels="none_count", hard_weight=0.5, temperature=2.0),
+}
+
+
+@pytest.mark.parametrize("backend,kind,chunk_size,case", matrix(
+    ["head+bias", "logits", "topk"], [5, "tiled"], list(COMPONENT_CASES),
+    interpreted=lambda k, c, case: (k, c) in [("head+bias", "tiled"), ("topk", 5)]
+    or (k, c, case) == ("logits", 5, "soft_weight0")))
+def test_return_components(backend, kind, chunk_size, case, request):
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)
+    opts = dict(COMPONENT_CASES[case])
+    label_mode = opts.pop("labels", None)
+    lead = (3, 5)
+    inputs = head(lead, H_S, V, seed=60, bias=True)
+    kw = dict(opts)
+    topk = None
+    if kind == "topk":
+        lp, idx = torch.log_softmax(randn(lead + (V,), torch.float64, 3.0, seed=61), -1).topk(6, dim=-1)
+        topk = (lp.float(), idx)
+        kw.update(teacher_topk=topk, teacher_temperature=1.0)
+    else:
+        inputs.update(teacher(kind, lead, V, seed=62))
+    y = None
+    if label_mode is not None:
+        y = make_labels(lead, V, ignore=range(15) if label_mode == "none_count" else (0, 7))
+    leaves = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    loss, parts = pdl.linear_kd_loss(**leaves, labels=y, chunk_size=chunk_size, backend=backend,
+                                     return_components=True, **kw)
+    plain = pdl.linear_kd_loss(**inputs, labels=y, chunk_size=chunk_size, backend=backend, **kw)
+    torch.testing.assert_close(loss.detach(), plain.detach(), rtol=0, atol=0)
+    assert set(parts) == ({"kd", "ce"} if y is not None else {"kd"})
+    cfg_kw = {k: v for k, v in kw.items() if k in SD.KDConfig.__dataclass_fields__}
+    cfg = (pdl.functional.topk_config(teacher_temperature=1.0, **cfg_kw) if topk
+           else pdl.functional.kd_config(**cfg_kw))
+    gt = component_references(inputs, y, cfg, topk, torch.float64)
+    ref32 = component_references(inputs, y, cfg, topk, torch.float32)
+    for name, part in parts.items():
+        assert part.dtype == torch.float32 and not part.requires_grad, name
+        assert part.shape == loss.shape, name
+        assert torch.isfinite(part).all(), name
+        # the soft term is the step's rows less the hard term: its rounding is that of the rows
+        atol = 1e-6 * (1 + gt["ce"].abs().max().item() * cfg.hard_weight) if name == "kd" and y is not None else 1e-7
+        assert_close(f"parts[{name!r}]", part, gt[name], [ref32[name]], torch.float32, atol=atol)
+    whole = cfg.soft_weight * parts["kd"] + (cfg.hard_weight * parts["ce"] if y is not None else 0.0)
+    torch.testing.assert_close(whole, loss.detach(), rtol=1e-6, atol=1e-6)
+    # the gradients are those of the loss alone
+    wanted = [k for k, v in leaves.items() if v.requires_grad]
+    grad_out = torch.rand(loss.shape, generator=_gen(98)).to(DEVICE) + 0.5
+    g = torch.autograd.grad(loss, [leaves[k] for k in wanted], grad_out)
+    fresh = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    again = pdl.linear_kd_loss(**fresh, labels=y, chunk_size=chunk_size, backend=backend, **kw)
+    g2 = torch.autograd.grad(again, [fresh[k] for k in wanted], grad_out)
+    for name, a, b in zip(wanted, g, g2):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_components_with_entropy_and_module(backend):
+    inputs = {**head((2, 4), H_S, V, seed=63), **teacher("logits", (2, 4), V, seed=64)}
+    y = make_labels((2, 4), V, ignore=(3,))
+    kw = dict(temperature=2.0, hard_weight=0.5, chunk_size=3)
+    loss, parts = pdl.linear_kd_loss(**inputs, labels=y, backend=backend, return_entropy=True,
+                                     return_components=True, **kw)
+    assert set(parts) == {"kd", "ce", "entropy"}
+    _, entropy = pdl.linear_kd_loss(**inputs, labels=y, backend=backend, return_entropy=True, **kw)
+    torch.testing.assert_close(parts["entropy"], entropy)
+    mod = pdl.LinearKDLoss(backend=backend, return_components=True, **kw)
+    m_loss, m_parts = mod(**inputs, labels=y)
+    torch.testing.assert_close(m_loss, loss)
+    for name in ("kd", "ce"):
+        torch.testing.assert_close(m_parts[name], parts[name])
+
+
+def test_return_components_float64_and_compiled_op(monkeypatch):
+    # float64 parts for float64 inputs; the custom op (torch.compile's path) returns the same
+    from pydistill import _custom_ops
+
+    inputs = {**head((N,), H_S, V, seed=65, dtype=torch.float64), **teacher("logits", (N,), V, seed=66, dtype=torch.float64)}
+    y = make_labels((N,), V, ignore=(2,))
+    kw = dict(temperature=2.0, hard_weight=0.4, chunk_size=4, backend="torch", return_components=True)
+    loss, parts = pdl.linear_kd_loss(**inputs, labels=y, **kw)
+    assert all(p.dtype == torch.float64 for p in parts.values())
+    monkeypatch.setattr(_custom_ops, "FORCE", True)
+    loss2, parts2 = pdl.linear_kd_loss(**inputs, labels=y, **kw)
+    torch.testing.assert_close(loss2, loss)
+    for name in parts:
+        torch.testing.assert_close(parts2[name], parts[name])
+
+
+def test_return_components_refused_with_a_process_group():
+    with pytest.raises(ValueError, match="return_components"):
+        pdl.linear_kd_loss(torch.randn(2, 4), torch.randn(5, 4), teacher_logits=torch.randn(2, 5),
+                           process_group=object(), return_components=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,28 +680,36 @@ BAD_INPUTS = [
      ["teacher_logits", "(2, 3)", "(2, 5)"]),
     (dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(2, 3, 0)), ValueError,
      ["teacher_logits", "V >= 1"]),
-    (dict(teacher_hidden=None, teacher_weight=None, teacher_topk=torch.randn(2, 3, 2)), TypeError,
+    (dict(teacher_hidden=None, teacher_weight=None, teacher_temperature=1.0, teacher_topk=torch.randn(2, 3, 2)), TypeError,
      ["teacher_topk", "pair", "Tensor"]),
-    (dict(teacher_hidden=None, teacher_weight=None,
+    (dict(teacher_hidden=None, teacher_weight=None, teacher_temperature=1.0,
           teacher_topk=(torch.randn(2, 3, 2), torch.zeros(2, 3, 2))), TypeError,
      ["teacher_topk[1] (indices)", "int64", "float32"]),
-    (dict(teacher_hidden=None, teacher_weight=None,
+    (dict(teacher_hidden=None, teacher_weight=None, teacher_temperature=1.0,
           teacher_topk=(torch.randn(2, 3, 2), torch.zeros(2, 3, 3, dtype=torch.long))), ValueError,
      ["teacher_topk[1] (indices)", "(2, 3, 2)", "(2, 3, 3)"]),
-    (dict(teacher_hidden=None, teacher_weight=None,
+    (dict(teacher_hidden=None, teacher_weight=None, teacher_temperature=1.0,
           teacher_topk=(torch.randn(2, 3, 2), torch.full((2, 3, 2), 5))), ValueError,
      ["teacher_topk[1] (indices)", "[0, 5)", "5"]),
-    (dict(teacher_hidden=None, teacher_weight=None,
+    (dict(teacher_hidden=None, teacher_weight=None, teacher_temperature=1.0,
           teacher_topk=(torch.randn(2, 3, 2), torch.zeros(2, 3, 2, dtype=torch.long))), ValueError,
      ["teacher_topk[1] (indices)", "distinct", "0 twice"]),
-    (dict(teacher_hidden=None, teacher_weight=None,
+    (dict(teacher_hidden=None, teacher_weight=None, teacher_temperature=1.0,
           teacher_topk=(torch.randn(2, 4, 2), torch.zeros(2, 4, 2, dtype=torch.long))), ValueError,
      ["teacher_topk[0] (logprobs)", "(2, 3, 'K')", "(2, 4, 2)"]),
-    (dict(teacher_hidden=None, teacher_weight=None,
+    (dict(teacher_hidden=None, teacher_weight=None, teacher_temperature=1.0,
           teacher_topk=(torch.randn(2, 3, 2, requires_grad=True), torch.tensor([0, 1]).expand(2, 3, 2))),
      ValueError, ["teacher_topk", "not supported", "detach"]),
     (dict(teacher_temperature=2.0), ValueError, ["teacher_temperature", "teacher_topk"]),
+    (dict(teacher_hidden=None, teacher_weight=None,
+          teacher_topk=(torch.randn(2, 3, 2), torch.tensor([0, 1]).expand(2, 3, 2))), ValueError,
+     ["teacher_temperature", "required", "top-k", "stored", "None"]),
     (dict(tail="drop"), ValueError, ["tail", "'bucket'", "'drop'"]),
+    (dict(vocab_mismatch="error"), ValueError, ["vocab_mismatch='error'", "V_s = 5", "V_t = 6",
+                                                "teacher_weight"]),
+    (dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(2, 3, 4),
+          vocab_mismatch="error"), ValueError, ["V_s = 5", "V_t = 4", "teacher_logits"]),
+    (dict(vocab_mismatch="truncate"), ValueError, ["vocab_mismatch", "'restrict'", "'truncate'"]),
     (dict(labels=torch.zeros(2, dtype=torch.long)), ValueError, ["labels", "(2, 3)", "(2,)"]),
     (dict(labels=torch.zeros(2, 3)), TypeError, ["labels", "int64", "float32"]),
     (dict(labels=torch.full((2, 3), 5), hard_weight=1.0), ValueError, ["labels", "[0, 5)", "5"]),
@@ -506,3 +759,29 @@ def test_auto_chunk_rows_follow_the_budget(monkeypatch):
     assert R.auto_chunk_rows(10**6, 2 * 4 * 10**8, torch.device("cpu")) == 1
     monkeypatch.setattr(R, "AUTO_BUDGET_CPU", 1000 * 2 * 4 * 32000)
     assert R.auto_chunk_rows(10**6, 2 * 4 * 32000, torch.device("cpu")) == 896
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_teacher_duplicate_padding_ids_in_ignored_rows(backend):
+    inputs = head((N,), H_S, V, seed=90)
+    lp, idx = torch.log_softmax(randn((N, V), torch.float64, 3.0, seed=91), -1).topk(4, dim=-1)
+    lp = lp.float()
+    y = make_labels((N,), V, ignore=(2, 8))
+    pad_lp, pad_idx = lp.clone(), idx.clone()
+    pad_idx[[2, 8]] = 7
+    kw = dict(temperature=2.0, teacher_temperature=1.0, hard_weight=0.2, chunk_size=4)
+    got, g_got, grad_out = run(backend, inputs, y, teacher_topk=(pad_lp, pad_idx), **kw)
+    want, g_want, _ = run(backend, inputs, y, teacher_topk=(lp, idx), grad_out=grad_out, **kw)
+    torch.testing.assert_close(got, want)
+    for name in g_got:
+        torch.testing.assert_close(g_got[name], g_want[name], msg=name)
+
+
+@pytest.mark.parametrize("fn", ["linear_kd_loss", "linear_uld_loss"])
+def test_empty_hidden_size_is_a_clear_error(fn):
+    # H = 0: once a reshape RuntimeError
+    h, w = torch.randn(2, 3, 0), torch.randn(5, 0)
+    with pytest.raises(ValueError, match=r"student_hidden: expected a hidden size H >= 1.*\(2, 3, 0\)"):
+        getattr(pdl, fn)(h, w, teacher_logits=torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match=r"teacher_hidden: expected a hidden size H >= 1"):
+        getattr(pdl, fn)(torch.randn(2, 3, 4), torch.randn(5, 4), torch.randn(2, 3, 0), torch.randn(5, 0))

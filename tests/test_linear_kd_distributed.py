@@ -26,10 +26,10 @@ CASES = [
      dict(teacher="head+bias", v_s=(23, 14), v_t=(23, 14), divergence="jsd", beta=0.3,
           hard_weight=0.2, reduction="sum", teacher_grad=True, chunk_size=3)),
     ("jsd, student vocabulary shorter at its end, softcap, none",
-     dict(teacher="head", v_s=(20, 17), v_t=(20, 20), divergence="jsd", beta=0.7, softcap=5.0,
+     dict(teacher="head", v_s=(20, 17), v_t=(20, 20), vocab_mismatch="pad", divergence="jsd", beta=0.7, softcap=5.0,
           hard_weight=0.5, reduction="none", chunk_size=5)),
     ("kl, teacher logits shorter at the end, T = 1 hard term, auto chunks",
-     dict(teacher="logits", v_s=(20, 20), v_t=(20, 15), divergence="kl", hard_weight=1.0,
+     dict(teacher="logits", v_s=(20, 20), v_t=(20, 15), vocab_mismatch="pad", divergence="kl", hard_weight=1.0,
           teacher_grad=True, chunk_size="auto")),
     ("skew_reverse_kl, float32",
      dict(teacher="head", v_s=(18, 18), v_t=(18, 18), divergence="skew_reverse_kl", beta=0.1,
@@ -104,11 +104,26 @@ def _check_case(rank, name, case):
                                    msg=lambda m, k=k: f"{where}, grad {k}: {m}")
 
 
+def _check_restrict_refused(rank):
+    # vocab_mismatch="restrict" (the default) with blocks of unequal sizes on one rank only:
+    # every rank raises the same error (none is left waiting in a collective)
+    g = _gen(9)
+    h = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    w_s = torch.randn(5 if rank == 0 else 4, 4, generator=g, dtype=torch.float64)
+    w_t = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    for mode in ("restrict", "error"):
+        with pytest.raises(ValueError, match=f"vocab_mismatch='{mode}'.*rank 1: student 4 rows, teacher 5"):
+            pdl.linear_kd_loss(h, w_s, h, w_t, process_group=dist.group.WORLD, chunk_size=2,
+                               vocab_mismatch=mode, backend="torch")
+    dist.barrier()
+
+
 def _worker(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         for name, case in CASES:
             _check_case(rank, name, case)
+        _check_restrict_refused(rank)
     finally:
         dist.destroy_process_group()
 

@@ -125,8 +125,8 @@ def test_topk_kd_loss_backends(backend):
     lp, idx = torch.log_softmax(t.double(), -1).topk(7, dim=-1)
     y = make_labels((5,), 80, ignore=(2,))
     for tail in RT.TAILS:
-        opts = dict(tail=tail, temperature=1.4, hard_weight=0.3, student_logit_scale=0.5,
-                    student_softcap=4.0)
+        opts = dict(tail=tail, temperature=1.4, teacher_temperature=1.0, hard_weight=0.3,
+                    student_logit_scale=0.5, student_softcap=4.0)
         (a,) = _leaves(s)
         ref = RT.topk_kd_loss(a.double(), lp, idx, y, RT.TopKConfig(**opts))
         (ga,) = torch.autograd.grad(ref, (a,))
@@ -136,8 +136,8 @@ def test_topk_kd_loss_backends(backend):
         _close(loss, ref, f"{tail} loss")
         _close(gx, ga, f"{tail} grad")
     # the shorthand means the student's cap here
-    a = pdl.topk_kd_loss(s, lp.float(), idx, softcap=3.0, backend=backend)
-    b = pdl.topk_kd_loss(s, lp.float(), idx, student_softcap=3.0, backend=backend)
+    a = pdl.topk_kd_loss(s, lp.float(), idx, softcap=3.0, backend=backend, teacher_temperature=1.0)
+    b = pdl.topk_kd_loss(s, lp.float(), idx, student_softcap=3.0, backend=backend, teacher_temperature=1.0)
     torch.testing.assert_close(a, b)
 
 
@@ -221,9 +221,9 @@ def test_modules_carry_the_transforms():
                                                         backend="torch", **MIXED))
     assert ent.shape == (4,)
     lp, idx = torch.log_softmax(t, -1).topk(5, dim=-1)
-    topk = pdl.TopKKDLoss(student_logit_scale=0.5, softcap=3.0, backend="torch")
+    topk = pdl.TopKKDLoss(student_logit_scale=0.5, softcap=3.0, backend="torch", teacher_temperature=1.0)
     torch.testing.assert_close(topk(s, lp, idx), pdl.topk_kd_loss(
-        s, lp, idx, student_logit_scale=0.5, student_softcap=3.0, backend="torch"))
+        s, lp, idx, student_logit_scale=0.5, student_softcap=3.0, backend="torch", teacher_temperature=1.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,11 +257,11 @@ def test_bad_transform_types_and_topk_teacher():
         pdl.kd_loss(s, t, student_logit_scale=torch.tensor(2.0))
     lp, idx = torch.log_softmax(t, -1).topk(3, dim=-1)
     with pytest.raises(TypeError, match="teacher_logit_scale"):
-        pdl.topk_kd_loss(s, lp, idx, teacher_logit_scale=2.0)
+        pdl.topk_kd_loss(s, lp, idx, teacher_logit_scale=2.0, teacher_temperature=1.0)
     with pytest.raises(ValueError, match="softcap: the shorthand for student_softcap"):
-        pdl.topk_kd_loss(s, lp, idx, softcap=2.0, student_softcap=3.0)
+        pdl.topk_kd_loss(s, lp, idx, softcap=2.0, student_softcap=3.0, teacher_temperature=1.0)
     with pytest.raises(ValueError, match="teacher_softcap: a top-k teacher"):
-        pdl.TopKKDLoss(teacher_softcap=2.0)
+        pdl.TopKKDLoss(teacher_softcap=2.0, teacher_temperature=1.0)
     h, w, _ = _head(2, 4, 8, seed=23)
     with pytest.raises(ValueError, match="teacher_logit_scale / teacher_softcap: a top-k teacher"):
         pdl.linear_kd_loss(h, w, teacher_topk=(lp, idx), teacher_softcap=5.0)

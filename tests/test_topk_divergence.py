@@ -95,7 +95,9 @@ def smooth_rows(student, lp, idx, cfg):
 
 
 def check_against_reference(backend, student, lp, idx, labels=None, *, grad_out=None, **kw):
-    """Run topk_kd_loss on ``backend`` and compare loss and gradient with the reference."""
+    """Run topk_kd_loss on ``backend`` and compare loss and gradient with the reference.
+    ``teacher_temperature`` defaults to ``temperature`` here (log-probs used as they are)."""
+    kw.setdefault("teacher_temperature", kw.get("temperature", 1.0))
     cfg = pdl.functional.topk_config(**kw)
     s = student.detach().clone().requires_grad_()
     loss = pdl.topk_kd_loss(s, lp, idx, labels=labels, backend=backend, **kw)
@@ -132,7 +134,7 @@ def test_reference_gradcheck_float64(divergence, tail):
 
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
 @pytest.mark.parametrize("tail", TAILS)
-@pytest.mark.parametrize("t_gen", [None, 0.7])
+@pytest.mark.parametrize("t_gen", [2.0, 0.7])  # 2.0: stored at the training temperature
 def test_full_support_equals_kd_loss_on_the_dense_teacher(backend, tail, t_gen):
     # K = V: no tail, and P = the dense teacher's softmax at T whatever T_gen was (a = T_gen / T
     # re-tempers exactly); every tail then is kd_loss
@@ -408,7 +410,7 @@ def test_all_rows_ignored(backend, reduction):
     s = logits((2, 3, 50), seed=50).requires_grad_()
     lp, idx, _ = topk_teacher((2, 3), 50, 5, seed=51)
     y = torch.full((2, 3), -100, device=DEVICE)
-    loss = pdl.topk_kd_loss(s, lp, idx, labels=y, hard_weight=1.0, reduction=reduction, backend=backend)
+    loss = pdl.topk_kd_loss(s, lp, idx, labels=y, hard_weight=1.0, reduction=reduction, backend=backend, teacher_temperature=1.0)
     assert torch.equal(loss, torch.zeros_like(loss))
     loss.sum().backward()
     assert torch.equal(s.grad, torch.zeros_like(s))
@@ -420,7 +422,7 @@ def test_all_rows_ignored(backend, reduction):
 def test_empty_batch(backend, shape, reduction):
     s = logits(shape, seed=60).requires_grad_()
     lp, idx, _ = topk_teacher(shape[:-1], 17, 3, seed=61)
-    loss = pdl.topk_kd_loss(s, lp, idx, reduction=reduction, backend=backend)
+    loss = pdl.topk_kd_loss(s, lp, idx, reduction=reduction, backend=backend, teacher_temperature=1.0)
     assert loss.shape == (() if reduction != "none" else shape[:-1])
     assert loss.sum().item() == 0.0
     loss.sum().backward()
@@ -432,13 +434,13 @@ def test_nan_propagates(backend):
     s = logits((3, 40), seed=70)
     lp, idx, _ = topk_teacher((3,), 40, 4, seed=71)
     s[1, 5] = math.nan
-    rows = pdl.topk_kd_loss(s, lp, idx, reduction="none", backend=backend)
+    rows = pdl.topk_kd_loss(s, lp, idx, reduction="none", backend=backend, teacher_temperature=1.0)
     assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
     lp2 = lp.clone()
     lp2[2, 0] = math.nan
-    assert torch.isnan(pdl.topk_kd_loss(s, lp2, idx, reduction="none", backend=backend)[2])
+    assert torch.isnan(pdl.topk_kd_loss(s, lp2, idx, reduction="none", backend=backend, teacher_temperature=1.0)[2])
     y = torch.tensor([0, -100, 2], device=DEVICE)  # an ignored NaN row is dropped
-    assert torch.isfinite(pdl.topk_kd_loss(s, lp, idx, labels=y, backend=backend))
+    assert torch.isfinite(pdl.topk_kd_loss(s, lp, idx, labels=y, backend=backend, teacher_temperature=1.0))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -452,7 +454,7 @@ def test_module_matches_function(backend):
     torch.testing.assert_close(mod(s, lp, idx, y), pdl.topk_kd_loss(s, lp, idx, labels=y, backend=backend, **kw))
     assert "tail='ignore'" in repr(mod) and "skew_kl" in repr(mod)
     with pytest.raises(ValueError, match="tail"):
-        pdl.TopKKDLoss(tail="all")
+        pdl.TopKKDLoss(tail="all", teacher_temperature=1.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -465,7 +467,7 @@ def test_chunk_entry_points_write_a_float32_gradient(backend):
     s = logits((5, 200), torch.bfloat16, seed=90)
     lp, idx, _ = topk_teacher((5,), 200, 12, seed=91)
     y = make_labels((5,), 200, ignore=(1,))
-    cfg = pdl.functional.topk_config(divergence="jsd", temperature=2.0, hard_weight=0.3)
+    cfg = pdl.functional.topk_config(divergence="jsd", temperature=2.0, hard_weight=0.3, teacher_temperature=1.0)
     buf = torch.full((5, 200), math.nan, device=DEVICE)
     if backend == "torch":
         rows = R.topk_chunk_loss_and_grads(s, lp, idx, y, cfg, 0.37, buf)
@@ -486,7 +488,7 @@ def test_chunk_entry_points_write_a_float32_gradient(backend):
 def test_torch_backend_second_backward_raises():
     s = logits((3, 20), seed=100).requires_grad_()
     lp, idx, _ = topk_teacher((3,), 20, 4, seed=101)
-    loss = pdl.topk_kd_loss(s, lp, idx, backend="torch")
+    loss = pdl.topk_kd_loss(s, lp, idx, backend="torch", teacher_temperature=1.0)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
@@ -507,7 +509,7 @@ def test_triton_grad_modes(mode, tail, monkeypatch, block_v):
                                 temperature=2.0, hard_weight=0.2, reduction=reduction,
                                 grad_out=grad_out.to(DEVICE))
     x = s.detach().clone().requires_grad_()
-    loss = pdl.topk_kd_loss(x, lp, idx, tail=tail, backend="triton")
+    loss = pdl.topk_kd_loss(x, lp, idx, tail=tail, backend="triton", teacher_temperature=1.0)
     g1, = torch.autograd.grad(loss, x, retain_graph=True)
     if mode == "recompute":
         g2, = torch.autograd.grad(loss, x)
@@ -523,10 +525,10 @@ def test_teacher_that_requires_grad_is_refused(backend):
     lp, idx, _ = topk_teacher((2,), 10, 3, seed=121)
     lp.requires_grad_()
     with pytest.raises(ValueError, match=rf"teacher_topk_logprobs: requires grad.*backend='{backend}'.*detach"):
-        pdl.topk_kd_loss(s, lp, idx, backend=backend)
+        pdl.topk_kd_loss(s, lp, idx, backend=backend, teacher_temperature=1.0)
     with torch.no_grad():  # nothing to differentiate: fine
-        pdl.topk_kd_loss(s, lp, idx, backend=backend)
-    pdl.topk_kd_loss(s, lp.detach(), idx, backend=backend).backward()
+        pdl.topk_kd_loss(s, lp, idx, backend=backend, teacher_temperature=1.0)
+    pdl.topk_kd_loss(s, lp.detach(), idx, backend=backend, teacher_temperature=1.0).backward()
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
@@ -543,7 +545,7 @@ def test_out_of_range_ids_on_gpu_are_nan_not_crash():
     lp, idx, _ = topk_teacher((3,), 9, 3, seed=131)
     idx[1, 0], idx[2, 2] = 9, -4
     for backend in BACKENDS:
-        rows = pdl.topk_kd_loss(s, lp, idx, reduction="none", backend=backend)
+        rows = pdl.topk_kd_loss(s, lp, idx, reduction="none", backend=backend, teacher_temperature=1.0)
         assert torch.isfinite(rows[0]) and torch.isnan(rows[1:]).all()
 
 
@@ -552,9 +554,9 @@ def test_bad_input_devices():
     s = torch.randn(2, 5, device="cuda")
     lp, idx = torch.zeros(2, 3, device="cuda"), torch.zeros(2, 3, dtype=torch.long, device="cuda")
     with pytest.raises(ValueError, match="teacher_topk_logprobs.*cuda"):
-        pdl.topk_kd_loss(s, lp.cpu(), idx)
+        pdl.topk_kd_loss(s, lp.cpu(), idx, teacher_temperature=1.0)
     with pytest.raises(ValueError, match="teacher_topk_indices.*cuda"):
-        pdl.topk_kd_loss(s, lp, idx.cpu())
+        pdl.topk_kd_loss(s, lp, idx.cpu(), teacher_temperature=1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,6 +590,8 @@ BAD_INPUTS = [
      ["teacher_topk_indices", "distinct", "4 twice", "row 1"]),
     (dict(tail="drop"), ValueError, ["tail", "'bucket'", "'drop'"]),
     (dict(tail=None), TypeError, ["tail", "str", "NoneType"]),
+    (dict(teacher_temperature=None), ValueError,
+     ["teacher_temperature", "required", "stored", "e.g. teacher_temperature=1.0", "None"]),
     (dict(teacher_temperature=0.0), ValueError, ["teacher_temperature", "> 0", "0.0"]),
     (dict(teacher_temperature=-2.0), ValueError, ["teacher_temperature", "> 0", "-2.0"]),
     (dict(teacher_temperature=math.inf), ValueError, ["teacher_temperature", "finite", "inf"]),
@@ -608,7 +612,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("override,exc,words", BAD_INPUTS, ids=[str(i) for i in range(len(BAD_INPUTS))])
 def test_bad_input(override, exc, words):
     kwargs = dict(student_logits=torch.randn(2, 5), teacher_topk_logprobs=torch.log_softmax(torch.randn(2, 3), -1),
-                  teacher_topk_indices=_IDS)
+                  teacher_topk_indices=_IDS, teacher_temperature=1.0)
     kwargs.update(override)
     if override.get("backend") == "triton" and "triton" not in BACKENDS:
         pytest.skip("Triton cannot run here")
@@ -629,3 +633,56 @@ def test_strided_labels_and_indices(backend):
     idx2 = torch.stack([idx, torch.zeros_like(idx)], -1)[..., 0]
     assert y2.stride() == (10, 2) and idx2.stride()[-1] == 2
     check_against_reference(backend, s, lp, idx2, y2, temperature=2.0, hard_weight=0.5)
+
+
+# (B, L, K) top-k views whose (N, K) rows are not contiguous along K (the Triton launcher once
+# read them as if they were: a silent wrong loss and gradient)
+TOPK_VIEWS = {
+    # a (B, L, K) array stored K-major and transposed back: K stride B * L
+    "transposed-back": lambda x: x.reshape(-1, x.shape[-1]).t().contiguous().t().reshape(x.shape),
+    # stored as (K, B, L) and permuted to (B, L, K)
+    "kbl-permuted": lambda x: x.permute(2, 0, 1).contiguous().permute(1, 2, 0),
+    # one stored row per sequence, expanded over its positions (stride 0 along L)
+    "expanded": lambda x: x[:, :1].expand(x.shape),
+    # every other entry of a (B, L, 2K) array
+    "sliced": lambda x: torch.stack([x, x.flip(-1)], -1).flatten(-2)[..., ::2],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("view", list(TOPK_VIEWS))
+def test_topk_views_not_contiguous_along_k(backend, view, request):
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)  # several tiles per row
+    s = logits((2, 3, 70), seed=94)
+    lp, idx, _ = topk_teacher((2, 3), 70, 5, seed=95)
+    lp_v, idx_v = TOPK_VIEWS[view](lp), TOPK_VIEWS[view](idx)
+    y = make_labels((2, 3), 70, ignore=(1,))
+    for tail in TAILS:
+        check_against_reference(backend, s, lp_v, idx_v, y, tail=tail, temperature=2.0,
+                                hard_weight=0.3, divergence="jsd")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_duplicate_padding_ids_in_ignored_rows(backend):
+    # rows the labels ignore (padding positions) may repeat a padding id; the result is that
+    # of any distinct ids there, and counted rows still need distinct ids
+    s = logits((2, 3, 30), seed=96)
+    lp, idx, _ = topk_teacher((2, 3), 30, 5, seed=97)
+    y = make_labels((2, 3), 30, ignore=(1, 4))
+    pad_lp, pad_idx = lp.clone(), idx.clone()
+    pad_idx.view(-1, 5)[[1, 4]] = 0
+    pad_lp.view(-1, 5)[[1, 4]] = -math.inf
+    kw = dict(labels=y, temperature=2.0, teacher_temperature=1.0, hard_weight=0.3, backend=backend)
+    for reduction in ("mean", "none"):
+        a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+        got = pdl.topk_kd_loss(a, pad_lp, pad_idx, reduction=reduction, **kw)
+        want = pdl.topk_kd_loss(b, lp, idx, reduction=reduction, **kw)
+        torch.testing.assert_close(got, want)
+        ga, = torch.autograd.grad(got.sum(), a)
+        gb, = torch.autograd.grad(want.sum(), b)
+        torch.testing.assert_close(ga, gb)
+    y2 = y.clone()
+    y2.view(-1)[4] = 3  # row 4 now counts: its repeated id is an error again
+    with pytest.raises(ValueError, match="distinct ids within a row, got 0 twice in row 4"):
+        pdl.topk_kd_loss(s, pad_lp, pad_idx, **{**kw, "labels": y2})

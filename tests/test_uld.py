@@ -413,6 +413,34 @@ def test_linear_never_forms_full_logits(monkeypatch):
     assert seen and max(max(rows) for rows in seen) <= 3 and sum(r for r, _ in seen) == 10
 
 
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("teacher", ["head", "logits"])
+def test_linear_nan_hidden_states_in_ignored_rows(backend, teacher):
+    # NaN / inf hidden states at positions the labels ignore reach no gradient and not the loss
+    hs, ws, bs, ht, wt, bt = _heads(9, 4, 6, 30, 40, seed=44)
+    tl = torch.randn(9, 40, generator=_gen(45)).to(DEVICE) * 3
+    y = make_labels((9,), 30, ignore=(2, 5))
+    for value in (math.nan, math.inf):
+        results = []
+        for poisoned in (False, True):
+            leaves = [x.clone().requires_grad_() for x in (hs, ws, bs, ht, wt, bt)]
+            if poisoned:
+                with torch.no_grad():
+                    leaves[0][[2, 5]] = value
+                    leaves[3][[2, 5]] = value
+            t_kw = (dict(teacher_hidden=leaves[3], teacher_weight=leaves[4], teacher_bias=leaves[5])
+                    if teacher == "head" else dict(teacher_logits=tl))
+            loss = pdl.linear_uld_loss(leaves[0], leaves[1], student_bias=leaves[2], labels=y,
+                                       top_k=5, chunk_size=4, backend=backend, **t_kw)
+            used = [x for x in leaves if teacher == "head" or x is leaves[0] or x is leaves[1] or x is leaves[2]]
+            results.append((loss.detach(), torch.autograd.grad(loss, used)))
+        (want, want_g), (got, got_g) = results
+        torch.testing.assert_close(got, want)
+        for a, b in zip(got_g, want_g):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b)
+
+
 # ---------------------------------------------------------------------------------------------
 # modules, dispatch, bad input
 # ---------------------------------------------------------------------------------------------

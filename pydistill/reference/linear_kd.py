@@ -52,8 +52,10 @@ from pydistill.reference.softmax_divergence import (
     chunk_row_scale,
     chunk_rows,
     compute_dtype,
+    config_fields,
     divergence_terms,
     finish_student_chunk,
+    hard_cross_entropy,
     kd_loss,
     reduce_rows,
     row_weights,
@@ -126,6 +128,10 @@ class ChunkPlan:
     chunk_size: Union[int, str] = "auto"
     group: Optional[object] = None
     entropy: bool = False  # also return the student's per-row entropy (return_entropy)
+    components: bool = False  # also return the soft and hard terms (return_components)
+    # vocab_mismatch ("restrict" / "error") under a process_group: every rank's student and
+    # teacher blocks must be of one size, checked across the ranks (None: not checked)
+    equal_blocks: Optional[str] = None
 
 
 def auto_budget_bytes(device: torch.device) -> int:
@@ -178,14 +184,19 @@ class LinearHead:
     """One linear head over row chunks: its logits ``hidden @ weight^T (+ bias)`` written into a
     float32 (float64) buffer, and its gradients accumulated from the logits' gradient.
 
-    ``need`` = (hidden, weight, bias) gradients wanted; a frozen weight allocates no dW."""
+    ``need`` = (hidden, weight, bias) gradients wanted; a frozen weight allocates no dW.
+    ``counted``: (N,) bool, the rows the loss counts (None: all). The hidden states of the
+    others never enter a GEMM: they may hold anything (NaN at padding positions is common), and
+    one NaN row would reach every entry of dW through 0 * NaN."""
 
     read_without_soft = False  # both steps read the teacher only for the divergence term
 
-    def __init__(self, hidden, weight, bias, need, dtype, slot=0):
+    def __init__(self, hidden, weight, bias, need, dtype, slot=0, counted=None):
         self.slot = slot  # of ``hidden`` in the Function's tensors
         self.shape = hidden.shape
         self.hidden = hidden.reshape(-1, hidden.shape[-1])
+        self.counted = counted
+        self._chunk = None  # (slice, its hidden rows with the ignored ones zeroed)
         self.weight, self.bias = weight, bias
         self.vocab = weight.shape[0]
         self.need_grad = any(need)
@@ -207,9 +218,19 @@ class LinearHead:
         logits = vocab * torch.empty((), dtype=dtype).element_size()
         return logits + (self.vocab * self.weight.element_size() if self.round_grad else 0)
 
+    def rows(self, sl: slice) -> torch.Tensor:
+        """hidden[sl], its ignored rows zeroed (one (C, H) copy per chunk, kept for the
+        chunk's gradient GEMMs)."""
+        if self.counted is None:
+            return self.hidden[sl]
+        if self._chunk is None or self._chunk[0] != sl:
+            h = self.hidden[sl].masked_fill(~self.counted[sl, None], 0)
+            self._chunk = (sl, h)
+        return self._chunk[1]
+
     def logits(self, sl: slice, out: torch.Tensor) -> torch.Tensor:
         own = out[:, :self.vocab]
-        linear_into(own, self.hidden[sl], self.weight)
+        linear_into(own, self.rows(sl), self.weight)
         if self.bias is not None:
             own.add_(self.bias)
         out[:, self.vocab:] = -math.inf  # padded vocabulary (refilled: g overwrote it with 0)
@@ -229,7 +250,7 @@ class LinearHead:
         if self.grad_hidden is not None:
             torch.mm(g, self.weight, out=self.grad_hidden[sl])
         if self.grad_weight is not None:
-            self.grad_weight.addmm_(g.T, self.hidden[sl])
+            self.grad_weight.addmm_(g.T, self.rows(sl))
 
     def grads(self):
         dh = self.grad_hidden.view(self.shape) if self.grad_hidden is not None else None
@@ -346,13 +367,29 @@ class VocabShard:
     total: torch.Tensor
 
 
-def vocab_shard(group, width: int, device: torch.device) -> VocabShard:
-    """One all-reduce of every rank's block width (collective: every rank calls it)."""
+def vocab_shard(group, width: int, device: torch.device, blocks=None, mode=None) -> VocabShard:
+    """One all-reduce of every rank's block width (collective: every rank calls it). With
+    ``blocks`` = (student rows, teacher rows) of this rank, the same collective carries every
+    rank's pair, and every rank raises the same ValueError (``vocab_mismatch=mode``) if any
+    rank's two differ: one host read, so that no rank is left waiting in a collective."""
     dist = torch.distributed
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    widths = torch.zeros(world, dtype=torch.int64, device=device)
-    widths[rank] = width
+    widths = torch.zeros((world, 3), dtype=torch.int64, device=device)
+    widths[rank, 0] = width
+    if blocks is not None:
+        widths[rank, 1], widths[rank, 2] = blocks
     dist.all_reduce(widths, group=group)
+    if blocks is not None:
+        pairs = widths[:, 1:].tolist()
+        bad = [(r, s, t) for r, (s, t) in enumerate(pairs) if s != t]
+        if bad:
+            r, s, t = bad[0]
+            raise ValueError(
+                f"vocab_mismatch={mode!r}: with a process_group every rank's student and teacher "
+                f"blocks must have one size (rank {r}: student {s} rows, teacher {t}); restricting "
+                "a sharded teacher to the student's vocabulary is not supported. Pass "
+                "vocab_mismatch='pad' for the sharded padded-vocabulary convention")
+    widths = widths[:, 0]
     return VocabShard(width, widths[:rank].sum(), widths.sum())
 
 
@@ -456,18 +493,21 @@ class LinearKDState:
          teacher_bias, teacher_logits, topk_logprobs, topk_indices) = tensors
         self.cfg, self.group = cfg, plan.group
         self.want_entropy = plan.entropy
+        self.want_parts = plan.components
         self.dtype = compute_dtype(*(x.dtype for x in tensors if x is not None and x.is_floating_point()))
         self.device = student_hidden.device
         self.lead = student_hidden.shape[:-1]
         self.labels = labels.reshape(-1) if labels is not None else None
+        counted = self.labels != cfg.ignore_index if labels is not None else None
         self.vocab = student_weight.shape[0]  # this rank's block when sharded
         dense_step, topk_step = steps
         self.step = dense_step
-        self.student = LinearHead(student_hidden, student_weight, student_bias, need[0:3], self.dtype)
+        self.student = LinearHead(student_hidden, student_weight, student_bias, need[0:3],
+                                  self.dtype, counted=counted)
         if teacher_weight is not None:
             self.vocab = max(self.vocab, teacher_weight.shape[0])
             self.teacher = LinearHead(teacher_hidden, teacher_weight, teacher_bias, need[3:6],
-                                      self.dtype, slot=3)
+                                      self.dtype, slot=3, counted=counted)
         elif teacher_logits is not None:
             self.vocab = max(self.vocab, teacher_logits.shape[-1])
             self.teacher = GivenLogits(teacher_logits, need[6], self.vocab)
@@ -475,20 +515,51 @@ class LinearKDState:
             self.teacher = GivenTopK(topk_logprobs, topk_indices)
             self.step = topk_step
         if self.group is not None:
-            self.shard = vocab_shard(self.group, self.vocab, self.device)
+            blocks = None
+            if plan.equal_blocks is not None:
+                blocks = (self.student.vocab, self.teacher.vocab)
+            self.shard = vocab_shard(self.group, self.vocab, self.device, blocks, plan.equal_blocks)
             self.step = functools.partial(vocab_parallel_chunk_loss_and_grads, group=self.group,
                                           shard=self.shard)
+        # return_components: how the soft term D (times T^2 with t2) is had per row. From the
+        # step's rows, rows = soft_weight T^2 D + hard_weight CE, with CE computed here from
+        # the chunk's logits; by a loss-only step of its own when soft_weight = 0 (the step
+        # then has no soft term); 0 when D is identically 0 (skew_* at beta = 1).
+        self.kd_cfg = None
+        if self.want_parts:
+            self.kd_cfg = type(cfg)(**{**config_fields(cfg), "soft_weight": 1.0, "hard_weight": 0.0})
+            self.kd_mode = ("zero" if not self.kd_cfg.has_soft else
+                            "separate" if cfg.soft_weight == 0.0 else "from_rows")
         self.chunk = self._chunk_rows(plan.chunk_size)
 
     @property
     def n_rows(self) -> int:
         return self.student.n_rows
 
+    @property
+    def reads_teacher(self) -> bool:
+        return (self.cfg.has_soft or self.teacher.read_without_soft
+                or (self.want_parts and self.kd_mode == "separate"))
+
+    def _chunk_ce(self, z_s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-row hard CE of one chunk's student logits (before the step overwrites them with
+        their gradient), over cache-sized slices of rows; 0 on ignored rows, whatever they hold."""
+        cfg, vocab = self.cfg, self.student.vocab
+        out = torch.empty(z_s.shape[0], dtype=self.dtype, device=z_s.device)
+        step = chunk_rows(vocab)
+        for start in range(0, z_s.shape[0], step):
+            sl = slice(start, min(z_s.shape[0], start + step))
+            counted = labels[sl] != cfg.ignore_index
+            z = cfg.student_transform(z_s[sl, :vocab].to(self.dtype)).masked_fill(~counted[:, None], 0.0)
+            ce, _ = hard_cross_entropy(z, labels[sl], counted)
+            out[sl] = torch.where(counted, ce, 0.0)
+        return out
+
     def _chunk_rows(self, chunk_size) -> int:
         if chunk_size not in ("auto", "tiled"):  # "tiled" here: a call the tiled path cannot run
             return chunk_size
         per_row = self.student.bytes_per_row(self.vocab, self.dtype) + (
-            self.teacher.bytes_per_row(self.vocab, self.dtype) if self.cfg.has_soft else 0)
+            self.teacher.bytes_per_row(self.vocab, self.dtype) if self.reads_teacher else 0)
         if self.group is not None:
             per_row += VOCAB_PARALLEL_TEMPORARIES * self.vocab * torch.empty((), dtype=self.dtype).element_size()
         rows = auto_chunk_rows(self.n_rows, per_row, self.device)
@@ -508,27 +579,41 @@ class LinearKDState:
         n = self.n_rows
         rows = torch.empty(n, dtype=self.dtype, device=self.device)
         self.entropy = torch.zeros(n, dtype=self.dtype, device=self.device) if self.want_entropy else None
+        parts = self.want_parts
+        self.kd_rows = torch.zeros(n, dtype=self.dtype, device=self.device) if parts else None
+        self.ce_rows = torch.zeros(n, dtype=self.dtype, device=self.device) if parts else None
         need_s = grads and student.need_grad
         need_t = grads and teacher.need_grad and cfg.has_soft
         per_row = isinstance(row_scale, torch.Tensor) and row_scale.dim() > 0
         c_max = max(1, min(self.chunk, n))
         s_buf = torch.empty((c_max, self.vocab), dtype=self.dtype, device=self.device)
         t_buf = None
-        if cfg.has_soft and teacher.bytes_per_row(self.vocab, self.dtype):
+        if self.reads_teacher and teacher.bytes_per_row(self.vocab, self.dtype):
             t_buf = torch.empty((c_max, self.vocab), dtype=self.dtype, device=self.device)
         for start in range(0, n, self.chunk):
             sl = slice(start, min(n, start + self.chunk))
             c = sl.stop - sl.start
             z_s = student.logits(sl, s_buf[:c])
             z_t = z_s  # without a divergence term the teacher is not read: no GEMM for it
-            if cfg.has_soft or teacher.read_without_soft:
+            if self.reads_teacher:
                 z_t = teacher.logits(sl, t_buf[:c] if t_buf is not None else None)
             out_t = teacher.grad_out(sl, z_t) if need_t else None
+            labels = self.labels[sl] if self.labels is not None else None
+            if parts:  # before the step overwrites the logits with their gradient
+                if labels is not None:
+                    self.ce_rows[sl] = self._chunk_ce(z_s, labels)
+                if self.kd_mode == "separate":
+                    self.kd_rows[sl] = self.step(z_s, z_t, labels, self.kd_cfg, 1.0)
             rows[sl] = self.step(
-                z_s, z_t, self.labels[sl] if self.labels is not None else None, cfg,
+                z_s, z_t, labels, cfg,
                 row_scale[sl] if per_row else row_scale, z_s if need_s else None, out_t,
                 **({} if self.entropy is None else dict(entropy=self.entropy[sl])),
             )
+            if parts and self.kd_mode == "from_rows":
+                kd = rows[sl]
+                if labels is not None and cfg.hard_weight != 0.0:
+                    kd = kd - cfg.hard_weight * self.ce_rows[sl]
+                self.kd_rows[sl] = kd / cfg.soft_weight
             if need_s:
                 student.backward(sl, z_s)
             if need_t:
@@ -561,6 +646,7 @@ def linear_kd_forward(ctx, steps, cfg: KDConfig, plan: ChunkPlan, labels, tensor
     if cfg.reduction == "none":
         ctx.args = (steps, cfg, plan, need)
         ctx.save_for_backward(labels, *tensors)
+        count = None
         loss = state.sweep(1.0, grads=False).reshape(state.lead)
     else:
         count, row_scale = chunk_row_scale(state.labels, state.n_rows, cfg, state.dtype,
@@ -568,23 +654,34 @@ def linear_kd_forward(ctx, steps, cfg: KDConfig, plan: ChunkPlan, labels, tensor
         rows = state.sweep(row_scale, grads=True)
         ctx.grads = state.grads()
         loss = reduce_rows(rows, count, cfg.reduction)
-    return with_entropy(ctx, loss, state.entropy, state.lead)
+    parts = None
+    if plan.components:
+        parts = (state.kd_rows, state.ce_rows, count)
+    return with_extras(ctx, cfg, loss, state.entropy, state.lead, parts)
 
 
-def with_entropy(ctx, loss, entropy, lead):
-    """The Functions' output: the loss, or (loss, per-row entropy) for ``return_entropy``."""
-    if entropy is None:
+def with_extras(ctx, cfg, loss, entropy, lead, parts=None):
+    """The Functions' output: the loss, then with ``return_components`` (``parts`` = per-row
+    soft and hard terms and the count of the reduction) the two reduced as the loss is, then
+    with ``return_entropy`` the per-row entropy. The extras carry no gradient."""
+    extras = []
+    if parts is not None:
+        kd, ce, count = parts
+        extras += [x.reshape(lead) if cfg.reduction == "none" else reduce_rows(x, count, cfg.reduction)
+                   for x in (kd, ce)]
+    if entropy is not None:
+        extras.append(entropy.reshape(lead))
+    if not extras:
         return loss
-    entropy = entropy.reshape(lead)
-    ctx.mark_non_differentiable(entropy)
-    return loss, entropy
+    ctx.mark_non_differentiable(*extras)
+    return (loss, *extras)
 
 
 def linear_kd_backward(ctx, grad_loss):
     if ctx.reduction == "none":
         steps, cfg, plan, need = ctx.args
         labels, *tensors = ctx.saved_tensors
-        plan = ChunkPlan(plan.chunk_size, plan.group)  # the backward's sweep needs no entropy
+        plan = ChunkPlan(plan.chunk_size, plan.group)  # the backward's sweep needs no extras
         state = LinearKDState(cfg, plan, labels, tensors, need, steps)
         state.sweep(grad_loss.reshape(-1).to(state.dtype), grads=True)
         grads = state.grads()
@@ -618,5 +715,5 @@ class ChunkedLinearKDLoss(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_entropy=None):
+    def backward(ctx, grad_loss, *_grad_extras):
         return linear_kd_backward(ctx, grad_loss)

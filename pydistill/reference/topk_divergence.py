@@ -2,7 +2,8 @@
 
 Offline distillation stores, per row (token), only the teacher's top-K log-probabilities
 ``lp_1..lp_K`` and their token ids ``i_1..i_K`` (distinct, in [0, V)), taken from the teacher
-at its generation temperature T_gen (``teacher_temperature``; None means T_gen = T). The
+at its generation temperature T_gen (``teacher_temperature``; required by the public API,
+which refuses None; in this module's config None means T_gen = T). The
 student is dense. Per row, with student logits s (size V) and temperature T::
 
     z      = c * tanh(s / c)          (optional soft-capping, student only; -inf stays -inf)

@@ -320,11 +320,14 @@ class LinearULDState:
         self.device = student_hidden.device
         self.lead = student_hidden.shape[:-1]
         self.labels = labels.reshape(-1) if labels is not None else None
-        self.student = LinearHead(student_hidden, student_weight, student_bias, need[0:3], self.dtype)
+        # ignored rows' hidden states never enter a GEMM (LinearHead): NaN padding stays out
+        counted = self.labels != cfg.ignore_index if labels is not None else None
+        self.student = LinearHead(student_hidden, student_weight, student_bias, need[0:3],
+                                  self.dtype, counted=counted)
         self.vocab_s = student_weight.shape[0]
         if teacher_weight is not None:
             self.teacher = LinearHead(teacher_hidden, teacher_weight, teacher_bias, need[3:6],
-                                      self.dtype, slot=3)
+                                      self.dtype, slot=3, counted=counted)
             self.vocab_t = teacher_weight.shape[0]
         else:
             self.vocab_t = teacher_logits.shape[-1]
