@@ -130,7 +130,7 @@ def test_resolve_backend_is_public_and_checks_like_the_loss():
 
 _MODULES = {  # module -> (its op in the dispatch table, the constructor's required arguments)
     pdl.KDLoss: ("kd_loss", {}),
-    pdl.TopKKDLoss: ("topk_kd_loss", {}),
+    pdl.TopKKDLoss: ("topk_kd_loss", {"teacher_temperature": 1.0}),
     pdl.LinearKDLoss: ("linear_kd_loss", {}),
     pdl.AttentionKDLoss: ("attention_kd_loss", {}),
     pdl.RelationKDLoss: ("attention_kd_loss", {"num_relation_heads": 2}),
