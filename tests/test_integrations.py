@@ -181,7 +181,9 @@ def direct_loss(student, teacher, inputs, loss):
     with torch.no_grad():
         h_t = teacher.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
     y = F.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
-    return loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, labels=y)
+    # a padded teacher head: restricted to the student's vocabulary
+    w_t = teacher.lm_head.weight[:student.lm_head.weight.shape[0]]
+    return loss(h_s, student.lm_head.weight, h_t, w_t, labels=y)
 
 
 LOSS = dict(temperature=2.0, hard_weight=0.4, soft_weight=0.6, divergence="jsd", beta=0.3)
@@ -200,11 +202,10 @@ def test_causal_lm_kd_loss_equals_direct_and_logits():
     # and the logits the models themselves produce, through kd_loss
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     s = student(**model_inputs).logits
-    # the teacher's extra (padded) tokens are -inf on the student side
-    s_full = torch.cat([s, torch.full((*s.shape[:-1], 6), -math.inf)], -1)
-    t_full = teacher(**model_inputs).logits.float()
+    # the teacher's extra (padded) tokens are dropped: its softmax over the student's vocabulary
+    t = teacher(**model_inputs).logits.float()[..., :50]
     y = F.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
-    via_logits = pdl.kd_loss(s_full, t_full, labels=y, **LOSS)
+    via_logits = pdl.kd_loss(s, t, labels=y, **LOSS)
     torch.testing.assert_close(got, via_logits, rtol=1e-5, atol=1e-5)
     # num_items_in_batch: sum / n
     n = (y != -100).sum()
@@ -358,16 +359,15 @@ def tiny_lm(kind, role, hidden, seed, vocab=V_SMALL, dtype=torch.float64):
 
 def model_logits_loss(student, teacher, inputs, loss_kwargs, student_transform=None):
     """The float64 reference: kd_loss of pydistill's reference on the models' own forward
-    logits (which include their transforms), with no transform of its own; the student's
-    logits padded with -inf to the teacher's vocabulary."""
+    logits (which include their transforms), with no transform of its own; a teacher with a
+    padded vocabulary restricted to the student's (its softmax renormalised over it)."""
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     s = student(**model_inputs).logits
     if student_transform is not None:
         s = transform_logits(s, *student_transform)
     with torch.no_grad():
         t = teacher(**model_inputs).logits
-    if t.shape[-1] > s.shape[-1]:
-        s = torch.cat([s, torch.full((*s.shape[:-1], t.shape[-1] - s.shape[-1]), -math.inf, dtype=s.dtype)], -1)
+    t = t[..., :s.shape[-1]]
     y = F.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
     return SD.kd_loss(s, t, y, SD.KDConfig(**loss_kwargs))
 
@@ -493,3 +493,89 @@ def test_logit_transform_reads_configs_as_trl():
     # a model: its config; a module without one: the identity
     assert logit_transform(tiny_lm("hyperclovax", "student", 16, 0)) == (1.5, None)
     assert logit_transform(torch.nn.Linear(2, 3)) == (1.0, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision: the models run as a plain Trainer runs them
+
+def _record_backbone(model, seen):
+    """Record, per call of the backbone (model.model), its output and whether autocast was on."""
+    def hook(module, args, out):
+        seen.append((out.last_hidden_state.detach().clone(), torch.is_autocast_enabled("cpu")))
+    return model.model.register_forward_hook(hook)
+
+
+def _first_backbone_outputs(tmp_path, trainer_cls, bf16, **kwargs):
+    """One training step on one batch of 4 rows; what the student's (and teacher's) backbone
+    returned in it."""
+    inputs = batch(4, 10, 50, 21)
+    student = tiny_llama(32, 2, 50, 0)
+    student_seen, teacher_seen = [], []
+    _record_backbone(student, student_seen)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, per_device_train_batch_size=4, max_steps=1,
+        bf16=bf16, seed=0, train_sampling_strategy="sequential")
+    if trainer_cls is transformers.Trainer:
+        trainer = transformers.Trainer(model=student, args=args, train_dataset=_rows(inputs))
+    else:
+        teacher = tiny_llama(48, 2, 50, 1)
+        _record_backbone(teacher, teacher_seen)
+        trainer = trainer_cls(model=student, teacher_model=teacher, args=args,
+                              train_dataset=_rows(inputs), **kwargs)
+    trainer.train()
+    return student_seen[0], (teacher_seen[0] if teacher_seen else None), inputs, trainer
+
+
+def test_trainer_bf16_runs_the_models_under_autocast_as_trainer(tmp_path):
+    """TrainingArguments(bf16=True): the student's backbone output under DistillationTrainer is
+    the plain Trainer's under its bf16 autocast (bit for bit), and differs from float32; the
+    teacher runs under the same autocast."""
+    from pydistill.integrations import DistillationTrainer
+
+    (plain, plain_autocast), _, _, _ = _first_backbone_outputs(tmp_path, transformers.Trainer, True)
+    (got, got_autocast), (teacher_got, teacher_autocast), inputs, trainer = _first_backbone_outputs(
+        tmp_path, DistillationTrainer, True, distillation_loss=LOSS)
+    (fp32, fp32_autocast), (teacher_fp32, _), _, _ = _first_backbone_outputs(
+        tmp_path, DistillationTrainer, False, distillation_loss=LOSS)
+    assert plain_autocast and got_autocast and teacher_autocast and not fp32_autocast
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)
+    assert (got - fp32).abs().max() > 1e-3
+    teacher = tiny_llama(48, 2, 50, 1)
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = teacher.model(**model_inputs).last_hidden_state
+    torch.testing.assert_close(teacher_got, want, rtol=0, atol=0)
+    assert (teacher_got - teacher_fp32).abs().max() > 1e-3
+
+
+def test_causal_lm_kd_loss_on_an_accelerate_prepared_model():
+    """A model prepared by accelerate for bf16 runs under accelerate's autocast (the forward it
+    wrapped is replaced for the fused call, its autocast is entered), the head in bf16 and the
+    loss in float32: the value of the eager loss on the models' own bf16 logits."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from pydistill.integrations import causal_lm_kd_loss
+
+    student, teacher = tiny_llama(32, 2, 50, 0), tiny_llama(48, 2, 50, 1)
+    inputs = batch(3, 9, 50, 22)
+    fp32 = causal_lm_kd_loss(student, teacher, inputs, LOSS)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model_logits_loss(student, teacher, inputs, LOSS)
+    AcceleratorState._reset_state(True)
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        prepared = accelerator.prepare_model(student)
+        got = causal_lm_kd_loss(prepared, accelerator.prepare_model(teacher, evaluation_mode=True),
+                                inputs, LOSS)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert got.dtype == torch.float32
+    # the loss from bf16 logits rounds them; the fused one keeps the float32 accumulation
+    torch.testing.assert_close(got, want.float(), rtol=2e-2, atol=2e-2)
+    # the same call under an explicit bf16 autocast, bit for bit; not the float32 run
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explicit = causal_lm_kd_loss(student, teacher, inputs, LOSS)
+    torch.testing.assert_close(got, explicit, rtol=0, atol=0)
+    assert got.item() != fp32.item()
