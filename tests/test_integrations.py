@@ -357,18 +357,18 @@ def tiny_lm(kind, role, hidden, seed, vocab=V_SMALL, dtype=torch.float64):
     return model
 
 
-def model_logits_loss(student, teacher, inputs, loss_kwargs, student_transform=None):
+def model_logits_loss(student, teacher, inputs, loss_kwargs, student_transform=None, targets=None):
     """The float64 reference: kd_loss of pydistill's reference on the models' own forward
     logits (which include their transforms), with no transform of its own; a teacher with a
     padded vocabulary restricted to the student's (its softmax renormalised over it)."""
-    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
     s = student(**model_inputs).logits
     if student_transform is not None:
         s = transform_logits(s, *student_transform)
     with torch.no_grad():
         t = teacher(**model_inputs).logits
     t = t[..., :s.shape[-1]]
-    y = F.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
+    y = F.pad(inputs["labels"][:, 1:], (0, 1), value=-100) if targets is None else targets
     return SD.kd_loss(s, t, y, SD.KDConfig(**loss_kwargs))
 
 
@@ -579,3 +579,52 @@ def test_causal_lm_kd_loss_on_an_accelerate_prepared_model():
         explicit = causal_lm_kd_loss(student, teacher, inputs, LOSS)
     torch.testing.assert_close(got, explicit, rtol=0, atol=0)
     assert got.item() != fp32.item()
+
+
+# ---------------------------------------------------------------------------------------------
+# shift_labels: already-shifted labels (padding-free collators, context parallelism)
+
+def with_shift_labels(inputs, prompt=3):
+    """labels = the whole row (no prompt masked), shift_labels = the shifted labels with the
+    first ``prompt`` targets masked: the prompt is masked in shift_labels only."""
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    shift = F.pad(labels[:, 1:], (0, 1), value=-100)
+    shift[:, :prompt] = -100
+    return dict(inputs, labels=labels, shift_labels=shift)
+
+
+def test_causal_lm_kd_loss_honours_shift_labels():
+    from pydistill.integrations import causal_lm_kd_loss
+
+    student, teacher = tiny_lm("llama", "student", 32, 30), tiny_lm("qwen2", "teacher", 48, 31)
+    inputs = with_shift_labels(batch(3, 9, V_SMALL, 32))
+    got = causal_lm_kd_loss(student, teacher, inputs, pdl.LinearKDLoss(**LOSS))
+    want = model_logits_loss(student, teacher, inputs, LOSS, targets=inputs["shift_labels"])
+    assert_same_loss_and_grads(student, got, want)
+    unshifted = model_logits_loss(student, teacher, inputs, LOSS)  # labels alone: no prompt mask
+    assert abs(got.item() - unshifted.item()) > 1e-3
+    # without labels at all
+    only = {k: v for k, v in inputs.items() if k != "labels"}
+    torch.testing.assert_close(causal_lm_kd_loss(student, teacher, only, LOSS), got, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"shift_labels.*expected shape \(3, 9\)"):
+        causal_lm_kd_loss(student, teacher, dict(inputs, shift_labels=inputs["shift_labels"][:, 1:]), LOSS)
+
+
+def test_trainer_counts_and_scores_shift_labels(tmp_path):
+    """Gradient accumulation with shift_labels: Trainer counts the scored tokens from them, the
+    loss scores them; one step equals the eager gradient of the token-level mean."""
+    teacher = tiny_llama(48, 2, 50, 1)
+    inputs = with_shift_labels(batch(8, 12, 50, 33))
+    init = tiny_llama(32, 2, 50, 0).state_dict()
+    student = tiny_llama(32, 2, 50, 0)
+    student.load_state_dict(init)
+    _trainer(tmp_path, student, teacher, _rows(inputs), 2, 4, max_steps=1).train()
+    step = {k: init[k] - v for k, v in student.state_dict().items()}
+    eager = tiny_llama(32, 2, 50, 0)
+    eager.load_state_dict(init)
+    model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+    with torch.no_grad():
+        t = teacher(**model_inputs).logits
+    pdl.kd_loss(eager(**model_inputs).logits, t, labels=inputs["shift_labels"], **LOSS).backward()
+    for k, p in eager.named_parameters():
+        torch.testing.assert_close(step[k], p.grad, rtol=2e-4, atol=2e-6, msg=lambda m, k=k: f"{k}: {m}")

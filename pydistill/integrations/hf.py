@@ -479,6 +479,12 @@ class DistillationTrainer(transformers.Trainer):
         # in the autocast the student's is (no DDP: it has no gradients)
         self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
 
+    def _set_signature_columns_if_needed(self):
+        # remove_unused_columns keeps the model's forward arguments; the loss reads shift_labels
+        super()._set_signature_columns_if_needed()
+        if "shift_labels" not in self._signature_columns:
+            self._signature_columns.append("shift_labels")
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # the autocast accelerate wraps around a prepared model's forward (the student is not
         # prepared when evaluate() runs before train())
