@@ -233,13 +233,13 @@ accelerate = peer("accelerate")
 def _trainer(tmp_path, student, teacher, data, per_device, accumulation, loss=LOSS, **extra):
     from pydistill.integrations import DistillationTrainer
 
-    args = transformers.TrainingArguments(
+    args = transformers.TrainingArguments(**{**dict(
         output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no",
         logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
         per_device_train_batch_size=per_device, per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=1.0,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
-        **extra)
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0),
+        **extra})
     return DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                distillation_loss=loss, train_dataset=data, eval_dataset=data)
 
@@ -628,3 +628,88 @@ def test_trainer_counts_and_scores_shift_labels(tmp_path):
     pdl.kd_loss(eager(**model_inputs).logits, t, labels=inputs["shift_labels"], **LOSS).backward()
     for k, p in eager.named_parameters():
         torch.testing.assert_close(step[k], p.grad, rtol=2e-4, atol=2e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabularies: a padded teacher head, another tokenizer; non-finite losses
+
+def test_padded_teacher_head_default_loss_is_the_restricted_teacher(tmp_path):
+    """A teacher head padded beyond the student's vocabulary (one tokenizer), with the default
+    forward KL: the teacher restricted to the student's vocabulary and renormalised, finite,
+    through the function and the Trainer."""
+    from pydistill.integrations import causal_lm_kd_loss
+
+    student = tiny_lm("qwen2", "student", 32, 40)
+    teacher = tiny_lm("qwen2", "teacher", 48, 41, vocab=V_SMALL + 16)
+    with torch.no_grad():  # the padding rows would dominate the teacher's softmax
+        teacher.lm_head.weight[V_SMALL:] *= 10
+    inputs = batch(3, 9, V_SMALL, 42)
+    got = causal_lm_kd_loss(student, teacher, inputs)
+    assert torch.isfinite(got)
+    assert_same_loss_and_grads(student, got, model_logits_loss(student, teacher, inputs, {}))
+    student, teacher = student.float(), teacher.float()
+    trainer = _trainer(tmp_path, student, teacher, _rows(inputs), 3, 1, loss=None, max_steps=1,
+                       logging_strategy="steps", logging_steps=1)
+    want = model_logits_loss(student, teacher, inputs, {}).item()
+    out = trainer.train()
+    assert out.training_loss == pytest.approx(want, rel=1e-5)
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(want, rel=1e-4)
+
+
+def _tokenizer(words):
+    tokenizers = peer("tokenizers")
+    vocab = {w: i for i, w in enumerate(["[UNK]"] + words)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def test_another_tokenizer_is_refused_with_a_pointer_to_uld(tmp_path):
+    from pydistill.integrations import DistillationTrainer, causal_lm_kd_loss
+    from pydistill.integrations.hf import vocabulary_padding_limit
+
+    assert vocabulary_padding_limit(151936, 152064) >= 128  # Qwen2.5 0.5B / 7B: padding
+    assert vocabulary_padding_limit(32000, 32768) < 768  # Llama-2 / Mistral v0.3: not
+    student = tiny_lm("llama", "student", 32, 43)
+    with pytest.raises(ValueError, match=r"teacher: its LM head has 400 rows, the student's 48.*uld_loss"):
+        causal_lm_kd_loss(student, tiny_lm("llama", "teacher", 48, 44, vocab=400), batch(2, 6, V_SMALL, 45))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    words = [f"w{i}" for i in range(V_SMALL - 1)]
+    with pytest.raises(ValueError, match=r"teacher_processing_class: its vocabulary differs.*uld_loss"):
+        DistillationTrainer(model=student, args=args, teacher_model=tiny_lm("llama", "teacher", 48, 46),
+                            processing_class=_tokenizer(words),
+                            teacher_processing_class=_tokenizer(words[::-1]))
+    DistillationTrainer(model=student, args=args, teacher_model=tiny_lm("llama", "teacher", 48, 46),
+                        processing_class=_tokenizer(words), teacher_processing_class=_tokenizer(words))
+
+
+def test_trainer_never_logs_a_nonfinite_loss(tmp_path):
+    """Reverse KL against a teacher head shorter than the student's (-inf beyond its end) is
+    infinite: the Trainer raises by default; with nonfinite_loss='skip' it warns and the step
+    leaves the student unchanged (zero gradient)."""
+    inputs = batch(4, 8, V_SMALL + 8, 47)
+    inputs["input_ids"] %= V_SMALL
+    inputs["labels"] = inputs["labels"].where(inputs["labels"] < 0, inputs["labels"] % V_SMALL)
+    loss = dict(divergence="reverse_kl")
+    teacher = tiny_lm("llama", "teacher", 48, 48, dtype=torch.float32)
+
+    def student():
+        return tiny_lm("llama", "student", 32, 49, vocab=V_SMALL + 8, dtype=torch.float32)
+
+    with pytest.raises(FloatingPointError, match=r"loss is inf at step 0.*nonfinite_loss='skip'"):
+        _trainer(tmp_path, student(), teacher, _rows(inputs), 4, 1, loss=loss, max_steps=1).train()
+    model = student()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    from pydistill.integrations import DistillationTrainer
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                          save_strategy="no", max_steps=1, optim="sgd",
+                                          per_device_train_batch_size=4, logging_steps=1)
+    trainer = DistillationTrainer(model=model, args=args, teacher_model=teacher, distillation_loss=loss,
+                                  train_dataset=_rows(inputs), nonfinite_loss="skip")
+    with pytest.warns(RuntimeWarning, match="micro-batch is skipped"):
+        out = trainer.train()
+    assert trainer.skipped_nonfinite == 1 and out.training_loss == 0.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, init[k]), k
+    with pytest.raises(ValueError, match="nonfinite_loss: expected one of"):
+        DistillationTrainer(model=model, args=args, teacher_model=teacher, nonfinite_loss="ignore")
