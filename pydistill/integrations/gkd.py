@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 
 from pydistill import functional as F
+from pydistill.integrations.trl import check_trl_version
 
 __all__ = ["generalized_jsd_loss", "linear_generalized_jsd_loss"]
 
@@ -120,6 +121,7 @@ def generalized_jsd_loss(
         num_items_in_batch: int or tensor: when given, the loss is the sum over the kept
             positions divided by it, whatever ``reduction`` says.
     """
+    check_trl_version()
     _check_reduction(reduction)
     if reduction == "none" and num_items_in_batch is None:
         F.kd_config(divergence="jsd", beta=beta, temperature=temperature)  # validate
