@@ -32,8 +32,11 @@ convention: beta weights the teacher, and beta = 0 / 1 are the forward / reverse
 mask as ``labels`` (0 where it is nonzero, ``ignore_index`` elsewhere) with ``hard_weight=0``.
 Also as TRL:
 
-- heads that are DTensors (FSDP2) are gathered once with ``full_tensor()`` (the student's
-  keeps its gradient through it), the weight cast to its hidden states' dtype;
+- heads that are DTensors (FSDP2, e.g. an LM head under its own ``fully_shard``) are gathered
+  once with ``full_tensor()``, the weight cast to its hidden states' dtype; the student's
+  gradient goes back to its shards averaged over the processes (``Partial("avg")``, as FSDP2
+  reduces every other gradient), where TRL's plain ``full_tensor()`` leaves each process its
+  own batch's gradient (wrong, and different on every process);
 - each model computes in its hidden states' dtype, or in the autocast dtype when autocast is
   on for their device (the weight and bias are cast to it); the logits are float32 whatever
   it is. Unlike TRL the bias is cast too (pydistill takes a bias of the weight's dtype; TRL
@@ -55,6 +58,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from pydistill import functional as F
+from pydistill.integrations.distributed import gather_head_parameter
 
 __all__ = ["trl_chunked_divergence_loss", "check_trl_version", "patch_trl", "TRL_VERSIONS"]
 
@@ -141,11 +145,13 @@ def _is_dtensor(x) -> bool:
 
 def _gathered(weight, bias, hidden):
     """TRL's FSDP2 step: a DTensor head as one plain tensor (one all-gather, differentiable),
-    the weight in the hidden states' dtype."""
+    the weight in the hidden states' dtype. Unlike TRL's ``full_tensor()``, the gradient goes
+    back to the shards as the average of the processes' gradients (``Partial("avg")``, FSDP2's
+    own reduction): a plain ``full_tensor()`` treats it as replicated, and each process keeps its
+    shard of its own batch's gradient (TRL 1.16's head gradient under its own ``fully_shard``)."""
     if _is_dtensor(weight):
-        weight = weight.full_tensor().to(hidden.dtype)
-        if bias is not None:
-            bias = bias.full_tensor()
+        weight = gather_head_parameter(weight).to(hidden.dtype)
+        bias = gather_head_parameter(bias)
     return weight, bias
 
 
