@@ -403,7 +403,8 @@ class Heads:
     as the kernels address them, plus the kernels' switches."""
 
     def __init__(self, student_hidden, student_weight, student_bias, teacher_hidden,
-                 teacher_weight, teacher_bias, teacher_logits, labels, cfg, divergence):
+                 teacher_weight, teacher_bias, teacher_logits, labels, cfg, divergence,
+                 ce=False):
         self.h = _rows(student_hidden)
         self.w = _unit_last(student_weight)
         self.b = student_bias.contiguous() if student_bias is not None else None
@@ -425,7 +426,9 @@ class Heads:
         hard = cfg.hard_weight != 0.0
         self.flags = dict(
             DIV=DIVERGENCE_CODES[divergence], HAS_SOFT=cfg.has_soft,
-            CE_SEPARATE=hard and cfg.temperature != 1.0, HAS_LABELS=labels is not None,
+            # ce: the hard CE wanted as a value (return_components) even at hard_weight = 0
+            CE_SEPARATE=(hard or (ce and labels is not None)) and cfg.temperature != 1.0,
+            HAS_LABELS=labels is not None,
             HAS_BIAS=student_bias is not None, T_HEAD=self.t_head,
             T_HAS_BIAS=self.t_head and teacher_bias is not None,
             S_CAP=cfg.student_softcap is not None, T_CAP=cfg.teacher_softcap is not None,
@@ -469,11 +472,13 @@ def _merge_kl(acc, l_a, m_a, m_b, top_a, top_b):
     return torch.where(l_a > 0, moved, 0.0).sum(0)
 
 
-def linear_kd_fwd(heads: Heads, entropy=None):
+def linear_kd_fwd(heads: Heads, entropy=None, components=None):
     """Per-row losses (float32, N; 0 on ignored rows) and the per-row statistics (N, 8) of the
     backward. Two launches for kl / reverse_kl (or without a divergence term), three else.
     ``entropy``: an (N,) buffer for the student's entropy of softmax(z_s / T) (0 on ignored
-    rows), from the same pass."""
+    rows), from the same pass. ``components``: a (2, N) buffer for the per-row soft term
+    (T^2 D with t2, else D) and hard CE, neither weighted (0 on ignored rows; CE 0 without
+    labels); the CE at T != 1 needs ``Heads(ce=True)``."""
     cfg, n, dev = heads.cfg, heads.n, heads.device
     block_n, block_v, block_k, warps = _blocks(dev, backward=False)
     n_tiles = triton.cdiv(heads.vocab, block_v)
@@ -482,6 +487,8 @@ def linear_kd_fwd(heads: Heads, entropy=None):
     per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, per_split)
     stats = torch.zeros((n, N_ROW_STATS.value), dtype=torch.float32, device=dev)
+    if components is not None:
+        components.zero_()
     if n == 0:
         return stats[:, 0], stats
     parts = torch.empty((splits, n, N_PARTIALS.value), dtype=torch.float32, device=dev)
@@ -533,13 +540,22 @@ def linear_kd_fwd(heads: Heads, entropy=None):
     stats[:, 6], stats[:, 7] = s_q, s_p
 
     rows = div * cfg.soft_scale
-    if heads.hard:
+    ce = None
+    if heads.labels is not None and (heads.hard or components is not None):
         label = heads.labels
         in_range = (label >= 0) & (label < heads.vocab)
-        ce = (stats[:, 4] - z_y.sum(0)) + stats[:, 5]
-        rows = rows + cfg.hard_weight * torch.where(in_range, ce, math.nan)
+        ce = torch.where(in_range, (stats[:, 4] - z_y.sum(0)) + stats[:, 5], math.nan)
+    if heads.hard:
+        rows = rows + cfg.hard_weight * ce
+    if components is not None:
+        components[0] = div * (cfg.temperature**2 if cfg.t2 else 1.0)
+        if ce is not None:
+            components[1] = ce
     if heads.labels is not None:
-        rows = torch.where(heads.labels != cfg.ignore_index, rows, 0.0)
+        counted = heads.labels != cfg.ignore_index
+        rows = torch.where(counted, rows, 0.0)
+        if components is not None:
+            components.copy_(torch.where(counted, components, 0.0))
     return rows, stats
 
 

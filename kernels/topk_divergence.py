@@ -362,6 +362,14 @@ def _warps(block_v: int, block_k: int) -> int:
     return max(_num_warps(block_v), 16 if block_k >= 1024 else 4)
 
 
+def support_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., K) top-k log-probs or ids as the kernels address them: (N, K) rows, row r at
+    r * K, unit stride along K. Every launcher passes its top-k arrays through this (a view
+    such as ``ids.t().contiguous().t()``, or the output of torch.sort, which keeps its input's
+    strides, would otherwise be read as another row's entries)."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
 def sort_support(topk_logprobs: torch.Tensor, topk_indices: torch.Tensor):
     """(log-probs, ids) as contiguous (N, K) rows sorted by token id, the layout the kernels
     read: the members of a vocabulary tile are then one run of a row's ids. One torch.sort of
@@ -373,7 +381,7 @@ def sort_support(topk_logprobs: torch.Tensor, topk_indices: torch.Tensor):
             "use backend='torch'"
         )
     idx, order = topk_indices.reshape(-1, k).sort(dim=-1)
-    return topk_logprobs.reshape(-1, k).gather(-1, order), idx
+    return support_rows(topk_logprobs.reshape(-1, k).gather(-1, order)), support_rows(idx)
 
 
 def _student_rows(student: torch.Tensor):
@@ -401,7 +409,7 @@ def _launch_args(student, topk_logprobs, topk_indices, labels, cfg, divergence, 
                          f"got shape {tuple(grad_s.shape)}")
     block = _block_v(vocab)
     return dict(
-        s_ptr=s, lp_ptr=topk_logprobs, idx_ptr=topk_indices,
+        s_ptr=s, lp_ptr=support_rows(topk_logprobs), idx_ptr=support_rows(topk_indices),
         labels_ptr=labels.reshape(-1).contiguous() if labels is not None else placeholder,
         gs_ptr=grad_s if grad_s is not None else placeholder,
         scale_ptr=scale if scale is not None else placeholder,

@@ -8,7 +8,7 @@ Python ops defined after it, both register)::
 
     pydistill::kd_loss            (logits pair)            -> (loss, grad_student, grad_teacher)
     pydistill::topk_kd_loss       (logits, top-k teacher)  -> (loss, grad_student)
-    pydistill::linear_kd_loss     (hidden, heads, teacher) -> (loss, 7 gradients, entropy)
+    pydistill::linear_kd_loss     (hidden, heads, teacher) -> (loss, 7 gradients, entropy, kd, ce)
     pydistill::linear_kd_loss_backward   (grad_output, ...) -> 7 gradients
     pydistill::attention_kd_loss  (q, k of both models)    -> (loss, 4 gradients)
     pydistill::attention_kd_loss_backward (grad_output, ...) -> 4 gradients
@@ -76,7 +76,8 @@ class _Ctx:
 
 def _run(fn, needs, args, loss_shape_of_ones=True):
     """(loss, grads for a grad_output of ones, or None when no input needs one). ``loss`` is
-    whatever the Function returns: the loss, or (loss, entropy) for linear_kd's entropy."""
+    whatever the Function returns: the loss, or (loss, extras...) for linear_kd's components
+    and entropy."""
     ctx = _Ctx(needs)
     with torch.no_grad():
         loss = fn.forward(ctx, *args)
@@ -299,13 +300,13 @@ def _linear_cfg(topk, tail, teacher_temperature, *kd):
 
 
 def _linear_call(labels, tensors, chunk_size, tail, teacher_temperature, kd, backend, needs,
-                 entropy=False):
+                 entropy=False, components=False):
     """What both linear_kd_loss ops run: the backend's Function, its arguments, and ``needs``
     padded to every tensor of the Function."""
     cfg = _linear_cfg(tensors[7] is not None, tail, teacher_temperature, *kd)
     # chunk_size as the ops carry it: 0 "auto", -1 "tiled", else rows per chunk
     plan = ChunkPlan(chunk_size={0: "auto", -1: "tiled"}.get(chunk_size, chunk_size), group=None,
-                     entropy=entropy)
+                     entropy=entropy, components=components)
     needs = [bool(n) for n in needs] + [False] * (_LINEAR_TENSORS - len(needs))
     return (_dispatch.implementation("linear_kd_loss", backend), (cfg, plan, labels, *tensors),
             needs)
@@ -321,25 +322,31 @@ def linear_kd_loss_op(
     teacher_temperature: Optional[float], divergence: str, temperature: float, beta: float,
     ignore_index: int, hard_weight: float, soft_weight: float, t2: bool,
     transform: List[float], reduction: str, backend: str, needs: List[bool], entropy: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    components: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     fn, args, needs = _linear_call(
         labels, (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                  teacher_bias, teacher_logits, topk_logprobs, topk_indices), chunk_size, tail,
         teacher_temperature, (divergence, temperature, beta, ignore_index, hard_weight,
-                              soft_weight, t2, transform, reduction), backend, needs, entropy)
+                              soft_weight, t2, transform, reduction), backend, needs, entropy,
+        components)
     # reduction 'none': the gradients wait for grad_output (linear_kd_loss_backward)
-    loss, grads = _run(fn, (False, False, False, *needs), args,
-                       loss_shape_of_ones=reduction != "none")
-    loss, ent = loss if entropy else (loss, None)
+    out, grads = _run(fn, (False, False, False, *needs), args,
+                      loss_shape_of_ones=reduction != "none")
+    out = out if isinstance(out, tuple) else (out,)
+    loss, rest = out[0], list(out[1:])
+    kd, ce = (rest.pop(0), rest.pop(0)) if components else (None, None)
+    ent = rest.pop(0) if entropy else None
     grads = list(grads[3:3 + 7]) if grads is not None else [None] * 7
-    return (loss, *[_or_empty(g, student_hidden) for g in grads], _or_empty(ent, student_hidden))
+    return (loss, *[_or_empty(g, student_hidden) for g in grads], _or_empty(ent, student_hidden),
+            _or_empty(kd, student_hidden), _or_empty(ce, student_hidden))
 
 
 @linear_kd_loss_op.register_fake
 def _(labels, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
       teacher_bias, teacher_logits, topk_logprobs, topk_indices, chunk_size, tail,
       teacher_temperature, divergence, temperature, beta, ignore_index, hard_weight, soft_weight,
-      t2, transform, reduction, backend, needs, entropy):
+      t2, transform, reduction, backend, needs, entropy, components=False):
     tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                teacher_bias, teacher_logits)
     dtypes = [x.dtype for x in tensors + (topk_logprobs,) if x is not None]
@@ -348,7 +355,9 @@ def _(labels, student_hidden, student_weight, student_bias, teacher_hidden, teac
              if x is not None else student_hidden.new_empty(0) for i, x in enumerate(tensors)]
     ent = (_loss_like(student_hidden, student_hidden.shape[:-1], "none", *dtypes) if entropy
            else student_hidden.new_empty(0))
-    return (loss, *grads, ent)
+    parts = [_loss_like(student_hidden, student_hidden.shape[:-1], reduction, *dtypes)
+             if components else student_hidden.new_empty(0) for _ in range(2)]
+    return (loss, *grads, ent, *parts)
 
 
 @torch.library.custom_op("pydistill::linear_kd_loss_backward", mutates_args=())
@@ -385,7 +394,7 @@ def _(grad_loss, labels, student_hidden, student_weight, student_bias, teacher_h
 
 
 _register_rowmixing_autograd(linear_kd_loss_op, linear_kd_loss_backward_op, reduction_at=21,
-                             lead=1, trail=17, n_grads=7)
+                             lead=1, trail=18, n_grads=7)
 
 
 def linear_kd_loss(cfg, plan: ChunkPlan, labels, tensors: Sequence, backend: str):
@@ -402,9 +411,10 @@ def linear_kd_loss(cfg, plan: ChunkPlan, labels, tensors: Sequence, backend: str
         None if not topk or cfg.teacher_temperature is None else float(cfg.teacher_temperature),
         cfg.divergence, float(cfg.temperature), float(cfg.beta), int(cfg.ignore_index),
         float(cfg.hard_weight), float(cfg.soft_weight), bool(cfg.t2), _transform(cfg),
-        cfg.reduction, backend, needs, bool(plan.entropy),
+        cfg.reduction, backend, needs, bool(plan.entropy), bool(plan.components),
     )
-    return (out[0], out[8]) if plan.entropy else out[0]
+    extras = ([out[9], out[10]] if plan.components else []) + ([out[8]] if plan.entropy else [])
+    return (out[0], *extras) if extras else out[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -303,6 +303,7 @@ def linear_kd_loss(
     teacher_softcap: Optional[float] = None,
     reduction: str = "mean",
     return_entropy: bool = False,
+    return_components: bool = False,
     backend: str = "auto",
 ):
     r"""Distillation loss fused with the student's LM head: ``kd_loss`` on
@@ -383,6 +384,21 @@ def linear_kd_loss(
             the leading dims, float32 (float64 for float64 inputs), 0 on ignored rows, no
             gradient. For a teacher head or teacher logits; not with ``teacher_topk`` or
             ``process_group``.
+        return_components: also return the loss's two terms from the same pass, as
+            ``(loss, parts)`` with ``parts`` a dict of detached tensors, float32 (float64 for
+            float64 inputs), each reduced exactly as the loss is (mean over the counted rows,
+            sum, or per row for ``"none"``, 0 on ignored rows), so that
+            ``loss == soft_weight * parts["kd"] + hard_weight * parts["ce"]``:
+            ``parts["kd"]`` the soft term T^2 * D (D without ``t2``), not weighted by
+            ``soft_weight``; ``parts["ce"]`` the hard cross-entropy CE(cap(s_i), y_i), not
+            weighted by ``hard_weight``, present whenever ``labels`` are given (then computed
+            even at ``hard_weight=0``, labels range-checked; 0, not NaN, when no row counts).
+            With ``return_entropy`` too the entropy is ``parts["entropy"]`` and the return is
+            still ``(loss, parts)``. Every teacher kind and chunk size; not with
+            ``process_group``. The soft term comes from the step's own per-row losses
+            (less the hard term, computed here from the chunk's logits: one more read of
+            them), so at ``soft_weight=0`` (no soft term in the loss) the chunked path runs
+            a loss-only divergence step for it, and ``"tiled"`` runs chunked.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``. Both run the chunked algorithm and
             differ in the per-chunk divergence step: the Triton kernel of :func:`kd_loss`
             (writing the gradient over the chunk's float32 logits) or its closed form in PyTorch
@@ -390,7 +406,7 @@ def linear_kd_loss(
 
     Returns:
         The loss, float32 (float64 for float64 inputs); ``(loss, entropy)`` with
-        ``return_entropy``. Gradients come back in the dtype of
+        ``return_entropy``; ``(loss, parts)`` with ``return_components``. Gradients come back in the dtype of
         each input. The logits GEMMs accumulate and output float32 (never rounded to bfloat16
         before the softmax); the gradient GEMMs run in the weight's dtype from one rounding of
         the logits' gradient, and the weight gradient accumulates in the weight's dtype, one
@@ -407,6 +423,7 @@ def linear_kd_loss(
         student_softcap=student_softcap, teacher_softcap=teacher_softcap, reduction=reduction,
     )
     return_entropy = check.boolean("return_entropy", return_entropy)
+    return_components = check.boolean("return_components", return_components)
     if teacher_topk is not None:
         if teacher_logit_scale != 1.0 or teacher_softcap is not None:
             raise ValueError(
@@ -453,22 +470,35 @@ def linear_kd_loss(
         floating.append(teacher_topk[0])
     if cfg.hard_weight != 0.0 and labels is None:
         raise ValueError(f"labels: required when hard_weight != 0 (got hard_weight={cfg.hard_weight})")
+    if return_components and process_group is not None:
+        raise ValueError("return_components: not supported with a process_group (whole heads only)")
     group = check.process_group("process_group", process_group)
     if return_entropy and group is not None:
         raise ValueError("return_entropy: not supported with a process_group (whole heads only)")
     labels = check.labels(
         "labels", labels, lead, "student_hidden", student_hidden, vocab=vocab,
-        ignore_index=cfg.ignore_index, check_range=cfg.hard_weight != 0.0 and group is None,
+        ignore_index=cfg.ignore_index,
+        check_range=(cfg.hard_weight != 0.0 or return_components) and group is None,
     )
     chunk_size = check.chunk_size("chunk_size", chunk_size)
     topk_logprobs, topk_indices = teacher_topk if teacher_topk is not None else (None, None)
     backend = _dispatch.resolve(
         "linear_kd_loss", backend, student_hidden.device, tuple(x.dtype for x in floating if x is not None)
     )
-    plan = ChunkPlan(chunk_size=chunk_size, group=group, entropy=return_entropy)
+    plan = ChunkPlan(chunk_size=chunk_size, group=group, entropy=return_entropy,
+                     components=return_components)
     tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                teacher_bias, teacher_logits, topk_logprobs, topk_indices)
-    return _custom_ops.linear_kd_loss(cfg, plan, labels, tensors, backend)
+    out = _custom_ops.linear_kd_loss(cfg, plan, labels, tensors, backend)
+    if not return_components:
+        return out
+    loss, kd, ce, *entropy = out
+    parts = {"kd": kd.detach()}
+    if labels is not None:
+        parts["ce"] = ce.detach()
+    if entropy:
+        parts["entropy"] = entropy[0]
+    return loss, parts
 
 
 def _one_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk):

@@ -114,17 +114,19 @@ class TopKKDLoss(KDLoss):
 
 class LinearKDLoss(KDLoss):
     """Module form of :func:`pydistill.linear_kd_loss` (the distillation loss fused with the
-    student's LM head): ``kd_loss``'s hyper-parameters plus ``chunk_size``, ``process_group``
-    and the top-k teacher's ``tail`` / ``teacher_temperature``, validated at construction.
+    student's LM head): ``kd_loss``'s hyper-parameters plus ``chunk_size``, ``process_group``,
+    ``return_entropy``, ``return_components`` and the top-k teacher's ``tail`` /
+    ``teacher_temperature``, validated at construction.
     ``forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
     teacher_logits=None, teacher_topk=None, student_bias=None, teacher_bias=None, labels=None)``.
     """
 
     def __init__(self, *, chunk_size="auto", process_group=None, tail: str = "bucket",
                  teacher_temperature: Optional[float] = None, return_entropy: bool = False,
-                 **kd_kwargs):
+                 return_components: bool = False, **kd_kwargs):
         super().__init__(**kd_kwargs)
         self.return_entropy = check.boolean("return_entropy", return_entropy)
+        self.return_components = check.boolean("return_components", return_components)
         self.chunk_size = check.chunk_size("chunk_size", chunk_size)
         self.process_group = check.process_group("process_group", process_group)
         self.tail = check.choice("tail", tail, TAILS)
@@ -147,7 +149,8 @@ class LinearKDLoss(KDLoss):
             teacher_temperature=self.teacher_temperature, divergence=c.divergence,
             temperature=c.temperature, beta=c.beta, labels=labels, ignore_index=c.ignore_index,
             hard_weight=c.hard_weight, soft_weight=c.soft_weight, t2=c.t2,
-            reduction=c.reduction, return_entropy=self.return_entropy, backend=self.backend,
+            reduction=c.reduction, return_entropy=self.return_entropy,
+            return_components=self.return_components, backend=self.backend,
             **transform_kwargs(c),
         )
 

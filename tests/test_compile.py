@@ -159,8 +159,8 @@ def test_opcheck_linear_kd_loss(reduction):
     kd = ("kl", 1.0, 0.5, -100, 0.0, 1.0, True, [1.3, 0.0, 0.8, 5.0], reduction)
     needs = [True, False, True, True, True, False, False]
     args = (None, h, w, b, h_t, w_t, None, None, None, None, 4, "bucket", None, *kd, "torch", needs)
-    for entropy in (False, True):
-        torch.library.opcheck(_custom_ops.linear_kd_loss_op, (*args, entropy))
+    for entropy, components in ((False, False), (True, False), (False, True), (True, True)):
+        torch.library.opcheck(_custom_ops.linear_kd_loss_op, (*args, entropy, components))
     if reduction == "none":
         g = torch.rand(6)
         torch.library.opcheck(_custom_ops.linear_kd_loss_backward_op, (g, *_detached(args)))

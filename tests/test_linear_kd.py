@@ -376,33 +376,185 @@ def test_bfloat16_gradients_are_faithful(backend, request):
 # ---------------------------------------------------------------------------------------------
 
 
+def check_topk_teacher(backend, inputs, y, lp, idx, *, chunk_size=5, **kw):
+    """linear_kd_loss with a top-k teacher against the top-k family's reference on the
+    materialised student logits: loss and every gradient."""
+    loss, grads, grad_out = run(backend, inputs, y, teacher_topk=(lp, idx), chunk_size=chunk_size, **kw)
+    cfg = pdl.functional.topk_config(**kw)
+    refs = {}
+    for dtype in [torch.float64, torch.float32]:
+        leaves = {k_: v.detach().to(dtype).requires_grad_() for k_, v in inputs.items()}
+        s = R.head_logits(leaves["student_hidden"], leaves["student_weight"], leaves.get("student_bias"))
+        ref = TK.topk_kd_loss(s, lp.to(dtype), idx, y, cfg)
+        refs[dtype] = ref.detach(), dict(zip(leaves, torch.autograd.grad(ref, list(leaves.values()), grad_out.to(dtype))))
+    (gt_loss, gt), (ref32_loss, ref32) = refs[torch.float64], refs[torch.float32]
+    assert_close("loss", loss, gt_loss, [ref32_loss], loss.dtype, atol=1e-7)
+    assert set(grads) == set(gt)
+    for name, g in grads.items():
+        assert_close(f"grad {name}", g, gt[name], [ref32[name]], torch.float32)
+    return loss, grads
+
+
 @pytest.mark.parametrize("backend,tail,divergence", matrix(
     ["bucket", "renormalize", "ignore"], ["kl", "jsd", "skew_reverse_kl"],
     interpreted=lambda t, d: (t, d) in [("bucket", "kl"), ("ignore", "jsd")]))
 def test_topk_teacher(backend, tail, divergence, request):
-    # against the top-k family's reference on the materialised student logits
     if backend == "triton":
         request.getfixturevalue("block_v")(32)
     k = 6
     inputs = head((N,), H_S, V, seed=50, bias=True)
     teacher_logits = randn((N, V), torch.float64, 3.0, seed=51)
     lp, idx = torch.log_softmax(teacher_logits, -1).topk(k, dim=-1)
-    lp = lp.float()
     y = make_labels((N,), V, ignore=(1,))
-    kw = dict(divergence=divergence, temperature=2.0, hard_weight=0.2)
-    loss, grads, grad_out = run(backend, inputs, y, teacher_topk=(lp, idx), tail=tail,
-                                teacher_temperature=1.5, **kw)
-    cfg = pdl.functional.topk_config(tail=tail, teacher_temperature=1.5, **kw)
-    refs = {}
-    for dtype in [torch.float64, torch.float32]:
-        leaves = {k_: v.detach().to(dtype).requires_grad_() for k_, v in inputs.items()}
-        s = R.head_logits(leaves["student_hidden"], leaves["student_weight"], leaves["student_bias"])
-        ref = TK.topk_kd_loss(s, lp.to(dtype), idx, y, cfg)
-        refs[dtype] = ref.detach(), dict(zip(leaves, torch.autograd.grad(ref, list(leaves.values()), grad_out.to(dtype))))
-    (gt_loss, gt), (ref32_loss, ref32) = refs[torch.float64], refs[torch.float32]
-    assert_close("loss", loss, gt_loss, [ref32_loss], loss.dtype, atol=1e-7)
-    for name, g in grads.items():
-        assert_close(f"grad {name}", g, gt[name], [ref32[name]], torch.float32)
+    check_topk_teacher(backend, inputs, y, lp.float(), idx, tail=tail, teacher_temperature=1.5,
+                       divergence=divergence, temperature=2.0, hard_weight=0.2)
+
+
+@pytest.mark.parametrize("backend,chunk_size", matrix([4, "auto", "tiled"]))
+def test_topk_teacher_not_contiguous_along_k(backend, chunk_size, request):
+    # (B, L, K) top-k stored as (K, B, L) and permuted, and transposed back from a K-major
+    # copy: once read as contiguous rows by the Triton kernels (hidden and weight gradients
+    # 72-100 % off)
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)
+    lead, k = (3, 4), 5
+    inputs = head(lead, H_S, V, seed=52)
+    lp, idx = torch.log_softmax(randn(lead + (V,), torch.float64, 3.0, seed=53), -1).topk(k, dim=-1)
+    y = make_labels(lead, V, ignore=(1,))
+    views = [lambda x: x.permute(2, 0, 1).contiguous().permute(1, 2, 0),
+             lambda x: x.reshape(-1, k).t().contiguous().t().reshape(x.shape)]
+    for view in views:
+        lp_v, idx_v = view(lp.float()), view(idx)
+        assert idx_v.reshape(-1, k).stride()[-1] != 1
+        check_topk_teacher(backend, inputs, y, lp_v, idx_v, chunk_size=chunk_size,
+                           teacher_temperature=1.0, temperature=2.0, hard_weight=0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# return_components: the soft and hard terms from the same pass
+# ---------------------------------------------------------------------------------------------
+
+
+def component_references(inputs, labels, cfg, topk, dtype):
+    """The reference's soft term (soft_weight 1, no hard term) and hard term (hard_weight 1, no
+    soft term), reduced as the loss, in ``dtype``, on the materialised student logits."""
+    x = {k: v.detach().to(dtype) for k, v in inputs.items()}
+    fields = SD.config_fields(cfg)
+    out = {}
+    for name, weights in (("kd", dict(soft_weight=1.0, hard_weight=0.0)),
+                          ("ce", dict(soft_weight=0.0, hard_weight=1.0))):
+        if name == "ce" and labels is None:
+            continue
+        c = type(cfg)(**{**fields, **weights})
+        if topk is None:
+            out[name] = R.linear_kd_loss(**x, labels=labels, cfg=c)
+        else:
+            s = R.head_logits(x["student_hidden"], x["student_weight"], x.get("student_bias"))
+            out[name] = TK.topk_kd_loss(s, topk[0].to(dtype), topk[1], labels, c)
+    return out
+
+
+COMPONENT_CASES = {
+    "hard+ignore": dict(labels="ignore", hard_weight=0.3, soft_weight=0.8, temperature=2.0),
+    "hard-T1-sum": dict(labels="all", hard_weight=1.5, reduction="sum", divergence="jsd"),
+    "no_t2-none": dict(labels="ignore", hard_weight=0.2, t2=False, temperature=3.0, reduction="none"),
+    "labels_without_hard": dict(labels="ignore", temperature=2.0, divergence="reverse_kl"),
+    "no_labels": dict(temperature=2.0, divergence="tvd"),
+    "soft_weight0": dict(labels="ignore", soft_weight=0.0, hard_weight=1.0, temperature=2.0),
+    "all_ignored": dict(labels="none_count", hard_weight=0.5, temperature=2.0),
+}
+
+
+@pytest.mark.parametrize("backend,kind,chunk_size,case", matrix(
+    ["head+bias", "logits", "topk"], [5, "tiled"], list(COMPONENT_CASES),
+    interpreted=lambda k, c, case: (k, c) in [("head+bias", "tiled"), ("topk", 5)]
+    or (k, c, case) == ("logits", 5, "soft_weight0")))
+def test_return_components(backend, kind, chunk_size, case, request):
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)
+    opts = dict(COMPONENT_CASES[case])
+    label_mode = opts.pop("labels", None)
+    lead = (3, 5)
+    inputs = head(lead, H_S, V, seed=60, bias=True)
+    kw = dict(opts)
+    topk = None
+    if kind == "topk":
+        lp, idx = torch.log_softmax(randn(lead + (V,), torch.float64, 3.0, seed=61), -1).topk(6, dim=-1)
+        topk = (lp.float(), idx)
+        kw.update(teacher_topk=topk, teacher_temperature=1.0)
+    else:
+        inputs.update(teacher(kind, lead, V, seed=62))
+    y = None
+    if label_mode is not None:
+        y = make_labels(lead, V, ignore=range(15) if label_mode == "none_count" else (0, 7))
+    leaves = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    loss, parts = pdl.linear_kd_loss(**leaves, labels=y, chunk_size=chunk_size, backend=backend,
+                                     return_components=True, **kw)
+    plain = pdl.linear_kd_loss(**inputs, labels=y, chunk_size=chunk_size, backend=backend, **kw)
+    torch.testing.assert_close(loss.detach(), plain.detach(), rtol=0, atol=0)
+    assert set(parts) == ({"kd", "ce"} if y is not None else {"kd"})
+    cfg_kw = {k: v for k, v in kw.items() if k in SD.KDConfig.__dataclass_fields__}
+    cfg = (pdl.functional.topk_config(teacher_temperature=1.0, **cfg_kw) if topk
+           else pdl.functional.kd_config(**cfg_kw))
+    gt = component_references(inputs, y, cfg, topk, torch.float64)
+    ref32 = component_references(inputs, y, cfg, topk, torch.float32)
+    for name, part in parts.items():
+        assert part.dtype == torch.float32 and not part.requires_grad, name
+        assert part.shape == loss.shape, name
+        assert torch.isfinite(part).all(), name
+        # the soft term is the step's rows less the hard term: its rounding is that of the rows
+        atol = 1e-6 * (1 + gt["ce"].abs().max().item() * cfg.hard_weight) if name == "kd" and y is not None else 1e-7
+        assert_close(f"parts[{name!r}]", part, gt[name], [ref32[name]], torch.float32, atol=atol)
+    whole = cfg.soft_weight * parts["kd"] + (cfg.hard_weight * parts["ce"] if y is not None else 0.0)
+    torch.testing.assert_close(whole, loss.detach(), rtol=1e-6, atol=1e-6)
+    # the gradients are those of the loss alone
+    wanted = [k for k, v in leaves.items() if v.requires_grad]
+    grad_out = torch.rand(loss.shape, generator=_gen(98)).to(DEVICE) + 0.5
+    g = torch.autograd.grad(loss, [leaves[k] for k in wanted], grad_out)
+    fresh = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    again = pdl.linear_kd_loss(**fresh, labels=y, chunk_size=chunk_size, backend=backend, **kw)
+    g2 = torch.autograd.grad(again, [fresh[k] for k in wanted], grad_out)
+    for name, a, b in zip(wanted, g, g2):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_components_with_entropy_and_module(backend):
+    inputs = {**head((2, 4), H_S, V, seed=63), **teacher("logits", (2, 4), V, seed=64)}
+    y = make_labels((2, 4), V, ignore=(3,))
+    kw = dict(temperature=2.0, hard_weight=0.5, chunk_size=3)
+    loss, parts = pdl.linear_kd_loss(**inputs, labels=y, backend=backend, return_entropy=True,
+                                     return_components=True, **kw)
+    assert set(parts) == {"kd", "ce", "entropy"}
+    _, entropy = pdl.linear_kd_loss(**inputs, labels=y, backend=backend, return_entropy=True, **kw)
+    torch.testing.assert_close(parts["entropy"], entropy)
+    mod = pdl.LinearKDLoss(backend=backend, return_components=True, **kw)
+    m_loss, m_parts = mod(**inputs, labels=y)
+    torch.testing.assert_close(m_loss, loss)
+    for name in ("kd", "ce"):
+        torch.testing.assert_close(m_parts[name], parts[name])
+
+
+def test_return_components_float64_and_compiled_op(monkeypatch):
+    # float64 parts for float64 inputs; the custom op (torch.compile's path) returns the same
+    from pydistill import _custom_ops
+
+    inputs = {**head((N,), H_S, V, seed=65, dtype=torch.float64), **teacher("logits", (N,), V, seed=66, dtype=torch.float64)}
+    y = make_labels((N,), V, ignore=(2,))
+    kw = dict(temperature=2.0, hard_weight=0.4, chunk_size=4, backend="torch", return_components=True)
+    loss, parts = pdl.linear_kd_loss(**inputs, labels=y, **kw)
+    assert all(p.dtype == torch.float64 for p in parts.values())
+    monkeypatch.setattr(_custom_ops, "FORCE", True)
+    loss2, parts2 = pdl.linear_kd_loss(**inputs, labels=y, **kw)
+    torch.testing.assert_close(loss2, loss)
+    for name in parts:
+        torch.testing.assert_close(parts2[name], parts[name])
+
+
+def test_return_components_refused_with_a_process_group():
+    with pytest.raises(ValueError, match="return_components"):
+        pdl.linear_kd_loss(torch.randn(2, 4), torch.randn(5, 4), teacher_logits=torch.randn(2, 5),
+                           process_group=object(), return_components=True)
 
 
 # ---------------------------------------------------------------------------------------------

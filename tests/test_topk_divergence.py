@@ -629,3 +629,31 @@ def test_strided_labels_and_indices(backend):
     idx2 = torch.stack([idx, torch.zeros_like(idx)], -1)[..., 0]
     assert y2.stride() == (10, 2) and idx2.stride()[-1] == 2
     check_against_reference(backend, s, lp, idx2, y2, temperature=2.0, hard_weight=0.5)
+
+
+# (B, L, K) top-k views whose (N, K) rows are not contiguous along K (the Triton launcher once
+# read them as if they were: a silent wrong loss and gradient)
+TOPK_VIEWS = {
+    # a (B, L, K) array stored K-major and transposed back: K stride B * L
+    "transposed-back": lambda x: x.reshape(-1, x.shape[-1]).t().contiguous().t().reshape(x.shape),
+    # stored as (K, B, L) and permuted to (B, L, K)
+    "kbl-permuted": lambda x: x.permute(2, 0, 1).contiguous().permute(1, 2, 0),
+    # one stored row per sequence, expanded over its positions (stride 0 along L)
+    "expanded": lambda x: x[:, :1].expand(x.shape),
+    # every other entry of a (B, L, 2K) array
+    "sliced": lambda x: torch.stack([x, x.flip(-1)], -1).flatten(-2)[..., ::2],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("view", list(TOPK_VIEWS))
+def test_topk_views_not_contiguous_along_k(backend, view, request):
+    if backend == "triton":
+        request.getfixturevalue("block_v")(32)  # several tiles per row
+    s = logits((2, 3, 70), seed=94)
+    lp, idx, _ = topk_teacher((2, 3), 70, 5, seed=95)
+    lp_v, idx_v = TOPK_VIEWS[view](lp), TOPK_VIEWS[view](idx)
+    y = make_labels((2, 3), 70, ignore=(1,))
+    for tail in TAILS:
+        check_against_reference(backend, s, lp_v, idx_v, y, tail=tail, temperature=2.0,
+                                hard_weight=0.3, divergence="jsd")

@@ -23,7 +23,7 @@ from pydistill.reference.linear_kd import (
     ChunkedLinearKDLoss,
     linear_kd_backward,
     linear_kd_forward,
-    with_entropy,
+    with_extras,
 )
 from pydistill.reference.softmax_divergence import KDConfig, chunk_row_scale, reduce_rows
 
@@ -71,13 +71,15 @@ def tiled_unsupported(cfg: KDConfig, plan: ChunkPlan, tensors, needs):
         return "a top-k teacher"
     if any(needs[3:7]):
         return "a teacher that requires grad"
+    if plan.components and cfg.soft_weight == 0.0:
+        return "return_components with soft_weight=0 (the tiled kernels then skip the teacher)"
     return None
 
 
-def _tiled_heads(cfg, labels, tensors):
+def _tiled_heads(cfg, labels, tensors, ce=False):
     from pydistill.kernels import linear_kd as K
 
-    return K.Heads(*tensors[:7], labels, cfg, cfg.canonical_divergence())
+    return K.Heads(*tensors[:7], labels, cfg, cfg.canonical_divergence(), ce=ce)
 
 
 def tiled_forward(ctx, cfg: KDConfig, plan: ChunkPlan, labels, tensors):
@@ -85,19 +87,22 @@ def tiled_forward(ctx, cfg: KDConfig, plan: ChunkPlan, labels, tensors):
     and ``reduction="none"`` needs nothing more)."""
     from pydistill.kernels import linear_kd as K
 
-    heads = _tiled_heads(cfg, labels, tensors)
+    heads = _tiled_heads(cfg, labels, tensors, ce=plan.components)
     entropy = torch.empty(heads.n, dtype=torch.float32, device=heads.device) if plan.entropy else None
-    rows, stats = K.linear_kd_fwd(heads, entropy=entropy)
+    parts = torch.empty((2, heads.n), dtype=torch.float32, device=heads.device) if plan.components else None
+    rows, stats = K.linear_kd_fwd(heads, entropy=entropy, components=parts)
     ctx.tiled = True
     ctx.cfg = cfg
     ctx.save_for_backward(labels, stats, *tensors[:7])
     lead = tensors[0].shape[:-1]
     if cfg.reduction == "none":
         ctx.row_scale = None
-        return with_entropy(ctx, rows.reshape(lead), entropy, lead)
+        return with_extras(ctx, cfg, rows.reshape(lead), entropy, lead,
+                           None if parts is None else (parts[0], parts[1], None))
     count, row_scale = chunk_row_scale(heads.labels, heads.n, cfg, torch.float32, heads.device)
     ctx.row_scale = row_scale
-    return with_entropy(ctx, reduce_rows(rows, count, cfg.reduction), entropy, lead)
+    return with_extras(ctx, cfg, reduce_rows(rows, count, cfg.reduction), entropy, lead,
+                       None if parts is None else (parts[0], parts[1], count))
 
 
 def tiled_backward(ctx, grad_loss):
@@ -137,7 +142,7 @@ class TritonLinearKDLoss(ChunkedLinearKDLoss):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_entropy=None):
+    def backward(ctx, grad_loss, *_grad_extras):
         if ctx.tiled:
             return tiled_backward(ctx, grad_loss)
         return linear_kd_backward(ctx, grad_loss)

@@ -115,9 +115,11 @@ class CudaTopKKDLoss:
                 "use backend='torch'"
             )
         ops = _cuda_ext.ops()
-        # the kernels read each row's support sorted by token id (one sort of the (N, K) ids)
+        # the kernels read each row's support sorted by token id (one sort of the (N, K) ids),
+        # as contiguous rows (torch.sort keeps its input's strides)
         idx, order = topk_indices.reshape(-1, k).sort(dim=-1)
-        lp = topk_logprobs.reshape(-1, k).gather(-1, order).float()
+        idx = idx.contiguous()
+        lp = topk_logprobs.reshape(-1, k).gather(-1, order).float().contiguous()
         lead = student_logits.shape[:-1]
         inv_count, row_factor = _mean_weight(labels, lead.numel(), cfg)
         # only the student's logit transform: the teacher arrives as log-probabilities

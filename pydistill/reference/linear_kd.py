@@ -52,8 +52,10 @@ from pydistill.reference.softmax_divergence import (
     chunk_row_scale,
     chunk_rows,
     compute_dtype,
+    config_fields,
     divergence_terms,
     finish_student_chunk,
+    hard_cross_entropy,
     kd_loss,
     reduce_rows,
     row_weights,
@@ -126,6 +128,7 @@ class ChunkPlan:
     chunk_size: Union[int, str] = "auto"
     group: Optional[object] = None
     entropy: bool = False  # also return the student's per-row entropy (return_entropy)
+    components: bool = False  # also return the soft and hard terms (return_components)
 
 
 def auto_budget_bytes(device: torch.device) -> int:
@@ -456,6 +459,7 @@ class LinearKDState:
          teacher_bias, teacher_logits, topk_logprobs, topk_indices) = tensors
         self.cfg, self.group = cfg, plan.group
         self.want_entropy = plan.entropy
+        self.want_parts = plan.components
         self.dtype = compute_dtype(*(x.dtype for x in tensors if x is not None and x.is_floating_point()))
         self.device = student_hidden.device
         self.lead = student_hidden.shape[:-1]
@@ -478,17 +482,45 @@ class LinearKDState:
             self.shard = vocab_shard(self.group, self.vocab, self.device)
             self.step = functools.partial(vocab_parallel_chunk_loss_and_grads, group=self.group,
                                           shard=self.shard)
+        # return_components: how the soft term D (times T^2 with t2) is had per row. From the
+        # step's rows, rows = soft_weight T^2 D + hard_weight CE, with CE computed here from
+        # the chunk's logits; by a loss-only step of its own when soft_weight = 0 (the step
+        # then has no soft term); 0 when D is identically 0 (skew_* at beta = 1).
+        self.kd_cfg = None
+        if self.want_parts:
+            self.kd_cfg = type(cfg)(**{**config_fields(cfg), "soft_weight": 1.0, "hard_weight": 0.0})
+            self.kd_mode = ("zero" if not self.kd_cfg.has_soft else
+                            "separate" if cfg.soft_weight == 0.0 else "from_rows")
         self.chunk = self._chunk_rows(plan.chunk_size)
 
     @property
     def n_rows(self) -> int:
         return self.student.n_rows
 
+    @property
+    def reads_teacher(self) -> bool:
+        return (self.cfg.has_soft or self.teacher.read_without_soft
+                or (self.want_parts and self.kd_mode == "separate"))
+
+    def _chunk_ce(self, z_s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-row hard CE of one chunk's student logits (before the step overwrites them with
+        their gradient), over cache-sized slices of rows; 0 on ignored rows, whatever they hold."""
+        cfg, vocab = self.cfg, self.student.vocab
+        out = torch.empty(z_s.shape[0], dtype=self.dtype, device=z_s.device)
+        step = chunk_rows(vocab)
+        for start in range(0, z_s.shape[0], step):
+            sl = slice(start, min(z_s.shape[0], start + step))
+            counted = labels[sl] != cfg.ignore_index
+            z = cfg.student_transform(z_s[sl, :vocab].to(self.dtype)).masked_fill(~counted[:, None], 0.0)
+            ce, _ = hard_cross_entropy(z, labels[sl], counted)
+            out[sl] = torch.where(counted, ce, 0.0)
+        return out
+
     def _chunk_rows(self, chunk_size) -> int:
         if chunk_size not in ("auto", "tiled"):  # "tiled" here: a call the tiled path cannot run
             return chunk_size
         per_row = self.student.bytes_per_row(self.vocab, self.dtype) + (
-            self.teacher.bytes_per_row(self.vocab, self.dtype) if self.cfg.has_soft else 0)
+            self.teacher.bytes_per_row(self.vocab, self.dtype) if self.reads_teacher else 0)
         if self.group is not None:
             per_row += VOCAB_PARALLEL_TEMPORARIES * self.vocab * torch.empty((), dtype=self.dtype).element_size()
         rows = auto_chunk_rows(self.n_rows, per_row, self.device)
@@ -508,27 +540,41 @@ class LinearKDState:
         n = self.n_rows
         rows = torch.empty(n, dtype=self.dtype, device=self.device)
         self.entropy = torch.zeros(n, dtype=self.dtype, device=self.device) if self.want_entropy else None
+        parts = self.want_parts
+        self.kd_rows = torch.zeros(n, dtype=self.dtype, device=self.device) if parts else None
+        self.ce_rows = torch.zeros(n, dtype=self.dtype, device=self.device) if parts else None
         need_s = grads and student.need_grad
         need_t = grads and teacher.need_grad and cfg.has_soft
         per_row = isinstance(row_scale, torch.Tensor) and row_scale.dim() > 0
         c_max = max(1, min(self.chunk, n))
         s_buf = torch.empty((c_max, self.vocab), dtype=self.dtype, device=self.device)
         t_buf = None
-        if cfg.has_soft and teacher.bytes_per_row(self.vocab, self.dtype):
+        if self.reads_teacher and teacher.bytes_per_row(self.vocab, self.dtype):
             t_buf = torch.empty((c_max, self.vocab), dtype=self.dtype, device=self.device)
         for start in range(0, n, self.chunk):
             sl = slice(start, min(n, start + self.chunk))
             c = sl.stop - sl.start
             z_s = student.logits(sl, s_buf[:c])
             z_t = z_s  # without a divergence term the teacher is not read: no GEMM for it
-            if cfg.has_soft or teacher.read_without_soft:
+            if self.reads_teacher:
                 z_t = teacher.logits(sl, t_buf[:c] if t_buf is not None else None)
             out_t = teacher.grad_out(sl, z_t) if need_t else None
+            labels = self.labels[sl] if self.labels is not None else None
+            if parts:  # before the step overwrites the logits with their gradient
+                if labels is not None:
+                    self.ce_rows[sl] = self._chunk_ce(z_s, labels)
+                if self.kd_mode == "separate":
+                    self.kd_rows[sl] = self.step(z_s, z_t, labels, self.kd_cfg, 1.0)
             rows[sl] = self.step(
-                z_s, z_t, self.labels[sl] if self.labels is not None else None, cfg,
+                z_s, z_t, labels, cfg,
                 row_scale[sl] if per_row else row_scale, z_s if need_s else None, out_t,
                 **({} if self.entropy is None else dict(entropy=self.entropy[sl])),
             )
+            if parts and self.kd_mode == "from_rows":
+                kd = rows[sl]
+                if labels is not None and cfg.hard_weight != 0.0:
+                    kd = kd - cfg.hard_weight * self.ce_rows[sl]
+                self.kd_rows[sl] = kd / cfg.soft_weight
             if need_s:
                 student.backward(sl, z_s)
             if need_t:
@@ -561,6 +607,7 @@ def linear_kd_forward(ctx, steps, cfg: KDConfig, plan: ChunkPlan, labels, tensor
     if cfg.reduction == "none":
         ctx.args = (steps, cfg, plan, need)
         ctx.save_for_backward(labels, *tensors)
+        count = None
         loss = state.sweep(1.0, grads=False).reshape(state.lead)
     else:
         count, row_scale = chunk_row_scale(state.labels, state.n_rows, cfg, state.dtype,
@@ -568,23 +615,34 @@ def linear_kd_forward(ctx, steps, cfg: KDConfig, plan: ChunkPlan, labels, tensor
         rows = state.sweep(row_scale, grads=True)
         ctx.grads = state.grads()
         loss = reduce_rows(rows, count, cfg.reduction)
-    return with_entropy(ctx, loss, state.entropy, state.lead)
+    parts = None
+    if plan.components:
+        parts = (state.kd_rows, state.ce_rows, count)
+    return with_extras(ctx, cfg, loss, state.entropy, state.lead, parts)
 
 
-def with_entropy(ctx, loss, entropy, lead):
-    """The Functions' output: the loss, or (loss, per-row entropy) for ``return_entropy``."""
-    if entropy is None:
+def with_extras(ctx, cfg, loss, entropy, lead, parts=None):
+    """The Functions' output: the loss, then with ``return_components`` (``parts`` = per-row
+    soft and hard terms and the count of the reduction) the two reduced as the loss is, then
+    with ``return_entropy`` the per-row entropy. The extras carry no gradient."""
+    extras = []
+    if parts is not None:
+        kd, ce, count = parts
+        extras += [x.reshape(lead) if cfg.reduction == "none" else reduce_rows(x, count, cfg.reduction)
+                   for x in (kd, ce)]
+    if entropy is not None:
+        extras.append(entropy.reshape(lead))
+    if not extras:
         return loss
-    entropy = entropy.reshape(lead)
-    ctx.mark_non_differentiable(entropy)
-    return loss, entropy
+    ctx.mark_non_differentiable(*extras)
+    return (loss, *extras)
 
 
 def linear_kd_backward(ctx, grad_loss):
     if ctx.reduction == "none":
         steps, cfg, plan, need = ctx.args
         labels, *tensors = ctx.saved_tensors
-        plan = ChunkPlan(plan.chunk_size, plan.group)  # the backward's sweep needs no entropy
+        plan = ChunkPlan(plan.chunk_size, plan.group)  # the backward's sweep needs no extras
         state = LinearKDState(cfg, plan, labels, tensors, need, steps)
         state.sweep(grad_loss.reshape(-1).to(state.dtype), grads=True)
         grads = state.grads()
@@ -618,5 +676,5 @@ class ChunkedLinearKDLoss(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_entropy=None):
+    def backward(ctx, grad_loss, *_grad_extras):
         return linear_kd_backward(ctx, grad_loss)
