@@ -713,3 +713,29 @@ def test_trainer_never_logs_a_nonfinite_loss(tmp_path):
         assert torch.equal(v, init[k]), k
     with pytest.raises(ValueError, match="nonfinite_loss: expected one of"):
         DistillationTrainer(model=model, args=args, teacher_model=teacher, nonfinite_loss="ignore")
+
+
+def test_trainer_logs_kd_and_ce_losses(tmp_path):
+    """kd_loss and ce_loss beside loss: two optimizer steps of two accumulated micro-batches each
+    in one log (learning rate 0: both steps see the initial student), each the token-level mean
+    over its accumulated batch, averaged over the steps; against eager code on the logits."""
+    teacher, student = tiny_llama(48, 2, 50, 1), tiny_llama(32, 2, 50, 0)
+    inputs = batch(8, 12, 50, 51)
+    trainer = _trainer(tmp_path, student, teacher, _rows(inputs), 2, 2, max_steps=2,
+                       learning_rate=0.0, logging_strategy="steps", logging_steps=2,
+                       train_sampling_strategy="sequential")
+    trainer.train()
+    (logs,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    kd, ce = [], []
+    for rows in (slice(0, 4), slice(4, 8)):
+        part = {k: v[rows] for k, v in inputs.items()}
+        model_inputs = {k: v for k, v in part.items() if k != "labels"}
+        with torch.no_grad():
+            s, t = student(**model_inputs).logits, teacher(**model_inputs).logits
+        y = F.pad(part["labels"][:, 1:], (0, 1), value=-100)
+        kd.append(pdl.kd_loss(s, t, labels=y, **dict(LOSS, hard_weight=0.0, soft_weight=1.0)).item())
+        ce.append(F.cross_entropy(s.flatten(0, 1), y.flatten(), ignore_index=-100).item())
+    assert logs["kd_loss"] == pytest.approx(sum(kd) / 2, rel=1e-5)
+    assert logs["ce_loss"] == pytest.approx(sum(ce) / 2, rel=1e-5)
+    assert logs["loss"] == pytest.approx(LOSS["soft_weight"] * logs["kd_loss"]
+                                         + LOSS["hard_weight"] * logs["ce_loss"], rel=1e-5)

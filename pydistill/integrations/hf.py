@@ -54,6 +54,7 @@ from typing import Mapping, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 import transformers
+from transformers.trainer_pt_utils import nested_gather
 
 from pydistill import functional as pdf
 from pydistill.integrations.distributed import (_is_peft_model, call_in_forward,
@@ -278,7 +279,7 @@ def as_linear_kd_loss(loss) -> LinearKDLoss:
 
 
 def _fused_loss(loss: LinearKDLoss, h_s, w_s, b_s, h_t, w_t, b_t, labels, transforms,
-                num_items_in_batch):
+                num_items_in_batch, return_components=False):
     # traced by torch.compile: linear_kd_loss is a custom op (pydistill/_custom_ops.py). Autocast
     # is off: the inputs are already in the dtype it gave the head, and the loss accumulates the
     # logits GEMMs and computes the softmaxes in float32 itself.
@@ -290,12 +291,16 @@ def _fused_loss(loss: LinearKDLoss, h_s, w_s, b_s, h_t, w_t, b_t, labels, transf
             ignore_index=c.ignore_index, hard_weight=c.hard_weight, soft_weight=c.soft_weight,
             t2=c.t2, **transforms,
             reduction=c.reduction if num_items_in_batch is None else "sum", backend=loss.backend,
+            return_components=return_components,
         )
-    if num_items_in_batch is None:
-        return out
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(out.device)
-    return out / num_items_in_batch
+    out, parts = out if return_components else (out, None)
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(out.device)
+        out = out / num_items_in_batch
+        if parts is not None:
+            parts = {k: v / num_items_in_batch for k, v in parts.items()}
+    return (out, parts) if return_components else out
 
 
 def causal_lm_targets(inputs: Mapping[str, torch.Tensor], ignore_index: int = -100) -> torch.Tensor:
@@ -325,7 +330,7 @@ def causal_lm_targets(inputs: Mapping[str, torch.Tensor], ignore_index: int = -1
 
 def causal_lm_kd_loss(student: torch.nn.Module, teacher: torch.nn.Module,
                       inputs: Mapping[str, torch.Tensor], loss=None, *,
-                      num_items_in_batch=None) -> torch.Tensor:
+                      num_items_in_batch=None, return_components: bool = False):
     r"""Distillation loss of a causal LM from its teacher, fused with both LM heads.
 
     Per scored position (label != ``ignore_index`` after the causal shift)::
@@ -370,8 +375,15 @@ def causal_lm_kd_loss(student: torch.nn.Module, teacher: torch.nn.Module,
             scored positions divided by it, which is how a loss stays exact under gradient
             accumulation (pass the number of scored positions in the whole accumulated batch).
 
+        return_components: also return the loss's two terms from the same fused pass, as
+            ``(loss, parts)``: ``parts["kd"]`` the soft term (T^2 D, not weighted by
+            ``soft_weight``) and ``parts["ce"]`` the hard cross-entropy (not weighted by
+            ``hard_weight``; computed even at ``hard_weight=0``), detached, reduced and
+            normalised as the loss, so ``loss == soft_weight * kd + hard_weight * ce``
+            (:func:`pydistill.linear_kd_loss`'s ``return_components``).
+
     Returns:
-        The scalar loss (float32).
+        The scalar loss (float32); ``(loss, parts)`` with ``return_components``.
     """
     loss = as_linear_kd_loss(loss)
     inputs = dict(inputs)
@@ -396,7 +408,8 @@ def causal_lm_kd_loss(student: torch.nn.Module, teacher: torch.nn.Module,
         h_s, w_s, b_s = _head_inputs(student_head, h_s, _compute_dtype(h_s))
         return _fused_loss(loss, h_s, w_s, b_s, h_t.to(h_s.device), w_t.to(h_s.device),
                            None if b_t is None else b_t.to(h_s.device),
-                           targets.to(h_s.device), transforms, num_items_in_batch)
+                           targets.to(h_s.device), transforms, num_items_in_batch,
+                           return_components)
 
     return call_in_forward(student, student_forward)
 
@@ -433,6 +446,13 @@ class DistillationTrainer(transformers.Trainer):
     TRL's trainers) and run under ``torch.no_grad``. Evaluation (``trainer.evaluate()``) reports
     the same loss.
 
+    Logging: beside ``loss``, each training log has ``kd_loss`` (the soft term T^2 D, not
+    weighted by ``soft_weight``) and ``ce_loss`` (the hard cross-entropy with the shifted labels,
+    not weighted by ``hard_weight``, computed even at ``hard_weight=0``), from the same fused pass
+    (no logits formed), normalised, summed over the accumulation steps, gathered over the
+    processes and averaged over the optimizer steps since the last log exactly as Trainer does
+    ``loss``: ``loss == soft_weight * kd_loss + hard_weight * ce_loss``.
+
     Mixed precision (``bf16=True`` / ``fp16=True``): both models run under the autocast a plain
     ``Trainer`` runs its model under, the loss in float32 (see :func:`causal_lm_kd_loss`).
 
@@ -468,6 +488,7 @@ class DistillationTrainer(transformers.Trainer):
             _same_tokenizer(self.processing_class, teacher_processing_class)
         self.teacher_processing_class = teacher_processing_class
         self.nonfinite_loss = nonfinite_loss
+        self._component_sums, self._components_logged_at = {}, 0
         self.distillation_loss = as_linear_kd_loss(distillation_loss)
         # Trainer counts num_items_in_batch over labels[..., 1:] only for models it believes
         # take loss kwargs and shift labels; this loss does both.
@@ -489,15 +510,37 @@ class DistillationTrainer(transformers.Trainer):
         # the autocast accelerate wraps around a prepared model's forward (the student is not
         # prepared when evaluate() runs before train())
         with self.accelerator.autocast():
-            loss = causal_lm_kd_loss(model, self.teacher_model, inputs, self.distillation_loss,
-                                     num_items_in_batch=num_items_in_batch)
+            loss, parts = causal_lm_kd_loss(model, self.teacher_model, inputs,
+                                            self.distillation_loss,
+                                            num_items_in_batch=num_items_in_batch,
+                                            return_components=True)
         # one host synchronisation per micro-batch, as Trainer's own logging_nan_inf_filter
         if not torch.isfinite(loss.detach()).item():
-            loss = self._nonfinite(model, loss)
+            loss, parts = self._nonfinite(model, loss), None
         if num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False):
             tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
-            loss = loss * max(self.accelerator.num_processes // max(tp, 1), 1)
+            factor = max(self.accelerator.num_processes // max(tp, 1), 1)
+            loss = loss * factor
+            parts = None if parts is None else {k: v * factor for k, v in parts.items()}
+        if model.training and parts is not None:
+            # summed over the micro-batches as Trainer sums the loss into tr_loss
+            for name, key in (("kd_loss", "kd"), ("ce_loss", "ce")):
+                if key in parts:
+                    total = self._component_sums.get(name)
+                    value = parts[key].detach().float()
+                    self._component_sums[name] = value if total is None else total + value
         return (loss, {}) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        # a training log (it has "loss"): the components' means over the same optimizer steps,
+        # gathered over the processes as Trainer gathers the loss
+        if "loss" in logs and self._component_sums:
+            steps = max(self.state.global_step - self._components_logged_at, 1)
+            for name, total in self._component_sums.items():
+                logs[name] = nested_gather(total, self.args.parallel_mode).mean().item() / steps
+            self._component_sums = {}
+            self._components_logged_at = self.state.global_step
+        return super().log(logs, *args, **kwargs)
 
     def _nonfinite(self, model, loss):
         where = (f"step {self.state.global_step}" if model.training else "evaluation")
