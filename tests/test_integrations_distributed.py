@@ -138,14 +138,16 @@ def _worker(rank, init_file):
         _hand_written_loops(rank, fresh, teacher, inputs, want_loss, want_grads)
         _trl_head_under_its_own_fully_shard(rank, fresh, teacher, inputs)
     finally:
+        # no process tears its group down while the other still gathers (gloo aborts then)
+        dist.barrier()
         dist.destroy_process_group()
 
 
 def _hand_written_loops(rank, fresh, teacher, inputs, want_loss, want_grads):
     """A training loop that calls pdl.linear_kd_loss itself, on the model's backbone and head
     weight, through call_in_forward: DDP synchronises the gradients and FSDP2 gathers the
-    parameters as for model(...). The same loop on ddp.module, without it, leaves each process
-    its own gradient (checked: they differ from the single-process one)."""
+    parameters as for model(...). (The same loop on ddp.module, without it, leaves each process
+    its own gradient.)"""
     from torch.distributed.fsdp import fully_shard
 
     from pydistill.integrations import call_in_forward
@@ -173,12 +175,6 @@ def _hand_written_loops(rank, fresh, teacher, inputs, want_loss, want_grads):
     loss.backward()
     _check(rank, "hand-written DDP loop", total(loss),
            {k: p.grad for k, p in student.named_parameters()}, want_loss, want_grads)
-
-    student = fresh()
-    ddp = torch.nn.parallel.DistributedDataParallel(student)
-    fused(ddp.module).backward()  # the trap: no DDP forward, no reduction
-    g = student.lm_head.weight.grad
-    assert (g - want_grads["lm_head.weight"]).abs().max() > 1e-3 * want_grads["lm_head.weight"].abs().max()
 
     student = fresh()
     for layer in student.model.layers:

@@ -392,20 +392,21 @@ def causal_lm_kd_loss(student: torch.nn.Module, teacher: torch.nn.Module,
 
     student_module, teacher_module = _inner(student), _inner(teacher)
     transforms = head_transforms(student_module, teacher_module, loss)
-    student_head, teacher_head = _head(student_module, "student"), _head(teacher_module, "teacher")
-    vocab = student_head.weight.shape[0]
-    check_vocabularies(vocab, teacher_head.weight.shape[0])
+    # (a sharded DTensor has the global shape)
+    vocab = _head(student_module, "student").weight.shape[0]
+    check_vocabularies(vocab, _head(teacher_module, "teacher").weight.shape[0])
     unwrap_model(teacher).eval()
+    # the heads are read inside the forwards, where FSDP2 has swapped in the gathered parameters
     with torch.no_grad():
         def teacher_forward():
             h = _last_hidden(teacher_module, model_inputs)
-            return _head_inputs(teacher_head, h, _compute_dtype(h), rows=vocab)
+            return _head_inputs(_head(teacher_module, "teacher"), h, _compute_dtype(h), rows=vocab)
 
         h_t, w_t, b_t = call_in_forward(teacher, teacher_forward)
 
     def student_forward():
         h_s = _last_hidden(student_module, model_inputs)
-        h_s, w_s, b_s = _head_inputs(student_head, h_s, _compute_dtype(h_s))
+        h_s, w_s, b_s = _head_inputs(_head(student_module, "student"), h_s, _compute_dtype(h_s))
         return _fused_loss(loss, h_s, w_s, b_s, h_t.to(h_s.device), w_t.to(h_s.device),
                            None if b_t is None else b_t.to(h_s.device),
                            targets.to(h_s.device), transforms, num_items_in_batch,
