@@ -7,6 +7,8 @@ over both halves), and the loss, summed over ranks, its loss.
 
 All cases run in one spawn of two processes (their start-up is most of the time).
 """
+import gc
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -138,7 +140,9 @@ def _worker(rank, init_file):
         _hand_written_loops(rank, fresh, teacher, inputs, want_loss, want_grads)
         _trl_head_under_its_own_fully_shard(rank, fresh, teacher, inputs)
     finally:
-        # no process tears its group down while the other still gathers (gloo aborts then)
+        # no process tears its group down while the other still gathers, and no sharded model
+        # outlives the group (gloo aborts the process at exit otherwise)
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

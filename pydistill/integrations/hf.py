@@ -29,8 +29,10 @@ accumulate in float32 and the loss is float32 (autocast is off inside the loss).
 PEFT: student and teacher may be ``peft.PeftModel`` s. The backbone runs with its adapters;
 the LM head is read as its own forward computes it: LoRA on ``lm_head`` as
 ``h W^T + b + sum_a s_a B_a A_a(dropout_a(h))`` (each adapter one more block of the hidden
-dimension, so every adapter gets its gradient and the dropout is its own), ``modules_to_save``
-as the active adapter's copy. LoRA variants (DoRA...) on the head are refused.
+dimension, so every adapter gets its gradient and the dropout is its own; the backward then
+forms the gradient of the whole concatenated (V, H + r) weight, the frozen base rows included:
+the cost of a trainable head), ``modules_to_save`` as the active adapter's copy. LoRA variants
+(DoRA...) on the head are refused.
 
 Vocabularies: the teacher's head may be padded beyond the student's (the same tokenizer, the
 head rounded up: Qwen2.5-7B's 152064 rows against 0.5B's 151936). The teacher is then
