@@ -22,7 +22,8 @@ from pydistill.integrations.trl import (TRL_VERSIONS, check_trl_version, patch_t
                                        trl_chunked_divergence_loss)
 
 __all__ = ["generalized_jsd_loss", "linear_generalized_jsd_loss", "trl_chunked_divergence_loss",
-           "patch_trl", "check_trl_version", "TRL_VERSIONS", "call_in_forward", "gather_head_parameter", "unwrap_model",
+           "patch_trl", "check_trl_version", "TRL_VERSIONS",
+           "call_in_forward", "gather_head_parameter", "unwrap_model",
            "DistillationTrainer", "causal_lm_kd_loss"]
 
 _HF = ("DistillationTrainer", "causal_lm_kd_loss")

@@ -160,8 +160,8 @@ def linear_generalized_jsd_loss(
     (+ student_bias)`` and ``teacher_hidden @ teacher_weight^T (+ teacher_bias)``, computed with
     :func:`pydistill.linear_kd_loss` (row chunks; the (N, V) logits are never formed).
 
-    The inputs are the backbones' last hidden states (B, T, H_s) / (B, T, H_t) and their ``lm_head`` weights (V, H_s) /
-    (V, H_t), already shifted like the logits would be. Same value as
+    The inputs are the backbones' last hidden states (B, T, H_s) / (B, T, H_t) and their
+    ``lm_head`` weights (V, H_s) / (V, H_t), already shifted like the logits would be. Same value as
     ``generalized_jsd_loss(h_s @ W_s.T, h_t @ W_t.T, labels, ...)`` (to float32 rounding of
     the logits GEMMs); ``reduction="none"`` is refused (it needs the per-element terms of the
     full logits). Vocabularies may differ in size (padded heads), as in ``linear_kd_loss``.

@@ -194,9 +194,10 @@ def _head(model, role) -> _Head:
                 variant = getattr(head, "lora_variant", {}).get(name)
                 if variant is not None:
                     raise ValueError(
-                        f"{role}: the LM head's LoRA adapter {name!r} is a {type(variant).__name__} "
-                        f"(DoRA or another LoRA variant), whose output is not a weight product "
-                        f"pydistill can fuse; put the variant on other modules, plain LoRA on lm_head")
+                        f"{role}: the LM head's LoRA adapter {name!r} is a "
+                        f"{type(variant).__name__} (DoRA or another LoRA variant), whose output "
+                        f"is not a weight product pydistill can fuse; put the variant on other "
+                        f"modules and plain LoRA on lm_head")
                 adapters.append((head.lora_A[name], head.lora_B[name], head.lora_dropout[name],
                                  head.scaling[name]))
         head = head.base_layer
@@ -480,7 +481,8 @@ class DistillationTrainer(transformers.Trainer):
         if teacher_model is None:
             raise ValueError("teacher_model: required (the model to distil from), got None")
         if nonfinite_loss not in _NONFINITE:
-            raise ValueError(f"nonfinite_loss: expected one of {_NONFINITE}, got {nonfinite_loss!r}")
+            raise ValueError(f"nonfinite_loss: expected one of {_NONFINITE}, "
+                             f"got {nonfinite_loss!r}")
         super().__init__(model=model, args=args, **kwargs)
         if nonfinite_loss == "skip" and (getattr(self, "is_fsdp_enabled", False)
                                          or getattr(self, "is_deepspeed_enabled", False)):
