@@ -181,7 +181,9 @@ def direct_loss(student, teacher, inputs, loss):
     with torch.no_grad():
         h_t = teacher.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
     y = F.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
-    return loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, labels=y)
+    # a padded teacher head: restricted to the student's vocabulary
+    w_t = teacher.lm_head.weight[:student.lm_head.weight.shape[0]]
+    return loss(h_s, student.lm_head.weight, h_t, w_t, labels=y)
 
 
 LOSS = dict(temperature=2.0, hard_weight=0.4, soft_weight=0.6, divergence="jsd", beta=0.3)
@@ -200,11 +202,10 @@ def test_causal_lm_kd_loss_equals_direct_and_logits():
     # and the logits the models themselves produce, through kd_loss
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     s = student(**model_inputs).logits
-    # the teacher restricted to the student's vocabulary (its 6 padded tokens dropped)
-    s_full = s
-    t_full = teacher(**model_inputs).logits.float()[..., :50]
+    # the teacher's extra (padded) tokens are dropped: its softmax over the student's vocabulary
+    t = teacher(**model_inputs).logits.float()[..., :50]
     y = F.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
-    via_logits = pdl.kd_loss(s_full, t_full, labels=y, **LOSS)
+    via_logits = pdl.kd_loss(s, t, labels=y, **LOSS)
     torch.testing.assert_close(got, via_logits, rtol=1e-5, atol=1e-5)
     # num_items_in_batch: sum / n
     n = (y != -100).sum()
@@ -232,13 +233,13 @@ accelerate = peer("accelerate")
 def _trainer(tmp_path, student, teacher, data, per_device, accumulation, loss=LOSS, **extra):
     from pydistill.integrations import DistillationTrainer
 
-    args = transformers.TrainingArguments(
+    args = transformers.TrainingArguments(**{**dict(
         output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no",
         logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
         per_device_train_batch_size=per_device, per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=1.0,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
-        **extra)
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0),
+        **extra})
     return DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                distillation_loss=loss, train_dataset=data, eval_dataset=data)
 
@@ -356,19 +357,18 @@ def tiny_lm(kind, role, hidden, seed, vocab=V_SMALL, dtype=torch.float64):
     return model
 
 
-def model_logits_loss(student, teacher, inputs, loss_kwargs, student_transform=None):
+def model_logits_loss(student, teacher, inputs, loss_kwargs, student_transform=None, targets=None):
     """The float64 reference: kd_loss of pydistill's reference on the models' own forward
-    logits (which include their transforms), with no transform of its own; a padded teacher
-    restricted to the student's vocabulary (linear_kd_loss's vocab_mismatch="restrict")."""
-    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    logits (which include their transforms), with no transform of its own; a teacher with a
+    padded vocabulary restricted to the student's (its softmax renormalised over it)."""
+    model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
     s = student(**model_inputs).logits
     if student_transform is not None:
         s = transform_logits(s, *student_transform)
     with torch.no_grad():
         t = teacher(**model_inputs).logits
-    if t.shape[-1] > s.shape[-1]:
-        t = t[..., :s.shape[-1]]
-    y = F.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
+    t = t[..., :s.shape[-1]]
+    y = F.pad(inputs["labels"][:, 1:], (0, 1), value=-100) if targets is None else targets
     return SD.kd_loss(s, t, y, SD.KDConfig(**loss_kwargs))
 
 
@@ -493,3 +493,249 @@ def test_logit_transform_reads_configs_as_trl():
     # a model: its config; a module without one: the identity
     assert logit_transform(tiny_lm("hyperclovax", "student", 16, 0)) == (1.5, None)
     assert logit_transform(torch.nn.Linear(2, 3)) == (1.0, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision: the models run as a plain Trainer runs them
+
+def _record_backbone(model, seen):
+    """Record, per call of the backbone (model.model), its output and whether autocast was on."""
+    def hook(module, args, out):
+        seen.append((out.last_hidden_state.detach().clone(), torch.is_autocast_enabled("cpu")))
+    return model.model.register_forward_hook(hook)
+
+
+def _first_backbone_outputs(tmp_path, trainer_cls, bf16, **kwargs):
+    """One training step on one batch of 4 rows; what the student's (and teacher's) backbone
+    returned in it."""
+    inputs = batch(4, 10, 50, 21)
+    student = tiny_llama(32, 2, 50, 0)
+    student_seen, teacher_seen = [], []
+    _record_backbone(student, student_seen)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, per_device_train_batch_size=4, max_steps=1,
+        bf16=bf16, seed=0, train_sampling_strategy="sequential")
+    if trainer_cls is transformers.Trainer:
+        trainer = transformers.Trainer(model=student, args=args, train_dataset=_rows(inputs))
+    else:
+        teacher = tiny_llama(48, 2, 50, 1)
+        _record_backbone(teacher, teacher_seen)
+        trainer = trainer_cls(model=student, teacher_model=teacher, args=args,
+                              train_dataset=_rows(inputs), **kwargs)
+    trainer.train()
+    return student_seen[0], (teacher_seen[0] if teacher_seen else None), inputs, trainer
+
+
+def test_trainer_bf16_runs_the_models_under_autocast_as_trainer(tmp_path):
+    """TrainingArguments(bf16=True): the student's backbone output under DistillationTrainer is
+    the plain Trainer's under its bf16 autocast (bit for bit), and differs from float32; the
+    teacher runs under the same autocast."""
+    from pydistill.integrations import DistillationTrainer
+
+    (plain, plain_autocast), _, _, _ = _first_backbone_outputs(tmp_path, transformers.Trainer, True)
+    (got, got_autocast), (teacher_got, teacher_autocast), inputs, trainer = _first_backbone_outputs(
+        tmp_path, DistillationTrainer, True, distillation_loss=LOSS)
+    (fp32, fp32_autocast), (teacher_fp32, _), _, _ = _first_backbone_outputs(
+        tmp_path, DistillationTrainer, False, distillation_loss=LOSS)
+    assert plain_autocast and got_autocast and teacher_autocast and not fp32_autocast
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)
+    assert (got - fp32).abs().max() > 1e-3
+    teacher = tiny_llama(48, 2, 50, 1)
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = teacher.model(**model_inputs).last_hidden_state
+    torch.testing.assert_close(teacher_got, want, rtol=0, atol=0)
+    assert (teacher_got - teacher_fp32).abs().max() > 1e-3
+
+
+def test_causal_lm_kd_loss_on_an_accelerate_prepared_model():
+    """A model prepared by accelerate for bf16 runs under accelerate's autocast (the forward it
+    wrapped is replaced for the fused call, its autocast is entered), the head in bf16 and the
+    loss in float32: the value of the eager loss on the models' own bf16 logits."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from pydistill.integrations import causal_lm_kd_loss
+
+    student, teacher = tiny_llama(32, 2, 50, 0), tiny_llama(48, 2, 50, 1)
+    inputs = batch(3, 9, 50, 22)
+    fp32 = causal_lm_kd_loss(student, teacher, inputs, LOSS)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model_logits_loss(student, teacher, inputs, LOSS)
+    AcceleratorState._reset_state(True)
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        prepared = accelerator.prepare_model(student)
+        got = causal_lm_kd_loss(prepared, accelerator.prepare_model(teacher, evaluation_mode=True),
+                                inputs, LOSS)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert got.dtype == torch.float32
+    # the loss from bf16 logits rounds them; the fused one keeps the float32 accumulation
+    torch.testing.assert_close(got, want.float(), rtol=2e-2, atol=2e-2)
+    # the same call under an explicit bf16 autocast, bit for bit; not the float32 run
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explicit = causal_lm_kd_loss(student, teacher, inputs, LOSS)
+    torch.testing.assert_close(got, explicit, rtol=0, atol=0)
+    assert got.item() != fp32.item()
+
+
+# ---------------------------------------------------------------------------------------------
+# shift_labels: already-shifted labels (padding-free collators, context parallelism)
+
+def with_shift_labels(inputs, prompt=3):
+    """labels = the whole row (no prompt masked), shift_labels = the shifted labels with the
+    first ``prompt`` targets masked: the prompt is masked in shift_labels only."""
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    shift = F.pad(labels[:, 1:], (0, 1), value=-100)
+    shift[:, :prompt] = -100
+    return dict(inputs, labels=labels, shift_labels=shift)
+
+
+def test_causal_lm_kd_loss_honours_shift_labels():
+    from pydistill.integrations import causal_lm_kd_loss
+
+    student, teacher = tiny_lm("llama", "student", 32, 30), tiny_lm("qwen2", "teacher", 48, 31)
+    inputs = with_shift_labels(batch(3, 9, V_SMALL, 32))
+    got = causal_lm_kd_loss(student, teacher, inputs, pdl.LinearKDLoss(**LOSS))
+    want = model_logits_loss(student, teacher, inputs, LOSS, targets=inputs["shift_labels"])
+    assert_same_loss_and_grads(student, got, want)
+    unshifted = model_logits_loss(student, teacher, inputs, LOSS)  # labels alone: no prompt mask
+    assert abs(got.item() - unshifted.item()) > 1e-3
+    # without labels at all
+    only = {k: v for k, v in inputs.items() if k != "labels"}
+    torch.testing.assert_close(causal_lm_kd_loss(student, teacher, only, LOSS), got, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"shift_labels.*expected shape \(3, 9\)"):
+        causal_lm_kd_loss(student, teacher, dict(inputs, shift_labels=inputs["shift_labels"][:, 1:]), LOSS)
+
+
+def test_trainer_counts_and_scores_shift_labels(tmp_path):
+    """Gradient accumulation with shift_labels: Trainer counts the scored tokens from them, the
+    loss scores them; one step equals the eager gradient of the token-level mean."""
+    teacher = tiny_llama(48, 2, 50, 1)
+    inputs = with_shift_labels(batch(8, 12, 50, 33))
+    init = tiny_llama(32, 2, 50, 0).state_dict()
+    student = tiny_llama(32, 2, 50, 0)
+    student.load_state_dict(init)
+    _trainer(tmp_path, student, teacher, _rows(inputs), 2, 4, max_steps=1).train()
+    step = {k: init[k] - v for k, v in student.state_dict().items()}
+    eager = tiny_llama(32, 2, 50, 0)
+    eager.load_state_dict(init)
+    model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+    with torch.no_grad():
+        t = teacher(**model_inputs).logits
+    pdl.kd_loss(eager(**model_inputs).logits, t, labels=inputs["shift_labels"], **LOSS).backward()
+    for k, p in eager.named_parameters():
+        torch.testing.assert_close(step[k], p.grad, rtol=2e-4, atol=2e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabularies: a padded teacher head, another tokenizer; non-finite losses
+
+def test_padded_teacher_head_default_loss_is_the_restricted_teacher(tmp_path):
+    """A teacher head padded beyond the student's vocabulary (one tokenizer), with the default
+    forward KL: the teacher restricted to the student's vocabulary and renormalised, finite,
+    through the function and the Trainer."""
+    from pydistill.integrations import causal_lm_kd_loss
+
+    student = tiny_lm("qwen2", "student", 32, 40)
+    teacher = tiny_lm("qwen2", "teacher", 48, 41, vocab=V_SMALL + 16)
+    with torch.no_grad():  # the padding rows would dominate the teacher's softmax
+        teacher.lm_head.weight[V_SMALL:] *= 10
+    inputs = batch(3, 9, V_SMALL, 42)
+    got = causal_lm_kd_loss(student, teacher, inputs)
+    assert torch.isfinite(got)
+    assert_same_loss_and_grads(student, got, model_logits_loss(student, teacher, inputs, {}))
+    student, teacher = student.float(), teacher.float()
+    trainer = _trainer(tmp_path, student, teacher, _rows(inputs), 3, 1, loss=None, max_steps=1,
+                       logging_strategy="steps", logging_steps=1)
+    want = model_logits_loss(student, teacher, inputs, {}).item()
+    out = trainer.train()
+    assert out.training_loss == pytest.approx(want, rel=1e-5)
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(want, rel=1e-4)
+
+
+def _tokenizer(words):
+    tokenizers = peer("tokenizers")
+    vocab = {w: i for i, w in enumerate(["[UNK]"] + words)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def test_another_tokenizer_is_refused_with_a_pointer_to_uld(tmp_path):
+    from pydistill.integrations import DistillationTrainer, causal_lm_kd_loss
+    from pydistill.integrations.hf import vocabulary_padding_limit
+
+    assert vocabulary_padding_limit(151936, 152064) >= 128  # Qwen2.5 0.5B / 7B: padding
+    assert vocabulary_padding_limit(32000, 32768) < 768  # Llama-2 / Mistral v0.3: not
+    student = tiny_lm("llama", "student", 32, 43)
+    with pytest.raises(ValueError, match=r"teacher: its LM head has 400 rows, the student's 48.*uld_loss"):
+        causal_lm_kd_loss(student, tiny_lm("llama", "teacher", 48, 44, vocab=400), batch(2, 6, V_SMALL, 45))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    words = [f"w{i}" for i in range(V_SMALL - 1)]
+    with pytest.raises(ValueError, match=r"teacher_processing_class: its vocabulary differs.*uld_loss"):
+        DistillationTrainer(model=student, args=args, teacher_model=tiny_lm("llama", "teacher", 48, 46),
+                            processing_class=_tokenizer(words),
+                            teacher_processing_class=_tokenizer(words[::-1]))
+    DistillationTrainer(model=student, args=args, teacher_model=tiny_lm("llama", "teacher", 48, 46),
+                        processing_class=_tokenizer(words), teacher_processing_class=_tokenizer(words))
+
+
+def test_trainer_never_logs_a_nonfinite_loss(tmp_path):
+    """Reverse KL against a teacher head shorter than the student's (-inf beyond its end) is
+    infinite: the Trainer raises by default; with nonfinite_loss='skip' it warns and the step
+    leaves the student unchanged (zero gradient)."""
+    inputs = batch(4, 8, V_SMALL + 8, 47)
+    inputs["input_ids"] %= V_SMALL
+    inputs["labels"] = inputs["labels"].where(inputs["labels"] < 0, inputs["labels"] % V_SMALL)
+    loss = dict(divergence="reverse_kl")
+    teacher = tiny_lm("llama", "teacher", 48, 48, dtype=torch.float32)
+
+    def student():
+        return tiny_lm("llama", "student", 32, 49, vocab=V_SMALL + 8, dtype=torch.float32)
+
+    with pytest.raises(FloatingPointError, match=r"loss is inf at step 0.*nonfinite_loss='skip'"):
+        _trainer(tmp_path, student(), teacher, _rows(inputs), 4, 1, loss=loss, max_steps=1).train()
+    model = student()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    from pydistill.integrations import DistillationTrainer
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                          save_strategy="no", max_steps=1, optim="sgd",
+                                          per_device_train_batch_size=4, logging_steps=1)
+    trainer = DistillationTrainer(model=model, args=args, teacher_model=teacher, distillation_loss=loss,
+                                  train_dataset=_rows(inputs), nonfinite_loss="skip")
+    with pytest.warns(RuntimeWarning, match="micro-batch is skipped"):
+        out = trainer.train()
+    assert trainer.skipped_nonfinite == 1 and out.training_loss == 0.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, init[k]), k
+    with pytest.raises(ValueError, match="nonfinite_loss: expected one of"):
+        DistillationTrainer(model=model, args=args, teacher_model=teacher, nonfinite_loss="ignore")
+
+
+def test_trainer_logs_kd_and_ce_losses(tmp_path):
+    """kd_loss and ce_loss beside loss: two optimizer steps of two accumulated micro-batches each
+    in one log (learning rate 0: both steps see the initial student), each the token-level mean
+    over its accumulated batch, averaged over the steps; against eager code on the logits."""
+    teacher, student = tiny_llama(48, 2, 50, 1), tiny_llama(32, 2, 50, 0)
+    inputs = batch(8, 12, 50, 51)
+    trainer = _trainer(tmp_path, student, teacher, _rows(inputs), 2, 2, max_steps=2,
+                       learning_rate=0.0, logging_strategy="steps", logging_steps=2,
+                       train_sampling_strategy="sequential")
+    trainer.train()
+    (logs,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    kd, ce = [], []
+    for rows in (slice(0, 4), slice(4, 8)):
+        part = {k: v[rows] for k, v in inputs.items()}
+        model_inputs = {k: v for k, v in part.items() if k != "labels"}
+        with torch.no_grad():
+            s, t = student(**model_inputs).logits, teacher(**model_inputs).logits
+        y = F.pad(part["labels"][:, 1:], (0, 1), value=-100)
+        kd.append(pdl.kd_loss(s, t, labels=y, **dict(LOSS, hard_weight=0.0, soft_weight=1.0)).item())
+        ce.append(F.cross_entropy(s.flatten(0, 1), y.flatten(), ignore_index=-100).item())
+    assert logs["kd_loss"] == pytest.approx(sum(kd) / 2, rel=1e-5)
+    assert logs["ce_loss"] == pytest.approx(sum(ce) / 2, rel=1e-5)
+    assert logs["loss"] == pytest.approx(LOSS["soft_weight"] * logs["kd_loss"]
+                                         + LOSS["hard_weight"] * logs["ce_loss"], rel=1e-5)

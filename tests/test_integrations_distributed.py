@@ -1,10 +1,14 @@
 """causal_lm_kd_loss (the Trainer integration's loss) under DistributedDataParallel and FSDP2
-(``fully_shard``): two processes on the gloo backend, on the CPU, each with half of the batch.
-The gradient of one step must equal the single-process gradient of the whole batch (the
-token-level mean over both halves), and the loss, summed over ranks, its loss.
+(``fully_shard``, the LM head with the root or under its own), a hand-written DDP / FSDP2 loop
+calling linear_kd_loss through call_in_forward, and the TRL drop-in with a separately sharded
+head: two processes on the gloo backend, on the CPU, each with half of the batch. The gradient
+of one step must equal the single-process gradient of the whole batch (the token-level mean
+over both halves), and the loss, summed over ranks, its loss.
 
 All cases run in one spawn of two processes (their start-up is most of the time).
 """
+import gc
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -123,18 +127,99 @@ def _worker(rank, init_file):
             _check(rank, f"FSDP2 (teacher sharded: {shard_teacher})", loss,
                    {k: p.grad for k, p in student.named_parameters()}, want_loss, want_grads)
 
-        # a head given its own fully_shard is refused with a clear error
+        # a head given its own fully_shard: gathered, its gradient averaged back to the shards
         student = fresh()
+        for layer in student.model.layers:
+            fully_shard(layer)
         fully_shard(student.lm_head)
         fully_shard(student)
-        try:
-            _distributed_step(student, teacher, inputs, rank)
-        except ValueError as e:
-            assert "own fully_shard" in str(e), e
-        else:
-            raise AssertionError("a separately sharded LM head was not refused")
+        loss = _distributed_step(student, teacher, inputs, rank)
+        _check(rank, "FSDP2, head under its own fully_shard", loss,
+               {k: p.grad for k, p in student.named_parameters()}, want_loss, want_grads)
+
+        _hand_written_loops(rank, fresh, teacher, inputs, want_loss, want_grads)
+        _trl_head_under_its_own_fully_shard(rank, fresh, teacher, inputs)
     finally:
+        # no process tears its group down while the other still gathers, and no sharded model
+        # outlives the group (gloo aborts the process at exit otherwise)
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def _hand_written_loops(rank, fresh, teacher, inputs, want_loss, want_grads):
+    """A training loop that calls pdl.linear_kd_loss itself, on the model's backbone and head
+    weight, through call_in_forward: DDP synchronises the gradients and FSDP2 gathers the
+    parameters as for model(...). (The same loop on ddp.module, without it, leaves each process
+    its own gradient.)"""
+    from torch.distributed.fsdp import fully_shard
+
+    from pydistill.integrations import call_in_forward
+
+    local = _local(inputs, rank)
+    model_inputs = {k: v for k, v in local.items() if k != "labels"}
+    targets = F.pad(local["labels"][:, 1:], (0, 1), value=-100)
+    with torch.no_grad():
+        h_t = teacher.model(**model_inputs).last_hidden_state
+    scale = WORLD / scored(inputs)  # the global token mean, times the processes DDP averages
+
+    def fused(student):
+        h_s = student.model(**model_inputs).last_hidden_state
+        return pdl.linear_kd_loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight,
+                                  labels=targets, reduction="sum", **LOSS) * scale
+
+    def total(loss):
+        loss = loss.detach().clone() / WORLD
+        dist.all_reduce(loss)
+        return loss
+
+    student = fresh()
+    ddp = torch.nn.parallel.DistributedDataParallel(student)
+    loss = call_in_forward(ddp, lambda: fused(student))
+    loss.backward()
+    _check(rank, "hand-written DDP loop", total(loss),
+           {k: p.grad for k, p in student.named_parameters()}, want_loss, want_grads)
+
+    student = fresh()
+    for layer in student.model.layers:
+        fully_shard(layer)
+    fully_shard(student)
+    loss = call_in_forward(student, lambda: fused(student))
+    loss.backward()
+    _check(rank, "hand-written FSDP2 loop", total(loss),
+           {k: p.grad for k, p in student.named_parameters()}, want_loss, want_grads)
+
+
+def _trl_head_under_its_own_fully_shard(rank, fresh, teacher, inputs):
+    """TRL's DistillationTrainer path: the last hidden states from the (FSDP2) model's forward,
+    then the loss on the LM head's weight, here a DTensor sharded by the head's own fully_shard.
+    The head's gradient (and every other) equals the single-process one."""
+    from torch.distributed.fsdp import fully_shard
+
+    from pydistill.integrations import call_in_forward, trl_chunked_divergence_loss
+
+    def step(student, batch, num_items):
+        model_inputs = {k: v for k, v in batch.items() if k != "labels"}
+        mask = F.pad(batch["labels"][:, 1:], (0, 1), value=-100) != -100
+        with torch.no_grad():
+            h_t = teacher.model(**model_inputs).last_hidden_state
+        h_s = call_in_forward(student, lambda: student.model(**model_inputs).last_hidden_state)
+        loss, _, _ = trl_chunked_divergence_loss(h_s, h_t, student.lm_head.weight,
+                                                 teacher.lm_head.weight, mask, beta=0.3,
+                                                 num_items_in_batch=num_items, temperature=1.5)
+        loss.backward()
+        return {k: p.grad for k, p in student.named_parameters()}
+
+    want = step(fresh(), inputs, scored(inputs))
+    student = fresh()
+    for layer in student.model.layers:
+        fully_shard(layer)
+    fully_shard(student.lm_head)
+    fully_shard(student)
+    got = step(student, _local(inputs, rank), scored(inputs) / WORLD)
+    for k, g in got.items():
+        torch.testing.assert_close(_full(g), want[k], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, k=k: f"TRL drop-in, rank {rank}, grad {k}: {m}")
 
 
 def test_ddp_and_fsdp2_equal_single_process(tmp_path):

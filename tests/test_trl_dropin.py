@@ -221,6 +221,37 @@ def test_signature_is_trls():
 
 
 # ---------------------------------------------------------------------------------------------
+# The TRL releases the drop-ins were written for
+
+# "1.9.0" > "1.16" as strings: the check must compare versions
+@pytest.mark.parametrize("version,ok", [("1.16.0", True), ("1.16.7", True), ("1.17.0", False),
+                                        ("1.15.2", False), ("1.9.0", False), ("2.0.0", False),
+                                        ("1.16.0rc1", False), ("nightly", False)])
+def test_trl_version_is_checked(monkeypatch, version, ok):
+    import trl
+
+    from pydistill.integrations import generalized_jsd_loss, patch_trl
+
+    monkeypatch.setattr(trl, "__version__", version)
+    # patch_trl's targets, put back after the test
+    monkeypatch.setattr(distillation_trainer, "_chunked_divergence_loss", trl_loss)
+    gkd = peer("trl.experimental.gkd.gkd_trainer")
+    monkeypatch.setattr(gkd.GKDTrainer, "generalized_jsd_loss", gkd.GKDTrainer.__dict__["generalized_jsd_loss"])
+    inputs = make_inputs(seed=80)
+    logits = torch.randn(2, 3, 11)
+    calls = [lambda: trl_chunked_divergence_loss(**inputs, beta=0.5),
+             lambda: generalized_jsd_loss(logits, logits.flip(0)), patch_trl]
+    for call in calls:
+        if ok:
+            call()
+        else:
+            with pytest.raises(RuntimeError, match=rf"trl: .*{version}.*TRL <1\.17,>=1\.16"):
+                call()
+    assert (distillation_trainer._chunked_divergence_loss is trl_chunked_divergence_loss) == ok
+    assert (gkd.GKDTrainer.generalized_jsd_loss is generalized_jsd_loss) == ok
+
+
+# ---------------------------------------------------------------------------------------------
 # The one-line patch, through TRL's own DistillationTrainer._compute_loss
 
 transformers = peer("transformers")

@@ -7,14 +7,23 @@
   value) on :func:`pydistill.linear_kd_loss`.
 - :class:`DistillationTrainer` / :func:`causal_lm_kd_loss`: a Hugging Face ``Trainer`` that
   distils a teacher into a causal LM through :func:`pydistill.linear_kd_loss` (no logits).
+- :func:`patch_trl`: both patches at once, after :func:`check_trl_version` (the drop-ins
+  check it too: TRL :data:`TRL_VERSIONS`, the releases whose private names they replace).
+- :func:`call_in_forward`: run a fused loss as a wrapped model's forward (DDP, FSDP2,
+  accelerate's mixed precision), for hand-written training loops; :func:`gather_head_parameter`:
+  an FSDP2-sharded head weight gathered with its gradient averaged back.
 
 ``import pydistill.integrations`` needs neither ``transformers`` nor ``trl``: the Trainer
 integration imports ``transformers`` when one of its names is first used.
 """
+from pydistill.integrations.distributed import call_in_forward, gather_head_parameter, unwrap_model
 from pydistill.integrations.gkd import generalized_jsd_loss, linear_generalized_jsd_loss
-from pydistill.integrations.trl import trl_chunked_divergence_loss
+from pydistill.integrations.trl import (TRL_VERSIONS, check_trl_version, patch_trl,
+                                       trl_chunked_divergence_loss)
 
 __all__ = ["generalized_jsd_loss", "linear_generalized_jsd_loss", "trl_chunked_divergence_loss",
+           "patch_trl", "check_trl_version", "TRL_VERSIONS",
+           "call_in_forward", "gather_head_parameter", "unwrap_model",
            "DistillationTrainer", "causal_lm_kd_loss"]
 
 _HF = ("DistillationTrainer", "causal_lm_kd_loss")

@@ -28,8 +28,9 @@ dtype; the reductions are applied to its per-row sums. Only ``"none"`` needs the
 terms, which the fused kernels never form: it is computed in plain PyTorch.
 
 ``linear_generalized_jsd_loss`` is the same loss from hidden states and LM-head weights
-(the ``use_liger_kernel``-style path: ``student_hidden @ student_weight^T`` and the teacher's
-likewise), through :func:`pydistill.linear_kd_loss`, so the (N, V) logits are never formed.
+(``student_hidden @ student_weight^T`` and the teacher's likewise), through
+:func:`pydistill.linear_kd_loss`, so the (N, V) logits are never formed: for a training loop
+of one's own (TRL 1.16's ``GKDTrainer`` has no hidden-state path; it forms both logits).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from typing import Optional
 import torch
 
 from pydistill import functional as F
+from pydistill.integrations.trl import check_trl_version
 
 __all__ = ["generalized_jsd_loss", "linear_generalized_jsd_loss"]
 
@@ -120,6 +122,7 @@ def generalized_jsd_loss(
         num_items_in_batch: int or tensor: when given, the loss is the sum over the kept
             positions divided by it, whatever ``reduction`` says.
     """
+    check_trl_version()
     _check_reduction(reduction)
     if reduction == "none" and num_items_in_batch is None:
         F.kd_config(divergence="jsd", beta=beta, temperature=temperature)  # validate
@@ -157,9 +160,8 @@ def linear_generalized_jsd_loss(
     (+ student_bias)`` and ``teacher_hidden @ teacher_weight^T (+ teacher_bias)``, computed with
     :func:`pydistill.linear_kd_loss` (row chunks; the (N, V) logits are never formed).
 
-    This is the hidden-state path of GKD's ``use_liger_kernel`` option: the backbones'
-    last hidden states (B, T, H_s) / (B, T, H_t) and their ``lm_head`` weights (V, H_s) /
-    (V, H_t), already shifted like the logits would be. Same value as
+    The inputs are the backbones' last hidden states (B, T, H_s) / (B, T, H_t) and their
+    ``lm_head`` weights (V, H_s) / (V, H_t), already shifted like the logits would be. Same value as
     ``generalized_jsd_loss(h_s @ W_s.T, h_t @ W_t.T, labels, ...)`` (to float32 rounding of
     the logits GEMMs); ``reduction="none"`` is refused (it needs the per-element terms of the
     full logits). Vocabularies may differ in size (padded heads), as in ``linear_kd_loss``.

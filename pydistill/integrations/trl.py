@@ -32,8 +32,11 @@ convention: beta weights the teacher, and beta = 0 / 1 are the forward / reverse
 mask as ``labels`` (0 where it is nonzero, ``ignore_index`` elsewhere) with ``hard_weight=0``.
 Also as TRL:
 
-- heads that are DTensors (FSDP2) are gathered once with ``full_tensor()`` (the student's
-  keeps its gradient through it), the weight cast to its hidden states' dtype;
+- heads that are DTensors (FSDP2, e.g. an LM head under its own ``fully_shard``) are gathered
+  once with ``full_tensor()``, the weight cast to its hidden states' dtype; the student's
+  gradient goes back to its shards averaged over the processes (``Partial("avg")``, as FSDP2
+  reduces every other gradient), where TRL's plain ``full_tensor()`` leaves each process its
+  own batch's gradient (wrong, and different on every process);
 - each model computes in its hidden states' dtype, or in the autocast dtype when autocast is
   on for their device (the weight and bias are cast to it); the logits are float32 whatever
   it is. Unlike TRL the bias is cast too (pydistill takes a bias of the weight's dtype; TRL
@@ -46,15 +49,90 @@ trainer refuses, follow :func:`pydistill.linear_kd_loss` (the shorter is -inf be
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 from typing import Optional, Union
 
 import torch
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
 
 from pydistill import functional as F
+from pydistill.integrations.distributed import gather_head_parameter
 
-__all__ = ["trl_chunked_divergence_loss"]
+__all__ = ["trl_chunked_divergence_loss", "check_trl_version", "patch_trl", "TRL_VERSIONS"]
 
 _IGNORE = -100
+
+# The TRL releases whose private names and semantics the drop-ins were written for and are
+# tested against (trl.trainer.distillation_trainer._chunked_divergence_loss, called by
+# DistillationTrainer._compute_loss by that module-level name; GKDTrainer.generalized_jsd_loss).
+TRL_VERSIONS = SpecifierSet(">=1.16,<1.17")
+
+
+def check_trl_version(version: Optional[str] = None) -> None:
+    """``RuntimeError`` unless TRL's version is in :data:`TRL_VERSIONS` (compared with
+    ``packaging``), the range the TRL drop-ins reproduce the private names and the values of.
+    ``version``: the version to check; None: that of the imported ``trl`` module, if ``trl`` is
+    imported (if not, nothing is patched and nothing is checked). The drop-ins
+    (:func:`trl_chunked_divergence_loss`, :func:`~pydistill.integrations.generalized_jsd_loss`)
+    call it, so a patch applied by hand to another TRL release fails on its first step."""
+    if version is None:
+        trl = sys.modules.get("trl")
+        if trl is None:
+            return
+        version = getattr(trl, "__version__", None)
+        if version is None:
+            return
+    _check_trl_version(str(version))
+
+
+@functools.lru_cache(maxsize=8)
+def _check_trl_version(version: str) -> None:
+    try:
+        parsed = Version(version)
+    except InvalidVersion as e:
+        raise RuntimeError(f"trl: cannot read its version {version!r} ({e}); pydistill's TRL "
+                           f"drop-ins were written for TRL {TRL_VERSIONS}") from e
+    if not TRL_VERSIONS.contains(parsed, prereleases=True):
+        raise RuntimeError(
+            f"trl: version {version} is installed; pydistill's TRL drop-ins were written for TRL "
+            f"{TRL_VERSIONS} (they replace TRL's private "
+            f"trl.trainer.distillation_trainer._chunked_divergence_loss and "
+            f"GKDTrainer.generalized_jsd_loss, whose names, signatures and semantics change "
+            f"between TRL releases). Install a TRL in that range, or call pydistill.linear_kd_loss "
+            f"/ pydistill.kd_loss directly")
+
+
+def patch_trl(distillation_trainer: bool = True, gkd_trainer: bool = True) -> None:
+    """Make TRL's trainers compute their losses with pydistill's kernels, after checking TRL's
+    version (:func:`check_trl_version`) and that the names replaced exist:
+
+    - ``distillation_trainer``: ``trl.trainer.distillation_trainer._chunked_divergence_loss``
+      (``DistillationTrainer``'s loss) becomes :func:`trl_chunked_divergence_loss`;
+    - ``gkd_trainer``: ``trl.experimental.gkd.GKDTrainer.generalized_jsd_loss`` becomes
+      :func:`pydistill.integrations.generalized_jsd_loss`.
+    """
+    import trl
+
+    check_trl_version(trl.__version__)
+    if distillation_trainer:
+        import trl.trainer.distillation_trainer as dt
+
+        uses = getattr(getattr(getattr(dt, "DistillationTrainer", None), "_compute_loss", None),
+                       "__code__", None)
+        if not hasattr(dt, "_chunked_divergence_loss") or uses is None or \
+                "_chunked_divergence_loss" not in uses.co_names:
+            raise RuntimeError(f"trl {trl.__version__}: DistillationTrainer._compute_loss does not "
+                               f"call trl.trainer.distillation_trainer._chunked_divergence_loss; "
+                               f"nothing to patch")
+        dt._chunked_divergence_loss = trl_chunked_divergence_loss
+    if gkd_trainer:
+        from trl.experimental.gkd import gkd_trainer as gkd
+
+        from pydistill.integrations.gkd import generalized_jsd_loss
+
+        gkd.GKDTrainer.generalized_jsd_loss = staticmethod(generalized_jsd_loss)
 
 
 def _is_dtensor(x) -> bool:
@@ -67,11 +145,13 @@ def _is_dtensor(x) -> bool:
 
 def _gathered(weight, bias, hidden):
     """TRL's FSDP2 step: a DTensor head as one plain tensor (one all-gather, differentiable),
-    the weight in the hidden states' dtype."""
+    the weight in the hidden states' dtype. Unlike TRL's ``full_tensor()``, the gradient goes
+    back to the shards as the average of the processes' gradients (``Partial("avg")``, FSDP2's
+    own reduction): a plain ``full_tensor()`` treats it as replicated, and each process keeps its
+    shard of its own batch's gradient (TRL 1.16's head gradient under its own ``fully_shard``)."""
     if _is_dtensor(weight):
-        weight = weight.full_tensor().to(hidden.dtype)
-        if bias is not None:
-            bias = bias.full_tensor()
+        weight = gather_head_parameter(weight).to(hidden.dtype)
+        bias = gather_head_parameter(bias)
     return weight, bias
 
 
@@ -138,6 +218,7 @@ def trl_chunked_divergence_loss(
         positions of the student's entropy at temperature T in nats (float32, no gradient), and
         the number of valid positions (int64), all over this batch.
     """
+    check_trl_version()
     w_s, b_s = _gathered(student_lm_head_weight, student_lm_head_bias, student_hidden_states)
     w_t, b_t = _gathered(teacher_lm_head_weight, teacher_lm_head_bias, teacher_hidden_states)
     device = student_hidden_states.device
