@@ -32,7 +32,10 @@ enum Divergence : int { KL = 0, REVERSE_KL = 1, JSD = 2, TVD = 3, SKEW_KL = 4, S
 PD_HD float pd_exp(float x) { return expf(x); }
 PD_HD float pd_log(float x) { return logf(x); }
 PD_HD float pd_max(float a, float b) { return fmaxf(a, b); }  // NaN is dropped: see Pass1
-PD_HD float finite_or_zero(float m) { return m == kNegInf ? 0.0f : m; }
+// A running max as the shift of e^{x - shift}: 0 where it is infinite. At -inf (nothing but
+// masked entries so far) the sum stays 0; at +inf the +inf entry adds e^{+inf}, so the sum
+// and the logsumexp are +inf, as torch.logsumexp's (e^{x - inf} would make the sum NaN).
+PD_HD float finite_or_zero(float m) { return isinf(m) ? 0.0f : m; }
 
 // cap * tanh(z / cap) from one exp of a non-positive argument; -inf stays -inf.
 PD_HD float softcap(float z, float cap) {
@@ -224,14 +227,16 @@ struct BlockGroup {
 // at large V; all of them in the host implementation) before the tree reduction across
 // threads; sums that are later subtracted from a term (S_q in h_j - S_q, near +-1/2 for tvd)
 // need the extra digits.
+// Once the sum is infinite (a +inf term: a KL whose student is -inf where the teacher is not)
+// or NaN, the compensation (inf - inf) is meaningless and the sum is that value itself.
 struct KSum {
   float s = 0.0f, c = 0.0f;
   PD_HD void add(float x) {
     const float t = s + x;
-    c += fabsf(s) >= fabsf(x) ? (s - t) + x : (x - t) + s;
+    if (isfinite(t)) c += fabsf(s) >= fabsf(x) ? (s - t) + x : (x - t) + s;
     s = t;
   }
-  PD_HD float value() const { return s + c; }
+  PD_HD float value() const { return isfinite(s) ? s + c : s; }
 };
 
 // ------------------------------------------------------------------------------------------
@@ -252,8 +257,7 @@ struct Lse {
     if (mc != m) {
       const float f = pd_exp(m - mf);
       sum.s *= f;
-      sum.c *= f;
-      if (sum.s == 0.0f) sum.c = 0.0f;
+      sum.c = isfinite(sum.s) && sum.s != 0.0f ? sum.c * f : 0.0f;
     }
     for (int i = 0; i < n; ++i) sum.add(pd_exp(x[i] - mf));
     m = mc;
@@ -273,11 +277,15 @@ struct Lse {
 
 // The kl accumulator of one partial state, moved from the maxima it was taken at (m_a, m_b)
 // to new ones (M_a, M_b):  A = sum_j e^{a_j - m_a} ((a_j - m_a) - (b_j - m_b)).
-// Maxima in their finite form (-inf -> 0), as in the Triton kernel.
+// Maxima as shifts (finite_or_zero), as in the Triton kernel. Where the rescale factor
+// underflows to 0 (maxima 1e38 apart) the carried sum is 0, as torch's underflowed p = 0 is,
+// even if the log-ratio beside it overflowed.
 PD_HD float kl_move(float acc, float l_a, float m_a, float M_a, float m_b, float M_b) {
   float ma = finite_or_zero(m_a), Ma = finite_or_zero(M_a);
   float mb = finite_or_zero(m_b), Mb = finite_or_zero(M_b);
-  return l_a > 0.0f ? pd_exp(ma - Ma) * (acc + l_a * ((ma - Ma) - (mb - Mb))) : 0.0f;
+  const float f = pd_exp(ma - Ma);
+  // f applied to each part first: l_a times a log-ratio of 1e38 may overflow where f l_a times it does not
+  return l_a > 0.0f && f != 0.0f ? f * acc + (f * l_a) * ((ma - Ma) - (mb - Mb)) : 0.0f;
 }
 
 // ------------------------------------------------------------------------------------------

@@ -62,7 +62,9 @@ struct KDPass1 {
         const float maf = finite_or_zero(ma_new), mbf = finite_or_zero(mb_new);
         for (int i = 0; i < n; ++i) {
           const float e = pd_exp(xa[i] - maf);
-          acc.add(xa[i] > kNegInf ? e * ((xa[i] - maf) - (xb[i] - mbf)) : 0.0f);
+          // a zero weight (masked, or underflowed next to logits 1e38 apart) is a zero term,
+          // even where the log-ratio beside it overflows
+          acc.add(e != 0.0f ? e * ((xa[i] - maf) - (xb[i] - mbf)) : 0.0f);
         }
       }
       t.add(xt, n);
@@ -121,6 +123,12 @@ PD_HD void kd_finish_pass1(const KDPass1& p1, const KDArgs& a, KDRowState& st) {
   st.ll_s = p1.s.log_l();
   st.m_t = p1.t.m;
   st.ll_t = p1.t.log_l();
+  if (a.has_soft) {
+    // a +inf logit makes the row's log-softmax NaN (torch.log_softmax's inf - inf): the soft
+    // term's value and gradients are NaN; the hard term alone keeps the logsumexp +inf
+    if (st.m_s == INFINITY) st.ll_s = NAN;
+    if (st.m_t == INFINITY) st.ll_t = NAN;
+  }
   if (a.ce_separate) {
     st.m_1 = p1.one.m;
     st.ll_1 = p1.one.log_l();
@@ -132,11 +140,11 @@ PD_HD void kd_finish_pass1(const KDPass1& p1, const KDArgs& a, KDRowState& st) {
   if (a.has_soft) {
     const float acc = p1.acc.value(), ls = p1.s.l(), lt = p1.t.l();
     if (DIV == KL) {
-      st.div = acc / lt - pd_log(lt) + pd_log(ls);
+      st.div = acc / lt - st.ll_t + st.ll_s;
       st.s_q = -1.0f;
       st.s_p = st.div + 1.0f;
     } else if (DIV == REVERSE_KL) {
-      st.div = acc / ls - pd_log(ls) + pd_log(lt);
+      st.div = acc / ls - st.ll_s + st.ll_t;
       st.s_q = st.div + 1.0f;
       st.s_p = -1.0f;
     }

@@ -98,14 +98,28 @@ def _finite_or_zero(m):
 
 
 @triton.jit
+def _shift(m):
+    # A running max as the shift of e^{x - shift}: 0 where it is infinite. At -inf (nothing
+    # but masked entries so far) the sum stays 0; at +inf the +inf entry adds e^{+inf}, so the
+    # sum and its log are +inf and the logsumexp m + log l is +inf, as torch.logsumexp's is
+    # (e^{x - inf} would make the sum NaN).
+    return tl.where(tl.abs(m) == float("inf"), 0.0, m)
+
+
+@triton.jit
 def _online_kl_update(acc, l_a, m_a, m_a_new, m_b, m_b_new, x_a, e_a, x_b):
     # acc = sum e^{a - m_a} ((a - m_a) - (b - m_b)) over the tiles seen so far; move it to the
-    # new maxima, then add this tile. Maxima are used in their finite form (-inf -> 0), which
-    # keeps a student row that is -inf so far at +inf instead of NaN.
-    ma, ma_new = _finite_or_zero(m_a), _finite_or_zero(m_a_new)
-    mb, mb_new = _finite_or_zero(m_b), _finite_or_zero(m_b_new)
-    carried = tl.where(l_a > 0, tl.exp(ma - ma_new) * (acc + l_a * ((ma - ma_new) - (mb - mb_new))), 0.0)
-    terms = tl.where(x_a > float("-inf"), e_a * ((x_a - ma_new) - (x_b - mb_new)), 0.0)
+    # new maxima, then add this tile. Maxima are used as shifts (_shift: infinite -> 0), which
+    # keeps a student row that is -inf so far at +inf instead of NaN. A term whose weight
+    # e^{a - m_a} is 0 (a masked entry, or one that underflows: logits 1e38 apart) is 0, as
+    # torch's p = 0 is, even where the log-ratio beside it overflows to infinity; so is the
+    # carried sum when its rescale factor underflows.
+    ma, ma_new = _shift(m_a), _shift(m_a_new)
+    mb, mb_new = _shift(m_b), _shift(m_b_new)
+    f = tl.exp(ma - ma_new)
+    # (f applied to each part first: l_a times a log-ratio of 1e38 may overflow, f l_a times it not)
+    carried = tl.where((l_a > 0) & (f != 0), f * acc + (f * l_a) * ((ma - ma_new) - (mb - mb_new)), 0.0)
+    terms = tl.where(e_a != 0, e_a * ((x_a - ma_new) - (x_b - mb_new)), 0.0)
     return carried + tl.sum(terms, axis=0)
 
 
@@ -281,29 +295,34 @@ def _kd_fwd_kernel(
         z_s = _load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP)
         x_s = z_s * inv_t
         m_s_new = tl.maximum(m_s, tl.max(x_s, axis=0))
-        e_s = tl.exp(x_s - _finite_or_zero(m_s_new))
+        e_s = tl.exp(x_s - _shift(m_s_new))
         if ENTROPY:  # B against a zero "b" side: the same online update as kl's
             h_acc = _online_kl_update(h_acc, l_s, m_s, m_s_new, 0.0, 0.0, x_s, e_s, tl.zeros_like(e_s))
         if HAS_SOFT:
             x_t = _load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP) * inv_t
             m_t_new = tl.maximum(m_t, tl.max(x_t, axis=0))
-            e_t = tl.exp(x_t - _finite_or_zero(m_t_new))
+            e_t = tl.exp(x_t - _shift(m_t_new))
             if DIV == KL:
                 acc = _online_kl_update(acc, l_t, m_t, m_t_new, m_s, m_s_new, x_t, e_t, x_s)
             if DIV == REVERSE_KL:
                 acc = _online_kl_update(acc, l_s, m_s, m_s_new, m_t, m_t_new, x_s, e_s, x_t)
-            l_t = l_t * tl.exp(m_t - _finite_or_zero(m_t_new)) + tl.sum(e_t, axis=0)
+            l_t = l_t * tl.exp(m_t - _shift(m_t_new)) + tl.sum(e_t, axis=0)
             m_t = m_t_new
-        l_s = l_s * tl.exp(m_s - _finite_or_zero(m_s_new)) + tl.sum(e_s, axis=0)
+        l_s = l_s * tl.exp(m_s - _shift(m_s_new)) + tl.sum(e_s, axis=0)
         m_s = m_s_new
         if CE_SEPARATE:
             m_1_new = tl.maximum(m_1, tl.max(z_s, axis=0))
-            l_1 = l_1 * tl.exp(m_1 - _finite_or_zero(m_1_new)) + tl.sum(
-                tl.exp(z_s - _finite_or_zero(m_1_new)), axis=0
+            l_1 = l_1 * tl.exp(m_1 - _shift(m_1_new)) + tl.sum(
+                tl.exp(z_s - _shift(m_1_new)), axis=0
             )
             m_1 = m_1_new
     ll_s = tl.log(l_s)
     ll_t = tl.log(l_t)
+    if HAS_SOFT:
+        # a +inf logit makes the row's log-softmax NaN (torch.log_softmax's inf - inf): the
+        # soft term's value and gradients are NaN; the hard term alone keeps the logsumexp +inf
+        ll_s = tl.where(m_s == float("inf"), float("nan"), ll_s)
+        ll_t = tl.where(m_t == float("inf"), float("nan"), ll_t)
     if CE_SEPARATE:
         ll_1 = tl.log(l_1)
     else:
@@ -316,11 +335,11 @@ def _kd_fwd_kernel(
     s_p = 0.0
     if HAS_SOFT:
         if DIV == KL:
-            div = acc / l_t - tl.log(l_t) + tl.log(l_s)
+            div = acc / l_t - ll_t + ll_s
             s_q = -1.0
             s_p = div + 1.0
         elif DIV == REVERSE_KL:
-            div = acc / l_s - tl.log(l_s) + tl.log(l_t)
+            div = acc / l_s - ll_s + ll_t
             s_q = div + 1.0
             s_p = -1.0
         elif NEEDS_PASS2:

@@ -225,14 +225,22 @@ def per_row_loss(student_logits, teacher_logits, labels, cfg: KDConfig):
 def hard_cross_entropy(z, labels, counted, grad: bool = False):
     """Per-row CE(z, y) at temperature 1 over the last dim, and with ``grad`` its gradient
     softmax(z) - onehot(y) (else None). An out-of-range label gives NaN, as in the kernels,
-    rather than a device assert; ignored rows read column 0 (the caller masks them)."""
-    lse = torch.logsumexp(z, dim=-1)
+    rather than a device assert; ignored rows read column 0 (the caller masks them).
+
+    The logsumexp is kept as its two terms m + log l (m the row's max), as the kernels keep
+    it: CE = (m - z_y) + log l and softmax = e^{(z - m) - log l}. Folding them into one
+    float first loses log l next to logits of 1e30 (a CE of log 2 between two equal
+    maxima came out 0). An infinite max is used as a shift of 0: a +inf logit makes l and
+    the CE +inf (NaN when z_y is that +inf), as torch.logsumexp does."""
+    m = z.detach().amax(dim=-1, keepdim=True)  # a shift: CE does not depend on it
+    m = torch.where(m.abs() == math.inf, 0.0, m)
+    log_l = (z - m).exp().sum(-1).log()
     in_range = (labels >= 0) & (labels < z.shape[-1])
     target = torch.where(counted & in_range, labels, 0).long()[..., None]
-    ce = torch.where(in_range, lse - z.gather(-1, target).squeeze(-1), math.nan)
+    ce = torch.where(in_range, (m.squeeze(-1) - z.gather(-1, target).squeeze(-1)) + log_l, math.nan)
     if not grad:
         return ce, None
-    soft1 = (z - lse[..., None]).exp_()
+    soft1 = (z - m).sub_(log_l[..., None]).exp_()
     soft1.scatter_add_(-1, target, torch.full(target.shape, -1.0, dtype=z.dtype, device=z.device))
     return ce, soft1
 
