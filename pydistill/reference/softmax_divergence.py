@@ -280,22 +280,124 @@ def _weighted(w, x, m=None):
     return torch.where(keep, w * x, 0.0)
 
 
-def divergence_terms(log_p, log_q, p, q, name: str, beta: float, need_teacher: bool):
+# ---- the divergence's value, summed so that its rounding does not grow with T^2 --------------
+# At a large temperature p and q are both near uniform: log p_j - log q_j is O(1/T) and D is
+# O(1/T^2), the difference of sums of O(1/T) terms. Summed as sum p (log p - log q), the
+# rounding of each log-probability (eps log V, absolute) survives the cancellation: the loss
+# T^2 D was off by 0.1 % at T = 100 and by its own size at T = 1e3. Instead:
+#   * w = log p - log q is taken from the max-shifted logits and the difference of the two
+#     log-sums, (x_t - m_t) - (x_s - m_s) - (ll_t - ll_s): relative rounding on w itself;
+#   * every divergence is a sum of Bregman terms a phi(log(a / b)) >= 0, phi(u) = u - 1 + e^{-u}
+#     = a log(a / b) - a + b, whose extra - a + b sums to 0 (both a and b sum to 1), so that
+#     each term is O(w^2) and an error in the shared ll_t - ll_s enters only at second order;
+#   * phi by its series where |u| < 1/2 (9 digits), a u - a + b elsewhere (no e^{-u} overflow):
+#         kl          p phi(w)
+#         reverse_kl  q phi(-w)
+#         skew_kl     p phi(u_p),   u_p = log(p / m) = -log1p((1 - a) expm1(-w))
+#         skew_rkl    q phi(u_q),   u_q = log(q / m) = -log1p((1 - a) expm1(w))
+#         jsd         b p phi(u_p) + (1 - b) q phi(u_q),  u_p = -log1p((1 - b) expm1(-w)),
+#                     u_q = -log1p(b expm1(w))
+#     (the log1p forms where |w| < 1; log a - log m from the probabilities elsewhere).
+#   * tvd: |p - q| = p |expm1(-w)| where |w| < 1. It has no Bregman form: the rounding of
+#     ll_t - ll_s stays first order, a relative error ~ eps T (its value T^2 D grows like T).
+# The gradients keep the table's formulas.
+# The kernels (kernels/softmax_divergence.py, csrc/common.cuh) compute the same terms.
+
+BREGMAN_SERIES_MAX = 0.5  # |u| below which phi(u) is summed from its series
+LOG1P_FORM_MAX = 1.0  # |w| below which log(a / m) is taken from w
+
+
+def _phi_series(u):
+    """u - 1 + e^{-u} for |u| <= 1/2, to float32's precision (the next term is 4e-8 of it)."""
+    c = (1 / 2, -1 / 6, 1 / 24, -1 / 120, 1 / 720, -1 / 5040, 1 / 40320)
+    acc = torch.full_like(u, c[-1])
+    for k in reversed(c[:-1]):
+        acc = acc * u + k
+    return acc * u * u
+
+
+def bregman(a, b, u):
+    """a log(a / b) - a + b >= 0, elementwise, from u = log(a / b): b where a = 0, +inf where
+    b = 0 < a; NaN propagates."""
+    small = u.abs() < BREGMAN_SERIES_MAX
+    direct = a * u - a + b
+    out = torch.where(small, a * _phi_series(torch.where(small, u, 0.0)), direct)
+    return torch.where(a == 0, b, out)
+
+
+def _log_ratio_to_mixture(log_a, log_m, w, weight_other: float):
+    """log(a / m) for m = (1 - weight_other) a + weight_other b, from w = log(a / b):
+    -log1p(weight_other expm1(-w)) where |w| is small, log a - log m elsewhere."""
+    small = w.abs() < LOG1P_FORM_MAX
+    near = -torch.log1p(weight_other * torch.expm1(-torch.where(small, w, 0.0)))
+    return torch.where(small, near, log_a - log_m)
+
+
+def divergence_value(log_p, log_q, p, q, w, name: str, beta: float):
+    """Per-row D(p, q) as a sum of Bregman terms (the block comment above), from the
+    log-probabilities, the probabilities and w = log p - log q (accurate; see
+    tempered_log_ratio). ``name`` is a canonical divergence. Only for distributions that
+    each sum to 1."""
+    if name == "kl":
+        return bregman(p, q, w).sum(-1)
+    if name == "reverse_kl":
+        return bregman(q, p, -w).sum(-1)
+    if name == "tvd":  # |p - q| = p |expm1(-w)| where |w| is small
+        small = w.abs() < LOG1P_FORM_MAX
+        near = p * torch.expm1(-torch.where(small, w, 0.0)).abs()
+        return 0.5 * torch.where(small, near, (p - q).abs()).sum(-1)
+    if name == "skew_kl":
+        m = beta * p + (1.0 - beta) * q
+        u = _log_ratio_to_mixture(log_p, torch.log(m), w, 1.0 - beta)
+        return torch.where(m != 0, bregman(p, m, u), 0.0).sum(-1)
+    if name == "skew_reverse_kl":
+        m = beta * q + (1.0 - beta) * p
+        u = _log_ratio_to_mixture(log_q, torch.log(m), -w, 1.0 - beta)
+        return torch.where(m != 0, bregman(q, m, u), 0.0).sum(-1)
+    if name == "jsd":
+        m = beta * p + (1.0 - beta) * q
+        log_m = torch.log(m)
+        u_p = _log_ratio_to_mixture(log_p, log_m, w, 1.0 - beta)
+        u_q = _log_ratio_to_mixture(log_q, log_m, -w, beta)
+        d = beta * bregman(p, m, u_p) + (1.0 - beta) * bregman(q, m, u_q)
+        return torch.where(m != 0, d, 0.0).sum(-1)
+    raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {name!r}")
+
+
+def tempered_log_ratio(x_t, x_s):
+    """w = log softmax(x_t) - log softmax(x_s), elementwise, as
+    (x_t - m_t) - (x_s - m_s) - (ll_t - ll_s) (m the row maxima, ll the log-sums): rounding
+    relative to w, which the difference of the two log-softmaxes (each rounded at its own
+    size, ~log V) does not have at large T. Infinite maxima shift by 0, as in the kernels."""
+    def shifted(x):
+        m = x.amax(dim=-1, keepdim=True)
+        a = x - torch.where(m.abs() == math.inf, 0.0, m)
+        return a, torch.logsumexp(a, dim=-1, keepdim=True)
+
+    a_t, ll_t = shifted(x_t)
+    a_s, ll_s = shifted(x_s)
+    return (a_t - a_s) - (ll_t - ll_s)
+
+
+def divergence_terms(log_p, log_q, p, q, name: str, beta: float, need_teacher: bool, w=None):
     """Per-row D and, for the softmax chain rule dD/ds_j = q_j (h_j - S_q) / T (and
     dD/dt_j = p_j (u_j - S_p) / T), the elementwise q h, p u and the per-row S_q, S_p, with
     h = dD/dq and u = dD/dp. ``name`` is a canonical divergence (see
-    KDConfig.canonical_divergence). p u and S_p are None unless ``need_teacher``."""
+    KDConfig.canonical_divergence). p u and S_p are None unless ``need_teacher``. With ``w``
+    (log p - log q from tempered_log_ratio; only where p and q each sum to 1) D is
+    divergence_value's, whose rounding does not grow with the temperature."""
+    exact = divergence_value(log_p, log_q, p, q, w, name, beta) if w is not None else None
     pu = s_p = None
     if name == "kl":
         d = _weighted(p, log_p - log_q)
-        div = d.sum(-1)
+        div = d.sum(-1) if exact is None else exact
         qh, s_q = -p, torch.full_like(div, -1.0)
         if need_teacher:
             pu, s_p = d + p, div + 1.0
         return div, qh, s_q, pu, s_p
     if name == "reverse_kl":
         d = _weighted(q, log_q - log_p)
-        div = d.sum(-1)
+        div = d.sum(-1) if exact is None else exact
         qh, s_q = d + q, div + 1.0
         if need_teacher:
             pu, s_p = -q, torch.full_like(div, -1.0)
@@ -333,7 +435,7 @@ def divergence_terms(log_p, log_q, p, q, name: str, beta: float, need_teacher: b
         s_p = pu.sum(-1)
     else:
         pu = None
-    return div, qh, s_q, pu, s_p
+    return (div if exact is None else exact), qh, s_q, pu, s_p
 
 
 def _softcap_slope(z, softcap):
@@ -380,17 +482,15 @@ def chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out
         if entropy is not None:
             entropy.copy_(_weighted(q, log_q).sum(-1).neg_())
         name = cfg.canonical_divergence()
+        w = tempered_log_ratio(scaled(z_t), scaled(z_s))
         if name == "kl" and not need_t:  # the common case, with fewer passes: q h - q S_q = q - p
-            # p (log p - log q) is NaN only at 0 * inf (masked entries: zero them) or in a row
-            # with a NaN input, whose first log-prob is then NaN too (keep it NaN)
-            nan_row = torch.isnan(log_q[:, 0]) | torch.isnan(log_p[:, 0])
-            d = log_p.sub_(log_q).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
-            div = d.sum(-1).masked_fill_(nan_row, math.nan)
-            del d, log_p, log_q
+            div = divergence_value(log_p, log_q, p, q, w, name, cfg.beta)
+            del w, log_p, log_q
             if out_s is not None:
                 g_s = q.sub_(p)
         else:
-            div, qh, s_q, pu, s_p = divergence_terms(log_p, log_q, p, q, name, cfg.beta, need_t)
+            div, qh, s_q, pu, s_p = divergence_terms(log_p, log_q, p, q, name, cfg.beta, need_t, w)
+            del w
             if out_s is not None:
                 g_s = qh.sub_(q * s_q[:, None])
             if need_t:
