@@ -344,6 +344,55 @@ PD_HD Terms pointwise(float log_p, float log_q, float beta) {
 }
 
 // ------------------------------------------------------------------------------------------
+// the divergence's value, per element, in a form whose rounding does not grow with T
+// (pydistill/reference/softmax_divergence.py: divergence_value, and its block comment)
+// ------------------------------------------------------------------------------------------
+
+// kl and reverse_kl get their value online in pass 1 up to this temperature (~T^2 eps log V
+// relative to the loss: 1e-6 at T = 4); above it, in pass 2 from div_term.
+constexpr float kOnePassMaxT = 4.0f;
+
+// a log(a / b) - a + b >= 0 from u = log(a / b): the series of phi(u) = u - 1 + e^{-u} where
+// |u| < 1/2, a u - a + b elsewhere, b where a = 0
+PD_HD float bregman(float a, float b, float u) {
+  if (a == 0.0f) return b;
+  if (!(fabsf(u) < 0.5f)) return a * u - a + b;
+  const float phi = u * u * (1.0f / 2 + u * (-1.0f / 6 + u * (1.0f / 24 + u * (-1.0f / 120 + u * (
+      1.0f / 720 + u * (-1.0f / 5040 + u / 40320.0f))))));
+  return a * phi;
+}
+
+// log(a / m), m = (1 - weight_other) a + weight_other b, from w = log(a / b)
+PD_HD float log_ratio_to_mixture(float log_a, float log_m, float w, float weight_other) {
+  return fabsf(w) < 0.25f ? -log1pf(weight_other * expm1f(-w)) : log_a - log_m;
+}
+
+// w = log p - log q = (x_t - m_t) - (x_s - m_s) - (ll_t - ll_s): rounding relative to w
+PD_HD float log_ratio(float x_t, float x_s, float m_t, float m_s, float ll_t, float ll_s) {
+  return ((x_t - finite_or_zero(m_t)) - (x_s - finite_or_zero(m_s))) - (ll_t - ll_s);
+}
+
+template <int DIV>
+PD_HD float div_term(float log_p, float log_q, float p, float q, float w, float beta) {
+  if (DIV == KL) return bregman(p, q, w);
+  if (DIV == REVERSE_KL) return bregman(q, p, -w);
+  if (DIV == TVD) return 0.5f * (fabsf(w) < 0.25f ? p * fabsf(expm1f(-w)) : fabsf(p - q));
+  if (DIV == JSD) {
+    const float m = beta * p + (1.0f - beta) * q;
+    if (m == 0.0f) return 0.0f;
+    const float log_m = pd_log(m);
+    return beta * bregman(p, m, log_ratio_to_mixture(log_p, log_m, w, 1.0f - beta)) +
+           (1.0f - beta) * bregman(q, m, log_ratio_to_mixture(log_q, log_m, -w, beta));
+  }
+  if (DIV == SKEW_KL) {
+    const float m = beta * p + (1.0f - beta) * q;
+    return m == 0.0f ? 0.0f : bregman(p, m, log_ratio_to_mixture(log_p, pd_log(m), w, 1.0f - beta));
+  }
+  const float m = beta * q + (1.0f - beta) * p;  // SKEW_REVERSE_KL
+  return m == 0.0f ? 0.0f : bregman(q, m, log_ratio_to_mixture(log_q, pd_log(m), -w, 1.0f - beta));
+}
+
+// ------------------------------------------------------------------------------------------
 // compile-time dispatch: f(DivTag<DIV>{}, TypeTag<T>{}) for run-time codes (args.h DType)
 // ------------------------------------------------------------------------------------------
 template <int D> struct DivTag { static constexpr int value = D; };

@@ -100,11 +100,15 @@ struct KDPass2 {
   template <int DIV>
   PD_HD void add(const float* zs, const float* zt, int n, const KDArgs& a, const KDRowState& st) {
     for (int i = 0; i < n; ++i) {
-      const Terms r = pointwise<DIV>(zt[i] * a.inv_t - st.m_t - st.ll_t,
-                                     zs[i] * a.inv_t - st.m_s - st.ll_s, a.beta);
-      d.add(r.d);
-      qh.add(r.qh);
-      pu.add(r.pu);
+      const float xt = zt[i] * a.inv_t, xs = zs[i] * a.inv_t;
+      const float log_p = xt - st.m_t - st.ll_t, log_q = xs - st.m_s - st.ll_s;
+      const Terms r = pointwise<DIV>(log_p, log_q, a.beta);
+      d.add(div_term<DIV>(log_p, log_q, r.p, r.q, log_ratio(xt, xs, st.m_t, st.m_s, st.ll_t, st.ll_s),
+                          a.beta));
+      if (DIV != KL && DIV != REVERSE_KL) {
+        qh.add(r.qh);
+        pu.add(r.pu);
+      }
     }
   }
   // group-wide sums, in every thread
@@ -151,9 +155,28 @@ PD_HD void kd_finish_pass1(const KDPass1& p1, const KDArgs& a, KDRowState& st) {
   }
 }
 
-template <typename G>
+// kl and reverse_kl: S_q and S_p in closed form from D
+template <int DIV>
+PD_HD void kd_closed_sums(KDRowState& st) {
+  if (DIV == KL) {
+    st.s_q = -1.0f;
+    st.s_p = st.div + 1.0f;
+  } else if (DIV == REVERSE_KL) {
+    st.s_q = st.div + 1.0f;
+    st.s_p = -1.0f;
+  }
+}
+
+template <int DIV, typename G>
 PD_HD void kd_finish_pass2(const KDPass2& p2, KDRowState& st, G& g) {
   p2.reduce(g, st.div, st.s_q, st.s_p);
+  kd_closed_sums<DIV>(st);
+}
+
+// Whether D needs pass 2: every divergence but kl / reverse_kl, and those above kOnePassMaxT.
+template <int DIV>
+PD_HD bool kd_needs_pass2(const KDArgs& a) {
+  return a.has_soft && (!(DIV == KL || DIV == REVERSE_KL) || a.inv_t < 1.0f / kOnePassMaxT);
 }
 
 // loss = soft_scale D + hard_weight (lse(z_s) - z_s[y]); 0 for an ignored row. An
@@ -216,7 +239,7 @@ PD_HD void kd_row(const KDArgs& a, int64_t row, G& g) {
   KDRowState st;
   st.label = a.labels ? a.labels[row] : -1;
   st.active = a.labels ? st.label != a.ignore_index : true;
-  const bool need_pass2 = a.has_soft && !(DIV == KL || DIV == REVERSE_KL);
+  const bool need_pass2 = kd_needs_pass2<DIV>(a);
 
   if (a.compute_stats) {
     if (st.active) {
@@ -237,7 +260,7 @@ PD_HD void kd_row(const KDArgs& a, int64_t row, G& g) {
           kd_load(t_row, j, n, a.teacher, zt);
           p2.template add<DIV>(zs, zt, n, a, st);
         });
-        kd_finish_pass2(p2, st, g);
+        kd_finish_pass2<DIV>(p2, st, g);
       }
     } else {
       st.m_s = st.m_t = st.m_1 = kNegInf;

@@ -224,3 +224,24 @@ def test_large_temperature_loss_is_precise(backend, divergence, temperature, req
     want = R.kd_loss(s.double(), t.double(), None, pdl.functional.kd_config(**kw))
     # tvd: no Bregman form, ~eps T (its value grows like T); the others: ~eps
     torch.testing.assert_close(loss.double(), want, rtol=1e-4 if divergence == "tvd" else 1e-5, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the mixture weight beta near 0 and 1
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["jsd", "skew_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("beta", [1e-12, 1e-9, 1 - 1e-9, 1 - 1e-12])
+def test_beta_near_its_ends(backend, divergence, beta):
+    # within 1e-9 of 0 or 1 the value is tiny (skew_kl at 1 - 1e-9: 1e-16) and was summed as
+    # a difference of O(1) terms (wrong, sometimes negative); beta also reached the kernels
+    # rounded to float32, where 1 - 1e-9 is 1. The truth: the float64 Bregman sum.
+    s, t = logits((3, 64), scale=2.0, seed=13), logits((3, 64), scale=2.0, seed=14)
+    rows = pdl.kd_loss(s, t, divergence=divergence, beta=beta, reduction="none", backend=backend)
+    log_p, log_q = torch.log_softmax(t.double(), -1), torch.log_softmax(s.double(), -1)
+    want = R.divergence_value(log_p, log_q, log_p.exp(), log_q.exp(),
+                              R.tempered_log_ratio(t.double(), s.double()), divergence, beta)
+    assert (rows >= 0).all()
+    torch.testing.assert_close(rows.double(), want, rtol=1e-5, atol=0)

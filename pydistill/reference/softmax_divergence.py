@@ -297,14 +297,14 @@ def _weighted(w, x, m=None):
 #         skew_rkl    q phi(u_q),   u_q = log(q / m) = -log1p((1 - a) expm1(w))
 #         jsd         b p phi(u_p) + (1 - b) q phi(u_q),  u_p = -log1p((1 - b) expm1(-w)),
 #                     u_q = -log1p(b expm1(w))
-#     (the log1p forms where |w| < 1; log a - log m from the probabilities elsewhere).
-#   * tvd: |p - q| = p |expm1(-w)| where |w| < 1. It has no Bregman form: the rounding of
+#     (the log1p forms where |w| < 1/4; log a - log m from the probabilities elsewhere).
+#   * tvd: |p - q| = p |expm1(-w)| where |w| < 1/4. It has no Bregman form: the rounding of
 #     ll_t - ll_s stays first order, a relative error ~ eps T (its value T^2 D grows like T).
 # The gradients keep the table's formulas.
 # The kernels (kernels/softmax_divergence.py, csrc/common.cuh) compute the same terms.
 
 BREGMAN_SERIES_MAX = 0.5  # |u| below which phi(u) is summed from its series
-LOG1P_FORM_MAX = 1.0  # |w| below which log(a / m) is taken from w
+LOG1P_FORM_MAX = 0.25  # |w| below which log(a / m) (and tvd's |p - q|) is taken from w
 
 
 def _phi_series(u):
@@ -327,9 +327,11 @@ def bregman(a, b, u):
 
 def _log_ratio_to_mixture(log_a, log_m, w, weight_other: float):
     """log(a / m) for m = (1 - weight_other) a + weight_other b, from w = log(a / b):
-    -log1p(weight_other expm1(-w)) where |w| is small, log a - log m elsewhere."""
-    small = w.abs() < LOG1P_FORM_MAX
-    near = -torch.log1p(weight_other * torch.expm1(-torch.where(small, w, 0.0)))
+    -log1p(y), y = weight_other expm1(-w), where |w| or |y| is small (the latter: b's weight
+    within 1e-9 of 0, where m is a and log a - log m cancels); log a - log m elsewhere."""
+    y = weight_other * torch.expm1(-w)
+    small = (w.abs() < LOG1P_FORM_MAX) | (y.abs() < LOG1P_FORM_MAX)
+    near = -torch.log1p(torch.where(small, y, 0.0))
     return torch.where(small, near, log_a - log_m)
 
 
