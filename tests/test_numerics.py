@@ -245,3 +245,59 @@ def test_beta_near_its_ends(backend, divergence, beta):
                               R.tempered_log_ratio(t.double(), s.double()), divergence, beta)
     assert (rows >= 0).all()
     torch.testing.assert_close(rows.double(), want, rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the torch backend's memory: no (N, V) buffer it does not need
+# ---------------------------------------------------------------------------------------------
+
+
+def _large_allocations(fn, inputs, limit_bytes):
+    """The ops that create a new storage of at least ``limit_bytes`` while ``fn`` runs (views of
+    the inputs and chunk-sized temporaries do not count)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    known = {x.untyped_storage().data_ptr() for x in inputs}
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in tree_flatten(out)[0]:
+                if isinstance(o, torch.Tensor) and o.device.type != "meta":
+                    st = o.untyped_storage()
+                    if st.nbytes() >= limit_bytes and st.data_ptr() not in known:
+                        known.add(st.data_ptr())
+                        seen.append((str(func), tuple(o.shape)))
+            return out
+
+    with Watch():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_torch_backend_builds_no_needless_logits_sized_buffer(grad):
+    # the causal shift logits[:, :-1] (not viewable as (N, V)) was copied, and under no_grad the
+    # (N, V) gradient was still computed: 3 logits-sized float32 buffers where 1 (or 0) is due
+    vocab, length = 4096, 129  # (N, V) float32: 8 MB, 8x a chunk's temporaries (R.CHUNK_ELEMENTS)
+    base = logits((4, length, vocab), seed=15)
+    s = base[:, :-1].requires_grad_(grad) if grad else base[:, :-1]
+    t = logits((4, length - 1, vocab), seed=16)
+    if not grad:
+        s.requires_grad_()  # a training model's logits, evaluated under no_grad
+    nv_bytes = s.shape[:-1].numel() * vocab * 4
+
+    def run():
+        if grad:
+            loss = pdl.kd_loss(s, t, backend="torch", temperature=2.0)
+            loss.backward()
+        else:
+            with torch.no_grad():
+                pdl.kd_loss(s, t, backend="torch", temperature=2.0)
+
+    assert nv_bytes // 2 > 4 * R.CHUNK_ELEMENTS
+    big = _large_allocations(run, [base, t], nv_bytes // 2)
+    # with grad: the gradient itself, nothing else
+    assert len(big) == (1 if grad else 0), big

@@ -565,6 +565,41 @@ def chunk_row_scale(labels, n_rows: int, cfg: KDConfig, dtype, device):
     return n_rows, (1.0 / max(n_rows, 1) if mean else 1.0)
 
 
+def empty_rows(like: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """A contiguous (n_rows, V) buffer of ``like``'s dtype and device."""
+    return torch.empty((n_rows, like.shape[-1]), dtype=like.dtype, device=like.device)
+
+
+def _row_blocks(x: torch.Tensor):
+    """x (..., V) as (blocks, rows, V) views with unit row stride where possible: one block when
+    the leading dims flatten without a copy, else one block per index of all but the last
+    leading dim (a causal shift logits[:, :-1] is B blocks of L - 1 rows: no copy)."""
+    vocab = x.shape[-1]
+    try:
+        return x.view(1, -1, vocab)
+    except RuntimeError:
+        rows = x.shape[-2] if x.dim() >= 2 else 1
+        return x.reshape(-1, rows, vocab)  # a view unless the outer dims do not merge either
+
+
+def row_chunks(tensors, step: int):
+    """(slice of the flattened rows, [the chunk of each tensor]) over chunks of at most ``step``
+    rows of tensors of one shape (..., V), reading each through _row_blocks (no (N, V) copy of
+    a sliced input); a chunk never spans two blocks of any tensor."""
+    blocks = [_row_blocks(x) for x in tensors]
+    per = min(b.shape[1] for b in blocks)  # rows per block of the most fragmented layout
+    n_rows = tensors[0].shape[:-1].numel()
+    for block_start in range(0, n_rows, max(per, 1)):
+        block_end = min(n_rows, block_start + per)
+        for start in range(block_start, block_end, step):
+            end = min(block_end, start + step)
+            chunk = []
+            for b in blocks:
+                i, r = divmod(start, b.shape[1])
+                chunk.append(b[i, r:r + (end - start)])
+            yield slice(start, end), chunk
+
+
 class ChunkedKDLoss(torch.autograd.Function):
     """``kd_loss`` over row chunks: each chunk's loss and closed-form gradient are computed
     in the forward and written into one preallocated gradient, and the chunk's intermediates
@@ -577,37 +612,47 @@ class ChunkedKDLoss(torch.autograd.Function):
     raises. Use the reference ``kd_loss`` when that is needed.
     """
 
+    @classmethod
+    def apply(cls, student_logits, teacher_logits, labels, cfg: KDConfig):
+        # Under no_grad (evaluation) a Function's forward still sees needs_input_grad set from
+        # requires_grad: the value alone is computed here, with no (N, V) gradient buffer.
+        if torch.is_grad_enabled():
+            return super().apply(student_logits, teacher_logits, labels, cfg)
+        return cls.run(student_logits, teacher_logits, labels, cfg, False, False)[0]
+
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, cfg: KDConfig):
+    def run(student_logits, teacher_logits, labels, cfg: KDConfig, need_s: bool, need_t: bool):
+        """(the loss, (student gradient or None, teacher gradient or None)) for
+        grad_output = 1, the gradients as contiguous (N, V) tensors."""
         vocab = student_logits.shape[-1]
         lead = student_logits.shape[:-1]
-        s2 = student_logits.reshape(-1, vocab)
-        t2 = teacher_logits.reshape(-1, vocab)
         y = labels.reshape(-1) if labels is not None else None
-        n_rows = s2.shape[0]
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n_rows = lead.numel()
         dtype = compute_dtype(student_logits.dtype, teacher_logits.dtype)
-        device = s2.device
+        device = student_logits.device
 
         count, row_scale = chunk_row_scale(y, n_rows, cfg, dtype, device)
 
-        grad_s = torch.empty_like(s2, memory_format=torch.contiguous_format) if need_s else None
-        grad_t = torch.empty_like(t2, memory_format=torch.contiguous_format) if need_t else None
+        grad_s = empty_rows(student_logits, n_rows) if need_s else None
+        grad_t = empty_rows(teacher_logits, n_rows) if need_t else None
         rows_out = torch.empty(n_rows, dtype=dtype, device=device)
-        step = chunk_rows(vocab)
-        for start in range(0, n_rows, step):
-            sl = slice(start, min(n_rows, start + step))
+        for sl, (s_c, t_c) in row_chunks((student_logits, teacher_logits), chunk_rows(vocab)):
             rows_out[sl] = chunk_loss_and_grads(
-                s2[sl].detach(), t2[sl].detach(), y[sl] if y is not None else None, cfg,
+                s_c.detach(), t_c.detach(), y[sl] if y is not None else None, cfg,
                 row_scale, grad_s[sl] if need_s else None, grad_t[sl] if need_t else None,
             )
+        if cfg.reduction == "none":
+            return rows_out.reshape(lead), (grad_s, grad_t)
+        return reduce_rows(rows_out, count, cfg.reduction), (grad_s, grad_t)
 
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, cfg: KDConfig):
+        loss, (grad_s, grad_t) = ChunkedKDLoss.run(student_logits, teacher_logits, labels, cfg,
+                                                   ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.grads = (grad_s, grad_t)
         ctx.shapes = (student_logits.shape, teacher_logits.shape)
         ctx.reduction = cfg.reduction
-        if cfg.reduction == "none":
-            return rows_out.reshape(lead)
-        return reduce_rows(rows_out, count, cfg.reduction)
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
