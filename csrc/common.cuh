@@ -298,8 +298,9 @@ struct Terms {
 // Every product with a probability is masked where that probability is exactly 0, so
 // entries that are -inf in the logits contribute 0 and never NaN, while a NaN probability
 // propagates.
+// beta_c = 1 - beta (from float64 where the caller has it)
 template <int DIV>
-PD_HD Terms pointwise(float log_p, float log_q, float beta) {
+PD_HD Terms pointwise(float log_p, float log_q, float beta, float beta_c) {
   Terms r;
   const float p = pd_exp(log_p), q = pd_exp(log_q);
   r.p = p;
@@ -315,10 +316,10 @@ PD_HD Terms pointwise(float log_p, float log_q, float beta) {
   } else if (DIV == JSD) {
     // m underflows to 0 only where p and q are both below ~1e-38: their terms are then
     // negligible, not infinite
-    const float m = beta * p + (1.0f - beta) * q;
+    const float m = beta * p + beta_c * q;
     const float log_m = pd_log(m);
     r.pu = beta * (p != 0.0f && m != 0.0f ? p * (log_p - log_m) : 0.0f);
-    r.qh = (1.0f - beta) * (q != 0.0f && m != 0.0f ? q * (log_q - log_m) : 0.0f);
+    r.qh = beta_c * (q != 0.0f && m != 0.0f ? q * (log_q - log_m) : 0.0f);
     r.d = r.pu + r.qh;
   } else if (DIV == TVD) {
     const float g = q > p ? 0.5f : (q < p ? -0.5f : 0.0f);
@@ -326,21 +327,26 @@ PD_HD Terms pointwise(float log_p, float log_q, float beta) {
     r.qh = q * g;
     r.pu = -p * g;
   } else if (DIV == SKEW_KL) {
-    const float m = beta * p + (1.0f - beta) * q;
+    const float m = beta * p + beta_c * q;
     const float ratio = m != 0.0f ? p / m : 0.0f;
     const float log_ratio = log_p - pd_log(m);
     r.d = p != 0.0f && m != 0.0f ? p * log_ratio : 0.0f;
-    r.qh = -(1.0f - beta) * q * ratio;
+    r.qh = -beta_c * q * ratio;
     r.pu = p != 0.0f && m != 0.0f ? p * (log_ratio - beta * ratio) : 0.0f;
   } else {  // SKEW_REVERSE_KL
-    const float m = beta * q + (1.0f - beta) * p;
+    const float m = beta * q + beta_c * p;
     const float ratio = m != 0.0f ? q / m : 0.0f;
     const float log_ratio = log_q - pd_log(m);
     r.d = q != 0.0f && m != 0.0f ? q * log_ratio : 0.0f;
     r.qh = q != 0.0f && m != 0.0f ? q * (log_ratio - beta * ratio) : 0.0f;
-    r.pu = -(1.0f - beta) * p * ratio;
+    r.pu = -beta_c * p * ratio;
   }
   return r;
+}
+
+template <int DIV>
+PD_HD Terms pointwise(float log_p, float log_q, float beta) {
+  return pointwise<DIV>(log_p, log_q, beta, 1.0f - beta);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -362,9 +368,12 @@ PD_HD float bregman(float a, float b, float u) {
   return a * phi;
 }
 
-// log(a / m), m = (1 - weight_other) a + weight_other b, from w = log(a / b)
+// log(a / m), m = (1 - weight_other) a + weight_other b, from w = log(a / b): -log1p(y),
+// y = weight_other expm1(-w), where |w| or |y| is small (weight_other within 1e-9 of 0: m is a
+// and log a - log m cancels)
 PD_HD float log_ratio_to_mixture(float log_a, float log_m, float w, float weight_other) {
-  return fabsf(w) < 0.25f ? -log1pf(weight_other * expm1f(-w)) : log_a - log_m;
+  const float y = weight_other * expm1f(-w);
+  return fabsf(w) < 0.25f || fabsf(y) < 0.25f ? -log1pf(y) : log_a - log_m;
 }
 
 // w = log p - log q = (x_t - m_t) - (x_s - m_s) - (ll_t - ll_s): rounding relative to w
@@ -373,23 +382,24 @@ PD_HD float log_ratio(float x_t, float x_s, float m_t, float m_s, float ll_t, fl
 }
 
 template <int DIV>
-PD_HD float div_term(float log_p, float log_q, float p, float q, float w, float beta) {
+PD_HD float div_term(float log_p, float log_q, float p, float q, float w, float beta,
+                     float beta_c) {
   if (DIV == KL) return bregman(p, q, w);
   if (DIV == REVERSE_KL) return bregman(q, p, -w);
   if (DIV == TVD) return 0.5f * (fabsf(w) < 0.25f ? p * fabsf(expm1f(-w)) : fabsf(p - q));
   if (DIV == JSD) {
-    const float m = beta * p + (1.0f - beta) * q;
+    const float m = beta * p + beta_c * q;
     if (m == 0.0f) return 0.0f;
     const float log_m = pd_log(m);
-    return beta * bregman(p, m, log_ratio_to_mixture(log_p, log_m, w, 1.0f - beta)) +
-           (1.0f - beta) * bregman(q, m, log_ratio_to_mixture(log_q, log_m, -w, beta));
+    return beta * bregman(p, m, log_ratio_to_mixture(log_p, log_m, w, beta_c)) +
+           beta_c * bregman(q, m, log_ratio_to_mixture(log_q, log_m, -w, beta));
   }
   if (DIV == SKEW_KL) {
-    const float m = beta * p + (1.0f - beta) * q;
-    return m == 0.0f ? 0.0f : bregman(p, m, log_ratio_to_mixture(log_p, pd_log(m), w, 1.0f - beta));
+    const float m = beta * p + beta_c * q;
+    return m == 0.0f ? 0.0f : bregman(p, m, log_ratio_to_mixture(log_p, pd_log(m), w, beta_c));
   }
-  const float m = beta * q + (1.0f - beta) * p;  // SKEW_REVERSE_KL
-  return m == 0.0f ? 0.0f : bregman(q, m, log_ratio_to_mixture(log_q, pd_log(m), -w, 1.0f - beta));
+  const float m = beta * q + beta_c * p;  // SKEW_REVERSE_KL
+  return m == 0.0f ? 0.0f : bregman(q, m, log_ratio_to_mixture(log_q, pd_log(m), -w, beta_c));
 }
 
 // ------------------------------------------------------------------------------------------

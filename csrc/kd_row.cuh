@@ -102,9 +102,9 @@ struct KDPass2 {
     for (int i = 0; i < n; ++i) {
       const float xt = zt[i] * a.inv_t, xs = zs[i] * a.inv_t;
       const float log_p = xt - st.m_t - st.ll_t, log_q = xs - st.m_s - st.ll_s;
-      const Terms r = pointwise<DIV>(log_p, log_q, a.beta);
+      const Terms r = pointwise<DIV>(log_p, log_q, a.beta, a.beta_c);
       d.add(div_term<DIV>(log_p, log_q, r.p, r.q, log_ratio(xt, xs, st.m_t, st.m_s, st.ll_t, st.ll_s),
-                          a.beta));
+                          a.beta, a.beta_c));
       if (DIV != KL && DIV != REVERSE_KL) {
         qh.add(r.qh);
         pu.add(r.pu);
@@ -206,7 +206,8 @@ PD_HD void kd_grad_chunk(const float* zs, const float* zt, int n, int64_t col, c
     const float xs = zs[i] * a.inv_t;
     float g_s = 0.0f, g_t = 0.0f;
     if (a.has_soft) {
-      const Terms r = pointwise<DIV>(zt[i] * a.inv_t - st.m_t - st.ll_t, xs - st.m_s - st.ll_s, a.beta);
+      const Terms r = pointwise<DIV>(zt[i] * a.inv_t - st.m_t - st.ll_t, xs - st.m_s - st.ll_s, a.beta,
+                                     a.beta_c);
       g_s = soft_coef * (r.qh - r.q * st.s_q);
       g_t = soft_coef * (r.pu - r.p * st.s_p);
     }
