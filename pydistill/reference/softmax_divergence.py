@@ -421,7 +421,15 @@ def divergence_terms(log_p, log_q, p, q, name: str, beta: float, need_teacher: b
         r = torch.where(m != 0, p / m, 0.0)
         log_ratio = log_p - torch.log(m)
         div = _weighted(p, log_ratio, m).sum(-1)
-        qh = -(1.0 - beta) * q * r
+        if w is None:
+            qh = -(1.0 - beta) * q * r
+        else:
+            # q h shifted by the constant (1 - beta) q (it cancels in q (h - S_q) as q sums to
+            # 1): -(1 - beta) q (r - 1), with r - 1 = -(1 - beta) r expm1(-w) where w is small.
+            # Near convergence r ~ 1 and h - S_q from r and its sum S lost the digits of r - 1.
+            small = w.abs() < LOG1P_FORM_MAX
+            rho = torch.where(small, -(1.0 - beta) * r * torch.expm1(-torch.where(small, w, 0.0)), r - 1.0)
+            qh = -(1.0 - beta) * q * rho
         pu = _weighted(p, log_ratio - beta * r, m) if need_teacher else None
     elif name == "skew_reverse_kl":
         m = beta * q + (1.0 - beta) * p
