@@ -421,15 +421,16 @@ def divergence_terms(log_p, log_q, p, q, name: str, beta: float, need_teacher: b
         r = torch.where(m != 0, p / m, 0.0)
         log_ratio = log_p - torch.log(m)
         div = _weighted(p, log_ratio, m).sum(-1)
-        if w is None:
-            qh = -(1.0 - beta) * q * r
-        else:
-            # q h shifted by the constant (1 - beta) q (it cancels in q (h - S_q) as q sums to
-            # 1): -(1 - beta) q (r - 1), with r - 1 = -(1 - beta) r expm1(-w) where w is small.
-            # Near convergence r ~ 1 and h - S_q from r and its sum S lost the digits of r - 1.
+        qh = -(1.0 - beta) * q * r
+        if w is not None:
+            # The gradient is -(1 - beta) q (r - S), S = sum q r. Near convergence r ~ 1 and
+            # r - S lost the digits of r - 1: there it is (r - 1) - (S - 1), r - 1 =
+            # -(1 - beta) r expm1(-w) and S - 1 = sum q (r - 1) (q sums to 1). Elsewhere (r far
+            # from 1, where S - 1 would cancel instead) r - S as it is. Returned whole, with S_q = 0.
             small = w.abs() < LOG1P_FORM_MAX
             rho = torch.where(small, -(1.0 - beta) * r * torch.expm1(-torch.where(small, w, 0.0)), r - 1.0)
-            qh = -(1.0 - beta) * q * rho
+            diff = torch.where(small, rho - (q * rho).sum(-1, keepdim=True), r - (q * r).sum(-1, keepdim=True))
+            qh_whole = -(1.0 - beta) * q * diff
         pu = _weighted(p, log_ratio - beta * r, m) if need_teacher else None
     elif name == "skew_reverse_kl":
         m = beta * q + (1.0 - beta) * p
@@ -441,6 +442,8 @@ def divergence_terms(log_p, log_q, p, q, name: str, beta: float, need_teacher: b
     else:
         raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {name!r}")
     s_q = qh.sum(-1)
+    if name == "skew_kl" and w is not None:
+        qh, s_q = qh_whole, torch.zeros_like(s_q)
     if need_teacher:
         s_p = pu.sum(-1)
     else:
