@@ -39,6 +39,7 @@ struct KDArgs {
   int64_t ignore_index;
   LogitTransform student, teacher;  // the hard term uses the student's, at temperature 1
   float inv_t, beta, hard_weight, soft_scale;
+  float beta_c;             // 1 - beta from float64: beta = 1 - 1e-9 rounds to 1 in float32
   bool has_hard, has_soft, ce_separate;
   bool compute_stats;       // forward: passes over the row; else the stats are read
 };

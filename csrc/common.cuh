@@ -32,7 +32,10 @@ enum Divergence : int { KL = 0, REVERSE_KL = 1, JSD = 2, TVD = 3, SKEW_KL = 4, S
 PD_HD float pd_exp(float x) { return expf(x); }
 PD_HD float pd_log(float x) { return logf(x); }
 PD_HD float pd_max(float a, float b) { return fmaxf(a, b); }  // NaN is dropped: see Pass1
-PD_HD float finite_or_zero(float m) { return m == kNegInf ? 0.0f : m; }
+// A running max as the shift of e^{x - shift}: 0 where it is infinite. At -inf (nothing but
+// masked entries so far) the sum stays 0; at +inf the +inf entry adds e^{+inf}, so the sum
+// and the logsumexp are +inf, as torch.logsumexp's (e^{x - inf} would make the sum NaN).
+PD_HD float finite_or_zero(float m) { return isinf(m) ? 0.0f : m; }
 
 // cap * tanh(z / cap) from one exp of a non-positive argument; -inf stays -inf.
 PD_HD float softcap(float z, float cap) {
@@ -224,14 +227,16 @@ struct BlockGroup {
 // at large V; all of them in the host implementation) before the tree reduction across
 // threads; sums that are later subtracted from a term (S_q in h_j - S_q, near +-1/2 for tvd)
 // need the extra digits.
+// Once the sum is infinite (a +inf term: a KL whose student is -inf where the teacher is not)
+// or NaN, the compensation (inf - inf) is meaningless and the sum is that value itself.
 struct KSum {
   float s = 0.0f, c = 0.0f;
   PD_HD void add(float x) {
     const float t = s + x;
-    c += fabsf(s) >= fabsf(x) ? (s - t) + x : (x - t) + s;
+    if (isfinite(t)) c += fabsf(s) >= fabsf(x) ? (s - t) + x : (x - t) + s;
     s = t;
   }
-  PD_HD float value() const { return s + c; }
+  PD_HD float value() const { return isfinite(s) ? s + c : s; }
 };
 
 // ------------------------------------------------------------------------------------------
@@ -252,8 +257,7 @@ struct Lse {
     if (mc != m) {
       const float f = pd_exp(m - mf);
       sum.s *= f;
-      sum.c *= f;
-      if (sum.s == 0.0f) sum.c = 0.0f;
+      sum.c = isfinite(sum.s) && sum.s != 0.0f ? sum.c * f : 0.0f;
     }
     for (int i = 0; i < n; ++i) sum.add(pd_exp(x[i] - mf));
     m = mc;
@@ -273,11 +277,15 @@ struct Lse {
 
 // The kl accumulator of one partial state, moved from the maxima it was taken at (m_a, m_b)
 // to new ones (M_a, M_b):  A = sum_j e^{a_j - m_a} ((a_j - m_a) - (b_j - m_b)).
-// Maxima in their finite form (-inf -> 0), as in the Triton kernel.
+// Maxima as shifts (finite_or_zero), as in the Triton kernel. Where the rescale factor
+// underflows to 0 (maxima 1e38 apart) the carried sum is 0, as torch's underflowed p = 0 is,
+// even if the log-ratio beside it overflowed.
 PD_HD float kl_move(float acc, float l_a, float m_a, float M_a, float m_b, float M_b) {
   float ma = finite_or_zero(m_a), Ma = finite_or_zero(M_a);
   float mb = finite_or_zero(m_b), Mb = finite_or_zero(M_b);
-  return l_a > 0.0f ? pd_exp(ma - Ma) * (acc + l_a * ((ma - Ma) - (mb - Mb))) : 0.0f;
+  const float f = pd_exp(ma - Ma);
+  // f applied to each part first: l_a times a log-ratio of 1e38 may overflow where f l_a times it does not
+  return l_a > 0.0f && f != 0.0f ? f * acc + (f * l_a) * ((ma - Ma) - (mb - Mb)) : 0.0f;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -290,8 +298,9 @@ struct Terms {
 // Every product with a probability is masked where that probability is exactly 0, so
 // entries that are -inf in the logits contribute 0 and never NaN, while a NaN probability
 // propagates.
+// beta_c = 1 - beta (from float64 where the caller has it)
 template <int DIV>
-PD_HD Terms pointwise(float log_p, float log_q, float beta) {
+PD_HD Terms pointwise(float log_p, float log_q, float beta, float beta_c) {
   Terms r;
   const float p = pd_exp(log_p), q = pd_exp(log_q);
   r.p = p;
@@ -307,10 +316,10 @@ PD_HD Terms pointwise(float log_p, float log_q, float beta) {
   } else if (DIV == JSD) {
     // m underflows to 0 only where p and q are both below ~1e-38: their terms are then
     // negligible, not infinite
-    const float m = beta * p + (1.0f - beta) * q;
+    const float m = beta * p + beta_c * q;
     const float log_m = pd_log(m);
     r.pu = beta * (p != 0.0f && m != 0.0f ? p * (log_p - log_m) : 0.0f);
-    r.qh = (1.0f - beta) * (q != 0.0f && m != 0.0f ? q * (log_q - log_m) : 0.0f);
+    r.qh = beta_c * (q != 0.0f && m != 0.0f ? q * (log_q - log_m) : 0.0f);
     r.d = r.pu + r.qh;
   } else if (DIV == TVD) {
     const float g = q > p ? 0.5f : (q < p ? -0.5f : 0.0f);
@@ -318,21 +327,79 @@ PD_HD Terms pointwise(float log_p, float log_q, float beta) {
     r.qh = q * g;
     r.pu = -p * g;
   } else if (DIV == SKEW_KL) {
-    const float m = beta * p + (1.0f - beta) * q;
+    const float m = beta * p + beta_c * q;
     const float ratio = m != 0.0f ? p / m : 0.0f;
     const float log_ratio = log_p - pd_log(m);
     r.d = p != 0.0f && m != 0.0f ? p * log_ratio : 0.0f;
-    r.qh = -(1.0f - beta) * q * ratio;
+    r.qh = -beta_c * q * ratio;
     r.pu = p != 0.0f && m != 0.0f ? p * (log_ratio - beta * ratio) : 0.0f;
   } else {  // SKEW_REVERSE_KL
-    const float m = beta * q + (1.0f - beta) * p;
+    const float m = beta * q + beta_c * p;
     const float ratio = m != 0.0f ? q / m : 0.0f;
     const float log_ratio = log_q - pd_log(m);
     r.d = q != 0.0f && m != 0.0f ? q * log_ratio : 0.0f;
     r.qh = q != 0.0f && m != 0.0f ? q * (log_ratio - beta * ratio) : 0.0f;
-    r.pu = -(1.0f - beta) * p * ratio;
+    r.pu = -beta_c * p * ratio;
   }
   return r;
+}
+
+template <int DIV>
+PD_HD Terms pointwise(float log_p, float log_q, float beta) {
+  return pointwise<DIV>(log_p, log_q, beta, 1.0f - beta);
+}
+
+// ------------------------------------------------------------------------------------------
+// the divergence's value, per element, in a form whose rounding does not grow with T
+// (pydistill/reference/softmax_divergence.py: divergence_value, and its block comment)
+// ------------------------------------------------------------------------------------------
+
+// kl and reverse_kl get their value online in pass 1 up to this temperature (~T^2 eps log V
+// relative to the loss: 1e-6 at T = 4); above it, in pass 2 from div_term.
+constexpr float kOnePassMaxT = 4.0f;
+
+// a log(a / b) - a + b >= 0 from u = log(a / b): the series of phi(u) = u - 1 + e^{-u} where
+// |u| < 1/2, a u - a + b elsewhere, b where a = 0
+PD_HD float bregman(float a, float b, float u) {
+  if (a == 0.0f) return b;
+  if (!(fabsf(u) < 0.5f)) return a * u - a + b;
+  const float phi = u * u * (1.0f / 2 + u * (-1.0f / 6 + u * (1.0f / 24 + u * (-1.0f / 120 + u * (
+      1.0f / 720 + u * (-1.0f / 5040 + u / 40320.0f))))));
+  return a * phi;
+}
+
+// log(a / m), m = (1 - weight_other) a + weight_other b, from w = log(a / b): -log1p(y),
+// y = weight_other expm1(-w), where |w| or |y| is small (weight_other within 1e-9 of 0: m is a
+// and log a - log m cancels)
+PD_HD float log_ratio_to_mixture(float log_a, float log_m, float w, float weight_other) {
+  const float y = weight_other * expm1f(-w);
+  return fabsf(w) < 0.25f || fabsf(y) < 0.25f ? -log1pf(y) : log_a - log_m;
+}
+
+// w = log p - log q = (x_t - m_t) - (x_s - m_s) - (ll_t - ll_s): rounding relative to w
+PD_HD float log_ratio(float x_t, float x_s, float m_t, float m_s, float ll_t, float ll_s) {
+  return ((x_t - finite_or_zero(m_t)) - (x_s - finite_or_zero(m_s))) - (ll_t - ll_s);
+}
+
+template <int DIV>
+PD_HD float div_term(float log_p, float log_q, float p, float q, float w, float beta,
+                     float beta_c) {
+  if (DIV == KL) return bregman(p, q, w);
+  if (DIV == REVERSE_KL) return bregman(q, p, -w);
+  if (DIV == TVD) return 0.5f * (fabsf(w) < 0.25f ? p * fabsf(expm1f(-w)) : fabsf(p - q));
+  if (DIV == JSD) {
+    const float m = beta * p + beta_c * q;
+    if (m == 0.0f) return 0.0f;
+    const float log_m = pd_log(m);
+    return beta * bregman(p, m, log_ratio_to_mixture(log_p, log_m, w, beta_c)) +
+           beta_c * bregman(q, m, log_ratio_to_mixture(log_q, log_m, -w, beta));
+  }
+  if (DIV == SKEW_KL) {
+    const float m = beta * p + beta_c * q;
+    return m == 0.0f ? 0.0f : bregman(p, m, log_ratio_to_mixture(log_p, pd_log(m), w, beta_c));
+  }
+  const float m = beta * q + beta_c * p;  // SKEW_REVERSE_KL
+  return m == 0.0f ? 0.0f : bregman(q, m, log_ratio_to_mixture(log_q, pd_log(m), -w, beta_c));
 }
 
 // ------------------------------------------------------------------------------------------

@@ -62,7 +62,9 @@ struct KDPass1 {
         const float maf = finite_or_zero(ma_new), mbf = finite_or_zero(mb_new);
         for (int i = 0; i < n; ++i) {
           const float e = pd_exp(xa[i] - maf);
-          acc.add(xa[i] > kNegInf ? e * ((xa[i] - maf) - (xb[i] - mbf)) : 0.0f);
+          // a zero weight (masked, or underflowed next to logits 1e38 apart) is a zero term,
+          // even where the log-ratio beside it overflows
+          acc.add(e != 0.0f ? e * ((xa[i] - maf) - (xb[i] - mbf)) : 0.0f);
         }
       }
       t.add(xt, n);
@@ -98,11 +100,15 @@ struct KDPass2 {
   template <int DIV>
   PD_HD void add(const float* zs, const float* zt, int n, const KDArgs& a, const KDRowState& st) {
     for (int i = 0; i < n; ++i) {
-      const Terms r = pointwise<DIV>(zt[i] * a.inv_t - st.m_t - st.ll_t,
-                                     zs[i] * a.inv_t - st.m_s - st.ll_s, a.beta);
-      d.add(r.d);
-      qh.add(r.qh);
-      pu.add(r.pu);
+      const float xt = zt[i] * a.inv_t, xs = zs[i] * a.inv_t;
+      const float log_p = xt - st.m_t - st.ll_t, log_q = xs - st.m_s - st.ll_s;
+      const Terms r = pointwise<DIV>(log_p, log_q, a.beta, a.beta_c);
+      d.add(div_term<DIV>(log_p, log_q, r.p, r.q, log_ratio(xt, xs, st.m_t, st.m_s, st.ll_t, st.ll_s),
+                          a.beta, a.beta_c));
+      if (DIV != KL && DIV != REVERSE_KL) {
+        qh.add(r.qh);
+        pu.add(r.pu);
+      }
     }
   }
   // group-wide sums, in every thread
@@ -121,6 +127,12 @@ PD_HD void kd_finish_pass1(const KDPass1& p1, const KDArgs& a, KDRowState& st) {
   st.ll_s = p1.s.log_l();
   st.m_t = p1.t.m;
   st.ll_t = p1.t.log_l();
+  if (a.has_soft) {
+    // a +inf logit makes the row's log-softmax NaN (torch.log_softmax's inf - inf): the soft
+    // term's value and gradients are NaN; the hard term alone keeps the logsumexp +inf
+    if (st.m_s == INFINITY) st.ll_s = NAN;
+    if (st.m_t == INFINITY) st.ll_t = NAN;
+  }
   if (a.ce_separate) {
     st.m_1 = p1.one.m;
     st.ll_1 = p1.one.log_l();
@@ -132,20 +144,39 @@ PD_HD void kd_finish_pass1(const KDPass1& p1, const KDArgs& a, KDRowState& st) {
   if (a.has_soft) {
     const float acc = p1.acc.value(), ls = p1.s.l(), lt = p1.t.l();
     if (DIV == KL) {
-      st.div = acc / lt - pd_log(lt) + pd_log(ls);
+      st.div = acc / lt - st.ll_t + st.ll_s;
       st.s_q = -1.0f;
       st.s_p = st.div + 1.0f;
     } else if (DIV == REVERSE_KL) {
-      st.div = acc / ls - pd_log(ls) + pd_log(lt);
+      st.div = acc / ls - st.ll_s + st.ll_t;
       st.s_q = st.div + 1.0f;
       st.s_p = -1.0f;
     }
   }
 }
 
-template <typename G>
+// kl and reverse_kl: S_q and S_p in closed form from D
+template <int DIV>
+PD_HD void kd_closed_sums(KDRowState& st) {
+  if (DIV == KL) {
+    st.s_q = -1.0f;
+    st.s_p = st.div + 1.0f;
+  } else if (DIV == REVERSE_KL) {
+    st.s_q = st.div + 1.0f;
+    st.s_p = -1.0f;
+  }
+}
+
+template <int DIV, typename G>
 PD_HD void kd_finish_pass2(const KDPass2& p2, KDRowState& st, G& g) {
   p2.reduce(g, st.div, st.s_q, st.s_p);
+  kd_closed_sums<DIV>(st);
+}
+
+// Whether D needs pass 2: every divergence but kl / reverse_kl, and those above kOnePassMaxT.
+template <int DIV>
+PD_HD bool kd_needs_pass2(const KDArgs& a) {
+  return a.has_soft && (!(DIV == KL || DIV == REVERSE_KL) || a.inv_t < 1.0f / kOnePassMaxT);
 }
 
 // loss = soft_scale D + hard_weight (lse(z_s) - z_s[y]); 0 for an ignored row. An
@@ -175,7 +206,8 @@ PD_HD void kd_grad_chunk(const float* zs, const float* zt, int n, int64_t col, c
     const float xs = zs[i] * a.inv_t;
     float g_s = 0.0f, g_t = 0.0f;
     if (a.has_soft) {
-      const Terms r = pointwise<DIV>(zt[i] * a.inv_t - st.m_t - st.ll_t, xs - st.m_s - st.ll_s, a.beta);
+      const Terms r = pointwise<DIV>(zt[i] * a.inv_t - st.m_t - st.ll_t, xs - st.m_s - st.ll_s, a.beta,
+                                     a.beta_c);
       g_s = soft_coef * (r.qh - r.q * st.s_q);
       g_t = soft_coef * (r.pu - r.p * st.s_p);
     }
@@ -208,7 +240,7 @@ PD_HD void kd_row(const KDArgs& a, int64_t row, G& g) {
   KDRowState st;
   st.label = a.labels ? a.labels[row] : -1;
   st.active = a.labels ? st.label != a.ignore_index : true;
-  const bool need_pass2 = a.has_soft && !(DIV == KL || DIV == REVERSE_KL);
+  const bool need_pass2 = kd_needs_pass2<DIV>(a);
 
   if (a.compute_stats) {
     if (st.active) {
@@ -229,7 +261,7 @@ PD_HD void kd_row(const KDArgs& a, int64_t row, G& g) {
           kd_load(t_row, j, n, a.teacher, zt);
           p2.template add<DIV>(zs, zt, n, a, st);
         });
-        kd_finish_pass2(p2, st, g);
+        kd_finish_pass2<DIV>(p2, st, g);
       }
     } else {
       st.m_s = st.m_t = st.m_1 = kNegInf;

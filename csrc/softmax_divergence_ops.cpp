@@ -55,6 +55,7 @@ KDCall kd_prepare(const Tensor& student, const Tensor& teacher, const c10::optio
   a.student = logit_transform(student_scale, student_softcap, "student");
   a.teacher = logit_transform(teacher_scale, teacher_softcap, "teacher");
   a.beta = static_cast<float>(beta);
+  a.beta_c = static_cast<float>(1.0 - beta);
   a.hard_weight = static_cast<float>(hard_weight);
   a.soft_scale = static_cast<float>(soft_scale);
   a.has_hard = hard_weight != 0.0;

@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kClusterThreads) kd_cluster_kernel(KDArgs a, i
   const int64_t nvec = a.V / N;
   const int64_t v0 = rank * vec_per_cta;
   const int64_t v1 = v0 + vec_per_cta < nvec ? v0 + vec_per_cta : nvec;
-  const bool need_pass2 = a.has_soft && !(DIV == KL || DIV == REVERSE_KL);
+  const bool need_pass2 = kd_needs_pass2<DIV>(a);
 
   KDRowState st;
   st.label = a.labels ? a.labels[row] : -1;
@@ -147,6 +147,7 @@ __global__ void __launch_bounds__(kClusterThreads) kd_cluster_kernel(KDArgs a, i
         shared_st.div = fd.value();
         shared_st.s_q = fqh.value();
         shared_st.s_p = fpu.value();
+        kd_closed_sums<DIV>(shared_st);
       }
       __syncthreads();
       st = shared_st;

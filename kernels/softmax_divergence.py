@@ -16,7 +16,11 @@ Forward, one program per row, the vocabulary streamed in tiles of BLOCK_V, fp32 
            whenever a running max moves (a = x_t, b = x_s for kl; swapped for reverse_kl).
            Read: s, t once. Write: one float per row (and N_STATS stats floats).
   pass 2   jsd / tvd / skew_*: with both logsumexps known, D, S_q and S_p (below). Tiles in
-           reverse order, so the first tiles re-read are the ones pass 1 read last.
+           reverse order, so the first tiles re-read are the ones pass 1 read last. D is summed
+           as Bregman terms from w = log p - log q = (x_t - m_t) - (x_s - m_s) - (ll_t - ll_s)
+           (_div_term; the reference's divergence_value has the derivation), whose rounding
+           does not grow with T. kl and reverse_kl run it too above T = ONE_PASS_MAX_T (4),
+           where pass 1's online value, a difference of O(1/T) sums, loses ~T^2 eps log V.
 
 Gradient. With h_j = dD/dq_j and u_j = dD/dp_j, the softmax chain rule gives
 
@@ -98,20 +102,41 @@ def _finite_or_zero(m):
 
 
 @triton.jit
+def _shift(m):
+    # A running max as the shift of e^{x - shift}: 0 where it is infinite. At -inf (nothing
+    # but masked entries so far) the sum stays 0; at +inf the +inf entry adds e^{+inf}, so the
+    # sum and its log are +inf and the logsumexp m + log l is +inf, as torch.logsumexp's is
+    # (e^{x - inf} would make the sum NaN).
+    return tl.where(tl.abs(m) == float("inf"), 0.0, m)
+
+
+@triton.jit
 def _online_kl_update(acc, l_a, m_a, m_a_new, m_b, m_b_new, x_a, e_a, x_b):
     # acc = sum e^{a - m_a} ((a - m_a) - (b - m_b)) over the tiles seen so far; move it to the
-    # new maxima, then add this tile. Maxima are used in their finite form (-inf -> 0), which
-    # keeps a student row that is -inf so far at +inf instead of NaN.
-    ma, ma_new = _finite_or_zero(m_a), _finite_or_zero(m_a_new)
-    mb, mb_new = _finite_or_zero(m_b), _finite_or_zero(m_b_new)
-    carried = tl.where(l_a > 0, tl.exp(ma - ma_new) * (acc + l_a * ((ma - ma_new) - (mb - mb_new))), 0.0)
-    terms = tl.where(x_a > float("-inf"), e_a * ((x_a - ma_new) - (x_b - mb_new)), 0.0)
+    # new maxima, then add this tile. Maxima are used as shifts (_shift: infinite -> 0), which
+    # keeps a student row that is -inf so far at +inf instead of NaN. A term whose weight
+    # e^{a - m_a} is 0 (a masked entry, or one that underflows: logits 1e38 apart) is 0, as
+    # torch's p = 0 is, even where the log-ratio beside it overflows to infinity; so is the
+    # carried sum when its rescale factor underflows.
+    ma, ma_new = _shift(m_a), _shift(m_a_new)
+    mb, mb_new = _shift(m_b), _shift(m_b_new)
+    f = tl.exp(ma - ma_new)
+    # (f applied to each part first: l_a times a log-ratio of 1e38 may overflow, f l_a times it not)
+    carried = tl.where((l_a > 0) & (f != 0), f * acc + (f * l_a) * ((ma - ma_new) - (mb - mb_new)), 0.0)
+    terms = tl.where(e_a != 0, e_a * ((x_a - ma_new) - (x_b - mb_new)), 0.0)
     return carried + tl.sum(terms, axis=0)
 
 
 @triton.jit
 def _pointwise(log_p, log_q, beta, DIV: tl.constexpr):
+    return _pointwise_b(log_p, log_q, beta, 1.0 - beta, DIV)
+
+
+@triton.jit
+def _pointwise_b(log_p, log_q, beta, beta_c, DIV: tl.constexpr):
     # Per element: p, q, the divergence term d, q h and p u (table in the module docstring).
+    # beta_c = 1 - beta, computed in float64 by the launcher: beta within 6e-8 of 1 rounds to
+    # 1 in float32, where 1 - beta would be 0.
     # Every product with a probability is masked where that probability is exactly 0, so
     # entries that are -inf in the logits contribute 0 and never NaN, while a NaN probability
     # (a NaN logit in the row) is kept and propagates.
@@ -128,10 +153,10 @@ def _pointwise(log_p, log_q, beta, DIV: tl.constexpr):
     elif DIV == JSD:
         # m underflows to 0 only where p and q are both below ~1e-38 (a denormal p or q times
         # beta rounds to 0 without FTZ): their terms are then negligible, not infinite
-        m = beta * p + (1.0 - beta) * q
+        m = beta * p + beta_c * q
         log_m = tl.log(m)
         pu = beta * tl.where((p != 0) & (m != 0), p * (log_p - log_m), 0.0)
-        qh = (1.0 - beta) * tl.where((q != 0) & (m != 0), q * (log_q - log_m), 0.0)
+        qh = beta_c * tl.where((q != 0) & (m != 0), q * (log_q - log_m), 0.0)
         d = pu + qh
     elif DIV == TVD:
         g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
@@ -139,26 +164,96 @@ def _pointwise(log_p, log_q, beta, DIV: tl.constexpr):
         qh = q * g
         pu = -p * g
     elif DIV == SKEW_KL:
-        m = beta * p + (1.0 - beta) * q
+        m = beta * p + beta_c * q
         r = tl.where(m != 0, p / m, 0.0)
         log_ratio = log_p - tl.log(m)
         d = tl.where((p != 0) & (m != 0), p * log_ratio, 0.0)  # m == 0: see jsd
-        qh = -(1.0 - beta) * q * r
+        qh = -beta_c * q * r
         pu = tl.where((p != 0) & (m != 0), p * (log_ratio - beta * r), 0.0)
     else:  # SKEW_REVERSE_KL
-        m = beta * q + (1.0 - beta) * p
+        m = beta * q + beta_c * p
         r = tl.where(m != 0, q / m, 0.0)
         log_ratio = log_q - tl.log(m)
         d = tl.where((q != 0) & (m != 0), q * log_ratio, 0.0)
         qh = tl.where((q != 0) & (m != 0), q * (log_ratio - beta * r), 0.0)
-        pu = -(1.0 - beta) * p * r
+        pu = -beta_c * p * r
     return p, q, d, qh, pu
+
+
+@triton.jit
+def _expm1_small(x):
+    # e^x - 1 for |x| <= 1/4 (the series to x^7: 1e-8 relative); tl has no expm1
+    return x * (1.0 + x / 2.0 * (1.0 + x / 3.0 * (1.0 + x / 4.0 * (1.0 + x / 5.0 * (
+        1.0 + x / 6.0 * (1.0 + x / 7.0))))))
+
+
+@triton.jit
+def _log1p_small(y):
+    # log(1 + y) for |y| <= 0.3 as 2 atanh(s), s = y / (2 + y) <= 0.18 (to s^9: 1e-8 relative)
+    s = y / (2.0 + y)
+    s2 = s * s
+    return 2.0 * s * (1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 / 9.0))))
+
+
+@triton.jit
+def _bregman(a, b, u):
+    # a log(a / b) - a + b >= 0 from u = log(a / b) (reference: bregman): the series of
+    # phi(u) = u - 1 + e^{-u} where |u| < 1/2, a u - a + b elsewhere, b where a = 0
+    small = tl.abs(u) < 0.5
+    v = tl.where(small, u, 0.0)
+    phi = v * v * (1.0 / 2.0 + v * (-1.0 / 6.0 + v * (1.0 / 24.0 + v * (-1.0 / 120.0 + v * (
+        1.0 / 720.0 + v * (-1.0 / 5040.0 + v / 40320.0))))))
+    out = tl.where(small, a * phi, a * u - a + b)
+    return tl.where(a == 0, b, out)
+
+
+@triton.jit
+def _log_ratio_to_mixture(log_a, log_m, w, weight_other):
+    # log(a / m), m = (1 - weight_other) a + weight_other b, from w = log(a / b): -log1p(y),
+    # y = weight_other expm1(-w), where |w| or |y| is small (reference: _log_ratio_to_mixture)
+    small_w = tl.abs(w) < 0.25
+    y = weight_other * tl.where(small_w, _expm1_small(-tl.where(small_w, w, 0.0)), tl.exp(-w) - 1.0)
+    small = small_w | (tl.abs(y) < 0.25)
+    return tl.where(small, -_log1p_small(tl.where(small, y, 0.0)), log_a - log_m)
+
+
+@triton.jit
+def _div_term(log_p, log_q, p, q, w, beta, beta_c, DIV: tl.constexpr):
+    # The divergence's per-element term as the reference's divergence_value sums it: Bregman
+    # terms whose rounding does not grow with T (w = log p - log q from _log_ratio).
+    if DIV == KL:
+        d = _bregman(p, q, w)
+    elif DIV == REVERSE_KL:
+        d = _bregman(q, p, -w)
+    elif DIV == JSD:
+        m = beta * p + beta_c * q
+        log_m = tl.log(m)
+        d = beta * _bregman(p, m, _log_ratio_to_mixture(log_p, log_m, w, beta_c)) + beta_c * _bregman(
+            q, m, _log_ratio_to_mixture(log_q, log_m, -w, beta))
+        d = tl.where(m != 0, d, 0.0)
+    elif DIV == TVD:
+        small = tl.abs(w) < 0.25
+        d = 0.5 * tl.where(small, p * tl.abs(_expm1_small(-tl.where(small, w, 0.0))), tl.abs(p - q))
+    elif DIV == SKEW_KL:
+        m = beta * p + beta_c * q
+        d = tl.where(m != 0, _bregman(p, m, _log_ratio_to_mixture(log_p, tl.log(m), w, beta_c)), 0.0)
+    else:  # SKEW_REVERSE_KL
+        m = beta * q + beta_c * p
+        d = tl.where(m != 0, _bregman(q, m, _log_ratio_to_mixture(log_q, tl.log(m), -w, beta_c)), 0.0)
+    return d
+
+
+@triton.jit
+def _log_ratio(x_t, x_s, m_t, m_s, ll_t, ll_s):
+    # w = log p - log q as (x_t - m_t) - (x_s - m_s) - (ll_t - ll_s): rounding relative to w
+    # (the difference of the two log-probabilities is rounded at their size, ~log V)
+    return ((x_t - _shift(m_t)) - (x_s - _shift(m_s))) - (ll_t - ll_s)
 
 
 @triton.jit
 def _grad_pass(
     s_row, t_row, gs_row, gt_row, label, active, V, n_tiles,
-    inv_t, s_scale, s_cap, t_scale, t_cap, beta, hard_weight, soft_coef, row_scale,
+    inv_t, s_scale, s_cap, t_scale, t_cap, beta, beta_c, hard_weight, soft_coef, row_scale,
     m_s, ll_s, m_t, ll_t, m_1, ll_1, s_q, s_p,
     DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, HAS_HARD: tl.constexpr,
     HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
@@ -177,7 +272,7 @@ def _grad_pass(
         g_t = tl.zeros([BLOCK_V], dtype=tl.float32)
         if HAS_SOFT:
             z_t = _load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP)
-            p, q, d, qh, pu = _pointwise(z_t * inv_t - m_t - ll_t, x_s - m_s - ll_s, beta, DIV)
+            p, q, d, qh, pu = _pointwise_b(z_t * inv_t - m_t - ll_t, x_s - m_s - ll_s, beta, beta_c, DIV)
             g_s = soft_coef * (qh - q * s_q)
             g_t = soft_coef * (pu - p * s_p)
         if HAS_HARD:
@@ -249,7 +344,7 @@ def _row_start(row, s_ptr, t_ptr, labels_ptr, n_inner, s_stride_outer, s_stride_
 def _kd_fwd_kernel(
     s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, gs_ptr, gt_ptr, scale_ptr, ent_ptr,
     n_inner, s_stride_outer, s_stride_inner, t_stride_outer, t_stride_inner, scale_stride,
-    V, inv_t, s_scale, s_cap, t_scale, t_cap, beta, hard_weight, soft_scale, grad_scale,
+    V, inv_t, s_scale, s_cap, t_scale, t_cap, beta, beta_c, hard_weight, soft_scale, grad_scale,
     ignore_index,
     DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
@@ -281,29 +376,34 @@ def _kd_fwd_kernel(
         z_s = _load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP)
         x_s = z_s * inv_t
         m_s_new = tl.maximum(m_s, tl.max(x_s, axis=0))
-        e_s = tl.exp(x_s - _finite_or_zero(m_s_new))
+        e_s = tl.exp(x_s - _shift(m_s_new))
         if ENTROPY:  # B against a zero "b" side: the same online update as kl's
             h_acc = _online_kl_update(h_acc, l_s, m_s, m_s_new, 0.0, 0.0, x_s, e_s, tl.zeros_like(e_s))
         if HAS_SOFT:
             x_t = _load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP) * inv_t
             m_t_new = tl.maximum(m_t, tl.max(x_t, axis=0))
-            e_t = tl.exp(x_t - _finite_or_zero(m_t_new))
+            e_t = tl.exp(x_t - _shift(m_t_new))
             if DIV == KL:
                 acc = _online_kl_update(acc, l_t, m_t, m_t_new, m_s, m_s_new, x_t, e_t, x_s)
             if DIV == REVERSE_KL:
                 acc = _online_kl_update(acc, l_s, m_s, m_s_new, m_t, m_t_new, x_s, e_s, x_t)
-            l_t = l_t * tl.exp(m_t - _finite_or_zero(m_t_new)) + tl.sum(e_t, axis=0)
+            l_t = l_t * tl.exp(m_t - _shift(m_t_new)) + tl.sum(e_t, axis=0)
             m_t = m_t_new
-        l_s = l_s * tl.exp(m_s - _finite_or_zero(m_s_new)) + tl.sum(e_s, axis=0)
+        l_s = l_s * tl.exp(m_s - _shift(m_s_new)) + tl.sum(e_s, axis=0)
         m_s = m_s_new
         if CE_SEPARATE:
             m_1_new = tl.maximum(m_1, tl.max(z_s, axis=0))
-            l_1 = l_1 * tl.exp(m_1 - _finite_or_zero(m_1_new)) + tl.sum(
-                tl.exp(z_s - _finite_or_zero(m_1_new)), axis=0
+            l_1 = l_1 * tl.exp(m_1 - _shift(m_1_new)) + tl.sum(
+                tl.exp(z_s - _shift(m_1_new)), axis=0
             )
             m_1 = m_1_new
     ll_s = tl.log(l_s)
     ll_t = tl.log(l_t)
+    if HAS_SOFT:
+        # a +inf logit makes the row's log-softmax NaN (torch.log_softmax's inf - inf): the
+        # soft term's value and gradients are NaN; the hard term alone keeps the logsumexp +inf
+        ll_s = tl.where(m_s == float("inf"), float("nan"), ll_s)
+        ll_t = tl.where(m_t == float("inf"), float("nan"), ll_t)
     if CE_SEPARATE:
         ll_1 = tl.log(l_1)
     else:
@@ -316,14 +416,12 @@ def _kd_fwd_kernel(
     s_p = 0.0
     if HAS_SOFT:
         if DIV == KL:
-            div = acc / l_t - tl.log(l_t) + tl.log(l_s)
-            s_q = -1.0
-            s_p = div + 1.0
+            div = acc / l_t - ll_t + ll_s
         elif DIV == REVERSE_KL:
-            div = acc / l_s - tl.log(l_s) + tl.log(l_t)
-            s_q = div + 1.0
-            s_p = -1.0
-        elif NEEDS_PASS2:
+            div = acc / l_s - ll_s + ll_t
+        if NEEDS_PASS2:
+            # every divergence but kl / reverse_kl at T <= ONE_PASS_MAX_T; D from the Bregman
+            # terms of _div_term
             d_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
             q_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
             p_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -332,13 +430,23 @@ def _kd_fwd_kernel(
                 mask = cols < V
                 x_s = _load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP) * inv_t
                 x_t = _load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP) * inv_t
-                p, q, d, qh, pu = _pointwise(x_t - m_t - ll_t, x_s - m_s - ll_s, beta, DIV)
-                d_acc += d
-                q_acc += qh
-                p_acc += pu
+                log_p = x_t - m_t - ll_t
+                log_q = x_s - m_s - ll_s
+                p, q, d, qh, pu = _pointwise_b(log_p, log_q, beta, beta_c, DIV)
+                d_acc += _div_term(log_p, log_q, p, q, _log_ratio(x_t, x_s, m_t, m_s, ll_t, ll_s),
+                                   beta, beta_c, DIV)
+                if DIV != KL and DIV != REVERSE_KL:
+                    q_acc += qh
+                    p_acc += pu
             div = tl.sum(d_acc, axis=0)
             s_q = tl.sum(q_acc, axis=0)
             s_p = tl.sum(p_acc, axis=0)
+        if DIV == KL:
+            s_q = -1.0
+            s_p = div + 1.0
+        elif DIV == REVERSE_KL:
+            s_q = div + 1.0
+            s_p = -1.0
 
     loss = soft_scale * div
     if HAS_HARD:
@@ -363,7 +471,8 @@ def _kd_fwd_kernel(
         row_scale = _row_scale(grad_scale, scale_ptr, row, scale_stride, HAS_SCALE_PTR)
         _grad_pass(
             s_row, t_row, gs_ptr + row * V, gt_ptr + row * V, label, active, V, n_tiles,
-            inv_t, s_scale, s_cap, t_scale, t_cap, beta, hard_weight, soft_scale * inv_t, row_scale,
+            inv_t, s_scale, s_cap, t_scale, t_cap, beta, beta_c, hard_weight, soft_scale * inv_t,
+            row_scale,
             m_s, ll_s, m_t, ll_t, m_1, ll_1, s_q, s_p,
             DIV, S_CAP, T_CAP, HAS_HARD, HAS_SOFT, CE_SEPARATE, GRAD_S, GRAD_T, BLOCK_V,
         )
@@ -373,7 +482,7 @@ def _kd_fwd_kernel(
 def _kd_bwd_kernel(
     s_ptr, t_ptr, labels_ptr, stats_ptr, gs_ptr, gt_ptr, scale_ptr,
     n_inner, s_stride_outer, s_stride_inner, t_stride_outer, t_stride_inner, scale_stride,
-    V, inv_t, s_scale, s_cap, t_scale, t_cap, beta, hard_weight, soft_scale, grad_scale,
+    V, inv_t, s_scale, s_cap, t_scale, t_cap, beta, beta_c, hard_weight, soft_scale, grad_scale,
     ignore_index,
     DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
@@ -389,7 +498,8 @@ def _kd_bwd_kernel(
     row_scale = _row_scale(grad_scale, scale_ptr, row, scale_stride, HAS_SCALE_PTR)
     _grad_pass(
         s_row, t_row, gs_ptr + row * V, gt_ptr + row * V, label, active, V, tl.cdiv(V, BLOCK_V),
-        inv_t, s_scale, s_cap, t_scale, t_cap, beta, hard_weight, soft_scale * inv_t, row_scale,
+        inv_t, s_scale, s_cap, t_scale, t_cap, beta, beta_c, hard_weight, soft_scale * inv_t,
+            row_scale,
         tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3), tl.load(st + 4),
         tl.load(st + 5), tl.load(st + 7), tl.load(st + 8),
         DIV, S_CAP, T_CAP, HAS_HARD, HAS_SOFT, CE_SEPARATE, GRAD_S, GRAD_T, BLOCK_V,
@@ -506,7 +616,8 @@ def _launch_args(student, teacher, labels, cfg, divergence, grad_s, grad_t, grad
         t_stride_outer=so_t, t_stride_inner=si_t,
         scale_stride=scale.stride(0) if scale is not None and scale.numel() > 1 else 0,
         V=vocab, inv_t=1.0 / cfg.temperature, **transform_args(cfg),
-        beta=float(cfg.beta), hard_weight=float(cfg.hard_weight), soft_scale=float(cfg.soft_scale),
+        beta=float(cfg.beta), beta_c=1.0 - float(cfg.beta),  # 1 - beta before rounding to float32
+        hard_weight=float(cfg.hard_weight), soft_scale=float(cfg.soft_scale),
         grad_scale=float(grad_scale), ignore_index=int(cfg.ignore_index),
         DIV=DIVERGENCE_CODES[divergence],
         HAS_LABELS=labels is not None, HAS_HARD=hard, HAS_SOFT=cfg.has_soft,
@@ -514,6 +625,16 @@ def _launch_args(student, teacher, labels, cfg, divergence, grad_s, grad_t, grad
         GRAD_S=grad_s is not None, GRAD_T=grad_t is not None,
         BLOCK_V=block, num_warps=_num_warps(block), **LAUNCH_OPTIONS,
     )
+
+
+# kl and reverse_kl get their value online in pass 1, whose rounding is ~T^2 eps log V relative
+# to the loss (the difference of O(1/T) sums): 1e-6 up to T = 4. Above it a second pass sums
+# the Bregman terms (_div_term), whose rounding does not grow with T (module docstring).
+ONE_PASS_MAX_T = 4.0
+
+
+def needs_pass2(divergence: str, temperature: float) -> bool:
+    return divergence not in ("kl", "reverse_kl") or temperature > ONE_PASS_MAX_T
 
 
 def kd_fwd(student, teacher, labels, cfg, divergence, *, grad_s=None, grad_t=None,
@@ -532,7 +653,7 @@ def kd_fwd(student, teacher, labels, cfg, divergence, *, grad_s=None, grad_t=Non
         _kd_fwd_kernel[(n_rows,)](
             loss_ptr=loss, stats_ptr=stats, STORE_STATS=store_stats,
             ent_ptr=entropy if entropy is not None else loss, ENTROPY=entropy is not None,
-            NEEDS_PASS2=divergence not in ("kl", "reverse_kl"), **args,
+            NEEDS_PASS2=needs_pass2(divergence, cfg.temperature), **args,
         )
     return loss, stats
 

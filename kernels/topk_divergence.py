@@ -63,6 +63,7 @@ from pydistill.kernels.softmax_divergence import (
     _pointwise,
     _row_offset,
     _row_scale,
+    _shift,
 )
 
 TAIL_CODES = {"bucket": 0, "renormalize": 1, "ignore": 2}
@@ -80,7 +81,7 @@ N_STATS = tl.constexpr(8)
 def _online_lse(m, l, x):
     # fold tile x into the running max m and sum l of e^{x - m}
     m_new = tl.maximum(m, tl.max(x, axis=0))
-    m_f = _finite_or_zero(m_new)
+    m_f = _shift(m_new)
     return m_new, l * tl.exp(m - m_f) + tl.sum(tl.exp(x - m_f), axis=0)
 
 

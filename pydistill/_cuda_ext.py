@@ -282,7 +282,11 @@ def _register_python_side():
                                             *ctx.params, need_s, need_t)
         return (gs if need_s else None, gt if need_t else None) + (None,) * (1 + len(ctx.params))
 
-    register_autograd("pydistill::kd_fwd", kd_backward, setup_context=kd_setup)
+    # once differentiable, as the other backends' Functions: under create_graph=True the
+    # gradients carry no graph of their own (differentiating them again raises) rather than the
+    # silent zeros of PyTorch's fallback for kd_bwd, which has no autograd formula
+    register_autograd("pydistill::kd_fwd", torch.autograd.function.once_differentiable(kd_backward),
+                      setup_context=kd_setup)
 
     def topk_setup(ctx, inputs, output):
         student, lp, idx, labels = inputs[:4]
@@ -300,4 +304,6 @@ def _register_python_side():
             gs = torch.ops.pydistill.topk_bwd(grad_rows, student, lp, idx, labels, stats, *ctx.params)
         return (gs,) + (None,) * (3 + len(ctx.params))
 
-    register_autograd("pydistill::topk_fwd", topk_backward, setup_context=topk_setup)
+    register_autograd("pydistill::topk_fwd",
+                      torch.autograd.function.once_differentiable(topk_backward),
+                      setup_context=topk_setup)

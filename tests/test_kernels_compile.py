@@ -46,7 +46,8 @@ def kd_variants():
         flags = dict(DIV=code, S_CAP=full, T_CAP=full, HAS_LABELS=full, HAS_HARD=full,
                      HAS_SOFT=True, CE_SEPARATE=full, HAS_SCALE_PTR=full, GRAD_S=full,
                      GRAD_T=full, BLOCK_V=4096)
-        fwd = dict(flags, NEEDS_PASS2=div not in ("kl", "reverse_kl"), STORE_STATS=not full,
+        # kl / reverse_kl: pass 2 above T = 4 (kernels.softmax_divergence.needs_pass2)
+        fwd = dict(flags, NEEDS_PASS2=div not in ("kl", "reverse_kl") or full, STORE_STATS=not full,
                    ENTROPY=full)
         tag = f"{div}-sm{arch}-{'all' if full else 'min'}"
         out.append(dict(name=f"fwd-{tag}", module=KERNELS, kernel="_kd_fwd_kernel", consts=fwd,

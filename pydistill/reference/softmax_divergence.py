@@ -225,14 +225,22 @@ def per_row_loss(student_logits, teacher_logits, labels, cfg: KDConfig):
 def hard_cross_entropy(z, labels, counted, grad: bool = False):
     """Per-row CE(z, y) at temperature 1 over the last dim, and with ``grad`` its gradient
     softmax(z) - onehot(y) (else None). An out-of-range label gives NaN, as in the kernels,
-    rather than a device assert; ignored rows read column 0 (the caller masks them)."""
-    lse = torch.logsumexp(z, dim=-1)
+    rather than a device assert; ignored rows read column 0 (the caller masks them).
+
+    The logsumexp is kept as its two terms m + log l (m the row's max), as the kernels keep
+    it: CE = (m - z_y) + log l and softmax = e^{(z - m) - log l}. Folding them into one
+    float first loses log l next to logits of 1e30 (a CE of log 2 between two equal
+    maxima came out 0). An infinite max is used as a shift of 0: a +inf logit makes l and
+    the CE +inf (NaN when z_y is that +inf), as torch.logsumexp does."""
+    m = z.detach().amax(dim=-1, keepdim=True)  # a shift: CE does not depend on it
+    m = torch.where(m.abs() == math.inf, 0.0, m)
+    log_l = (z - m).exp().sum(-1).log()
     in_range = (labels >= 0) & (labels < z.shape[-1])
     target = torch.where(counted & in_range, labels, 0).long()[..., None]
-    ce = torch.where(in_range, lse - z.gather(-1, target).squeeze(-1), math.nan)
+    ce = torch.where(in_range, (m.squeeze(-1) - z.gather(-1, target).squeeze(-1)) + log_l, math.nan)
     if not grad:
         return ce, None
-    soft1 = (z - lse[..., None]).exp_()
+    soft1 = (z - m).sub_(log_l[..., None]).exp_()
     soft1.scatter_add_(-1, target, torch.full(target.shape, -1.0, dtype=z.dtype, device=z.device))
     return ce, soft1
 
@@ -272,22 +280,126 @@ def _weighted(w, x, m=None):
     return torch.where(keep, w * x, 0.0)
 
 
-def divergence_terms(log_p, log_q, p, q, name: str, beta: float, need_teacher: bool):
+# ---- the divergence's value, summed so that its rounding does not grow with T^2 --------------
+# At a large temperature p and q are both near uniform: log p_j - log q_j is O(1/T) and D is
+# O(1/T^2), the difference of sums of O(1/T) terms. Summed as sum p (log p - log q), the
+# rounding of each log-probability (eps log V, absolute) survives the cancellation: the loss
+# T^2 D was off by 0.1 % at T = 100 and by its own size at T = 1e3. Instead:
+#   * w = log p - log q is taken from the max-shifted logits and the difference of the two
+#     log-sums, (x_t - m_t) - (x_s - m_s) - (ll_t - ll_s): relative rounding on w itself;
+#   * every divergence is a sum of Bregman terms a phi(log(a / b)) >= 0, phi(u) = u - 1 + e^{-u}
+#     = a log(a / b) - a + b, whose extra - a + b sums to 0 (both a and b sum to 1), so that
+#     each term is O(w^2) and an error in the shared ll_t - ll_s enters only at second order;
+#   * phi by its series where |u| < 1/2 (9 digits), a u - a + b elsewhere (no e^{-u} overflow):
+#         kl          p phi(w)
+#         reverse_kl  q phi(-w)
+#         skew_kl     p phi(u_p),   u_p = log(p / m) = -log1p((1 - a) expm1(-w))
+#         skew_rkl    q phi(u_q),   u_q = log(q / m) = -log1p((1 - a) expm1(w))
+#         jsd         b p phi(u_p) + (1 - b) q phi(u_q),  u_p = -log1p((1 - b) expm1(-w)),
+#                     u_q = -log1p(b expm1(w))
+#     (the log1p forms where |w| < 1/4; log a - log m from the probabilities elsewhere).
+#   * tvd: |p - q| = p |expm1(-w)| where |w| < 1/4. It has no Bregman form: the rounding of
+#     ll_t - ll_s stays first order, a relative error ~ eps T (its value T^2 D grows like T).
+# The gradients keep the table's formulas.
+# The kernels (kernels/softmax_divergence.py, csrc/common.cuh) compute the same terms.
+
+BREGMAN_SERIES_MAX = 0.5  # |u| below which phi(u) is summed from its series
+LOG1P_FORM_MAX = 0.25  # |w| below which log(a / m) (and tvd's |p - q|) is taken from w
+
+
+def _phi_series(u):
+    """u - 1 + e^{-u} for |u| <= 1/2, to float32's precision (the next term is 4e-8 of it)."""
+    c = (1 / 2, -1 / 6, 1 / 24, -1 / 120, 1 / 720, -1 / 5040, 1 / 40320)
+    acc = torch.full_like(u, c[-1])
+    for k in reversed(c[:-1]):
+        acc = acc * u + k
+    return acc * u * u
+
+
+def bregman(a, b, u):
+    """a log(a / b) - a + b >= 0, elementwise, from u = log(a / b): b where a = 0, +inf where
+    b = 0 < a; NaN propagates."""
+    small = u.abs() < BREGMAN_SERIES_MAX
+    direct = a * u - a + b
+    out = torch.where(small, a * _phi_series(torch.where(small, u, 0.0)), direct)
+    return torch.where(a == 0, b, out)
+
+
+def _log_ratio_to_mixture(log_a, log_m, w, weight_other: float):
+    """log(a / m) for m = (1 - weight_other) a + weight_other b, from w = log(a / b):
+    -log1p(y), y = weight_other expm1(-w), where |w| or |y| is small (the latter: b's weight
+    within 1e-9 of 0, where m is a and log a - log m cancels); log a - log m elsewhere."""
+    y = weight_other * torch.expm1(-w)
+    small = (w.abs() < LOG1P_FORM_MAX) | (y.abs() < LOG1P_FORM_MAX)
+    near = -torch.log1p(torch.where(small, y, 0.0))
+    return torch.where(small, near, log_a - log_m)
+
+
+def divergence_value(log_p, log_q, p, q, w, name: str, beta: float):
+    """Per-row D(p, q) as a sum of Bregman terms (the block comment above), from the
+    log-probabilities, the probabilities and w = log p - log q (accurate; see
+    tempered_log_ratio). ``name`` is a canonical divergence. Only for distributions that
+    each sum to 1."""
+    if name == "kl":
+        return bregman(p, q, w).sum(-1)
+    if name == "reverse_kl":
+        return bregman(q, p, -w).sum(-1)
+    if name == "tvd":  # |p - q| = p |expm1(-w)| where |w| is small
+        small = w.abs() < LOG1P_FORM_MAX
+        near = p * torch.expm1(-torch.where(small, w, 0.0)).abs()
+        return 0.5 * torch.where(small, near, (p - q).abs()).sum(-1)
+    if name == "skew_kl":
+        m = beta * p + (1.0 - beta) * q
+        u = _log_ratio_to_mixture(log_p, torch.log(m), w, 1.0 - beta)
+        return torch.where(m != 0, bregman(p, m, u), 0.0).sum(-1)
+    if name == "skew_reverse_kl":
+        m = beta * q + (1.0 - beta) * p
+        u = _log_ratio_to_mixture(log_q, torch.log(m), -w, 1.0 - beta)
+        return torch.where(m != 0, bregman(q, m, u), 0.0).sum(-1)
+    if name == "jsd":
+        m = beta * p + (1.0 - beta) * q
+        log_m = torch.log(m)
+        u_p = _log_ratio_to_mixture(log_p, log_m, w, 1.0 - beta)
+        u_q = _log_ratio_to_mixture(log_q, log_m, -w, beta)
+        d = beta * bregman(p, m, u_p) + (1.0 - beta) * bregman(q, m, u_q)
+        return torch.where(m != 0, d, 0.0).sum(-1)
+    raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {name!r}")
+
+
+def tempered_log_ratio(x_t, x_s):
+    """w = log softmax(x_t) - log softmax(x_s), elementwise, as
+    (x_t - m_t) - (x_s - m_s) - (ll_t - ll_s) (m the row maxima, ll the log-sums): rounding
+    relative to w, which the difference of the two log-softmaxes (each rounded at its own
+    size, ~log V) does not have at large T. Infinite maxima shift by 0, as in the kernels."""
+    def shifted(x):
+        m = x.amax(dim=-1, keepdim=True)
+        a = x - torch.where(m.abs() == math.inf, 0.0, m)
+        return a, torch.logsumexp(a, dim=-1, keepdim=True)
+
+    a_t, ll_t = shifted(x_t)
+    a_s, ll_s = shifted(x_s)
+    return (a_t - a_s) - (ll_t - ll_s)
+
+
+def divergence_terms(log_p, log_q, p, q, name: str, beta: float, need_teacher: bool, w=None):
     """Per-row D and, for the softmax chain rule dD/ds_j = q_j (h_j - S_q) / T (and
     dD/dt_j = p_j (u_j - S_p) / T), the elementwise q h, p u and the per-row S_q, S_p, with
     h = dD/dq and u = dD/dp. ``name`` is a canonical divergence (see
-    KDConfig.canonical_divergence). p u and S_p are None unless ``need_teacher``."""
+    KDConfig.canonical_divergence). p u and S_p are None unless ``need_teacher``. With ``w``
+    (log p - log q from tempered_log_ratio; only where p and q each sum to 1) D is
+    divergence_value's, whose rounding does not grow with the temperature."""
+    exact = divergence_value(log_p, log_q, p, q, w, name, beta) if w is not None else None
     pu = s_p = None
     if name == "kl":
         d = _weighted(p, log_p - log_q)
-        div = d.sum(-1)
+        div = d.sum(-1) if exact is None else exact
         qh, s_q = -p, torch.full_like(div, -1.0)
         if need_teacher:
             pu, s_p = d + p, div + 1.0
         return div, qh, s_q, pu, s_p
     if name == "reverse_kl":
         d = _weighted(q, log_q - log_p)
-        div = d.sum(-1)
+        div = d.sum(-1) if exact is None else exact
         qh, s_q = d + q, div + 1.0
         if need_teacher:
             pu, s_p = -q, torch.full_like(div, -1.0)
@@ -310,6 +422,15 @@ def divergence_terms(log_p, log_q, p, q, name: str, beta: float, need_teacher: b
         log_ratio = log_p - torch.log(m)
         div = _weighted(p, log_ratio, m).sum(-1)
         qh = -(1.0 - beta) * q * r
+        if w is not None:
+            # The gradient is -(1 - beta) q (r - S), S = sum q r. Near convergence r ~ 1 and
+            # r - S lost the digits of r - 1: there it is (r - 1) - (S - 1), r - 1 =
+            # -(1 - beta) r expm1(-w) and S - 1 = sum q (r - 1) (q sums to 1). Elsewhere (r far
+            # from 1, where S - 1 would cancel instead) r - S as it is. Returned whole, with S_q = 0.
+            small = w.abs() < LOG1P_FORM_MAX
+            rho = torch.where(small, -(1.0 - beta) * r * torch.expm1(-torch.where(small, w, 0.0)), r - 1.0)
+            diff = torch.where(small, rho - (q * rho).sum(-1, keepdim=True), r - (q * r).sum(-1, keepdim=True))
+            qh_whole = -(1.0 - beta) * q * diff
         pu = _weighted(p, log_ratio - beta * r, m) if need_teacher else None
     elif name == "skew_reverse_kl":
         m = beta * q + (1.0 - beta) * p
@@ -321,11 +442,13 @@ def divergence_terms(log_p, log_q, p, q, name: str, beta: float, need_teacher: b
     else:
         raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {name!r}")
     s_q = qh.sum(-1)
+    if name == "skew_kl" and w is not None:
+        qh, s_q = qh_whole, torch.zeros_like(s_q)
     if need_teacher:
         s_p = pu.sum(-1)
     else:
         pu = None
-    return div, qh, s_q, pu, s_p
+    return (div if exact is None else exact), qh, s_q, pu, s_p
 
 
 def _softcap_slope(z, softcap):
@@ -372,17 +495,15 @@ def chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out
         if entropy is not None:
             entropy.copy_(_weighted(q, log_q).sum(-1).neg_())
         name = cfg.canonical_divergence()
+        w = tempered_log_ratio(scaled(z_t), scaled(z_s))
         if name == "kl" and not need_t:  # the common case, with fewer passes: q h - q S_q = q - p
-            # p (log p - log q) is NaN only at 0 * inf (masked entries: zero them) or in a row
-            # with a NaN input, whose first log-prob is then NaN too (keep it NaN)
-            nan_row = torch.isnan(log_q[:, 0]) | torch.isnan(log_p[:, 0])
-            d = log_p.sub_(log_q).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
-            div = d.sum(-1).masked_fill_(nan_row, math.nan)
-            del d, log_p, log_q
+            div = divergence_value(log_p, log_q, p, q, w, name, cfg.beta)
+            del w, log_p, log_q
             if out_s is not None:
                 g_s = q.sub_(p)
         else:
-            div, qh, s_q, pu, s_p = divergence_terms(log_p, log_q, p, q, name, cfg.beta, need_t)
+            div, qh, s_q, pu, s_p = divergence_terms(log_p, log_q, p, q, name, cfg.beta, need_t, w)
+            del w
             if out_s is not None:
                 g_s = qh.sub_(q * s_q[:, None])
             if need_t:
@@ -455,6 +576,41 @@ def chunk_row_scale(labels, n_rows: int, cfg: KDConfig, dtype, device):
     return n_rows, (1.0 / max(n_rows, 1) if mean else 1.0)
 
 
+def empty_rows(like: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """A contiguous (n_rows, V) buffer of ``like``'s dtype and device."""
+    return torch.empty((n_rows, like.shape[-1]), dtype=like.dtype, device=like.device)
+
+
+def _row_blocks(x: torch.Tensor):
+    """x (..., V) as (blocks, rows, V) views with unit row stride where possible: one block when
+    the leading dims flatten without a copy, else one block per index of all but the last
+    leading dim (a causal shift logits[:, :-1] is B blocks of L - 1 rows: no copy)."""
+    vocab = x.shape[-1]
+    try:
+        return x.view(1, -1, vocab)
+    except RuntimeError:
+        rows = x.shape[-2] if x.dim() >= 2 else 1
+        return x.reshape(-1, rows, vocab)  # a view unless the outer dims do not merge either
+
+
+def row_chunks(tensors, step: int):
+    """(slice of the flattened rows, [the chunk of each tensor]) over chunks of at most ``step``
+    rows of tensors of one shape (..., V), reading each through _row_blocks (no (N, V) copy of
+    a sliced input); a chunk never spans two blocks of any tensor."""
+    blocks = [_row_blocks(x) for x in tensors]
+    per = min(b.shape[1] for b in blocks)  # rows per block of the most fragmented layout
+    n_rows = tensors[0].shape[:-1].numel()
+    for block_start in range(0, n_rows, max(per, 1)):
+        block_end = min(n_rows, block_start + per)
+        for start in range(block_start, block_end, step):
+            end = min(block_end, start + step)
+            chunk = []
+            for b in blocks:
+                i, r = divmod(start, b.shape[1])
+                chunk.append(b[i, r:r + (end - start)])
+            yield slice(start, end), chunk
+
+
 class ChunkedKDLoss(torch.autograd.Function):
     """``kd_loss`` over row chunks: each chunk's loss and closed-form gradient are computed
     in the forward and written into one preallocated gradient, and the chunk's intermediates
@@ -467,37 +623,47 @@ class ChunkedKDLoss(torch.autograd.Function):
     raises. Use the reference ``kd_loss`` when that is needed.
     """
 
+    @classmethod
+    def apply(cls, student_logits, teacher_logits, labels, cfg: KDConfig):
+        # Under no_grad (evaluation) a Function's forward still sees needs_input_grad set from
+        # requires_grad: the value alone is computed here, with no (N, V) gradient buffer.
+        if torch.is_grad_enabled():
+            return super().apply(student_logits, teacher_logits, labels, cfg)
+        return cls.run(student_logits, teacher_logits, labels, cfg, False, False)[0]
+
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, cfg: KDConfig):
+    def run(student_logits, teacher_logits, labels, cfg: KDConfig, need_s: bool, need_t: bool):
+        """(the loss, (student gradient or None, teacher gradient or None)) for
+        grad_output = 1, the gradients as contiguous (N, V) tensors."""
         vocab = student_logits.shape[-1]
         lead = student_logits.shape[:-1]
-        s2 = student_logits.reshape(-1, vocab)
-        t2 = teacher_logits.reshape(-1, vocab)
         y = labels.reshape(-1) if labels is not None else None
-        n_rows = s2.shape[0]
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n_rows = lead.numel()
         dtype = compute_dtype(student_logits.dtype, teacher_logits.dtype)
-        device = s2.device
+        device = student_logits.device
 
         count, row_scale = chunk_row_scale(y, n_rows, cfg, dtype, device)
 
-        grad_s = torch.empty_like(s2, memory_format=torch.contiguous_format) if need_s else None
-        grad_t = torch.empty_like(t2, memory_format=torch.contiguous_format) if need_t else None
+        grad_s = empty_rows(student_logits, n_rows) if need_s else None
+        grad_t = empty_rows(teacher_logits, n_rows) if need_t else None
         rows_out = torch.empty(n_rows, dtype=dtype, device=device)
-        step = chunk_rows(vocab)
-        for start in range(0, n_rows, step):
-            sl = slice(start, min(n_rows, start + step))
+        for sl, (s_c, t_c) in row_chunks((student_logits, teacher_logits), chunk_rows(vocab)):
             rows_out[sl] = chunk_loss_and_grads(
-                s2[sl].detach(), t2[sl].detach(), y[sl] if y is not None else None, cfg,
+                s_c.detach(), t_c.detach(), y[sl] if y is not None else None, cfg,
                 row_scale, grad_s[sl] if need_s else None, grad_t[sl] if need_t else None,
             )
+        if cfg.reduction == "none":
+            return rows_out.reshape(lead), (grad_s, grad_t)
+        return reduce_rows(rows_out, count, cfg.reduction), (grad_s, grad_t)
 
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, cfg: KDConfig):
+        loss, (grad_s, grad_t) = ChunkedKDLoss.run(student_logits, teacher_logits, labels, cfg,
+                                                   ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.grads = (grad_s, grad_t)
         ctx.shapes = (student_logits.shape, teacher_logits.shape)
         ctx.reduction = cfg.reduction
-        if cfg.reduction == "none":
-            return rows_out.reshape(lead)
-        return reduce_rows(rows_out, count, cfg.reduction)
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
