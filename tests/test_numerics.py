@@ -80,8 +80,10 @@ def test_topk_is_inf_where_the_student_is_minus_inf_at_a_listed_id(backend, tail
     s[1, 7] = -INF
     lp = torch.log_softmax(logits((2, 4), seed=4), -1) - 0.2
     idx = torch.tensor([[0, 3, 7, 9], [7, 2, 11, 5]], device=DEVICE)
-    rows = pdl.topk_kd_loss(s, lp, idx, tail=tail, reduction="none", backend=backend)
-    want = pdl.topk_kd_loss(s, lp, idx, tail=tail, reduction="none", backend="torch")
+    rows = pdl.topk_kd_loss(s, lp, idx, tail=tail, teacher_temperature=1.0,
+                            reduction="none", backend=backend)
+    want = pdl.topk_kd_loss(s, lp, idx, tail=tail, teacher_temperature=1.0,
+                            reduction="none", backend="torch")
     assert want[1] == INF and torch.isfinite(want[0])
     assert_same("topk rows", rows, want)
 
@@ -186,7 +188,7 @@ def test_create_graph_does_not_give_a_silent_zero(backend, fn):
             return pdl.kd_loss(s, logits((3, 11), seed=9), backend=backend)
         idx = torch.tensor([[0, 4, 7, 9], [1, 2, 3, 10], [5, 6, 8, 0]], device=DEVICE)
         lp = torch.log_softmax(logits((3, 4), seed=10), -1) - 0.1
-        return pdl.topk_kd_loss(s, lp, idx, backend=backend)
+        return pdl.topk_kd_loss(s, lp, idx, teacher_temperature=1.0, backend=backend)
 
     g, = torch.autograd.grad(loss(), s, create_graph=True)
     assert not g.requires_grad
