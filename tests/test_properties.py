@@ -102,9 +102,10 @@ def _fill(dtype):
     return -12345 if not dtype.is_floating_point else math.nan
 
 
-def as_layout(x, layout, seed=0):
+def as_layout(x, layout, seed=0, expand_last=True):
     """A view with ``x``'s shape in ``layout``. Values equal x's, except ``expanded``: x's first
-    entry along one dim (a dim of size > 1, the last one where none) repeated with stride 0."""
+    entry along one dim of size > 1 (the last dim too unless ``expand_last`` is False) repeated
+    with stride 0."""
     if layout == "contiguous" or x.dim() == 0:
         return x.contiguous()
     if layout == "transposed":  # the last dim outermost in memory
@@ -122,7 +123,8 @@ def as_layout(x, layout, seed=0):
         view.copy_(x)
         return view
     assert layout == "expanded"
-    dims = [d for d in range(x.dim()) if x.shape[d] > 1] or [x.dim() - 1]
+    last = x.dim() if expand_last else x.dim() - 1
+    dims = [d for d in range(last) if x.shape[d] > 1] or [0]
     d = dims[seed % len(dims)]
     return x.narrow(d, 0, 1).contiguous().expand(x.shape)
 
@@ -362,3 +364,378 @@ def kd_temperature_property(backend, case):
 @pytest.mark.parametrize("backend", KD_BACKENDS)
 def test_kd_loss_large_temperature(backend):
     run_property(backend, kd_temperature_cases(), kd_temperature_property, 24)
+
+
+# ---------------------------------------------------------------------------------------------
+# topk_kd_loss (teacher_temperature always given)
+# ---------------------------------------------------------------------------------------------
+
+TOPK_BACKENDS = available_backends("topk_kd_loss")
+TOPK_EXTREMES = [-math.inf, 1e30, -1e30, 3e38, -3e38, 1e-45, 0.0]
+
+
+@st.composite
+def topk_cases(draw):
+    lead = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=2)))
+    vocab = draw(st.integers(2, 64))
+    k = draw(st.integers(1, min(vocab, 12)))
+    opts = draw(kd_options())
+    for name in ("teacher_logit_scale", "teacher_softcap"):  # the teacher is log-probs
+        opts.pop(name, None)
+    if "softcap" in opts:
+        opts["student_softcap"] = opts.pop("softcap")
+    opts["tail"] = draw(st.sampled_from(TAILS))
+    opts["teacher_temperature"] = draw(st.sampled_from([None, 0.7, 1.0, 2.5]))  # None: = T
+    extreme = draw(st.booleans())
+    if extreme and draw(st.booleans()):
+        opts.update(temperature=draw(st.sampled_from([1.0, 2.0])), student_logit_scale=1.0)
+    n = math.prod(lead)
+    cells = st.tuples(st.integers(0, n - 1), st.integers(0, vocab - 1),
+                      st.sampled_from(TOPK_EXTREMES))
+    return dict(lead=lead, vocab=vocab, k=k, opts=opts,
+                labels=draw(labels_for(lead, vocab, required=opts["hard_weight"] != 0.0)),
+                layouts=[draw(st.sampled_from(LAYOUTS)) for _ in range(4)],
+                dtype=draw(st.sampled_from(TS.DTYPES)), seed=draw(st.integers(0, 10_000)),
+                student=draw(st.lists(cells, max_size=vocab)) if extreme else [],
+                padded=draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, k - 1)),
+                                     max_size=k)) if extreme else [],
+                nan_ignored=draw(st.booleans()),
+                grad_kind=draw(st.sampled_from(["one", "random", "negative"])))
+
+
+def check_topk(backend, student, lp, idx, labels, *, grad_kind, **kw):
+    if kw["teacher_temperature"] is None:  # explicit: the generation temperature is T
+        kw["teacher_temperature"] = kw["temperature"]
+    cfg = pdl.functional.topk_config(**kw)
+    s = student.detach().requires_grad_()
+    loss = pdl.topk_kd_loss(s, lp, idx, labels=labels, backend=backend, **kw)
+    grad_out = grad_out_for(loss.detach(), grad_kind)
+    g, = torch.autograd.grad(loss, s, grad_out)
+    assert g.dtype == s.dtype and g.shape == s.shape
+    s0, lp0, idx0, y0 = dense(student), dense(lp), dense(idx), dense(labels)
+    gt_loss, gt_g = TT.reference(s0, lp0, idx0, y0, cfg, grad_out, torch.float64)
+    refs32 = TT.float32_references(backend, s0, lp0, idx0, y0, cfg, grad_out)
+    assert_loss(loss.detach(), gt_loss, [r[0] for r in refs32])
+    rows_cfg = RT.TopKConfig(**{**RK.config_fields(cfg), "reduction": "none"})
+    rows_gt = RT.topk_kd_loss(s0.double(), lp0.double(), idx0, y0, rows_cfg)
+    rows = finite_rows(rows_gt, student.shape[:-1]) & TT.smooth_rows(s0, lp0, idx0, cfg)
+    TS.assert_close("grad student", g[rows], gt_g[rows], [r[1][rows] for r in refs32], s.dtype)
+
+
+def topk_property(backend, case):
+    lead, vocab, k, seed, dtype = case["lead"], case["vocab"], case["k"], case["seed"], case["dtype"]
+    opts = dict(case["opts"])
+    t_gen = opts["teacher_temperature"] or opts["temperature"]
+    lp, idx, _ = TT.topk_teacher(lead, vocab, k, torch.float32, seed=seed + 3, t_gen=t_gen)
+    s = TS.logits(lead + (vocab,), torch.float32, seed=seed).reshape(-1, vocab)
+    lp = lp.reshape(-1, k)
+    s = with_specials(s, case["student"])
+    for row, col in case["padded"]:  # fewer than K candidates: padded with -inf
+        lp[row, col] = -math.inf
+    s, lp = s.reshape(lead + (vocab,)).to(dtype), lp.reshape(lead + (k,))
+    ls, llp, lidx, ly = case["layouts"]
+    y = make_labels_at(lead, vocab, case["labels"], ly, seed)
+    if case["nan_ignored"]:  # not in an expanded view, whose rows share storage
+        s = s if ls == "expanded" else poison_ignored(s, y)
+        lp = lp if llp == "expanded" else poison_ignored(lp, y)
+    s, lp = as_layout(s, ls, seed), as_layout(lp, llp, seed + 1)
+    idx = as_layout(idx, lidx, seed + 2, expand_last=False)  # ids stay distinct within a row
+    with tiles(backend, "topk_divergence"):
+        check_topk(backend, s, lp, idx, y, grad_kind=case["grad_kind"], **opts)
+
+
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
+def test_topk_kd_loss_layouts_and_values(backend):
+    run_property(backend, topk_cases(), topk_property, 60)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_kd_loss: chunk sizes, teacher kinds, NaN hidden states in ignored rows
+# ---------------------------------------------------------------------------------------------
+
+LINEAR_BACKENDS = available_backends("linear_kd_loss")
+
+
+@st.composite
+def linear_cases(draw, backend):
+    lead = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=2)))
+    n = math.prod(lead)
+    kind = draw(st.sampled_from(["head", "head+bias", "logits", "topk"]))
+    chunks = [1, 2, 4, n, n + 3, "auto"]
+    if backend == "triton" and kind != "topk":
+        chunks += ["tiled", "tiled"]
+    opts = draw(kd_options())
+    if kind == "topk":
+        for name in ("teacher_logit_scale", "teacher_softcap"):
+            opts.pop(name, None)
+        if "softcap" in opts:
+            opts["student_softcap"] = opts.pop("softcap")
+        opts.update(tail=draw(st.sampled_from(TAILS)),
+                    teacher_temperature=draw(st.sampled_from([0.7, 1.0, 2.5])))
+    chunk = draw(st.sampled_from(chunks))
+    teacher_grad = kind in ("head", "logits") and chunk != "tiled" and draw(st.booleans())
+    return dict(lead=lead, kind=kind, chunk=chunk, opts=opts, teacher_grad=teacher_grad,
+                vocab=draw(st.integers(2, 48)), hidden=draw(st.integers(1, 12)),
+                teacher_vocab_delta=draw(st.sampled_from([0, 0, -3, 5])) if kind != "topk" else 0,
+                bias=draw(st.booleans()), frozen_weight=draw(st.booleans()),
+                labels=draw(labels_for(lead, 1, required=opts["hard_weight"] != 0.0)),
+                layouts=[draw(st.sampled_from(LAYOUTS)) for _ in range(8)],
+                nan_ignored=draw(st.booleans()), seed=draw(st.integers(0, 10_000)),
+                grad_kind=draw(st.sampled_from(["one", "random", "negative"])))
+
+
+def linear_inputs(case):
+    lead, vocab, seed = case["lead"], case["vocab"], case["seed"]
+    v_t = max(1, vocab + case["teacher_vocab_delta"])
+    inputs = TL.head(lead, case["hidden"], vocab, seed=seed, bias=case["bias"])
+    inputs["student_weight"].requires_grad_(not case["frozen_weight"])
+    kind = case["kind"]
+    if kind in ("head", "head+bias", "logits"):
+        inputs.update(TL.teacher(kind, lead, v_t, seed=seed + 11, grad=case["teacher_grad"]))
+    return inputs
+
+
+def linear_property(backend, case):
+    lead, vocab, seed, kind = case["lead"], case["vocab"], case["seed"], case["kind"]
+    opts = dict(case["opts"])
+    inputs = linear_inputs(case)
+    v_min = max(1, min(vocab, vocab + case["teacher_vocab_delta"]))
+    y_view = make_labels_at(lead, v_min, case["labels"], case["layouts"][-1], seed)
+    y = dense(y_view)
+    topk = None
+    if kind == "topk":
+        k = min(vocab, 5)
+        lp, idx, _ = TT.topk_teacher(lead, vocab, k, torch.float32, seed=seed + 11,
+                                     t_gen=opts["teacher_temperature"])
+        topk = (lp, idx)
+    # the views the backend gets, NaN hidden states (and teacher rows) where labels ignore (but
+    # in an expanded view, whose rows share storage); the reference gets the same values with
+    # those rows zeroed (ignored rows hold anything: the result must not change)
+    poison = case["nan_ignored"] and y is not None
+    layouts = iter(case["layouts"])
+
+    def view(x, seed_, rows, **kw):
+        layout = next(layouts)
+        x = x.detach()
+        if poison and rows and layout != "expanded":
+            x = poison_ignored(x, y)
+        v = as_layout(x, layout, seed_, **kw)
+        clean = dense(v) if not (rows and y is not None) else torch.where(
+            (y == -100)[..., None], 0.0, dense(v))
+        return v, clean
+
+    row_tensors = ("student_hidden", "teacher_hidden", "teacher_logits")
+    given, clean = {}, {}
+    for name in sorted(inputs):
+        given[name], clean[name] = view(inputs[name], seed, name in row_tensors)
+        clean[name].requires_grad_(inputs[name].requires_grad)
+    if topk is not None:
+        (lp_view, lp), (idx_view, idx) = view(lp, seed + 1, True), view(idx, seed + 2, False,
+                                                                      expand_last=False)
+        topk = (lp_view, idx_view)
+    inputs = clean
+    leaves = {name: x.requires_grad_(clean[name].requires_grad) for name, x in given.items()}
+    extra = {} if topk is None else {"teacher_topk": topk}
+    with tiles(backend, "softmax_divergence"), tiles(backend, "topk_divergence"):
+        loss = pdl.linear_kd_loss(**leaves, labels=y_view, chunk_size=case["chunk"],
+                                  backend=backend, **extra, **opts)
+    grad_out = grad_out_for(loss.detach(), case["grad_kind"])
+    wanted = [name for name, x in leaves.items() if x.requires_grad]
+    grads = dict(zip(wanted, torch.autograd.grad(loss, [leaves[n] for n in wanted], grad_out)))
+    # the reference on the clean inputs (ignored rows hold anything: the result must not change)
+    cfg_kw = {k: v for k, v in opts.items() if k not in ("tail", "teacher_temperature")}
+    cfg = (pdl.functional.topk_config(tail=opts["tail"], teacher_temperature=opts["teacher_temperature"],
+                                      **cfg_kw) if kind == "topk" else pdl.functional.kd_config(**cfg_kw))
+
+    def reference(dtype, backend_math=False):
+        """Loss and gradients through the materialised heads in ``dtype``: the reference, or (a
+        second float32 ordering, as test_softmax_divergence's) the torch backend's closed form."""
+        xs = {n: x.detach().to(dtype).requires_grad_(x.requires_grad) for n, x in inputs.items()}
+        s = RL.head_logits(xs["student_hidden"], xs["student_weight"], xs.get("student_bias"))
+        kw = dict(labels=y, backend="torch", **RK.config_fields(cfg))
+        if kind == "topk":
+            kw = {k: v for k, v in kw.items() if k not in ("teacher_logit_scale", "teacher_softcap")}
+            ref = (pdl.topk_kd_loss(s, lp.to(dtype), idx, **kw) if backend_math
+                   else RT.topk_kd_loss(s, lp.to(dtype), idx, y, cfg))
+        else:
+            t = xs.get("teacher_logits")
+            if t is None:
+                t = RL.head_logits(xs["teacher_hidden"], xs["teacher_weight"], xs.get("teacher_bias"))
+            v = max(s.shape[-1], t.shape[-1])
+            s, t = RL.pad_vocab(s, v), RL.pad_vocab(t, v)
+            ref = pdl.kd_loss(s, t, **kw) if backend_math else RK.kd_loss(s, t, y, cfg)
+        names = [n for n, x in xs.items() if x.requires_grad]
+        grads_ = torch.autograd.grad(ref, [xs[n] for n in names], grad_out.to(dtype), allow_unused=True)
+        return ref.detach(), {n: torch.zeros_like(xs[n]) if g is None else g for n, g in zip(names, grads_)}
+
+    gt_loss, gt = reference(torch.float64)
+    refs32 = [reference(torch.float32), reference(torch.float32, backend_math=True)]
+    if kind != "topk" and cfg.divergence == "tvd":  # rows where tvd's gradient jumps make dW
+        s64, t64 = TL.materialised(inputs)           # incomparable
+        if not TS.smooth_rows(s64, t64, cfg).all():
+            return
+    assert_loss(loss.detach(), gt_loss, [r[0] for r in refs32])
+    if not torch.isfinite(gt_loss).all():  # a row of infinite loss: no gradient to compare
+        return
+    assert set(grads) == set(gt)
+    for name, g in grads.items():
+        assert g.dtype == inputs[name].dtype and g.shape == inputs[name].shape, name
+        TS.assert_close(f"grad {name}", g, gt[name], [r[1][name] for r in refs32], g.dtype)
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+def test_linear_kd_loss_chunks_teachers_layouts(backend):
+    run_property(backend, linear_cases(backend), linear_property, 40)
+
+
+# ---------------------------------------------------------------------------------------------
+# uld_loss
+# ---------------------------------------------------------------------------------------------
+
+ULD_BACKENDS = available_backends("uld_loss")
+
+
+@st.composite
+def uld_cases(draw):
+    lead = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=2)))
+    v_s, v_t = draw(st.integers(2, 64)), draw(st.integers(2, 64))
+    opts = dict(temperature=draw(TEMPERATURES), reduction=draw(st.sampled_from(RU.ULD_REDUCTIONS)),
+                top_k=draw(st.one_of(st.none(), st.integers(1, min(v_s, v_t)))))
+    transform = draw(st.sampled_from(["none", "scales", "caps"]))
+    if transform == "scales":
+        opts.update(student_logit_scale=0.37, teacher_logit_scale=2.1)
+    elif transform == "caps":
+        opts.update(student_softcap=4.0, teacher_softcap=draw(st.sampled_from([1.5, 50.0])))
+    n = math.prod(lead)
+    masked = st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, 63)), max_size=8)
+    return dict(lead=lead, v_s=v_s, v_t=v_t, opts=opts,
+                labels=draw(labels_for(lead, 1, required=False)),
+                layouts=[draw(st.sampled_from(LAYOUTS)) for _ in range(3)],
+                dtype=draw(st.sampled_from([torch.float32, torch.float16])),
+                masked_s=draw(masked), masked_t=draw(masked), nan_ignored=draw(st.booleans()),
+                seed=draw(st.integers(0, 10_000)), teacher_grad=draw(st.booleans()),
+                grad_kind=draw(st.sampled_from(["one", "random", "negative"])))
+
+
+def masked(x, cells):
+    """-inf at the given (row, col) cells (col modulo V), one finite entry kept per row."""
+    x = x.clone().reshape(-1, x.shape[-1])
+    for row, col in cells:
+        x[row, col % x.shape[-1]] = -math.inf
+    x[:, 0] = torch.where(torch.isinf(x).all(-1), 1.0, x[:, 0])
+    return x
+
+
+def has_ties(x):
+    """Two equal finite entries in a row (the sort's non-differentiable points, where backends
+    may order ties differently)."""
+    srt = x.double().sort(-1).values
+    same = (srt[..., 1:] == srt[..., :-1]) & torch.isfinite(srt[..., 1:])
+    return bool(same.any())
+
+
+def uld_property(backend, case):
+    from hypothesis import assume
+
+    lead, seed, dtype = case["lead"], case["seed"], case["dtype"]
+    s = masked(TS.logits(lead + (case["v_s"],), torch.float32, seed=seed), case["masked_s"])
+    t = masked(TS.logits(lead + (case["v_t"],), torch.float32, seed=seed + 3), case["masked_t"])
+    s, t = s.reshape(lead + (-1,)).to(dtype), t.reshape(lead + (-1,)).to(dtype)
+    ls, lt, ly = case["layouts"]
+    y = make_labels_at(lead, 1, case["labels"], ly, seed)
+    if case["nan_ignored"]:  # not in an expanded view, whose rows share storage
+        s = s if ls == "expanded" else poison_ignored(s, y)
+        t = t if lt == "expanded" else poison_ignored(t, y)
+    s, t = as_layout(s, ls, seed), as_layout(t, lt, seed + 1)
+    counted = slice(None) if y is None else (dense(y) != -100)
+    assume(not has_ties(s[counted]) and not has_ties(t[counted]))
+    kw, teacher_grad = case["opts"], case["teacher_grad"]
+    cfg = pdl.functional.uld_config(**kw)
+    a = s.detach().requires_grad_()
+    b = t.detach().requires_grad_(teacher_grad)
+    with tiles(backend, "uld"):
+        loss = pdl.uld_loss(a, b, labels=y, backend=backend, **kw)
+    grad_out = grad_out_for(loss.detach(), case["grad_kind"])
+    inputs = [a, b] if teacher_grad else [a]
+    grads = torch.autograd.grad(loss, inputs, grad_out)
+    s0, t0, y0 = dense(s), dense(t), dense(y)
+    gt = TU.reference(s0, t0, y0, cfg, grad_out, torch.float64)
+    ref32 = TU.reference(s0, t0, y0, cfg, grad_out, torch.float32)
+    assert_loss(loss.detach(), gt[0], [ref32[0]])
+    TU.assert_close("grad student", grads[0], gt[1], [ref32[1]], s.dtype)
+    if teacher_grad:
+        TU.assert_close("grad teacher", grads[1], gt[2], [ref32[2]], t.dtype)
+
+
+@pytest.mark.parametrize("backend", ULD_BACKENDS)
+def test_uld_loss_layouts_and_values(backend):
+    run_property(backend, uld_cases(), uld_property, 40)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention_kd_loss: (B, L, H, d) storage (Hugging Face's), expanded GQA keys, masks
+# ---------------------------------------------------------------------------------------------
+
+ATTENTION_BACKENDS = available_backends("attention_kd_loss")
+QK_LAYOUTS = LAYOUTS + ["heads-last"]
+
+
+def qk_layout(x, layout, seed):
+    if layout == "heads-last":  # stored (B, L, H, d), viewed as (B, H, L, d)
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    return as_layout(x, layout, seed)
+
+
+@st.composite
+def attention_cases(draw):
+    heads = draw(st.sampled_from([1, 2, 4]))
+    kv = [h for h in (1, 2, 4) if heads % h == 0]
+    return dict(batch=draw(st.integers(1, 2)), heads=heads, kv_s=draw(st.sampled_from(kv)),
+                kv_t=draw(st.sampled_from(kv)), length=draw(st.integers(1, 12)),
+                d_s=draw(st.integers(1, 12)), d_t=draw(st.integers(1, 12)),
+                mask=draw(st.sampled_from([None, "right", "left"])),
+                layouts=[draw(st.sampled_from(QK_LAYOUTS)) for _ in range(5)],
+                opts=dict(loss=draw(st.sampled_from(list(RA.ATTENTION_LOSSES))),
+                          causal=draw(st.booleans()),
+                          reduction=draw(st.sampled_from(list(RA.ATTENTION_REDUCTIONS))),
+                          student_scale=draw(st.sampled_from([None, 0.3])),
+                          teacher_scale=draw(st.sampled_from([None, 1.7]))),
+                dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16])),
+                scale=draw(st.sampled_from([1.0, 4.0])), seed=draw(st.integers(0, 10_000)),
+                teacher_grad=draw(st.booleans()),
+                grad_kind=draw(st.sampled_from(["one", "random", "negative"])))
+
+
+def attention_property(backend, case):
+    b, h, length, seed, dtype = case["batch"], case["heads"], case["length"], case["seed"], case["dtype"]
+    sq, sk = TA.qk(b, h, case["kv_s"], length, case["d_s"], dtype, seed, scale=case["scale"])
+    tq, tk = TA.qk(b, h, case["kv_t"], length, case["d_t"], dtype, seed + 2, scale=case["scale"])
+    mask = TA.padding_mask(b, length, case["mask"], seed)
+    layouts = case["layouts"]
+    xs = [qk_layout(x, lay, seed + i) for i, (x, lay) in enumerate(zip((sq, sk, tq, tk), layouts))]
+    if mask is not None:
+        mask = as_layout(mask, layouts[4], seed)
+    kw, teacher_grad = case["opts"], case["teacher_grad"]
+    cfg = pdl.functional.attention_config(**kw)
+    leaves = [x.detach().requires_grad_(i < 2 or teacher_grad) for i, x in enumerate(xs)]
+    with tiles(backend, "attention_kd", "BLOCK_OVERRIDE", (16, 16)):
+        loss = pdl.attention_kd_loss(*leaves, attention_mask=mask, backend=backend, **kw)
+    grad_out = grad_out_for(loss.detach(), case["grad_kind"])
+    wanted = [x for x in leaves if x.requires_grad]
+    grads = torch.autograd.grad(loss, wanted, grad_out)
+    x0, m0 = [dense(x) for x in xs], dense(mask)
+    gt_loss, gt = TA.reference(x0, m0, cfg, grad_out, torch.float64)
+    refs32 = [TA.reference(x0, m0, cfg, grad_out, torch.float32)]
+    if backend != "torch":
+        refs32.append(TA.reference_torch_backend(x0, m0, kw, grad_out))
+    assert_loss(loss.detach(), gt_loss, [r[0] for r in refs32])
+    half = dtype != torch.float32
+    for i, g in enumerate(grads):
+        assert g.dtype == dtype and g.shape == xs[i].shape
+        atol = 2 * TS.OUT_EPS[dtype] * float(gt[i].abs().max()) if half else 0.0
+        TS.assert_close(f"grad {TA.NAMES[i]}", g, gt[i], [r[1][i] for r in refs32], dtype, atol=atol)
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_attention_kd_loss_layouts(backend):
+    run_property(backend, attention_cases(), attention_property, 30)
