@@ -24,8 +24,8 @@ contiguous copies, so they measure precision, not the layout), with two rules ad
   ~1e-8 T on these inputs); gradients keep the usual rule.
 
 Hypothesis runs derandomized (CI reproducible), without deadlines; PYDISTILL_PROPERTY_SCALE
-multiplies every example budget (the Triton interpreter's budgets are a quarter of the
-others': ~0.5 s a call). Shapes stay tiny: V <= 64, one property at V ~ 300.
+multiplies every example budget (the Triton interpreter's budgets are a fifth of the
+others': 0.5 to 3 s a call); the slowest are marked ``slow``. Shapes stay tiny: V <= 64, one property at V ~ 300.
 """
 import contextlib
 import math
@@ -59,12 +59,20 @@ PROFILE = settings(deadline=None, derandomize=True, database=None, print_blob=Tr
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
+def backends(op, slow_triton=False):
+    """The backends that run ``op`` here, as parameters; under the interpreter the Triton one
+    marked ``slow`` where ``slow_triton``."""
+    slow = slow_triton and TS.INTERPRETED
+    return [pytest.param(b, marks=pytest.mark.slow) if b == "triton" and slow else b
+            for b in available_backends(op)]
+
+
 def run_property(backend, strategy, check, examples):
-    """Run ``check(backend, case)`` over ``examples`` cases drawn from ``strategy`` (a quarter of
+    """Run ``check(backend, case)`` over ``examples`` cases drawn from ``strategy`` (a fifth of
     them under the Triton interpreter)."""
     budget = examples * SCALE
     if backend == "triton" and TS.INTERPRETED:
-        budget = max(3, budget // 4)
+        budget = max(3, budget // 5)
 
     @settings(PROFILE, max_examples=budget)
     @given(case=strategy)
@@ -139,19 +147,66 @@ def dense(x):
 
 
 def assert_loss(out, gt, refs32, atol=1e-7):
-    """The loss: NaN where the float64 one is NaN, +-inf where it is beyond float32's range,
-    else the suite's tolerance."""
+    """The loss against the float64 one ``gt``: NaN where it is NaN (and nowhere else), +-inf
+    where it is beyond float32's range, else the suite's tolerance. Where float32 itself
+    underflows a probability (every float32 reference finite where gt is infinite, or infinite
+    where gt is finite), the backend may do the same: finite, or that infinity."""
     out, gt = out.double(), gt.double()
-    in_range = gt.abs() <= FLOAT32_MAX
-    want_inf = gt.isfinite() & ~in_range
-    if want_inf.any():
-        assert torch.equal(out[want_inf], gt[want_inf].sign() * math.inf), (
-            f"loss: float64 {gt[want_inf].tolist()} is beyond float32, got {out[want_inf].tolist()}")
+    refs = [r.double() for r in refs32]
     nan = gt.isnan()
-    assert torch.equal(out[nan].isnan(), nan[nan]), f"loss: want NaN, got {out[nan].tolist()}"
-    keep = ~nan & ~want_inf
-    TS.assert_close("loss", out[keep], gt[keep], [r.double()[keep] for r in refs32], torch.float32,
-                    atol=atol)
+    assert torch.equal(out.isnan(), nan), f"loss: NaN where float64 has {gt[out.isnan()].tolist()}"
+    beyond = gt.isfinite() & (gt.abs() > FLOAT32_MAX)
+    if beyond.any():
+        assert torch.equal(out[beyond], gt[beyond].sign() * math.inf), (
+            f"loss: float64 {gt[beyond].tolist()} is beyond float32, got {out[beyond].tolist()}")
+    f32_finite = gt.isinf() & torch.stack([r.isfinite() for r in refs]).all(0)
+    assert out[f32_finite].isfinite().all(), f"loss: float32 is finite, got {out[f32_finite].tolist()}"
+    f32_inf = gt.isfinite() & torch.stack([r == refs[0] for r in refs]).all(0) & refs[0].isinf()
+    keep = ~nan & ~beyond & ~f32_finite & ~(f32_inf & (out == refs[0]))
+    atol = torch.as_tensor(atol, dtype=torch.float64).expand(gt.shape)[keep]
+    TS.assert_close("loss", out[keep], gt[keep], [r[keep] for r in refs], torch.float32,
+                    atol=1e-7 + atol)
+
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def loss_floor(loss_fn, tensors, per_row):
+    """What one float32 rounding of every input (relative eps) moves the loss by, to first order:
+    eps sum |dloss/dx| |x| (per row for reduction none), from the float64 reference. Through
+    x / T and the logit transforms it is also one rounding of the tempered logits, which no
+    float32 ordering avoids; where the float32 references happen to land closer, this is the
+    floor of the tolerance."""
+    xs = [x.detach().double().requires_grad_() for x in tensors]
+    out = loss_fn(*xs)
+    grads = torch.autograd.grad(out.sum(), xs, allow_unused=True)
+    per = sum(torch.nan_to_num((g * x).abs(), nan=0.0, posinf=0.0).sum(-1)
+              for g, x in zip(grads, xs) if g is not None)
+    per = EPS32 * torch.as_tensor(per, dtype=torch.float64)
+    return per if per_row else per.sum()
+
+
+def gradient_floor(log_q, log_p, cfg, labels, grad_out, z_s):
+    """Per logit, one float32 rounding of each probability and log-probability the gradient is
+    made of: 4 eps (p + q)(1 + |log p| + |log q|) soft_scale a / T for the divergence, and
+    4 eps (softmax(z) + onehot(y)) hard_weight a for the hard term, times each row's weight
+    (grad_output, over the count under mean); a the logit scale. Where the student nears the
+    teacher the gradient cancels (q - p) and no float32 ordering does better."""
+    q, p = log_q.exp(), log_p.exp()
+    mag = lambda lg: torch.nan_to_num(lg.abs(), posinf=0.0)
+    soft = (p + q) * (1 + mag(log_p) + mag(log_q)) * abs(cfg.soft_scale) / cfg.temperature
+    if cfg.hard_weight != 0.0:
+        q1 = torch.softmax(z_s, -1)
+        onehot = torch.zeros_like(q1).scatter_(-1, labels.clamp(min=0).long()[..., None], 1.0)
+        soft = soft + (q1 + onehot) * abs(cfg.hard_weight)
+    lead = log_q.shape[:-1]
+    weight = grad_out.abs().double()
+    if cfg.reduction != "none":
+        count = lead.numel() if labels is None else int((labels != cfg.ignore_index).sum())
+        weight = weight / (max(count, 1) if cfg.reduction in ("mean", "batchmean") else 1)
+        weight = weight.expand(lead)
+    scale = max(cfg.student_logit_scale, cfg.teacher_logit_scale)
+    return torch.nan_to_num(4 * EPS32 * scale * soft * weight[..., None], nan=0.0, posinf=0.0)
 
 
 def finite_rows(rows_gt, lead):
@@ -171,7 +226,6 @@ def grad_out_for(loss, kind):
 # kd_loss
 # ---------------------------------------------------------------------------------------------
 
-KD_BACKENDS = available_backends("kd_loss")
 TEMPERATURES = st.one_of(st.sampled_from([0.05, 1.0, 2.0, 1e4]), st.floats(0.05, 1e4).map(
     lambda x: float(f"{x:.3g}")), st.floats(math.log(0.05), math.log(1e4)).map(
     lambda x: float(f"{math.exp(x):.3g}")))
@@ -183,6 +237,10 @@ EXTREMES = {  # special values by dtype (the largest finite of each)
                      88.0],
     torch.float16: [-math.inf, 65504.0, -65504.0, 6e-8, 6e-5, 0.0, 11.0, -17.0],
 }
+
+
+# spread of the random logits: near-uniform (student close to teacher), trained-like, peaked
+LOGIT_SCALES = [0.01, 3.0, 40.0]
 
 
 @st.composite
@@ -245,15 +303,22 @@ def check_kd(backend, student, teacher, labels, *, teacher_grad, grad_kind, **kw
     s0, t0, y0 = dense(student), dense(teacher), dense(labels)
     gt_loss, gt_s, gt_t = TS.reference(s0, t0, y0, cfg, grad_out, torch.float64)
     refs32 = TS.float32_references(backend, s0, t0, y0, cfg, grad_out, teacher_grad)
-    assert_loss(loss.detach(), gt_loss, [r[0] for r in refs32])
+    floor = loss_floor(lambda a, b: RK.kd_loss(a, b, y0, cfg), [s0, t0], cfg.reduction == "none")
+    assert_loss(loss.detach(), gt_loss, [r[0] for r in refs32], floor)
     rows_cfg = RK.KDConfig(**{**RK.config_fields(cfg), "reduction": "none"})
     rows_gt = RK.kd_loss(s0.double(), t0.double(), y0, rows_cfg)
     rows = finite_rows(rows_gt, student.shape[:-1]) & TS.smooth_rows(s0, t0, cfg)
+    if y0 is not None:
+        rows = rows & (y0 != cfg.ignore_index)  # ignored rows: exactly 0 (below)
+        assert (grads[0][y0 == cfg.ignore_index] == 0).all(), "grad student: ignored rows not 0"
+    z_s, z_t = cfg.student_transform(s0.double()), cfg.teacher_transform(t0.double())
+    floor = gradient_floor(torch.log_softmax(z_s / cfg.temperature, -1),
+                           torch.log_softmax(z_t / cfg.temperature, -1), cfg, y0, grad_out, z_s)
     TS.assert_close("grad student", grads[0][rows], gt_s[rows], [r[1][rows] for r in refs32],
-                    student.dtype)
+                    student.dtype, atol=floor[rows])
     if teacher_grad:
         TS.assert_close("grad teacher", grads[1][rows], gt_t[rows], [r[2][rows] for r in refs32],
-                        teacher.dtype)
+                        teacher.dtype, atol=floor[rows])
     return loss
 
 
@@ -282,9 +347,9 @@ def kd_layout_property(backend, case):
                  **case["opts"])
 
 
-@pytest.mark.parametrize("backend", KD_BACKENDS)
+@pytest.mark.parametrize("backend", backends("kd_loss"))
 def test_kd_loss_layouts_and_options(backend):
-    run_property(backend, kd_layout_cases(), kd_layout_property, 60)
+    run_property(backend, kd_layout_cases(), kd_layout_property, 40)
 
 
 @st.composite
@@ -301,7 +366,8 @@ def kd_extreme_cases(draw):
     return dict(n=n, vocab=vocab, dtype=dtype, opts=opts, labels=labels,
                 student=draw(st.lists(cells, max_size=2 * vocab)),
                 teacher=draw(st.lists(cells, max_size=2 * vocab)),
-                scale=draw(st.sampled_from([0.01, 3.0, 40.0])), seed=draw(st.integers(0, 10_000)),
+                scale=draw(st.sampled_from(LOGIT_SCALES)),
+                teacher_scale=draw(st.sampled_from(LOGIT_SCALES)), seed=draw(st.integers(0, 10_000)),
                 nan_ignored=draw(st.booleans()), teacher_grad=draw(st.booleans()),
                 grad_kind=draw(st.sampled_from(["one", "random"])))
 
@@ -317,7 +383,7 @@ def kd_extreme_property(backend, case):
     n, vocab, dtype, seed = case["n"], case["vocab"], case["dtype"], case["seed"]
     s = with_specials(TS.logits((n, vocab), torch.float32, scale=case["scale"], seed=seed),
                       case["student"]).to(dtype)
-    t = with_specials(TS.logits((n, vocab), torch.float32, scale=case["scale"], seed=seed + 3),
+    t = with_specials(TS.logits((n, vocab), torch.float32, scale=case["teacher_scale"], seed=seed + 3),
                       case["teacher"]).to(dtype)
     y = make_labels_at((n,), vocab, case["labels"], "contiguous", seed)
     if case["nan_ignored"]:
@@ -329,9 +395,9 @@ def kd_extreme_property(backend, case):
                  **case["opts"])
 
 
-@pytest.mark.parametrize("backend", KD_BACKENDS)
+@pytest.mark.parametrize("backend", backends("kd_loss", slow_triton=True))
 def test_kd_loss_extreme_values(backend):
-    run_property(backend, kd_extreme_cases(), kd_extreme_property, 80)
+    run_property(backend, kd_extreme_cases(), kd_extreme_property, 60)
 
 
 @st.composite
@@ -361,16 +427,15 @@ def kd_temperature_property(backend, case):
                  **kw)
 
 
-@pytest.mark.parametrize("backend", KD_BACKENDS)
+@pytest.mark.parametrize("backend", backends("kd_loss"))
 def test_kd_loss_large_temperature(backend):
-    run_property(backend, kd_temperature_cases(), kd_temperature_property, 24)
+    run_property(backend, kd_temperature_cases(), kd_temperature_property, 16)
 
 
 # ---------------------------------------------------------------------------------------------
 # topk_kd_loss (teacher_temperature always given)
 # ---------------------------------------------------------------------------------------------
 
-TOPK_BACKENDS = available_backends("topk_kd_loss")
 TOPK_EXTREMES = [-math.inf, 1e30, -1e30, 3e38, -3e38, 1e-45, 0.0]
 
 
@@ -415,11 +480,22 @@ def check_topk(backend, student, lp, idx, labels, *, grad_kind, **kw):
     s0, lp0, idx0, y0 = dense(student), dense(lp), dense(idx), dense(labels)
     gt_loss, gt_g = TT.reference(s0, lp0, idx0, y0, cfg, grad_out, torch.float64)
     refs32 = TT.float32_references(backend, s0, lp0, idx0, y0, cfg, grad_out)
-    assert_loss(loss.detach(), gt_loss, [r[0] for r in refs32])
+    floor = loss_floor(lambda a, b: RT.topk_kd_loss(a, b, idx0, y0, cfg), [s0, lp0],
+                       cfg.reduction == "none")
+    assert_loss(loss.detach(), gt_loss, [r[0] for r in refs32], floor)
     rows_cfg = RT.TopKConfig(**{**RK.config_fields(cfg), "reduction": "none"})
     rows_gt = RT.topk_kd_loss(s0.double(), lp0.double(), idx0, y0, rows_cfg)
     rows = finite_rows(rows_gt, student.shape[:-1]) & TT.smooth_rows(s0, lp0, idx0, cfg)
-    TS.assert_close("grad student", g[rows], gt_g[rows], [r[1][rows] for r in refs32], s.dtype)
+    if y0 is not None:
+        rows = rows & (y0 != cfg.ignore_index)
+        assert (g[y0 == cfg.ignore_index] == 0).all(), "grad student: ignored rows not 0"
+    z_s = cfg.student_transform(s0.double())
+    lp_dense = torch.full_like(z_s, -math.inf).scatter(
+        -1, RT.safe_indices(idx0, z_s.shape[-1])[0], torch.nan_to_num(lp0.double(), nan=0.0))
+    floor = gradient_floor(torch.log_softmax(z_s / cfg.temperature, -1), lp_dense, cfg, y0,
+                           grad_out, z_s)
+    TS.assert_close("grad student", g[rows], gt_g[rows], [r[1][rows] for r in refs32], s.dtype,
+                    atol=floor[rows])
 
 
 def topk_property(backend, case):
@@ -444,17 +520,14 @@ def topk_property(backend, case):
         check_topk(backend, s, lp, idx, y, grad_kind=case["grad_kind"], **opts)
 
 
-@pytest.mark.parametrize("backend", TOPK_BACKENDS)
+@pytest.mark.parametrize("backend", backends("topk_kd_loss"))
 def test_topk_kd_loss_layouts_and_values(backend):
-    run_property(backend, topk_cases(), topk_property, 60)
+    run_property(backend, topk_cases(), topk_property, 40)
 
 
 # ---------------------------------------------------------------------------------------------
 # linear_kd_loss: chunk sizes, teacher kinds, NaN hidden states in ignored rows
 # ---------------------------------------------------------------------------------------------
-
-LINEAR_BACKENDS = available_backends("linear_kd_loss")
-
 
 @st.composite
 def linear_cases(draw, backend):
@@ -551,7 +624,7 @@ def linear_property(backend, case):
         """Loss and gradients through the materialised heads in ``dtype``: the reference, or (a
         second float32 ordering, as test_softmax_divergence's) the torch backend's closed form."""
         xs = {n: x.detach().to(dtype).requires_grad_(x.requires_grad) for n, x in inputs.items()}
-        s = RL.head_logits(xs["student_hidden"], xs["student_weight"], xs.get("student_bias"))
+        s = logits_s = RL.head_logits(xs["student_hidden"], xs["student_weight"], xs.get("student_bias"))
         kw = dict(labels=y, backend="torch", **RK.config_fields(cfg))
         if kind == "topk":
             kw = {k: v for k, v in kw.items() if k not in ("teacher_logit_scale", "teacher_softcap")}
@@ -565,11 +638,20 @@ def linear_property(backend, case):
             s, t = RL.pad_vocab(s, v), RL.pad_vocab(t, v)
             ref = pdl.kd_loss(s, t, **kw) if backend_math else RK.kd_loss(s, t, y, cfg)
         names = [n for n, x in xs.items() if x.requires_grad]
-        grads_ = torch.autograd.grad(ref, [xs[n] for n in names], grad_out.to(dtype), allow_unused=True)
-        return ref.detach(), {n: torch.zeros_like(xs[n]) if g is None else g for n, g in zip(names, grads_)}
+        grads_ = torch.autograd.grad(ref, [xs[n] for n in names] + [logits_s], grad_out.to(dtype),
+                                     allow_unused=True)
+        out = {n: torch.zeros_like(xs[n]) if g is None else g for n, g in zip(names, grads_)}
+        return ref.detach(), out, grads_[-1]
 
-    gt_loss, gt = reference(torch.float64)
+    gt_loss, gt, gt_logits = reference(torch.float64)
     refs32 = [reference(torch.float32), reference(torch.float32, backend_math=True)]
+    # dh = g W and dW = g^T h sum products that may cancel exactly (e.g. an expanded weight): one
+    # float32 rounding of the logits' gradient g is allowed for, eps |g| |W| and eps |g|^T |h|
+    eps = torch.finfo(torch.float32).eps
+    g_abs = torch.nan_to_num(gt_logits.abs(), posinf=0.0).reshape(-1, gt_logits.shape[-1])
+    h_abs = inputs["student_hidden"].detach().double().abs().reshape(g_abs.shape[0], -1)
+    floors = {"student_hidden": g_abs @ inputs["student_weight"].detach().double().abs(),
+              "student_weight": g_abs.T @ h_abs, "student_bias": g_abs.sum(0)}
     if kind != "topk" and cfg.divergence == "tvd":  # rows where tvd's gradient jumps make dW
         s64, t64 = TL.materialised(inputs)           # incomparable
         if not TS.smooth_rows(s64, t64, cfg).all():
@@ -580,20 +662,19 @@ def linear_property(backend, case):
     assert set(grads) == set(gt)
     for name, g in grads.items():
         assert g.dtype == inputs[name].dtype and g.shape == inputs[name].shape, name
-        TS.assert_close(f"grad {name}", g, gt[name], [r[1][name] for r in refs32], g.dtype)
+        floor = floors.get(name)
+        atol = 0.0 if floor is None or floor.numel() == 0 else 4 * eps * float(floor.max())
+        TS.assert_close(f"grad {name}", g, gt[name], [r[1][name] for r in refs32], g.dtype, atol=atol)
 
 
-@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("backend", backends("linear_kd_loss", slow_triton=True))
 def test_linear_kd_loss_chunks_teachers_layouts(backend):
-    run_property(backend, linear_cases(backend), linear_property, 40)
+    run_property(backend, linear_cases(backend), linear_property, 24)
 
 
 # ---------------------------------------------------------------------------------------------
 # uld_loss
 # ---------------------------------------------------------------------------------------------
-
-ULD_BACKENDS = available_backends("uld_loss")
-
 
 @st.composite
 def uld_cases(draw):
@@ -667,16 +748,15 @@ def uld_property(backend, case):
         TU.assert_close("grad teacher", grads[1], gt[2], [ref32[2]], t.dtype)
 
 
-@pytest.mark.parametrize("backend", ULD_BACKENDS)
+@pytest.mark.parametrize("backend", backends("uld_loss"))
 def test_uld_loss_layouts_and_values(backend):
-    run_property(backend, uld_cases(), uld_property, 40)
+    run_property(backend, uld_cases(), uld_property, 30)
 
 
 # ---------------------------------------------------------------------------------------------
 # attention_kd_loss: (B, L, H, d) storage (Hugging Face's), expanded GQA keys, masks
 # ---------------------------------------------------------------------------------------------
 
-ATTENTION_BACKENDS = available_backends("attention_kd_loss")
 QK_LAYOUTS = LAYOUTS + ["heads-last"]
 
 
@@ -713,8 +793,8 @@ def attention_property(backend, case):
     mask = TA.padding_mask(b, length, case["mask"], seed)
     layouts = case["layouts"]
     xs = [qk_layout(x, lay, seed + i) for i, (x, lay) in enumerate(zip((sq, sk, tq, tk), layouts))]
-    if mask is not None:
-        mask = as_layout(mask, layouts[4], seed)
+    if mask is not None:  # (B, L): no heads to move
+        mask = as_layout(mask, "transposed" if layouts[4] == "heads-last" else layouts[4], seed)
     kw, teacher_grad = case["opts"], case["teacher_grad"]
     cfg = pdl.functional.attention_config(**kw)
     leaves = [x.detach().requires_grad_(i < 2 or teacher_grad) for i, x in enumerate(xs)]
@@ -736,6 +816,6 @@ def attention_property(backend, case):
         TS.assert_close(f"grad {TA.NAMES[i]}", g, gt[i], [r[1][i] for r in refs32], dtype, atol=atol)
 
 
-@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("backend", backends("attention_kd_loss"))
 def test_attention_kd_loss_layouts(backend):
-    run_property(backend, attention_cases(), attention_property, 30)
+    run_property(backend, attention_cases(), attention_property, 20)
