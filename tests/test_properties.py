@@ -163,6 +163,9 @@ def assert_loss(out, gt, refs32, atol=1e-7):
     assert out[f32_finite].isfinite().all(), f"loss: float32 is finite, got {out[f32_finite].tolist()}"
     f32_inf = gt.isfinite() & torch.stack([r == refs[0] for r in refs]).all(0) & refs[0].isinf()
     keep = ~nan & ~beyond & ~f32_finite & ~(f32_inf & (out == refs[0]))
+    inf = keep & gt.isinf()
+    assert torch.equal(out[inf], gt[inf]), f"loss: got {out[inf].tolist()}, want {gt[inf].tolist()}"
+    keep = keep & gt.isfinite()
     atol = torch.as_tensor(atol, dtype=torch.float64).expand(gt.shape)[keep]
     TS.assert_close("loss", out[keep], gt[keep], [r[keep] for r in refs], torch.float32,
                     atol=1e-7 + atol)
@@ -295,6 +298,8 @@ def check_kd(backend, student, teacher, labels, *, teacher_grad, grad_kind, **kw
     t = teacher.detach().requires_grad_(teacher_grad)
     loss = pdl.kd_loss(s, t, labels=labels, backend=backend, **kw)
     assert loss.dtype == torch.float32
+    if cfg.soft_weight >= 0 and cfg.hard_weight >= 0:  # a divergence and a cross-entropy are >= 0
+        assert not (loss < 0).any(), f"loss: negative, {loss.tolist()}"
     grad_out = grad_out_for(loss.detach(), grad_kind)
     inputs = [s, t] if teacher_grad else [s]
     grads = torch.autograd.grad(loss, inputs, grad_out)
@@ -398,6 +403,26 @@ def kd_extreme_property(backend, case):
 @pytest.mark.parametrize("backend", backends("kd_loss", slow_triton=True))
 def test_kd_loss_extreme_values(backend):
     run_property(backend, kd_extreme_cases(), kd_extreme_property, 60)
+
+
+@st.composite
+def kd_endpoint_cases(draw):
+    """The mixed divergences with beta at or within 1e-9 of 0 and 1 (beta is not to be rounded
+    to float32 on its way in: 1 - 1e-9 would become 1)."""
+    return dict(lead=(draw(st.integers(1, 4)),), vocab=draw(st.integers(2, 64)),
+                opts=dict(divergence=draw(st.sampled_from(["jsd", "skew_kl", "skew_reverse_kl"])),
+                          beta=draw(st.sampled_from([1e-12, 1e-10, 1e-9, 1e-7, 1 - 1e-7, 1 - 1e-9,
+                                                     1 - 1e-10, 1 - 1e-12])),
+                          temperature=draw(st.sampled_from([0.5, 1.0, 2.0])),
+                          reduction=draw(st.sampled_from(["mean", "none"]))),
+                labels=(None, []), layouts=["contiguous"] * 3, dtype=torch.float32,
+                seed=draw(st.integers(0, 10_000)), teacher_grad=draw(st.booleans()),
+                grad_kind="random")
+
+
+@pytest.mark.parametrize("backend", backends("kd_loss"))
+def test_kd_loss_mixture_weight_near_endpoints(backend):
+    run_property(backend, kd_endpoint_cases(), kd_layout_property, 16)
 
 
 @st.composite
