@@ -25,7 +25,8 @@ contiguous copies, so they measure precision, not the layout), with two rules ad
 
 Hypothesis runs derandomized (CI reproducible), without deadlines; PYDISTILL_PROPERTY_SCALE
 multiplies every example budget (the Triton interpreter's budgets are a fifth of the
-others': 0.5 to 3 s a call); the slowest are marked ``slow``. Shapes stay tiny: V <= 64, one property at V ~ 300.
+others': 0.5 to 3 s a call); the slowest are marked ``slow``. Shapes stay tiny: V <= 64, one
+property at V ~ 300.
 """
 import contextlib
 import math
@@ -48,7 +49,7 @@ import test_linear_kd as TL
 import test_softmax_divergence as TS
 import test_topk_divergence as TT
 import test_uld as TU
-from conftest import DEVICE, available_backends
+from conftest import available_backends
 
 DIVERGENCES = list(RK.DIVERGENCES)
 TAILS = list(RT.TAILS)
@@ -126,7 +127,8 @@ def as_layout(x, layout, seed=0, expand_last=True):
         inverse = [order.index(i) for i in range(x.dim())]
         return x.permute(order).contiguous().permute(inverse)
     if layout == "sliced":  # every other element of a buffer one larger, gaps poisoned
-        big = torch.full([2 * n + 1 for n in x.shape], _fill(x.dtype), dtype=x.dtype, device=x.device)
+        big = torch.full([2 * n + 1 for n in x.shape], _fill(x.dtype), dtype=x.dtype,
+                         device=x.device)
         view = big[tuple(slice(1, 1 + 2 * n, 2) for n in x.shape)]
         view.copy_(x)
         return view
@@ -160,7 +162,8 @@ def assert_loss(out, gt, refs32, atol=1e-7):
         assert torch.equal(out[beyond], gt[beyond].sign() * math.inf), (
             f"loss: float64 {gt[beyond].tolist()} is beyond float32, got {out[beyond].tolist()}")
     f32_finite = gt.isinf() & torch.stack([r.isfinite() for r in refs]).all(0)
-    assert out[f32_finite].isfinite().all(), f"loss: float32 is finite, got {out[f32_finite].tolist()}"
+    assert out[f32_finite].isfinite().all(), (
+        f"loss: float32 is finite, got {out[f32_finite].tolist()}")
     f32_inf = gt.isfinite() & torch.stack([r == refs[0] for r in refs]).all(0) & refs[0].isinf()
     keep = ~nan & ~beyond & ~f32_finite & ~(f32_inf & (out == refs[0]))
     inf = keep & gt.isinf()
@@ -378,7 +381,8 @@ def kd_extreme_cases(draw):
                 student=draw(st.lists(cells, max_size=2 * vocab)),
                 teacher=draw(st.lists(cells, max_size=2 * vocab)),
                 scale=draw(st.sampled_from(LOGIT_SCALES)),
-                teacher_scale=draw(st.sampled_from(LOGIT_SCALES)), seed=draw(st.integers(0, 10_000)),
+                teacher_scale=draw(st.sampled_from(LOGIT_SCALES)),
+                seed=draw(st.integers(0, 10_000)),
                 nan_ignored=draw(st.booleans()), teacher_grad=draw(st.booleans()),
                 grad_kind=draw(st.sampled_from(["one", "random"])))
 
@@ -394,7 +398,8 @@ def kd_extreme_property(backend, case):
     n, vocab, dtype, seed = case["n"], case["vocab"], case["dtype"], case["seed"]
     s = with_specials(TS.logits((n, vocab), torch.float32, scale=case["scale"], seed=seed),
                       case["student"]).to(dtype)
-    t = with_specials(TS.logits((n, vocab), torch.float32, scale=case["teacher_scale"], seed=seed + 3),
+    t = with_specials(TS.logits((n, vocab), torch.float32, scale=case["teacher_scale"],
+                                seed=seed + 3),
                       case["teacher"]).to(dtype)
     y = make_labels_at((n,), vocab, case["labels"], "contiguous", seed)
     if case["nan_ignored"]:
@@ -451,7 +456,8 @@ def kd_temperature_property(backend, case):
     gt = RK.kd_loss(s.double(), t.double(), None, RK.KDConfig(reduction="none", **kw))
     rel = ((loss.double() - gt).abs() / gt.abs()).max().item()
     bound = 1e-6 * case["temperature"]
-    assert rel <= bound, (f"loss at T = {case['temperature']}: relative error {rel:.3g} > {bound:.3g}"
+    assert rel <= bound, (f"loss at T = {case['temperature']}: relative error {rel:.3g} > "
+                          f"{bound:.3g}"
                           f" (got {loss.tolist()}, want {gt.tolist()})")
     with tiles(backend, "softmax_divergence", value=64):
         check_kd(backend, s, t, None, teacher_grad=True, grad_kind="random", reduction="sum",
@@ -532,7 +538,8 @@ def check_topk(backend, student, lp, idx, labels, *, grad_kind, **kw):
 
 
 def topk_property(backend, case):
-    lead, vocab, k, seed, dtype = case["lead"], case["vocab"], case["k"], case["seed"], case["dtype"]
+    lead, vocab, k = case["lead"], case["vocab"], case["k"]
+    seed, dtype = case["seed"], case["dtype"]
     opts = dict(case["opts"])
     t_gen = opts["teacher_temperature"] or opts["temperature"]
     lp, idx, _ = TT.topk_teacher(lead, vocab, k, torch.float32, seed=seed + 3, t_gen=t_gen)
@@ -650,23 +657,29 @@ def linear_property(backend, case):
     grads = dict(zip(wanted, torch.autograd.grad(loss, [leaves[n] for n in wanted], grad_out)))
     # the reference on the clean inputs (ignored rows hold anything: the result must not change)
     cfg_kw = {k: v for k, v in opts.items() if k not in ("tail", "teacher_temperature")}
-    cfg = (pdl.functional.topk_config(tail=opts["tail"], teacher_temperature=opts["teacher_temperature"],
-                                      **cfg_kw) if kind == "topk" else pdl.functional.kd_config(**cfg_kw))
+    if kind == "topk":
+        cfg = pdl.functional.topk_config(tail=opts["tail"],
+                                         teacher_temperature=opts["teacher_temperature"], **cfg_kw)
+    else:
+        cfg = pdl.functional.kd_config(**cfg_kw)
 
     def reference(dtype, backend_math=False):
         """Loss and gradients through the materialised heads in ``dtype``: the reference, or (a
         second float32 ordering, as test_softmax_divergence's) the torch backend's closed form."""
         xs = {n: x.detach().to(dtype).requires_grad_(x.requires_grad) for n, x in inputs.items()}
-        s = logits_s = RL.head_logits(xs["student_hidden"], xs["student_weight"], xs.get("student_bias"))
+        s = logits_s = RL.head_logits(xs["student_hidden"], xs["student_weight"],
+                                      xs.get("student_bias"))
         kw = dict(labels=y, backend="torch", **RK.config_fields(cfg))
         if kind == "topk":
-            kw = {k: v for k, v in kw.items() if k not in ("teacher_logit_scale", "teacher_softcap")}
+            kw = {k: v for k, v in kw.items()
+                  if k not in ("teacher_logit_scale", "teacher_softcap")}
             ref = (pdl.topk_kd_loss(s, lp.to(dtype), idx, **kw) if backend_math
                    else RT.topk_kd_loss(s, lp.to(dtype), idx, y, cfg))
         else:
             t = xs.get("teacher_logits")
             if t is None:
-                t = RL.head_logits(xs["teacher_hidden"], xs["teacher_weight"], xs.get("teacher_bias"))
+                t = RL.head_logits(xs["teacher_hidden"], xs["teacher_weight"],
+                                   xs.get("teacher_bias"))
             v = max(s.shape[-1], t.shape[-1])
             s, t = RL.pad_vocab(s, v), RL.pad_vocab(t, v)
             ref = pdl.kd_loss(s, t, **kw) if backend_math else RK.kd_loss(s, t, y, cfg)
@@ -697,7 +710,8 @@ def linear_property(backend, case):
         assert g.dtype == inputs[name].dtype and g.shape == inputs[name].shape, name
         floor = floors.get(name)
         atol = 0.0 if floor is None or floor.numel() == 0 else 4 * eps * float(floor.max())
-        TS.assert_close(f"grad {name}", g, gt[name], [r[1][name] for r in refs32], g.dtype, atol=atol)
+        TS.assert_close(f"grad {name}", g, gt[name], [r[1][name] for r in refs32], g.dtype,
+                        atol=atol)
 
 
 @pytest.mark.parametrize("backend", backends("linear_kd_loss", slow_triton=True))
@@ -820,7 +834,8 @@ def attention_cases(draw):
 
 
 def attention_property(backend, case):
-    b, h, length, seed, dtype = case["batch"], case["heads"], case["length"], case["seed"], case["dtype"]
+    b, h, length = case["batch"], case["heads"], case["length"]
+    seed, dtype = case["seed"], case["dtype"]
     sq, sk = TA.qk(b, h, case["kv_s"], length, case["d_s"], dtype, seed, scale=case["scale"])
     tq, tk = TA.qk(b, h, case["kv_t"], length, case["d_t"], dtype, seed + 2, scale=case["scale"])
     mask = TA.padding_mask(b, length, case["mask"], seed)
@@ -846,7 +861,8 @@ def attention_property(backend, case):
     for i, g in enumerate(grads):
         assert g.dtype == dtype and g.shape == xs[i].shape
         atol = 2 * TS.OUT_EPS[dtype] * float(gt[i].abs().max()) if half else 0.0
-        TS.assert_close(f"grad {TA.NAMES[i]}", g, gt[i], [r[1][i] for r in refs32], dtype, atol=atol)
+        TS.assert_close(f"grad {TA.NAMES[i]}", g, gt[i], [r[1][i] for r in refs32], dtype,
+                        atol=atol)
 
 
 @pytest.mark.parametrize("backend", backends("attention_kd_loss"))
