@@ -84,6 +84,10 @@ def available_backends(op="kd_loss"):
     return ok
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: the slowest property tests (deselect: -m 'not slow')")
+
+
 def pytest_report_header(config):
     return (
         f"pydistill: device={DEVICE}, backends={available_backends()}, "
