@@ -41,7 +41,8 @@ constexprs, after the straight-line assignments that precede it in its function 
 parameters bound from its call in the kernel); ``tl.program_id`` is 0, so a loop whose range
 depends on the program counts the first program's share, taken as every program's. A range
 that cannot be evaluated (it depends on loaded data) counts once and is flagged
-(``unresolved_loops``). Branches inside a loop are counted as taken (an upper bound on that
+(``unresolved_loops``, summed on the case's total row; the report marks that case's time as
+a lower bound, and the CI gate refuses a kernel with more unresolved loops than committed). Branches inside a loop are counted as taken (an upper bound on that
 body, noted as such).
 
 Predicted time of a launch = max(bytes / BANDWIDTH, warp_instructions / ISSUE_RATE,
@@ -795,6 +796,21 @@ def _function_namespace(fn_name, functions, kernel_name, launch, module, depth=0
     raise _Unknown(f"no call of {fn_name}")
 
 
+def _same_source(location: str, path: str, module_name: str) -> bool:
+    """Whether a line-table file name is the kernel's module ``path``. Triton's cache is shared
+    between checkouts and keyed on the kernels' source and starting lines, not on the file
+    name: a cubin compiled from another copy of the package (a second checkout, an installed
+    wheel; that file may be gone) carries that copy's file name with the same line numbers.
+    So a name that ends with the module's package path (``pydistill/kernels/x.py``) is it."""
+    try:
+        if os.path.samefile(location, path):
+            return True
+    except OSError:
+        pass
+    depth = len(module_name.split("."))
+    return Path(location).parts[-depth:] == Path(path).parts[-depth:]
+
+
 def trip_count(loop_instrs: list, launch: Launch) -> tuple:
     """(trip count, Python ``for`` node) of the SASS loop whose own instructions are
     ``loop_instrs`` (module docstring); the count is None when its range cannot be evaluated,
@@ -802,7 +818,8 @@ def trip_count(loop_instrs: list, launch: Launch) -> tuple:
     module = sys.modules[launch.fn.fn.__module__]
     path = inspect.getsourcefile(launch.fn.fn)
     functions, fors = _module_ast(path)
-    lines = [{ln for f, ln in ins.locations if os.path.samefile(f, path)} if ins.locations else set()
+    same = functools.lru_cache(maxsize=None)(lambda f: _same_source(f, path, module.__name__))
+    lines = [{ln for f, ln in ins.locations if same(f)} if ins.locations else set()
              for ins in loop_instrs]
     lines = [ls for ls in lines if ls]
     if not lines:
@@ -1195,12 +1212,21 @@ def report(rows, target: Target, command: str) -> str:
         f"Triton {triton.__version__}, torch {torch.__version__}, git {harness.git_revision()}. "
         f"Command: `{command}`.",
         "",
-        "| family | case | floor ms | predicted ms | ratio | bound by |",
-        "|---|---|---:|---:|---:|---|",
+        "| family | case | floor ms | predicted ms | ratio | bound by | unresolved loops |",
+        "|---|---|---:|---:|---:|---|---:|",
     ]
     for r in totals:
-        lines.append(f"| {r['family']} | {r['case']} | {r['floor_ms']:.3g} | {r['predicted_ms']:.3g} | "
-                     f"{r['ratio']:.2f} | {r['bound']} |")
+        loops = int(r.get("unresolved_loops") or 0)
+        mark = "*" if loops else ""
+        lines.append(f"| {r['family']} | {r['case']} | {r['floor_ms']:.3g} | {r['predicted_ms']:.3g}{mark} | "
+                     f"{r['ratio']:.2f}{mark} | {r['bound']} | {loops} |")
+    unresolved = [r for r in totals if int(r.get("unresolved_loops") or 0)]
+    if unresolved:
+        lines += ["", "\\* lower bound: " + "; ".join(
+            f"{r['family']} {r['case']}: {r['unresolved_loops']} loops unresolved" for r in unresolved)
+            + ". A loop whose trip count the model cannot evaluate from the launch (a range that "
+              "depends on loaded data) is counted as one trip: that case's instructions and time "
+              "are a lower bound, not a prediction."]
     lines += ["", "## Kernels (one line per distinct launch; xN: launches)", "",
               "| family | case | phase | kernel | grid | regs | spills | CTAs/SM (limit) | mma | "
               "atomics / fences | instr / element | GB | TFLOP | predicted ms | bound |",
@@ -1285,6 +1311,10 @@ def main(argv=None) -> int:
     if not (opts.small or opts.no_cuda):
         rows += cuda_rows(target, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     write_csv(rows, out)
+    for r in rows:
+        if r["kernel"] == "total" and int(r.get("unresolved_loops") or 0):
+            print(f"warning: {r['family']} {r['case']}: {r['unresolved_loops']} loops unresolved, "
+                  "counted as one trip (its prediction is a lower bound)", file=sys.stderr)
     command = "python -m pydistill.bench.static" + (" " + " ".join(argv) if argv else "")
     text = report(rows, target, command)
     out.with_suffix(".md").write_text(text)
@@ -1318,12 +1348,38 @@ def instructions_per_element(rows) -> dict:
     return dict(out)
 
 
+def unresolved_loops(rows) -> dict:
+    """(family, case, phase, kernel) -> unresolved loops of each compiled kernel (the most of
+    any of its launches: a count per compiled code, not a rate)."""
+    out = defaultdict(int)
+    for r in rows:
+        if r.get("unresolved_loops") not in (None, "") and r["kernel"] != "total" \
+                and r.get("regs") not in (None, ""):
+            key = (r["family"], r["case"], r["phase"], r["kernel"])
+            out[key] = max(out[key], int(r["unresolved_loops"]))
+    return dict(out)
+
+
 def gate_failures(committed: list, current: list, tolerance: float = 0.10) -> list:
     """What the CI gate refuses in ``current`` (rows of this run) against ``committed`` (the
     rows of bench/results/static-sm90.csv): a kernel that spills or uses local memory, a
-    kernel's instructions per element grown by more than ``tolerance``, a kernel missing from
-    either side (the committed report is then stale: regenerate it)."""
+    kernel's instructions per element grown by more than ``tolerance``, a kernel with more
+    unresolved loops than committed (each counts once: its instructions are then a lower bound,
+    not a prediction), a case predicted faster than its floor (impossible: the model lost
+    work), a kernel missing from either side (the committed report is then stale: regenerate
+    it)."""
     failures = []
+    for r in current:
+        if r["kernel"] == "total" and r.get("floor_ms") not in (None, "") and float(r["floor_ms"]) > 0 \
+                and float(r["predicted_ms"]) < float(r["floor_ms"]):
+            failures.append(f"{r['family']} {r['case']}: predicted {float(r['predicted_ms']):.4g} ms, "
+                            f"below its floor {float(r['floor_ms']):.4g} ms (work the model does not see: "
+                            f"{r.get('unresolved_loops') or 0} unresolved loops)")
+    old_loops, new_loops = unresolved_loops(committed), unresolved_loops(current)
+    for key in sorted(set(old_loops) & set(new_loops)):
+        if new_loops[key] > old_loops[key]:
+            failures.append(f"{' '.join(key)}: {new_loops[key]} unresolved loops (committed: "
+                            f"{old_loops[key]}), counted once each")
     for r in current:
         if r.get("regs") in (None, "") or r["family"] == CUDA_FAMILY:
             continue

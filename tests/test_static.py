@@ -3,7 +3,10 @@ as the JIT would build it at the goal shapes, none spilling or using local memor
 issuing more than 10 % more instructions per element than bench/results/static-sm90.csv
 records. Runs where the stand-in driver works with the installed Triton (3.6 and later);
 skipped with the reason elsewhere."""
+import ast
+import inspect
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +73,48 @@ def test_gate_refuses_growth_spills_and_stale_reports():
     assert len(static.gate_failures([_row()], [_row(spills=2)])) == 1
     assert len(static.gate_failures([_row()], [_row(local=16)])) == 1
     assert len(static.gate_failures([_row()], [_row(kernel="_other")])) == 2
+
+
+def test_gate_refuses_unresolved_loops_and_a_time_below_the_floor():
+    loops = lambda n: dict(_row(), unresolved_loops=str(n))  # noqa: E731
+    assert static.gate_failures([loops(2)], [loops(2)]) == []
+    assert len(static.gate_failures([loops(0)], [loops(1)])) == 1
+    total = lambda predicted: {"family": "softmax", "case": "kl", "phase": "fwd+bwd",  # noqa: E731
+                               "kernel": "total", "predicted_ms": str(predicted), "floor_ms": "1.0"}
+    assert static.gate_failures([], [total(1.2)]) == []
+    assert len(static.gate_failures([], [total(0.13)])) == 1
+
+
+def test_report_marks_unresolved_loops_as_a_lower_bound():
+    total = {"family": "topk", "case": "kl", "kernel": "total", "floor_ms": 1.0, "predicted_ms": 2.0,
+             "ratio": 2.0, "bound": "issue", "unresolved_loops": 2}
+    text = static.report([total], static.TARGETS["sm_90"], "cmd")
+    assert "lower bound: topk kl: 2 loops unresolved" in text
+    assert "loops unresolved" not in static.report([dict(total, unresolved_loops=0)], static.TARGETS["sm_90"], "cmd")
+
+
+@pytest.mark.parametrize("copy_exists", [True, False])
+def test_trip_count_reads_a_line_table_naming_another_copy(tmp_path, copy_exists):
+    # Triton's cache is keyed on the kernels' source and starting lines, not on the file: a
+    # cubin compiled from another checkout names that checkout's file (gone, perhaps), with
+    # the same line numbers. The attention forward's key loop is n_ctx / BLOCK_N trips.
+    from pydistill.kernels import attention_kd
+
+    fn = attention_kd._attention_kl_fwd_kernel
+    path = inspect.getsourcefile(fn.fn)
+    functions, _ = static._module_ast(path)
+    loop = next(n for n in ast.walk(functions[fn.fn.__name__]) if isinstance(n, ast.For))
+    copy = tmp_path / "pydistill" / "kernels" / "attention_kd.py"
+    if copy_exists:
+        copy.parent.mkdir(parents=True)
+        shutil.copy(path, copy)
+    instrs = [static.Instr(i, "FFMA", "", frozenset({(str(copy), ln)}))
+              for i, ln in enumerate(range(loop.lineno + 1, loop.end_lineno + 1))]
+    args = {"n_ctx": 8192, "BLOCK_M": 128, "BLOCK_N": 64, "CAUSAL": False, "HAS_MASK": False}
+    launch = static.Launch("fwd", fn, None, (64, 48, 1), args)
+    trips, node = static.trip_count(instrs, launch)
+    assert node is loop
+    assert trips == 8192 // 64
 
 
 def test_occupancy_limits():
