@@ -348,7 +348,7 @@ def _kd_fwd_kernel(
     ignore_index,
     DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
-    NEEDS_PASS2: tl.constexpr, HAS_SCALE_PTR: tl.constexpr,
+    NEEDS_PASS2: tl.constexpr, BREGMAN: tl.constexpr, HAS_SCALE_PTR: tl.constexpr,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, STORE_STATS: tl.constexpr,
     ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -421,7 +421,8 @@ def _kd_fwd_kernel(
             div = acc / l_s - ll_s + ll_t
         if NEEDS_PASS2:
             # every divergence but kl / reverse_kl at T <= ONE_PASS_MAX_T; D from the Bregman
-            # terms of _div_term
+            # terms of _div_term where the plain terms would lose precision (BREGMAN: large T,
+            # beta near 0 or 1; bregman_sum), else the plain terms d
             d_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
             q_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
             p_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -433,8 +434,11 @@ def _kd_fwd_kernel(
                 log_p = x_t - m_t - ll_t
                 log_q = x_s - m_s - ll_s
                 p, q, d, qh, pu = _pointwise_b(log_p, log_q, beta, beta_c, DIV)
-                d_acc += _div_term(log_p, log_q, p, q, _log_ratio(x_t, x_s, m_t, m_s, ll_t, ll_s),
-                                   beta, beta_c, DIV)
+                if BREGMAN:
+                    d_acc += _div_term(log_p, log_q, p, q,
+                                       _log_ratio(x_t, x_s, m_t, m_s, ll_t, ll_s), beta, beta_c, DIV)
+                else:
+                    d_acc += d
                 if DIV != KL and DIV != REVERSE_KL:
                     q_acc += qh
                     p_acc += pu
@@ -448,7 +452,9 @@ def _kd_fwd_kernel(
             s_q = div + 1.0
             s_p = -1.0
 
-    loss = soft_scale * div
+    # every divergence is >= 0: a negative value is rounding of the plain sums (student ~
+    # teacher); NaN is kept (NaN < 0 is false)
+    loss = soft_scale * tl.where(div < 0.0, 0.0, div)
     if HAS_HARD:
         loss += hard_weight * _hard_ce(s_row, label, active, V, s_scale, s_cap, m_1, ll_1, S_CAP)
     tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
@@ -637,6 +643,20 @@ def needs_pass2(divergence: str, temperature: float) -> bool:
     return divergence not in ("kl", "reverse_kl") or temperature > ONE_PASS_MAX_T
 
 
+# The plain terms of pass 2 (_pointwise_b's d) round like float32 PyTorch's own sum: an absolute
+# ~eps log V per row, which grows as T^2 eps relative to the loss at large T and is large
+# relative to the small values of the mixed divergences at beta near 0 or 1. There the Bregman
+# terms (_div_term, about twice the instructions per element) keep the relative error ~1e-6;
+# elsewhere the plain terms keep pass 2 as cheap as it was.
+BREGMAN_BETA_EDGE = 0.01
+
+
+def bregman_sum(divergence: str, temperature: float, beta: float) -> bool:
+    mixed = divergence in ("jsd", "skew_kl", "skew_reverse_kl")
+    edge = mixed and min(beta, 1.0 - beta) < BREGMAN_BETA_EDGE
+    return temperature > ONE_PASS_MAX_T or edge
+
+
 def kd_fwd(student, teacher, labels, cfg, divergence, *, grad_s=None, grad_t=None,
            grad_scale=1.0, scale=None, store_stats=False, entropy=None):
     """Per-row losses (float32, N) and, with ``store_stats``, the per-row stats (N, 8) that
@@ -653,7 +673,8 @@ def kd_fwd(student, teacher, labels, cfg, divergence, *, grad_s=None, grad_t=Non
         _kd_fwd_kernel[(n_rows,)](
             loss_ptr=loss, stats_ptr=stats, STORE_STATS=store_stats,
             ent_ptr=entropy if entropy is not None else loss, ENTROPY=entropy is not None,
-            NEEDS_PASS2=needs_pass2(divergence, cfg.temperature), **args,
+            NEEDS_PASS2=needs_pass2(divergence, cfg.temperature),
+            BREGMAN=bregman_sum(divergence, cfg.temperature, cfg.beta), **args,
         )
     return loss, stats
 

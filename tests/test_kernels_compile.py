@@ -46,9 +46,10 @@ def kd_variants():
         flags = dict(DIV=code, S_CAP=full, T_CAP=full, HAS_LABELS=full, HAS_HARD=full,
                      HAS_SOFT=True, CE_SEPARATE=full, HAS_SCALE_PTR=full, GRAD_S=full,
                      GRAD_T=full, BLOCK_V=4096)
-        # kl / reverse_kl: pass 2 above T = 4 (kernels.softmax_divergence.needs_pass2)
-        fwd = dict(flags, NEEDS_PASS2=div not in ("kl", "reverse_kl") or full, STORE_STATS=not full,
-                   ENTROPY=full)
+        # kl / reverse_kl: pass 2 above T = 4 (kernels.softmax_divergence.needs_pass2); its
+        # Bregman terms at large T or beta near 0 / 1 (bregman_sum)
+        fwd = dict(flags, NEEDS_PASS2=div not in ("kl", "reverse_kl") or full, BREGMAN=full,
+                   STORE_STATS=not full, ENTROPY=full)
         tag = f"{div}-sm{arch}-{'all' if full else 'min'}"
         out.append(dict(name=f"fwd-{tag}", module=KERNELS, kernel="_kd_fwd_kernel", consts=fwd,
                         pointer_types=ptrs("bf16"), arch=arch, num_warps=8))
@@ -59,7 +60,8 @@ def kd_variants():
     for dt, labels, int_type, block, warps in [("fp16", "i32", "i64", 1024, 4), ("fp32", "i64", "i32", 8192, 16)]:
         flags = dict(DIV=0, S_CAP=True, T_CAP=False, HAS_LABELS=True, HAS_HARD=True,
                      HAS_SOFT=True, CE_SEPARATE=False, HAS_SCALE_PTR=True, GRAD_S=True,
-                     GRAD_T=True, NEEDS_PASS2=False, STORE_STATS=True, ENTROPY=False,
+                     GRAD_T=True, NEEDS_PASS2=False, BREGMAN=False, STORE_STATS=True,
+                     ENTROPY=False,
                      BLOCK_V=block)
         out.append(dict(name=f"fwd-kl-{dt}-{int_type}", module=KERNELS, kernel="_kd_fwd_kernel",
                         consts=flags, pointer_types=ptrs(dt, labels), arch=90, num_warps=warps,
