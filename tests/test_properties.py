@@ -590,6 +590,7 @@ def linear_cases(draw, backend):
     return dict(lead=lead, kind=kind, chunk=chunk, opts=opts, teacher_grad=teacher_grad,
                 vocab=draw(st.integers(2, 48)), hidden=draw(st.integers(1, 12)),
                 teacher_vocab_delta=draw(st.sampled_from([0, 0, -3, 5])) if kind != "topk" else 0,
+                vocab_mismatch=draw(st.sampled_from(["restrict", "pad"])),
                 bias=draw(st.booleans()), frozen_weight=draw(st.booleans()),
                 labels=draw(labels_for(lead, 1, required=opts["hard_weight"] != 0.0)),
                 layouts=[draw(st.sampled_from(LAYOUTS)) for _ in range(8)],
@@ -651,7 +652,8 @@ def linear_property(backend, case):
     extra = {} if topk is None else {"teacher_topk": topk}
     with tiles(backend, "softmax_divergence"), tiles(backend, "topk_divergence"):
         loss = pdl.linear_kd_loss(**leaves, labels=y_view, chunk_size=case["chunk"],
-                                  backend=backend, **extra, **opts)
+                                  vocab_mismatch=case["vocab_mismatch"], backend=backend,
+                                  **extra, **opts)
     grad_out = grad_out_for(loss.detach(), case["grad_kind"])
     wanted = [name for name, x in leaves.items() if x.requires_grad]
     grads = dict(zip(wanted, torch.autograd.grad(loss, [leaves[n] for n in wanted], grad_out)))
@@ -680,6 +682,8 @@ def linear_property(backend, case):
             if t is None:
                 t = RL.head_logits(xs["teacher_hidden"], xs["teacher_weight"],
                                    xs.get("teacher_bias"))
+            if case["vocab_mismatch"] == "restrict":  # a longer teacher cut to V_s
+                t = t[..., :s.shape[-1]]
             v = max(s.shape[-1], t.shape[-1])
             s, t = RL.pad_vocab(s, v), RL.pad_vocab(t, v)
             ref = pdl.kd_loss(s, t, **kw) if backend_math else RK.kd_loss(s, t, y, cfg)
