@@ -146,7 +146,10 @@ def triton_chunk_step(s, t, labels, cfg: ULDConfig, row_scale, out_s=None, out_t
     counted = _counted(labels, cfg)
     rows, q_s, q_t = _losses(sel_s, sel_t, counted, cfg)
     if out_s is not None or out_t is not None:
-        weight = torch.as_tensor(row_scale, dtype=torch.float32, device=s.device).expand(s.shape[0])
+        if isinstance(row_scale, torch.Tensor):
+            weight = row_scale.to(torch.float32).expand(s.shape[0])
+        else:  # a Python number: filled on the device, no copy from the host
+            weight = s.new_full((s.shape[0],), float(row_scale), dtype=torch.float32)
         if counted is not None:
             weight = torch.where(counted, weight, 0.0)
         _write_grads((s, t), labels, (sel_s, sel_t), (q_s, q_t), weight, cfg, (out_s, out_t))
