@@ -308,8 +308,11 @@ LOG1P_FORM_MAX = 0.25  # |w| below which log(a / m) (and tvd's |p - q|) is taken
 
 
 def _phi_series(u):
-    """u - 1 + e^{-u} for |u| <= 1/2, to float32's precision (the next term is 4e-8 of it)."""
-    c = (1 / 2, -1 / 6, 1 / 24, -1 / 120, 1 / 720, -1 / 5040, 1 / 40320)
+    """u - 1 + e^{-u} for |u| <= 1/2, to the precision of u's dtype: the terms (-u)^k / k! from
+    k = 2, up to k = 8 for float32 (the next is 4e-8 of the sum) and k = 18 for float64 (the
+    next is 1e-17 of it)."""
+    n = 17 if u.dtype == torch.float64 else 7
+    c = tuple((-1) ** k / math.factorial(k) for k in range(2, 2 + n))
     acc = torch.full_like(u, c[-1])
     for k in reversed(c[:-1]):
         acc = acc * u + k
