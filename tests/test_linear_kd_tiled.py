@@ -153,9 +153,23 @@ def test_extreme_logits_and_minus_inf(kernels):
     t[11, 60] = 1e4
     inputs["teacher_logits"] = t
     y = make_labels((N,), V, ignore=(3,))
-    for divergence in ["kl", "jsd", "skew_kl"]:
-        loss, _ = tiled(inputs, y, divergence=divergence, temperature=1.0, hard_weight=0.1)
+    loss, _ = tiled(inputs, y, divergence="kl", temperature=1.0, hard_weight=0.1)
+    assert torch.isfinite(loss)
+    # jsd and skew_kl: the tiled kernels' float32 gradient at these one-hot rows is off float64
+    # by up to 2e-5 of the largest entry (measured on d(hidden)), further than the reference's
+    # own float32 path since it took the w = log p - log q form (~1e-7): a known gap of the
+    # tiled path, checked here at its present bound
+    for divergence in ["jsd", "skew_kl"]:
+        kw = dict(divergence=divergence, temperature=1.0, hard_weight=0.1)
+        loss, grads, grad_out = run("triton", inputs, y, chunk_size="tiled", **kw)
+        cfg = pdl.functional.kd_config(**kw)
+        gt_loss, gt = reference(inputs, y, cfg, grad_out, torch.float64)
         assert torch.isfinite(loss)
+        torch.testing.assert_close(loss.double(), gt_loss, rtol=1e-5, atol=1e-6)
+        for name, g in grads.items():
+            atol = 5e-5 * gt[name].abs().max().item()
+            torch.testing.assert_close(g.double(), gt[name], rtol=2e-4, atol=atol,
+                                       msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 @pytest.mark.parametrize("frozen", ["weight", "hidden", "bias", "weight+bias"])
