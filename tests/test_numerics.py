@@ -228,6 +228,36 @@ def test_large_temperature_loss_is_precise(backend, divergence, temperature, req
     torch.testing.assert_close(loss.double(), want, rtol=1e-4 if divergence == "tvd" else 1e-5, atol=0)
 
 
+def _topk_inputs(vocab=512, k=8):
+    """A student and the top-k of a teacher near it (the teacher at T_gen = 1)."""
+    s = logits((3, vocab), seed=11)
+    t = s + logits((3, vocab), scale=2.0, seed=12)
+    lp, idx = torch.log_softmax(t.double(), -1).topk(k, dim=-1)
+    return s, lp.float(), idx
+
+
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
+@pytest.mark.parametrize("divergence", R.DIVERGENCES)
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("temperature", [100.0, 1e3, 1e4])
+def test_topk_large_temperature_loss_is_precise(backend, divergence, tail, temperature, request):
+    # the outcomes (K ids and the tail) near uniform at large T, as in kd_loss: the value was
+    # a difference of O(1/T) sums, and the tail's log-probability rounded at the size of log M
+    from pydistill.reference import topk_divergence as RT
+    from test_topk_divergence import check_against_reference
+
+    if backend == "triton":
+        from pydistill.kernels import topk_divergence as K
+
+        request.getfixturevalue("monkeypatch").setattr(K, "BLOCK_V_OVERRIDE", 128)
+    s, lp, idx = _topk_inputs()
+    kw = dict(divergence=divergence, temperature=temperature, beta=0.3, tail=tail,
+              teacher_temperature=1.0, reduction="none")
+    loss, _ = check_against_reference(backend, s, lp, idx, **kw)
+    want = RT.topk_kd_loss(s.double(), lp.double(), idx, None, pdl.functional.topk_config(**kw))
+    torch.testing.assert_close(loss.double(), want, rtol=1e-4 if divergence == "tvd" else 1e-5, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # the mixture weight beta near 0 and 1
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +275,24 @@ def test_beta_near_its_ends(backend, divergence, beta):
     log_p, log_q = torch.log_softmax(t.double(), -1), torch.log_softmax(s.double(), -1)
     want = R.divergence_value(log_p, log_q, log_p.exp(), log_q.exp(),
                               R.tempered_log_ratio(t.double(), s.double()), divergence, beta)
+    assert (rows >= 0).all()
+    torch.testing.assert_close(rows.double(), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
+@pytest.mark.parametrize("divergence", ["jsd", "skew_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("beta", [1e-12, 1e-9, 1 - 1e-9, 1 - 1e-12])
+def test_topk_beta_near_its_ends(backend, divergence, tail, beta):
+    # as kd_loss's: the truth is the float64 Bregman sum over the outcomes
+    from pydistill.reference import topk_divergence as RT
+
+    s, lp, idx = _topk_inputs(vocab=64, k=8)
+    s = 2.0 * s
+    kw = dict(divergence=divergence, beta=beta, tail=tail, teacher_temperature=1.0)
+    rows = pdl.topk_kd_loss(s, lp, idx, reduction="none", backend=backend, **kw)
+    log_p, log_q = RT.outcome_log_probs(s.double(), lp.double(), idx, pdl.functional.topk_config(**kw))
+    want = R.divergence_value(log_p, log_q, log_p.exp(), log_q.exp(), log_p - log_q, divergence, beta)
     assert (rows >= 0).all()
     torch.testing.assert_close(rows.double(), want, rtol=1e-5, atol=0)
 
@@ -303,6 +351,7 @@ def test_torch_backend_builds_no_needless_logits_sized_buffer(grad):
     big = _large_allocations(run, [base, t], nv_bytes // 2)
     # with grad: the gradient itself, nothing else
     assert len(big) == (1 if grad else 0), big
+
 
 
 # ---------------------------------------------------------------------------------------------

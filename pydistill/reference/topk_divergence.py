@@ -81,6 +81,7 @@ from pydistill.reference.softmax_divergence import (
     compute_dtype,
     divergence,
     divergence_terms,
+    divergence_value,
     finish_student_chunk,
     hard_cross_entropy,
     reduce_rows,
@@ -241,6 +242,7 @@ def topk_chunk_loss_and_grads(s, topk_logprobs, topk_indices, labels, cfg: TopKC
         ids, valid = safe_indices(idx, vocab)
         x = z * (1.0 / cfg.temperature)  # a fresh tensor: masked in place below
         x_support = x.gather(-1, ids).masked_fill_(~valid, math.nan)
+        x_support_raw = x_support.clone()  # log_q is built in place from x_support
         log_p, log_p_tail = teacher_log_probs(lp, vocab, cfg, dtype)
         if cfg.tail == "renormalize":
             log_q = torch.log_softmax(x_support, dim=-1)
@@ -254,9 +256,15 @@ def topk_chunk_loss_and_grads(s, topk_logprobs, topk_indices, labels, cfg: TopKC
         if cfg.tail == "bucket":
             log_p = torch.cat([log_p, log_p_tail[:, None]], dim=-1)
             log_q = torch.cat([log_q, log_q_tail[:, None]], dim=-1)
-        q = log_q.exp()
-        div, qh, _, _, _ = divergence_terms(log_p, log_q, log_p.exp(), q,
-                                            cfg.canonical_divergence(), cfg.beta, False)
+        q, p = log_q.exp(), log_p.exp()
+        div, qh, _, _, _ = divergence_terms(log_p, log_q, p, q, cfg.canonical_divergence(),
+                                            cfg.beta, False)
+        if cfg.tail != "ignore":  # P and Q each sum to 1: the value as Bregman terms
+            w = _outcome_log_ratio(x, x_support_raw, lse_off if cfg.tail == "bucket" else None,
+                                   lp, ids, vocab, cfg)
+            exact = divergence_value(log_p, log_q, p, q, w.to(dtype), cfg.canonical_divergence(),
+                                     cfg.beta)
+            div = torch.where(torch.isfinite(w).all(-1), exact, div)
         rows.add_(div.masked_fill_(_nan_rows(log_p, log_q), math.nan), alpha=cfg.soft_scale)
         if out_s is not None:
             if cfg.tail == "ignore" and cfg.canonical_divergence() == "skew_reverse_kl":
@@ -277,6 +285,46 @@ def topk_chunk_loss_and_grads(s, topk_logprobs, topk_indices, labels, cfg: TopKC
             g_s.scatter_(-1, ids, member)
         # the soft gradient is carried without its factor soft_scale / T until the end
     return finish_student_chunk(rows, g_s, coef, z, labels, counted, cfg, row_scale, out_s)
+
+
+def _outcome_log_ratio(x, x_support, lse_off, topk_logprobs, ids, vocab: int, cfg: TopKConfig):
+    """w = log P - log Q over the outcomes of ``cfg.tail`` (bucket or renormalize), in float64,
+    with rounding relative to w itself (softmax_divergence.tempered_log_ratio's idea): at a
+    large temperature P and Q are near uniform, w is O(1/T) and the divergence O(1/T^2).
+
+    ``x``: the tempered student logits with the support already masked to -inf and
+    ``lse_off`` their logsumexp (bucket; unused for renormalize), ``x_support``: the K gathered
+    ones. With m the student's max (a shift) and ll its log-sum, log Q_o = a_o - ll,
+    a_k = x_{i_k} - m and, for the tail, a_tail = lse_off - m; above T = 4 (where the tail may
+    be near uniform), in rows where the off-support logits are (E / M > -1/2),
+    a_tail = (m_off - m) + log M + log1p(E / M), E = sum_off expm1(x_j - m_off): relative
+    rounding, where lse_off (~log M) rounds at its own size. The teacher's
+    log P is float64 already, and the shared ll (rounded at ~log V) enters the Bregman sum at
+    second order only (softmax_divergence's block comment on the divergence value)."""
+    f64 = torch.float64
+    log_p, log_p_tail = teacher_log_probs(topk_logprobs, vocab, cfg, f64)
+    x_s = x_support.to(f64)
+    if cfg.tail == "renormalize":
+        m = x_s.amax(-1, keepdim=True)
+        a = x_s - torch.where(m.abs() == math.inf, 0.0, m)
+        return (log_p + torch.logsumexp(a, -1, keepdim=True)) - a
+    missing = vocab - ids.shape[-1]
+    lse_off = lse_off.to(f64)[:, None]
+    m = torch.maximum(lse_off, x_s.amax(-1, keepdim=True))  # any shift >= the max will do
+    m = torch.where(m.abs() == math.inf, 0.0, m)
+    a = x_s - m
+    a_tail = lse_off - m
+    if missing > 0 and cfg.temperature > 4.0:
+        m_off = x.amax(-1, keepdim=True)
+        shift_off = torch.where(m_off.abs() == math.inf, 0.0, m_off)
+        e_off = torch.expm1(x - shift_off).scatter_(-1, ids, 0.0).sum(-1, keepdim=True) / missing
+        near = (e_off > -0.5).to(f64)
+        e_off = e_off.to(f64)
+        near_tail = (shift_off.to(f64) - m) + math.log(missing) + torch.log1p(e_off * near)
+        a_tail = torch.where(near.bool() & torch.isfinite(a_tail), near_tail, a_tail)
+    a = torch.cat([a, a_tail], dim=-1)
+    log_p = torch.cat([log_p, log_p_tail[:, None]], dim=-1)
+    return (log_p + torch.logsumexp(a, -1, keepdim=True)) - a
 
 
 def refuse_teacher_grad(backend: str):
