@@ -353,6 +353,30 @@ def test_torch_backend_builds_no_needless_logits_sized_buffer(grad):
     assert len(big) == (1 if grad else 0), big
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_topk_torch_backend_builds_no_needless_logits_sized_buffer(grad):
+    # as kd_loss's: the shifted student was copied (reshape) and under no_grad the (N, V)
+    # gradient was still computed
+    vocab, length = 4096, 129
+    base = logits((4, length, vocab), seed=15)
+    s = base[:, :-1].requires_grad_(grad) if grad else base[:, :-1]
+    t = logits((4, length - 1, vocab), seed=16)
+    lp, idx = torch.log_softmax(t, -1).topk(16, dim=-1)
+    if not grad:
+        s.requires_grad_()
+    nv_bytes = s.shape[:-1].numel() * vocab * 4
+    kw = dict(backend="torch", temperature=2.0, teacher_temperature=1.0)
+
+    def run():
+        if grad:
+            pdl.topk_kd_loss(s, lp, idx, **kw).backward()
+        else:
+            with torch.no_grad():
+                pdl.topk_kd_loss(s, lp, idx, **kw)
+
+    big = _large_allocations(run, [base, t, lp, idx], nv_bytes // 2)
+    assert len(big) == (1 if grad else 0), big
+
 
 # ---------------------------------------------------------------------------------------------
 # skew_kl near convergence

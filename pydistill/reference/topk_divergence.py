@@ -85,6 +85,7 @@ from pydistill.reference.softmax_divergence import (
     finish_student_chunk,
     hard_cross_entropy,
     reduce_rows,
+    row_chunks,
 )
 
 TAILS = ("bucket", "renormalize", "ignore")
@@ -346,30 +347,46 @@ class ChunkedTopKKDLoss(torch.autograd.Function):
     scales the stored gradient in place, so it runs once (a second backward raises). The
     teacher is a constant (the API refuses a teacher that requires grad)."""
 
+    @classmethod
+    def apply(cls, student_logits, topk_logprobs, topk_indices, labels, cfg: TopKConfig):
+        # under no_grad a Function's forward still sees needs_input_grad set from requires_grad:
+        # the value alone is computed here, with no (N, V) gradient buffer (as ChunkedKDLoss)
+        if torch.is_grad_enabled():
+            return super().apply(student_logits, topk_logprobs, topk_indices, labels, cfg)
+        return cls.run(student_logits, topk_logprobs, topk_indices, labels, cfg, False)[0]
+
     @staticmethod
-    def forward(ctx, student_logits, topk_logprobs, topk_indices, labels, cfg: TopKConfig):
+    def run(student_logits, topk_logprobs, topk_indices, labels, cfg: TopKConfig, need_s: bool):
+        """(the loss, the student gradient as a contiguous (N, V) tensor or None) for
+        grad_output = 1. The student is read chunk by chunk through its own strides (a causal
+        shift logits[:, :-1] is not copied)."""
         vocab, k = student_logits.shape[-1], topk_indices.shape[-1]
         lead = student_logits.shape[:-1]
-        s2 = student_logits.reshape(-1, vocab)
+        n_rows = lead.numel()
         lp2 = topk_logprobs.reshape(-1, k)
         idx2 = topk_indices.reshape(-1, k)
         y = labels.reshape(-1) if labels is not None else None
         dtype = compute_dtype(student_logits.dtype, topk_logprobs.dtype)
-        count, row_scale = chunk_row_scale(y, s2.shape[0], cfg, dtype, s2.device)
-        grad_s = (torch.empty_like(s2, memory_format=torch.contiguous_format)
-                  if ctx.needs_input_grad[0] else None)
-        rows_out = torch.empty(s2.shape[0], dtype=dtype, device=s2.device)
-        step = chunk_rows(vocab)
-        for start in range(0, s2.shape[0], step):
-            sl = slice(start, min(s2.shape[0], start + step))
+        device = student_logits.device
+        count, row_scale = chunk_row_scale(y, n_rows, cfg, dtype, device)
+        grad_s = (torch.empty((n_rows, vocab), dtype=student_logits.dtype, device=device)
+                  if need_s else None)
+        rows_out = torch.empty(n_rows, dtype=dtype, device=device)
+        for sl, (s_c,) in row_chunks((student_logits,), chunk_rows(vocab)):
             rows_out[sl] = topk_chunk_loss_and_grads(
-                s2[sl].detach(), lp2[sl].detach(), idx2[sl], y[sl] if y is not None else None,
+                s_c.detach(), lp2[sl].detach(), idx2[sl], y[sl] if y is not None else None,
                 cfg, row_scale, grad_s[sl] if grad_s is not None else None,
             )
-        ctx.grad, ctx.shape, ctx.reduction = grad_s, student_logits.shape, cfg.reduction
         if cfg.reduction == "none":
-            return rows_out.reshape(lead)
-        return reduce_rows(rows_out, count, cfg.reduction)
+            return rows_out.reshape(lead), grad_s
+        return reduce_rows(rows_out, count, cfg.reduction), grad_s
+
+    @staticmethod
+    def forward(ctx, student_logits, topk_logprobs, topk_indices, labels, cfg: TopKConfig):
+        loss, grad_s = ChunkedTopKKDLoss.run(student_logits, topk_logprobs, topk_indices, labels,
+                                             cfg, ctx.needs_input_grad[0])
+        ctx.grad, ctx.shape, ctx.reduction = grad_s, student_logits.shape, cfg.reduction
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
