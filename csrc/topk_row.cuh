@@ -136,8 +136,8 @@ PD_HD void topk_soft_terms(const TopKArgs& a, int64_t row, TopKWork& w, TopKRowS
   float c = 0.0f;
   if (exact) {
     const double n_miss = static_cast<double>(a.V - a.K);
-    const double log_tail = a.tail == BUCKET ? log(fmax(n_miss, 1.0)) + static_cast<double>(st.y_off)
-                                             : -INFINITY;
+    const double log_tail =
+        a.tail == BUCKET ? log(fmax(n_miss, 1.0)) + static_cast<double>(st.y_off) : -INFINITY;
     float mx = kNegInf;
     for (int64_t k = g.tid(); k < a.K; k += g.size()) mx = pd_max(mx, lp[k] * a.power);
     double mt = static_cast<double>(g.max(mx));

@@ -277,7 +277,8 @@ def _topk_fwd_kernel(
     V, n_k, inv_t, s_scale, s_cap, power, beta, beta_c, hard_weight, soft_scale, grad_scale,
     ignore_index,
     DIV: tl.constexpr, TAIL: tl.constexpr, S_CAP: tl.constexpr, HAS_LABELS: tl.constexpr,
-    HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr, TAIL_SUM: tl.constexpr,
+    HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
+    TAIL_SUM: tl.constexpr,
     HAS_SCALE_PTR: tl.constexpr, GRAD_S: tl.constexpr, STORE_STATS: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
