@@ -71,6 +71,7 @@ struct TopKArgs {
   int tail;
   LogitTransform student;     // the teacher arrives as log-probabilities: no transform
   float inv_t, power, beta, hard_weight, soft_scale;
+  float beta_c;               // 1 - beta from float64, as KDArgs's
   bool has_hard, has_soft, ce_separate, compute_stats;
 };
 

@@ -61,6 +61,7 @@ TopKCall topk_prepare(const Tensor& student, const Tensor& lp, const Tensor& idx
   a.power = static_cast<float>(teacher_power);
   a.student = logit_transform(student_scale, student_softcap, "student");
   a.beta = static_cast<float>(beta);
+  a.beta_c = static_cast<float>(1.0 - beta);
   a.hard_weight = static_cast<float>(hard_weight);
   a.soft_scale = static_cast<float>(soft_scale);
   a.has_hard = hard_weight != 0.0;

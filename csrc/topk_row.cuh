@@ -21,7 +21,31 @@ struct TopKRowState {
   bool active;
   float m_all, ll_all, m_off, ll_off, m_1, ll_1;
   float div, c_off, log_p_tail;
+  // the value's terms (topk_soft_terms): E / M off the support (> -1/2: a near-uniform tail;
+  // -1 where not summed), the log-weight of one missing token a log(t / M), the teacher's log Z
+  float y_tail, y_off, log_z;
 };
+
+// Above this temperature pass 1 also sums E = sum expm1(x - m) off the support
+// (kernels/topk_divergence.py: TAIL_SUM_MIN_T, _online_expm1).
+constexpr float kTailSumMinT = 4.0f;
+
+// E (over the columns with off[i]) re-shifted from the running max m_old to m_new: no term
+// changes sign, so E keeps its relative rounding.
+PD_HD void fold_expm1(float& e, float& n, float m_old, float m_new, const float* x,
+                      const bool* off, int count) {
+  if (m_new != m_old) {
+    const float d = finite_or_zero(m_old) - finite_or_zero(m_new);
+    e = pd_exp(d) * e + n * expm1f(d);
+  }
+  const float mf = finite_or_zero(m_new);
+  for (int i = 0; i < count; ++i) {
+    if (off[i]) {
+      e += expm1f(x[i] - mf);
+      n += 1.0f;
+    }
+  }
+}
 
 // First position in the sorted ids[0, K) holding a value >= col.
 PD_HD int64_t lower_bound(const int64_t* ids, int64_t K, int64_t col) {
@@ -58,12 +82,14 @@ PD_HD void topk_teacher(const TopKArgs& a, int64_t row, TopKWork& w, TopKRowStat
   }
   mx = g.max(mx);
   float log_tail = kNegInf;
+  st.y_off = kNegInf;
   if (a.tail != RENORMALIZE) {
     const double tail = fmax(1.0 - g.sum_d(sum_p), 0.0);
     const int64_t missing = a.V - a.K;
     if (missing > 0 && tail > 0.0) {
-      log_tail = a.power * pd_log(static_cast<float>(tail)) +
-                 (1.0f - a.power) * pd_log(static_cast<float>(missing > 1 ? missing : 1));
+      const float log_m = pd_log(static_cast<float>(missing > 1 ? missing : 1));
+      log_tail = a.power * pd_log(static_cast<float>(tail)) + (1.0f - a.power) * log_m;
+      st.y_off = a.power * (pd_log(static_cast<float>(tail)) - log_m);
     }
     mx = pd_max(mx, log_tail);
   }
@@ -72,6 +98,7 @@ PD_HD void topk_teacher(const TopKArgs& a, int64_t row, TopKWork& w, TopKRowStat
   for (int64_t k = g.tid(); k < a.K; k += g.size()) z += pd_exp(lp[k] * a.power - m);
   z = g.sum(z);
   const float log_z = a.tail == RENORMALIZE ? m + pd_log(z) : m + pd_log(z + pd_exp(log_tail - m));
+  st.log_z = log_z;
   for (int64_t k = g.tid(); k < a.K; k += g.size()) {
     const float scaled = lp[k] * a.power;
     w.log_p[k] = a.tail == RENORMALIZE ? (scaled - m) - pd_log(z) : scaled - log_z;
@@ -96,11 +123,50 @@ PD_HD void topk_soft_terms(const TopKArgs& a, int64_t row, TopKWork& w, TopKRowS
     m_s = st.m_all;
     ll_s = st.ll_all;
   }
-  KSum dk, s_qk;
-  float nan_count = 0.0f;
+  // bucket / renormalize: D also as the Bregman terms of w = log P - log Q (div_term), each w
+  // grouped as (per-outcome log-weights) - c, c = (teacher log-sum) - (student log-sum) summed
+  // in double from the same terms (the tail's from E where it is near uniform): rounding
+  // relative to w, whose D is O(1/T^2) (kernels/topk_divergence.py: _soft_terms)
+  const float* lp = a.lp + row * a.K;
+  const float m_sh = finite_or_zero(m_s);
+  const bool exact = a.tail != IGNORE;
+  const bool near = a.tail == BUCKET && st.y_tail > -0.5f;
+  const float l1p = near ? log1pf(st.y_tail) : 0.0f;
+  const float a_off = a.tail == BUCKET ? st.m_off - m_sh : 0.0f;
+  float c = 0.0f;
+  if (exact) {
+    const double n_miss = static_cast<double>(a.V - a.K);
+    const double log_tail =
+        a.tail == BUCKET ? log(fmax(n_miss, 1.0)) + static_cast<double>(st.y_off) : -INFINITY;
+    float mx = kNegInf;
+    for (int64_t k = g.tid(); k < a.K; k += g.size()) mx = pd_max(mx, lp[k] * a.power);
+    double mt = static_cast<double>(g.max(mx));
+    if (log_tail > mt) mt = log_tail;
+    if (!isfinite(mt)) mt = 0.0;
+    double zt = 0.0, zs = 0.0;
+    for (int64_t k = g.tid(); k < a.K; k += g.size()) {
+      zt += exp(static_cast<double>(lp[k] * a.power) - mt);
+      zs += exp(static_cast<double>((w.z_sup[k] * a.inv_t) - m_sh));
+    }
+    zt = g.sum_d(zt) + exp(log_tail - mt);
+    zs = g.sum_d(zs);
+    if (a.tail == BUCKET) {
+      const double s_off = near ? n_miss * (1.0 + static_cast<double>(st.y_tail))
+                                : exp(static_cast<double>(st.ll_off));
+      zs += s_off * exp(static_cast<double>(a_off));
+    }
+    c = static_cast<float>((mt + log(zt)) - log(zs));
+  }
+  KSum dk, bk, s_qk;
+  float nan_count = 0.0f, bad = 0.0f;
   for (int64_t k = g.tid(); k < a.K; k += g.size()) {
     const float log_q = ((w.z_sup[k] * a.inv_t) - m_s) - ll_s;
-    Terms r = pointwise<DIV>(w.log_p[k], log_q, a.beta);
+    Terms r = pointwise<DIV>(w.log_p[k], log_q, a.beta, a.beta_c);
+    if (exact) {
+      const float wk = ((lp[k] * a.power) - ((w.z_sup[k] * a.inv_t) - m_sh)) - c;
+      bk.add(div_term<DIV>(w.log_p[k], log_q, r.p, r.q, wk, a.beta, a.beta_c));
+      bad += wk != wk ? 1.0f : 0.0f;
+    }
     if (a.tail == IGNORE && DIV == SKEW_REVERSE_KL) r.qh += r.q;  // the shift the table drops
     dk.add(r.d);
     s_qk.add(r.qh);
@@ -108,6 +174,8 @@ PD_HD void topk_soft_terms(const TopKArgs& a, int64_t row, TopKWork& w, TopKRowS
     w.member[k] = r.qh;  // Q_k h_k for now
   }
   float d = g.sum(dk.value());
+  float d_exact = exact ? g.sum(bk.value()) : 0.0f;
+  bad = exact ? g.sum(bad) : 1.0f;
   float s_q = g.sum(s_qk.value());
   // D masks probabilities that are not > 0, NaN included: a NaN among the inputs read must
   // still make the row NaN
@@ -116,7 +184,11 @@ PD_HD void topk_soft_terms(const TopKArgs& a, int64_t row, TopKWork& w, TopKRowS
   if (a.tail != RENORMALIZE) {
     const float log_q_tail = (st.m_off - st.m_all) + (st.ll_off - st.ll_all);
     if (a.tail == BUCKET) {
-      const Terms r = pointwise<DIV>(st.log_p_tail, log_q_tail, a.beta);
+      const Terms r = pointwise<DIV>(st.log_p_tail, log_q_tail, a.beta, a.beta_c);
+      const float w_t = (near ? (st.y_off - a_off) - l1p
+                              : st.log_p_tail + st.log_z - (a_off + st.ll_off)) - c;
+      d_exact += div_term<DIV>(st.log_p_tail, log_q_tail, r.p, r.q, w_t, a.beta, a.beta_c);
+      if (w_t != w_t) bad += 1.0f;
       d += r.d;
       s_q += r.qh;
       st.c_off = r.qh - s_q * r.q;
@@ -124,6 +196,7 @@ PD_HD void topk_soft_terms(const TopKArgs& a, int64_t row, TopKWork& w, TopKRowS
       st.c_off = -s_q * pd_exp(log_q_tail);
     }
   }
+  if (bad == 0.0f && d == d) d = d_exact;  // non-finite terms: the plain ones
   st.div = d;
   for (int64_t k = g.tid(); k < a.K; k += g.size()) {
     const float log_q = ((w.z_sup[k] * a.inv_t) - m_s) - ll_s;
@@ -148,6 +221,8 @@ PD_HD void topk_row(const TopKArgs& a, int64_t row, TopKWork& w, G& g) {
       // ---- pass 1: the off-support logsumexp (support masked exactly), and that of z for
       // the hard term; no pass at all for renormalize without a hard term
       Lse all, one;
+      const bool tail_sum = masked && a.tail == BUCKET && a.inv_t < 1.0f / kTailSumMinT;
+      float e_off = 0.0f, n_off = 0.0f;
       if (masked || a.has_hard) {
         const RowSplit sp = row_split<T>(a.V, s_row, nullptr, nullptr, nullptr);
         for_chunks<T>(a.V, sp, g.tid(), g.size(), false, [&](int64_t j, int n) {
@@ -156,17 +231,31 @@ PD_HD void topk_row(const TopKArgs& a, int64_t row, TopKWork& w, G& g) {
           for (int i = 0; i < n; ++i) z[i] = transform_logit(a.student, z[i]);
           if (masked || !a.ce_separate) {
             for (int i = 0; i < n; ++i) x[i] = z[i] * a.inv_t;
+            bool off[N];
+            for (int i = 0; i < n; ++i) off[i] = true;
             if (masked) {
-              for (int64_t p = lower_bound(w.ids, a.K, j); p < a.K && w.ids[p] < j + n; ++p)
+              for (int64_t p = lower_bound(w.ids, a.K, j); p < a.K && w.ids[p] < j + n; ++p) {
                 x[w.ids[p] - j] = kNegInf;
+                off[w.ids[p] - j] = false;
+              }
             }
+            const float m_old = all.m;
             all.add(x, n);
+            if (tail_sum) fold_expm1(e_off, n_off, m_old, all.m, x, off, n);
           }
           if (a.ce_separate) one.add(z, n);
         });
+        const float m_thread = all.m;
         all = all.reduce(g);
         if (a.ce_separate) one = one.reduce(g);
+        if (tail_sum) {  // every thread's E re-shifted to the group's max
+          const float d = finite_or_zero(m_thread) - finite_or_zero(all.m);
+          const float e = n_off == 0.0f ? 0.0f : pd_exp(d) * e_off + n_off * expm1f(d);
+          e_off = g.sum(e);
+          n_off = g.sum(n_off);
+        }
       }
+      st.y_tail = tail_sum ? e_off / fmaxf(n_off, 1.0f) : -1.0f;
       if (masked) {
         st.m_off = all.m;
         st.ll_off = all.log_l();
@@ -191,6 +280,7 @@ PD_HD void topk_row(const TopKArgs& a, int64_t row, TopKWork& w, G& g) {
       }
     } else {
       const float* o = a.stats + row * TOPK_STATS;
+      st.y_tail = -1.0f;
       st.m_all = o[0]; st.ll_all = o[1]; st.m_off = o[2]; st.ll_off = o[3];
       st.m_1 = o[4]; st.ll_1 = o[5];
     }

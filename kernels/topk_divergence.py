@@ -55,12 +55,15 @@ import triton.language as tl
 
 from pydistill.kernels.softmax_divergence import (
     DIVERGENCE_CODES,
+    _div_term,
+    _expm1_small,
     _flag,
     _finite_or_zero,
     _hard_ce,
     _load_logits,
+    _log1p_small,
     _transform_slope,
-    _pointwise,
+    _pointwise_b,
     _row_offset,
     _row_scale,
     _shift,
@@ -83,6 +86,22 @@ def _online_lse(m, l, x):
     m_new = tl.maximum(m, tl.max(x, axis=0))
     m_f = _shift(m_new)
     return m_new, l * tl.exp(m - m_f) + tl.sum(tl.exp(x - m_f), axis=0)
+
+
+@triton.jit
+def _online_expm1(m_old, m_new, e, n, x, off):
+    # E = sum e^{x_j - m} - 1 over the off-support columns seen so far (``off``: this tile's),
+    # re-shifted as the running max moves: E' = e^{d} E + n expm1(d), d = m - m' <= 0; no term
+    # changes sign, so E keeps its relative rounding (a near-uniform tail's log-sum
+    # log M + log1p(E / M) then rounds relative to its O(1/T) part, not at the size of log M)
+    d = _shift(m_old) - _shift(m_new)
+    small = tl.abs(d) < 0.25
+    em1 = tl.where(small, _expm1_small(tl.where(small, d, 0.0)), tl.exp(d) - 1.0)
+    u = x - _shift(m_new)
+    small_u = tl.abs(u) < 0.25
+    t = tl.where(small_u, _expm1_small(tl.where(small_u, u, 0.0)), tl.exp(u) - 1.0)
+    e = tl.exp(d) * e + n * em1 + tl.sum(tl.where(off, t, 0.0), axis=0)
+    return e, n + tl.sum(off.to(tl.float32), axis=0)
 
 
 @triton.jit
@@ -115,52 +134,101 @@ def _teacher(lp_row, k_offs, mask, V, n_k, power, TAIL: tl.constexpr):
     scaled = lp * power
     if TAIL == RENORMALIZE:
         m = _finite_or_zero(tl.max(scaled, axis=0))
-        log_p = (scaled - m) - tl.log(tl.sum(tl.exp(scaled - m), axis=0))
+        ll = tl.log(tl.sum(tl.exp(scaled - m), axis=0))
+        log_p = (scaled - m) - ll
         log_p_tail = float("-inf")
+        y_off = float("-inf")
+        log_z = m + ll
     else:
         tail = tl.maximum(1.0 - tl.sum(tl.exp(lp.to(tl.float64)), axis=0), 0.0)
         missing = V - n_k
         has_tail = (missing > 0) & (tail > 0.0)
+        log_m = tl.log(tl.maximum(missing, 1).to(tl.float32))
+        # y_off = a log(t / M): the log-weight of one missing token, log(M r^a) = log M + y_off
+        y_off = power * (tl.log(tl.where(has_tail, tail, 1.0).to(tl.float32)) - log_m)
         log_tail = power * tl.log(tl.where(has_tail, tail, 1.0).to(tl.float32)) + (
-            1.0 - power) * tl.log(tl.maximum(missing, 1).to(tl.float32))
+            1.0 - power) * log_m
         log_tail = tl.where(has_tail, log_tail, float("-inf"))
+        y_off = tl.where(has_tail, y_off, float("-inf"))
         m = _finite_or_zero(tl.maximum(tl.max(scaled, axis=0), log_tail))
         log_z = m + tl.log(tl.sum(tl.exp(scaled - m), axis=0) + tl.exp(log_tail - m))
         log_p = scaled - log_z
         log_p_tail = log_tail - log_z
-    return log_p, log_p_tail
+    return log_p, log_p_tail, scaled, log_z, y_off
 
 
 @triton.jit
-def _soft_terms(lp_row, k_offs, t_mask, x_sup, V, n_k, power, beta, m_all, ll_all, m_off, ll_off,
-                DIV: tl.constexpr, TAIL: tl.constexpr):
+def _soft_terms(lp_row, k_offs, t_mask, x_sup, V, n_k, power, beta, beta_c, m_all, ll_all, m_off,
+                ll_off, y_tail, DIV: tl.constexpr, TAIL: tl.constexpr):
     # D over the outcomes, the members' (Q h - Q S_q) and the off-support factor c_off.
-    log_p, log_p_tail = _teacher(lp_row, k_offs, t_mask, V, n_k, power, TAIL)
+    # bucket / renormalize: D as the Bregman terms of w = log P - log Q (_div_term), each w
+    # grouped as (per-outcome log-weights) - (teacher log-sum - student log-sum): rounding
+    # relative to w, the shared log-sums' entering at second order only (reference:
+    # _outcome_log_ratio). y_tail: E / M of _online_expm1 (> -1/2: a near-uniform tail whose
+    # log-sum is log M + log1p(y_tail)), or -1 where it was not summed.
+    # The shared c = (teacher log-sum) - (student log-sum) is summed in fp64 from the same
+    # per-outcome terms as w (the tail's from E where it is near uniform): D is O(1/T^2), so
+    # even a second-order error of float32's eps log V would show at T = 1e4.
+    log_p, log_p_tail, y_t, log_z, y_off = _teacher(lp_row, k_offs, t_mask, V, n_k, power, TAIL)
+    f64: tl.constexpr = tl.float64
+    y64 = tl.where(t_mask, y_t, float("-inf")).to(f64)
     if TAIL == RENORMALIZE:
         m_s = _finite_or_zero(tl.max(x_sup, axis=0))
-        log_q = (x_sup - m_s) - tl.log(tl.sum(tl.exp(x_sup - m_s), axis=0))
+        ll_s = tl.log(tl.sum(tl.exp(x_sup - m_s), axis=0))
+        a_q = x_sup - m_s
+        log_q = a_q - ll_s
+        m_t = _finite_or_zero(tl.max(y64, axis=0))
+        c = ((m_t + tl.log(tl.sum(tl.exp(y64 - m_t), axis=0)))
+             - tl.log(tl.sum(tl.where(t_mask, tl.exp(a_q.to(f64)), 0.0), axis=0))).to(tl.float32)
+        a_off = 0.0
+        near = False
+        l1p = 0.0
     else:
-        log_q = (x_sup - m_all) - ll_all
-    p, q, d, qh, pu = _pointwise(log_p, log_q, beta, DIV)
+        a_q = x_sup - _shift(m_all)
+        log_q = a_q - ll_all
+        a_off = m_off - _shift(m_all)
+        near = y_tail > -0.5
+        y = tl.where(near, y_tail, 0.0)
+        l1p = tl.where(tl.abs(y) < 0.3, _log1p_small(tl.where(tl.abs(y) < 0.3, y, 0.0)),
+                       tl.log(1.0 + y))
+        n_miss = (V - n_k).to(f64)
+        log_tail64 = tl.log(tl.maximum(n_miss, 1.0)) + y_off.to(f64)
+        m_t = _finite_or_zero(tl.maximum(tl.max(y64, axis=0), log_tail64))
+        log_z64 = m_t + tl.log(tl.sum(tl.exp(y64 - m_t), axis=0) + tl.exp(log_tail64 - m_t))
+        s_off = tl.where(near, n_miss * (1.0 + y.to(f64)), tl.exp(ll_off.to(f64)))
+        ll64 = tl.log(s_off * tl.exp(a_off.to(f64))
+                      + tl.sum(tl.where(t_mask, tl.exp(a_q.to(f64)), 0.0), axis=0))
+        c = (log_z64 - ll64).to(tl.float32)
+    p, q, d, qh, pu = _pointwise_b(log_p, log_q, beta, beta_c, DIV)
+    w = (y_t - a_q) - c
+    plain = tl.sum(d, axis=0)
+    if TAIL != IGNORE:
+        d = tl.where(t_mask, _div_term(log_p, log_q, p, q, w, beta, beta_c, DIV), 0.0)
     if TAIL == IGNORE:
         if DIV == SKEW_REVERSE_KL:
             qh += q  # the table drops this constant shift of h; unnormalised Q needs it
     div = tl.sum(d, axis=0)
+    bad = tl.sum(((w != w) & t_mask).to(tl.int32), axis=0) > 0  # non-finite: the plain terms
     s_q = tl.sum(qh, axis=0)
     # d masks probabilities that are not > 0, NaN included: a NaN among the inputs read (teacher
     # log-probs, student row) must still make the row NaN
     nan_row = tl.sum(((log_p != log_p) | (log_q != log_q)).to(tl.int32), axis=0) > 0
-    div = tl.where(nan_row, float("nan"), div)
     c_off = 0.0
     if TAIL != RENORMALIZE:
         log_q_tail = (m_off - m_all) + (ll_off - ll_all)
         if TAIL == BUCKET:
-            p_t, q_t, d_t, qh_t, pu_t = _pointwise(log_p_tail, log_q_tail, beta, DIV)
-            div += d_t
+            p_t, q_t, d_t, qh_t, pu_t = _pointwise_b(log_p_tail, log_q_tail, beta, beta_c, DIV)
+            w_t = tl.where(near, (y_off - a_off) - l1p, log_p_tail + log_z - (a_off + ll_off)) - c
+            div += _div_term(log_p_tail, log_q_tail, p_t, q_t, w_t, beta, beta_c, DIV)
+            bad = bad | (w_t != w_t)
+            plain += d_t
             s_q += qh_t
             c_off = qh_t - s_q * q_t
         else:
             c_off = -s_q * tl.exp(log_q_tail)
+    if TAIL != IGNORE:
+        div = tl.where(bad, plain, div)
+    div = tl.where(nan_row, float("nan"), div)
     return div, qh - q * s_q, c_off
 
 
@@ -206,9 +274,11 @@ def _grad_pass(
 def _topk_fwd_kernel(
     s_ptr, lp_ptr, idx_ptr, labels_ptr, loss_ptr, stats_ptr, gs_ptr, scale_ptr,
     n_inner, s_stride_outer, s_stride_inner, scale_stride,
-    V, n_k, inv_t, s_scale, s_cap, power, beta, hard_weight, soft_scale, grad_scale, ignore_index,
+    V, n_k, inv_t, s_scale, s_cap, power, beta, beta_c, hard_weight, soft_scale, grad_scale,
+    ignore_index,
     DIV: tl.constexpr, TAIL: tl.constexpr, S_CAP: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
+    TAIL_SUM: tl.constexpr,
     HAS_SCALE_PTR: tl.constexpr, GRAD_S: tl.constexpr, STORE_STATS: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -229,6 +299,8 @@ def _topk_fwd_kernel(
     l_a = 0.0
     m_1 = float("-inf")
     l_1 = 0.0
+    e_off = 0.0  # TAIL_SUM: _online_expm1's E and its count of off-support columns
+    n_off = 0.0
     if MASKED or HAS_HARD:
         lo = 0
         for k in range(0, tl.where(active, n_tiles, 0)):
@@ -239,11 +311,18 @@ def _topk_fwd_kernel(
                 if MASKED:
                     # this tile's members: the next run of the sorted ids
                     hi = tl.sum((k_mask & (idx < (k + 1) * BLOCK_V)).to(tl.int32), axis=0)
+                    off = cols < V
                     for j in range(lo, hi):
                         col_j = tl.load(idx_ptr + row * n_k + j)
                         x = tl.where(cols == col_j, float("-inf"), x)
+                        off = off & (cols != col_j)
                     lo = hi
+                    if TAIL_SUM:
+                        m_prev = m_a
                 m_a, l_a = _online_lse(m_a, l_a, x)
+                if MASKED:
+                    if TAIL_SUM:
+                        e_off, n_off = _online_expm1(m_prev, m_a, e_off, n_off, x, off)
             if CE_SEPARATE:
                 m_1, l_1 = _online_lse(m_1, l_1, z)
     if MASKED:
@@ -268,9 +347,12 @@ def _topk_fwd_kernel(
     member = tl.zeros([BLOCK_K], dtype=tl.float32)
     c_off = 0.0
     if HAS_SOFT:
+        y_tail = -1.0
+        if TAIL_SUM:
+            y_tail = e_off / tl.maximum(n_off, 1.0)
         div, member, c_off = _soft_terms(
             lp_ptr + row * n_k, tl.arange(0, BLOCK_K), k_mask & active, x_sup, V, n_k, power,
-            beta, m_all, ll_all, m_off, ll_off, DIV, TAIL,
+            beta, beta_c, m_all, ll_all, m_off, ll_off, y_tail, DIV, TAIL,
         )
     loss = soft_scale * div
     if HAS_HARD:
@@ -299,7 +381,8 @@ def _topk_fwd_kernel(
 def _topk_bwd_kernel(
     s_ptr, lp_ptr, idx_ptr, labels_ptr, stats_ptr, gs_ptr, scale_ptr,
     n_inner, s_stride_outer, s_stride_inner, scale_stride,
-    V, n_k, inv_t, s_scale, s_cap, power, beta, hard_weight, soft_scale, grad_scale, ignore_index,
+    V, n_k, inv_t, s_scale, s_cap, power, beta, beta_c, hard_weight, soft_scale, grad_scale,
+    ignore_index,
     DIV: tl.constexpr, TAIL: tl.constexpr, S_CAP: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, HAS_SCALE_PTR: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -320,7 +403,7 @@ def _topk_bwd_kernel(
         # the K-sized terms are recomputed (K loads) rather than stored (K floats per row)
         div, member, c_off = _soft_terms(
             lp_ptr + row * n_k, tl.arange(0, BLOCK_K), k_mask & active, z_sup * inv_t, V, n_k,
-            power, beta, m_all, ll_all, m_off, ll_off, DIV, TAIL,
+            power, beta, beta_c, m_all, ll_all, m_off, ll_off, -1.0, DIV, TAIL,
         )
     row_scale = _row_scale(grad_scale, scale_ptr, row, scale_stride, HAS_SCALE_PTR)
     _grad_pass(
@@ -343,6 +426,10 @@ from pydistill.kernels.softmax_divergence import (  # noqa: E402
 
 # Largest K: the support's vectors are held in registers (module docstring).
 MAX_K = 4096
+# Above this temperature the forward also sums E = sum expm1(x - m) off the support (pass 1,
+# one more exp-like polynomial per element), which a near-uniform tail's log-probability needs
+# to keep the value's relative precision (~eps T log M without it); as kd_loss's ONE_PASS_MAX_T.
+TAIL_SUM_MIN_T = 4.0
 # Tile size override for tests (small tiles exercise the multi-tile paths at small V).
 BLOCK_V_OVERRIDE = None
 
@@ -418,7 +505,7 @@ def _launch_args(student, topk_logprobs, topk_indices, labels, cfg, divergence, 
         scale_stride=scale.stride(0) if scale is not None and scale.numel() > 1 else 0,
         V=vocab, n_k=k, inv_t=1.0 / cfg.temperature,
         **transform_args(cfg, teacher=False),
-        power=float(cfg.teacher_power), beta=float(cfg.beta),
+        power=float(cfg.teacher_power), beta=float(cfg.beta), beta_c=float(1.0 - cfg.beta),
         hard_weight=float(cfg.hard_weight), soft_scale=float(cfg.soft_scale),
         grad_scale=float(grad_scale), ignore_index=int(cfg.ignore_index),
         DIV=DIVERGENCE_CODES[divergence], TAIL=TAIL_CODES[cfg.tail],
@@ -443,7 +530,9 @@ def topk_fwd(student, topk_logprobs, topk_indices, labels, cfg, divergence, *, g
                             grad_scale, scale, placeholder=loss)
         _topk_fwd_kernel[(n_rows,)](
             loss_ptr=loss, stats_ptr=stats, GRAD_S=grad_s is not None, STORE_STATS=store_stats,
-            CE_SEPARATE=cfg.hard_weight != 0.0 and cfg.temperature != 1.0, **args,
+            CE_SEPARATE=cfg.hard_weight != 0.0 and cfg.temperature != 1.0,
+            TAIL_SUM=cfg.tail == "bucket" and cfg.has_soft and cfg.temperature > TAIL_SUM_MIN_T,
+            **args,
         )
     return loss, stats
 

@@ -228,6 +228,37 @@ def test_large_temperature_loss_is_precise(backend, divergence, temperature, req
     torch.testing.assert_close(loss.double(), want, rtol=1e-4 if divergence == "tvd" else 1e-5, atol=0)
 
 
+def _topk_inputs(vocab=512, k=8):
+    """A student and the top-k of a teacher near it (the teacher at T_gen = 1)."""
+    s = logits((3, vocab), seed=11)
+    t = s + logits((3, vocab), scale=2.0, seed=12)
+    lp, idx = torch.log_softmax(t.double(), -1).topk(k, dim=-1)
+    return s, lp.float(), idx
+
+
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
+@pytest.mark.parametrize("divergence", R.DIVERGENCES)
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("temperature", [100.0, 1e3, 1e4])
+def test_topk_large_temperature_loss_is_precise(backend, divergence, tail, temperature, request):
+    # the outcomes (K ids and the tail) near uniform at large T, as in kd_loss: the value was
+    # a difference of O(1/T) sums, and the tail's log-probability rounded at the size of log M
+    from pydistill.reference import topk_divergence as RT
+    from test_topk_divergence import check_against_reference
+
+    if backend == "triton":
+        from pydistill.kernels import topk_divergence as K
+
+        request.getfixturevalue("monkeypatch").setattr(K, "BLOCK_V_OVERRIDE", 128)
+    s, lp, idx = _topk_inputs()
+    kw = dict(divergence=divergence, temperature=temperature, beta=0.3, tail=tail,
+              teacher_temperature=1.0, reduction="none")
+    loss, _ = check_against_reference(backend, s, lp, idx, **kw)
+    want = RT.topk_kd_loss(s.double(), lp.double(), idx, None, pdl.functional.topk_config(**kw))
+    rtol = 1e-4 if divergence == "tvd" else 1e-5  # as kd_loss's
+    torch.testing.assert_close(loss.double(), want, rtol=rtol, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # the mixture weight beta near 0 and 1
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +276,26 @@ def test_beta_near_its_ends(backend, divergence, beta):
     log_p, log_q = torch.log_softmax(t.double(), -1), torch.log_softmax(s.double(), -1)
     want = R.divergence_value(log_p, log_q, log_p.exp(), log_q.exp(),
                               R.tempered_log_ratio(t.double(), s.double()), divergence, beta)
+    assert (rows >= 0).all()
+    torch.testing.assert_close(rows.double(), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
+@pytest.mark.parametrize("divergence", ["jsd", "skew_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("beta", [1e-12, 1e-9, 1 - 1e-9, 1 - 1e-12])
+def test_topk_beta_near_its_ends(backend, divergence, tail, beta):
+    # as kd_loss's: the truth is the float64 Bregman sum over the outcomes
+    from pydistill.reference import topk_divergence as RT
+
+    s, lp, idx = _topk_inputs(vocab=64, k=8)
+    s = 2.0 * s
+    kw = dict(divergence=divergence, beta=beta, tail=tail, teacher_temperature=1.0)
+    rows = pdl.topk_kd_loss(s, lp, idx, reduction="none", backend=backend, **kw)
+    cfg = pdl.functional.topk_config(**kw)
+    log_p, log_q = RT.outcome_log_probs(s.double(), lp.double(), idx, cfg)
+    want = R.divergence_value(log_p, log_q, log_p.exp(), log_q.exp(), log_p - log_q, divergence,
+                              beta)
     assert (rows >= 0).all()
     torch.testing.assert_close(rows.double(), want, rtol=1e-5, atol=0)
 
@@ -302,6 +353,31 @@ def test_torch_backend_builds_no_needless_logits_sized_buffer(grad):
     assert nv_bytes // 2 > 4 * R.CHUNK_ELEMENTS
     big = _large_allocations(run, [base, t], nv_bytes // 2)
     # with grad: the gradient itself, nothing else
+    assert len(big) == (1 if grad else 0), big
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_topk_torch_backend_builds_no_needless_logits_sized_buffer(grad):
+    # as kd_loss's: the shifted student was copied (reshape) and under no_grad the (N, V)
+    # gradient was still computed
+    vocab, length = 4096, 129
+    base = logits((4, length, vocab), seed=15)
+    s = base[:, :-1].requires_grad_(grad) if grad else base[:, :-1]
+    t = logits((4, length - 1, vocab), seed=16)
+    lp, idx = torch.log_softmax(t, -1).topk(16, dim=-1)
+    if not grad:
+        s.requires_grad_()
+    nv_bytes = s.shape[:-1].numel() * vocab * 4
+    kw = dict(backend="torch", temperature=2.0, teacher_temperature=1.0)
+
+    def run():
+        if grad:
+            pdl.topk_kd_loss(s, lp, idx, **kw).backward()
+        else:
+            with torch.no_grad():
+                pdl.topk_kd_loss(s, lp, idx, **kw)
+
+    big = _large_allocations(run, [base, t, lp, idx], nv_bytes // 2)
     assert len(big) == (1 if grad else 0), big
 
 

@@ -81,9 +81,11 @@ from pydistill.reference.softmax_divergence import (
     compute_dtype,
     divergence,
     divergence_terms,
+    divergence_value,
     finish_student_chunk,
     hard_cross_entropy,
     reduce_rows,
+    row_chunks,
 )
 
 TAILS = ("bucket", "renormalize", "ignore")
@@ -241,6 +243,7 @@ def topk_chunk_loss_and_grads(s, topk_logprobs, topk_indices, labels, cfg: TopKC
         ids, valid = safe_indices(idx, vocab)
         x = z * (1.0 / cfg.temperature)  # a fresh tensor: masked in place below
         x_support = x.gather(-1, ids).masked_fill_(~valid, math.nan)
+        x_support_raw = x_support.clone()  # log_q is built in place from x_support
         log_p, log_p_tail = teacher_log_probs(lp, vocab, cfg, dtype)
         if cfg.tail == "renormalize":
             log_q = torch.log_softmax(x_support, dim=-1)
@@ -254,9 +257,15 @@ def topk_chunk_loss_and_grads(s, topk_logprobs, topk_indices, labels, cfg: TopKC
         if cfg.tail == "bucket":
             log_p = torch.cat([log_p, log_p_tail[:, None]], dim=-1)
             log_q = torch.cat([log_q, log_q_tail[:, None]], dim=-1)
-        q = log_q.exp()
-        div, qh, _, _, _ = divergence_terms(log_p, log_q, log_p.exp(), q,
-                                            cfg.canonical_divergence(), cfg.beta, False)
+        q, p = log_q.exp(), log_p.exp()
+        div, qh, _, _, _ = divergence_terms(log_p, log_q, p, q, cfg.canonical_divergence(),
+                                            cfg.beta, False)
+        if cfg.tail != "ignore":  # P and Q each sum to 1: the value as Bregman terms
+            w = _outcome_log_ratio(x, x_support_raw, lse_off if cfg.tail == "bucket" else None,
+                                   lp, ids, vocab, cfg)
+            exact = divergence_value(log_p, log_q, p, q, w.to(dtype), cfg.canonical_divergence(),
+                                     cfg.beta)
+            div = torch.where(torch.isfinite(w).all(-1), exact, div)
         rows.add_(div.masked_fill_(_nan_rows(log_p, log_q), math.nan), alpha=cfg.soft_scale)
         if out_s is not None:
             if cfg.tail == "ignore" and cfg.canonical_divergence() == "skew_reverse_kl":
@@ -279,6 +288,46 @@ def topk_chunk_loss_and_grads(s, topk_logprobs, topk_indices, labels, cfg: TopKC
     return finish_student_chunk(rows, g_s, coef, z, labels, counted, cfg, row_scale, out_s)
 
 
+def _outcome_log_ratio(x, x_support, lse_off, topk_logprobs, ids, vocab: int, cfg: TopKConfig):
+    """w = log P - log Q over the outcomes of ``cfg.tail`` (bucket or renormalize), in float64,
+    with rounding relative to w itself (softmax_divergence.tempered_log_ratio's idea): at a
+    large temperature P and Q are near uniform, w is O(1/T) and the divergence O(1/T^2).
+
+    ``x``: the tempered student logits with the support already masked to -inf and
+    ``lse_off`` their logsumexp (bucket; unused for renormalize), ``x_support``: the K gathered
+    ones. With m the student's max (a shift) and ll its log-sum, log Q_o = a_o - ll,
+    a_k = x_{i_k} - m and, for the tail, a_tail = lse_off - m; above T = 4 (where the tail may
+    be near uniform), in rows where the off-support logits are (E / M > -1/2),
+    a_tail = (m_off - m) + log M + log1p(E / M), E = sum_off expm1(x_j - m_off): relative
+    rounding, where lse_off (~log M) rounds at its own size. The teacher's
+    log P is float64 already, and the shared ll (rounded at ~log V) enters the Bregman sum at
+    second order only (softmax_divergence's block comment on the divergence value)."""
+    f64 = torch.float64
+    log_p, log_p_tail = teacher_log_probs(topk_logprobs, vocab, cfg, f64)
+    x_s = x_support.to(f64)
+    if cfg.tail == "renormalize":
+        m = x_s.amax(-1, keepdim=True)
+        a = x_s - torch.where(m.abs() == math.inf, 0.0, m)
+        return (log_p + torch.logsumexp(a, -1, keepdim=True)) - a
+    missing = vocab - ids.shape[-1]
+    lse_off = lse_off.to(f64)[:, None]
+    m = torch.maximum(lse_off, x_s.amax(-1, keepdim=True))  # any shift >= the max will do
+    m = torch.where(m.abs() == math.inf, 0.0, m)
+    a = x_s - m
+    a_tail = lse_off - m
+    if missing > 0 and cfg.temperature > 4.0:
+        m_off = x.amax(-1, keepdim=True)
+        shift_off = torch.where(m_off.abs() == math.inf, 0.0, m_off)
+        e_off = torch.expm1(x - shift_off).scatter_(-1, ids, 0.0).sum(-1, keepdim=True) / missing
+        near = (e_off > -0.5).to(f64)
+        e_off = e_off.to(f64)
+        near_tail = (shift_off.to(f64) - m) + math.log(missing) + torch.log1p(e_off * near)
+        a_tail = torch.where(near.bool() & torch.isfinite(a_tail), near_tail, a_tail)
+    a = torch.cat([a, a_tail], dim=-1)
+    log_p = torch.cat([log_p, log_p_tail[:, None]], dim=-1)
+    return (log_p + torch.logsumexp(a, -1, keepdim=True)) - a
+
+
 def refuse_teacher_grad(backend: str):
     """The backends treat the teacher as a constant: a teacher whose gradient is asked for is
     an error naming the backend, never a silently missing gradient (the API raises before the
@@ -298,30 +347,46 @@ class ChunkedTopKKDLoss(torch.autograd.Function):
     scales the stored gradient in place, so it runs once (a second backward raises). The
     teacher is a constant (the API refuses a teacher that requires grad)."""
 
+    @classmethod
+    def apply(cls, student_logits, topk_logprobs, topk_indices, labels, cfg: TopKConfig):
+        # under no_grad a Function's forward still sees needs_input_grad set from requires_grad:
+        # the value alone is computed here, with no (N, V) gradient buffer (as ChunkedKDLoss)
+        if torch.is_grad_enabled():
+            return super().apply(student_logits, topk_logprobs, topk_indices, labels, cfg)
+        return cls.run(student_logits, topk_logprobs, topk_indices, labels, cfg, False)[0]
+
     @staticmethod
-    def forward(ctx, student_logits, topk_logprobs, topk_indices, labels, cfg: TopKConfig):
+    def run(student_logits, topk_logprobs, topk_indices, labels, cfg: TopKConfig, need_s: bool):
+        """(the loss, the student gradient as a contiguous (N, V) tensor or None) for
+        grad_output = 1. The student is read chunk by chunk through its own strides (a causal
+        shift logits[:, :-1] is not copied)."""
         vocab, k = student_logits.shape[-1], topk_indices.shape[-1]
         lead = student_logits.shape[:-1]
-        s2 = student_logits.reshape(-1, vocab)
+        n_rows = lead.numel()
         lp2 = topk_logprobs.reshape(-1, k)
         idx2 = topk_indices.reshape(-1, k)
         y = labels.reshape(-1) if labels is not None else None
         dtype = compute_dtype(student_logits.dtype, topk_logprobs.dtype)
-        count, row_scale = chunk_row_scale(y, s2.shape[0], cfg, dtype, s2.device)
-        grad_s = (torch.empty_like(s2, memory_format=torch.contiguous_format)
-                  if ctx.needs_input_grad[0] else None)
-        rows_out = torch.empty(s2.shape[0], dtype=dtype, device=s2.device)
-        step = chunk_rows(vocab)
-        for start in range(0, s2.shape[0], step):
-            sl = slice(start, min(s2.shape[0], start + step))
+        device = student_logits.device
+        count, row_scale = chunk_row_scale(y, n_rows, cfg, dtype, device)
+        grad_s = (torch.empty((n_rows, vocab), dtype=student_logits.dtype, device=device)
+                  if need_s else None)
+        rows_out = torch.empty(n_rows, dtype=dtype, device=device)
+        for sl, (s_c,) in row_chunks((student_logits,), chunk_rows(vocab)):
             rows_out[sl] = topk_chunk_loss_and_grads(
-                s2[sl].detach(), lp2[sl].detach(), idx2[sl], y[sl] if y is not None else None,
+                s_c.detach(), lp2[sl].detach(), idx2[sl], y[sl] if y is not None else None,
                 cfg, row_scale, grad_s[sl] if grad_s is not None else None,
             )
-        ctx.grad, ctx.shape, ctx.reduction = grad_s, student_logits.shape, cfg.reduction
         if cfg.reduction == "none":
-            return rows_out.reshape(lead)
-        return reduce_rows(rows_out, count, cfg.reduction)
+            return rows_out.reshape(lead), grad_s
+        return reduce_rows(rows_out, count, cfg.reduction), grad_s
+
+    @staticmethod
+    def forward(ctx, student_logits, topk_logprobs, topk_indices, labels, cfg: TopKConfig):
+        loss, grad_s = ChunkedTopKKDLoss.run(student_logits, topk_logprobs, topk_indices, labels,
+                                             cfg, ctx.needs_input_grad[0])
+        ctx.grad, ctx.shape, ctx.reduction = grad_s, student_logits.shape, cfg.reduction
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
