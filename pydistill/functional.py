@@ -373,7 +373,8 @@ def linear_kd_loss(
             chunked path's 4. Implemented for a student head with a teacher head or teacher
             logits that need no gradient, whole heads, ``backend="triton"``; anything else (a
             top-k teacher, a teacher that requires grad, ``process_group``, the torch
-            backend) runs the chunked path at ``"auto"`` instead. ``"auto"`` stays chunked until
+            backend, a temperature above 4, where the tiled forward's online value would lose
+            precision as T^2 eps) runs the chunked path at ``"auto"`` instead. ``"auto"`` stays chunked until
             a GPU measures which is faster where.
         process_group: vocabulary parallelism. ``student_weight`` / ``student_bias`` (and
             ``teacher_weight`` / ``teacher_bias`` or ``teacher_logits``) hold this rank's

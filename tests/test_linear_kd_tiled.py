@@ -172,6 +172,22 @@ def test_extreme_logits_and_minus_inf(kernels):
                                        msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+def test_large_temperature_runs_chunked(kernels):
+    # above T = 4 the tiled forward's online value loses ~T^2 eps (off by its own size at
+    # T = 1e4): "tiled" runs the chunked path there, whose value keeps its precision
+    inputs = {**head((N,), H_S, V, seed=70), **teacher("head", (N,), V, seed=71)}
+    y = make_labels((N,), V, ignore=(3,))
+    for temperature in (100.0, 1e4):
+        loss, _ = tiled(inputs, y, divergence="jsd", temperature=temperature)
+        cfg = pdl.functional.kd_config(divergence="jsd", temperature=temperature)
+        gt = R.linear_kd_loss(**{k: v.detach().double() for k, v in inputs.items()}, labels=y,
+                              cfg=cfg)
+        assert abs(loss.item() - gt.item()) <= 1e-5 * abs(gt.item())
+    assert kernels.calls == []
+    tiled(inputs, y, divergence="jsd", temperature=4.0)
+    assert len(kernels.calls) == 1
+
+
 @pytest.mark.parametrize("frozen", ["weight", "hidden", "bias", "weight+bias"])
 def test_frozen_parts(frozen, kernels, monkeypatch):
     wanted = []

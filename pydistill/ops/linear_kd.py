@@ -62,6 +62,12 @@ def topk_chunk_step(s, t, labels, cfg, row_scale, out_s=None, out_t=None, entrop
     return K.topk_loss_and_grad(s, t[0], t[1], labels, cfg, out_s, grad_scale=grad_scale, scale=scale)
 
 
+# The tiled forward sums the divergence online, a difference of O(1/T) sums: 2e-4 relative at
+# T = 100 and off by its own size at T = 1e4 (the chunked kernels' Bregman pass 2 keeps ~1e-7);
+# at T <= 4 its rounding is below 1e-6 of the loss.
+TILED_MAX_T = 4.0
+
+
 def tiled_unsupported(cfg: KDConfig, plan: ChunkPlan, tensors, needs):
     """Why the tiled kernels cannot run this call (None: they can). ``needs``: which of the
     Function's tensors want a gradient."""
@@ -73,6 +79,9 @@ def tiled_unsupported(cfg: KDConfig, plan: ChunkPlan, tensors, needs):
         return "a teacher that requires grad"
     if plan.components and cfg.soft_weight == 0.0:
         return "return_components with soft_weight=0 (the tiled kernels then skip the teacher)"
+    if cfg.temperature > TILED_MAX_T:
+        return (f"temperature {cfg.temperature} > {TILED_MAX_T} (the tiled forward's online value "
+                f"loses ~T^2 eps of precision above it; the chunked path's does not)")
     return None
 
 
