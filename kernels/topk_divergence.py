@@ -317,8 +317,9 @@ def _topk_fwd_kernel(
                         x = tl.where(cols == col_j, float("-inf"), x)
                         off = off & (cols != col_j)
                     lo = hi
-                    if TAIL_SUM:
-                        m_prev = m_a
+                # the running max before this tile (TAIL_SUM), bound on every path: the compiler,
+                # unlike Python, scopes a name first bound inside an `if` to that branch
+                m_prev = m_a
                 m_a, l_a = _online_lse(m_a, l_a, x)
                 if MASKED:
                     if TAIL_SUM:
