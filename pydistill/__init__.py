@@ -14,6 +14,7 @@ from pydistill.modules import AttentionTransferLoss, HintLoss, RKDLoss
 from pydistill.functional import attention_kd_loss, relation_kd_loss
 from pydistill.modules import AttentionKDLoss, RelationKDLoss
 from pydistill.functional import linear_uld_loss, uld_loss
+from pydistill.functional import linear_offline_kd_loss, offline_kd_loss, sampled_kd_loss
 from pydistill.modules import LinearULDLoss, ULDLoss
 from pydistill import alignment
 from pydistill.objective import DistillationObjective
@@ -25,4 +26,5 @@ __all__ = ["__version__", "kd_loss", "KDLoss", "linear_kd_loss", "LinearKDLoss",
            "resolve_backend", "topk_kd_loss", "TopKKDLoss", "TAILS", "DistillationObjective",
            "attention_transfer_loss", "AttentionTransferLoss", "hint_loss", "HintLoss", "rkd_loss",
            "RKDLoss", "attention_kd_loss", "AttentionKDLoss", "relation_kd_loss", "RelationKDLoss",
-           "uld_loss", "ULDLoss", "linear_uld_loss", "LinearULDLoss", "alignment"]
+           "uld_loss", "ULDLoss", "linear_uld_loss", "LinearULDLoss", "alignment",
+           "sampled_kd_loss", "offline_kd_loss", "linear_offline_kd_loss"]

@@ -50,13 +50,24 @@ def same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor):
         raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got {x.device}")
 
 
+# How far above 0 a stored log-probability, or a row's logsumexp, may lie and still be read as
+# rounding: twice the 0.01-nat error bound of a quantised offline store (pydistill.offline), far
+# above float16's. Raw logits stored by mistake exceed it by orders of magnitude.
+LOGPROB_SLACK = 0.02
+
+
 def topk_inputs(student_name: str, student, logprobs_name: str, logprobs, indices_name: str, indices,
-                labels=None, ignore_index: int = -100):
+                labels=None, ignore_index: int = -100, check_values=None):
     """Student logits (..., V), V >= 1, and a top-k teacher: log-probs (..., K) floating and
     token ids (..., K) int64 / int32, with the student's leading dims, 1 <= K <= V, one device.
-    Ids in [0, V), and distinct within each row the loss counts (``labels`` != ``ignore_index``;
-    every row without labels): rows it ignores may repeat a padding id. Checked for CPU tensors
-    only (a GPU check would synchronise)."""
+
+    Values, in the rows the loss counts only (``labels`` != ``ignore_index``; every row without
+    labels): rows it ignores are never read, so they may hold anything (padding ids, repeats,
+    ids out of range, NaN). Ids in [0, V), distinct within a row; log-probs that can be
+    log-probabilities: each <= 0 and each row's logsumexp <= 0 (its probabilities summing to at
+    most 1), both up to ``LOGPROB_SLACK`` nats for rounding and quantisation (NaN is let through:
+    it propagates to the loss). ``check_values``: None checks CPU tensors only (a GPU check
+    would synchronise); True checks on any device (one host synchronisation); False skips them."""
     tensor(student_name, student)
     tensor(logprobs_name, logprobs)
     tensor(indices_name, indices, floating=False)
@@ -78,19 +89,43 @@ def topk_inputs(student_name: str, student, logprobs_name: str, logprobs, indice
         raise ValueError(f"{logprobs_name}: expected 1 <= K <= V = {vocab} entries per row, got K = {k}")
     same_device(logprobs_name, logprobs, student_name, student)
     same_device(indices_name, indices, student_name, student)
-    if indices.device.type == "cpu" and indices.numel() > 0 and not _compiling():
-        bad = (indices < 0) | (indices >= vocab)
-        if bool(bad.any()):
-            raise ValueError(f"{indices_name}: expected values in [0, {vocab}), got {int(indices[bad][0])}")
-        ids = indices.reshape(-1, k).sort(dim=-1).values
-        twice = ids[:, 1:] == ids[:, :-1]
-        if (isinstance(labels, torch.Tensor) and tuple(labels.shape) == lead
-                and labels.device == indices.device):  # else the labels check reports them
-            twice &= (labels.reshape(-1) != ignore_index)[:, None]
-        if bool(twice.any()):
-            row, col = twice.nonzero()[0].tolist()
-            raise ValueError(f"{indices_name}: expected distinct ids within a row, got {int(ids[row, col])} "
-                             f"twice in row {row} (of the rows flattened)")
+    if check_values is None:
+        check_values = indices.device.type == "cpu"
+    if not check_values or indices.numel() == 0 or _compiling():
+        return
+    rows = torch.arange(indices.numel() // k, device=indices.device)
+    ids, lp = indices.reshape(-1, k), logprobs.detach().reshape(-1, k)
+    if (isinstance(labels, torch.Tensor) and tuple(labels.shape) == lead
+            and labels.device == indices.device):  # else the labels check reports them
+        counted = labels.reshape(-1) != ignore_index
+        rows, ids, lp = rows[counted], ids[counted], lp[counted]
+    bad = (ids < 0) | (ids >= vocab)
+    if bool(bad.any()):
+        raise ValueError(f"{indices_name}: expected values in [0, {vocab}), got {int(ids[bad][0])} "
+                         f"(in row {int(rows[bad.nonzero()[0, 0]])} of the rows flattened)")
+    ids = ids.sort(dim=-1).values
+    twice = ids[:, 1:] == ids[:, :-1]
+    if bool(twice.any()):
+        row, col = twice.nonzero()[0].tolist()
+        raise ValueError(f"{indices_name}: expected distinct ids within a row, got {int(ids[row, col])} "
+                         f"twice in row {int(rows[row])} (of the rows flattened)")
+    lp = lp.double()
+    hint = ("; raw logits stored instead of log-probabilities? Store log_softmax(logits / T) "
+            "(pydistill.offline.capture does)")
+    positive = lp > LOGPROB_SLACK
+    if bool(positive.any()):
+        row = positive.nonzero()[0, 0]
+        raise ValueError(f"{logprobs_name}: expected log-probabilities (<= 0, up to {LOGPROB_SLACK} "
+                         f"for rounding), got {float(lp[positive][0]):.6g} in row {int(rows[row])} "
+                         f"(of the rows flattened){hint}")
+    lse = torch.logsumexp(lp, dim=-1)
+    over = lse > LOGPROB_SLACK
+    if bool(over.any()):
+        row = over.nonzero()[0, 0]
+        raise ValueError(f"{logprobs_name}: expected log-probabilities whose probabilities sum to "
+                         f"at most 1 per row (logsumexp <= 0, up to {LOGPROB_SLACK} for rounding), got "
+                         f"a row summing to {math.exp(min(float(lse[row]), 700.0)):.6g} (logsumexp "
+                         f"{float(lse[row]):.6g}) in row {int(rows[row])} (of the rows flattened){hint}")
 
 
 def _compiling() -> bool:

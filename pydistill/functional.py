@@ -23,7 +23,8 @@ from pydistill.reference.representation import AT_MODES
 VOCAB_MISMATCH = ("restrict", "pad", "error")
 
 __all__ = ["kd_loss", "linear_kd_loss", "topk_kd_loss", "attention_transfer_loss", "hint_loss",
-           "rkd_loss", "attention_kd_loss", "relation_kd_loss", "uld_loss", "linear_uld_loss"]
+           "rkd_loss", "attention_kd_loss", "relation_kd_loss", "uld_loss", "linear_uld_loss",
+           "sampled_kd_loss", "offline_kd_loss", "linear_offline_kd_loss"]
 
 
 def kd_config(*, divergence="kl", temperature=1.0, beta=0.5, ignore_index=-100,
@@ -1192,3 +1193,10 @@ def linear_uld_loss(
                teacher_bias, teacher_logits)
     return _dispatch.implementation("linear_uld_loss", backend).apply(cfg, chunk_size, labels,
                                                                        *tensors)
+
+
+# offline teachers (a sampled teacher's estimator; a batch's stored teacher): their own module,
+# built on topk_kd_loss / linear_kd_loss above
+from pydistill.ops.sampled_kd import (  # noqa: E402
+    linear_offline_kd_loss, offline_kd_loss, sampled_kd_loss,
+)
