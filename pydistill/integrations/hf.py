@@ -64,10 +64,13 @@ from pydistill.integrations.distributed import (_is_peft_model, call_in_forward,
 from pydistill.integrations.trl import _autocast_off, _compute_dtype
 from pydistill.modules import LinearKDLoss
 
-__all__ = ["DistillationTrainer", "causal_lm_kd_loss", "logit_transform"]
+__all__ = ["DistillationTrainer", "causal_lm_kd_loss", "causal_lm_offline_kd_loss", "logit_transform"]
 
 # inputs a collator may add that are not backbone arguments
 _NOT_MODEL_INPUTS = ("labels", "shift_labels", "num_items_in_batch", "return_loss")
+# a stored teacher's keys (pydistill.offline's collator): read by the loss, never by a model
+_STORED_TEACHER = ("teacher_ids", "teacher_logprobs", "teacher_counts", "teacher_temperature",
+                   "teacher_method")
 # config fields of the logit scale some heads apply after the matmul, in TRL's order of
 # precedence (logits_scaling, divided by, comes last: logit_transform)
 _LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier")
@@ -296,6 +299,11 @@ def _fused_loss(loss: LinearKDLoss, h_s, w_s, b_s, h_t, w_t, b_t, labels, transf
             reduction=c.reduction if num_items_in_batch is None else "sum", backend=loss.backend,
             return_components=return_components,
         )
+    return _per_items(out, num_items_in_batch, return_components)
+
+
+def _per_items(out, num_items_in_batch, return_components):
+    """The loss (and its parts) of a "sum" reduction divided by ``num_items_in_batch``."""
     out, parts = out if return_components else (out, None)
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
@@ -418,6 +426,96 @@ def causal_lm_kd_loss(student: torch.nn.Module, teacher: torch.nn.Module,
     return call_in_forward(student, student_forward)
 
 
+def carries_stored_teacher(inputs: Mapping) -> bool:
+    """Whether a batch (or a dataset item) carries a stored teacher: ``teacher_ids`` and
+    ``teacher_logprobs`` (pydistill.offline's store and collator)."""
+    return isinstance(inputs, Mapping) and "teacher_ids" in inputs and "teacher_logprobs" in inputs
+
+
+def causal_lm_offline_kd_loss(student: torch.nn.Module, inputs: Mapping[str, torch.Tensor],
+                              loss=None, *, num_items_in_batch=None,
+                              return_components: bool = False, validate: bool = False):
+    r"""Distillation of a causal LM from a stored teacher that the batch carries (no teacher
+    model): :func:`causal_lm_kd_loss` with the teacher's (B, L, K) ``teacher_logprobs`` /
+    ``teacher_ids`` in place of its hidden states and head, through
+    :func:`pydistill.linear_offline_kd_loss` (the student's fused LM head, no logits formed).
+
+    The batch is ``pydistill.offline.OfflineCollator``'s: ``input_ids``, ``attention_mask``,
+    ``labels`` (unshifted; -100 at padding), ``teacher_ids`` / ``teacher_logprobs`` (row j: the
+    teacher's distribution of the token after position j, so aligned with the hidden states
+    before the shift; padding rows are never read), ``teacher_temperature`` and
+    ``teacher_method`` (``"topk"`` or ``"sample"``). Targets as in :func:`causal_lm_kd_loss`.
+
+    ``loss``: a :class:`pydistill.LinearKDLoss` (or a dict of its arguments). Its temperature must
+    be the stored one (nothing is re-tempered silently: another value is a ``ValueError``, as is
+    a ``teacher_temperature`` that differs from it); its ``tail`` applies to a top-k store, a
+    sampled store runs the unbiased estimator of :func:`pydistill.sampled_kd_loss` (forward KL
+    only); the teacher's logit transforms do not apply (stored log-probs) and must be unset. The
+    student's own transform is read from its config as in :func:`causal_lm_kd_loss`.
+    ``num_items_in_batch``, ``return_components``: as there. ``validate``: check the stored
+    values on any device (one host synchronisation; :func:`pydistill.sampled_kd_loss`).
+    """
+    from pydistill.ops.sampled_kd import linear_offline_kd_loss, stored_teacher
+
+    loss = as_linear_kd_loss(loss)
+    c = loss.cfg
+    if c.teacher_logit_scale != 1.0 or c.teacher_softcap is not None:
+        raise ValueError(
+            f"distillation_loss: a stored teacher arrives as log-probs and takes no logit "
+            f"transform, got teacher_logit_scale={c.teacher_logit_scale}, "
+            f"teacher_softcap={c.teacher_softcap}")
+    inputs = dict(inputs)
+    if not carries_stored_teacher(inputs):
+        raise ValueError(f"inputs: expected a stored teacher ('teacher_ids', 'teacher_logprobs', "
+                         f"'teacher_temperature', 'teacher_method': pydistill.offline's collator), "
+                         f"got the keys {sorted(inputs)}")
+    _, _, stored, method = stored_teacher(inputs, c.temperature)
+    if loss.teacher_temperature is not None and loss.teacher_temperature != stored:
+        raise ValueError(f"distillation_loss: teacher_temperature={loss.teacher_temperature}, but "
+                         f"the stored teacher was captured at {stored}")
+    targets = causal_lm_targets(inputs, c.ignore_index)
+    model_inputs = {k: v for k, v in inputs.items()
+                    if k not in _NOT_MODEL_INPUTS and k not in _STORED_TEACHER}
+    student_module = _inner(student)
+    (scale, scale_field), (cap, cap_field) = _config_transform(student_module)
+    transforms = dict(
+        student_logit_scale=_agree("student", "logit_scale", scale, scale_field,
+                                   c.student_logit_scale, 1.0),
+        student_softcap=_agree("student", "softcap", cap, cap_field, c.student_softcap, None))
+
+    def student_forward():
+        h_s = _last_hidden(student_module, model_inputs)
+        h_s, w_s, b_s = _head_inputs(_head(student_module, "student"), h_s, _compute_dtype(h_s))
+        teacher = {k: inputs[k].to(h_s.device) if isinstance(inputs[k], torch.Tensor) else inputs[k]
+                   for k in ("teacher_ids", "teacher_logprobs", "teacher_temperature",
+                             "teacher_method")}
+        with _autocast_off(h_s.device):
+            out = linear_offline_kd_loss(
+                h_s, w_s, teacher, student_bias=b_s, labels=targets.to(h_s.device),
+                temperature=c.temperature, tail=loss.tail if method == "topk" else None,
+                divergence=c.divergence, beta=c.beta, ignore_index=c.ignore_index,
+                hard_weight=c.hard_weight, soft_weight=c.soft_weight, t2=c.t2, **transforms,
+                reduction=c.reduction if num_items_in_batch is None else "sum",
+                chunk_size=loss.chunk_size, return_components=return_components,
+                validate=validate, backend=loss.backend)
+        return _per_items(out, num_items_in_batch, return_components)
+
+    return call_in_forward(student, student_forward)
+
+
+def _dataset_carries_stored_teacher(dataset) -> Optional[bool]:
+    """Whether a map-style dataset's first item carries a stored teacher (None: no dataset, an
+    empty or an iterable one, which cannot be looked at without consuming it)."""
+    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset):
+        return None
+    try:
+        if len(dataset) == 0:
+            return None
+        return carries_stored_teacher(dataset[0])
+    except (TypeError, NotImplementedError):
+        return None
+
+
 class DistillationTrainer(transformers.Trainer):
     r"""``transformers.Trainer`` that distils ``teacher_model`` into ``model`` with
     :func:`causal_lm_kd_loss` (fused LM heads, no logits), mixed with the hard-label loss::
@@ -467,6 +565,25 @@ class DistillationTrainer(transformers.Trainer):
     is restricted to it; sizes further apart are refused), which cannot tell two different
     tokenizers of one size apart.
 
+    A stored teacher (``teacher_model=None``): the batches carry the teacher instead,
+    captured once by ``pydistill.offline.capture`` and read with ``open_store`` and
+    ``OfflineCollator`` (``teacher_ids``, ``teacher_logprobs``, ``teacher_temperature``,
+    ``teacher_method``); no teacher model is in memory::
+
+        trainer = DistillationTrainer(
+            model=student, args=TrainingArguments(...),
+            distillation_loss=pdl.LinearKDLoss(temperature=store.manifest["temperature"]),
+            train_dataset=store, data_collator=OfflineCollator(...))
+
+    The loss is :func:`causal_lm_offline_kd_loss`: the same fused student head, normalisation
+    and logging (``kd_loss``: for a sampled store, the unbiased estimate of the soft
+    cross-entropy T^2 H(p, q), which exceeds T^2 KL by the teacher's entropy). The loss's
+    temperature must be the stored one (a ``ValueError`` otherwise). The first batch's stored
+    values are checked on any device (one host synchronisation: log-probs that are not
+    log-probs, e.g. raw logits, or ids outside the student's vocabulary); later batches only on
+    the CPU. ``teacher_model=None`` needs a dataset whose items carry the teacher (a map-style
+    one's first item is looked at), and a teacher model with such batches is an error.
+
     ``nonfinite_loss``: what a non-finite loss does (the loss is checked once per micro-batch,
     the host synchronisation Trainer's ``logging_nan_inf_filter`` already makes): ``"raise"``
     (default) raises ``FloatingPointError``; ``"skip"`` warns (``RuntimeWarning``), gives this
@@ -479,7 +596,14 @@ class DistillationTrainer(transformers.Trainer):
     def __init__(self, model=None, args=None, *, teacher_model=None, distillation_loss=None,
                  teacher_processing_class=None, nonfinite_loss="raise", **kwargs):
         if teacher_model is None:
-            raise ValueError("teacher_model: required (the model to distil from), got None")
+            stored = [_dataset_carries_stored_teacher(kwargs.get(name))
+                      for name in ("train_dataset", "eval_dataset")]
+            if False in stored or (kwargs.get("train_dataset") is None
+                                   and kwargs.get("eval_dataset") is None):
+                raise ValueError(
+                    "teacher_model: required (the model to distil from) unless the dataset's items "
+                    "carry a stored teacher ('teacher_ids' and 'teacher_logprobs': "
+                    "pydistill.offline.open_store), got None")
         if nonfinite_loss not in _NONFINITE:
             raise ValueError(f"nonfinite_loss: expected one of {_NONFINITE}, "
                              f"got {nonfinite_loss!r}")
@@ -499,6 +623,10 @@ class DistillationTrainer(transformers.Trainer):
         # take loss kwargs and shift labels; this loss does both.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
+        self._stored_teacher_checked = False
+        if teacher_model is None:  # a stored teacher, carried by the batches
+            self.teacher_model = None
+            return
         teacher_model.eval()
         teacher_model.requires_grad_(False)
         # as TRL's trainers: placed on the device and, with mixed precision, its forward wrapped
@@ -507,18 +635,35 @@ class DistillationTrainer(transformers.Trainer):
 
     def _set_signature_columns_if_needed(self):
         # remove_unused_columns keeps the model's forward arguments; the loss reads shift_labels
+        # and a stored teacher's keys
         super()._set_signature_columns_if_needed()
-        if "shift_labels" not in self._signature_columns:
-            self._signature_columns.append("shift_labels")
+        for name in ("shift_labels",) + _STORED_TEACHER:
+            if name not in self._signature_columns:
+                self._signature_columns.append(name)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # the autocast accelerate wraps around a prepared model's forward (the student is not
         # prepared when evaluate() runs before train())
+        stored = carries_stored_teacher(inputs)
+        if stored and self.teacher_model is not None:
+            raise ValueError("inputs: the batch carries a stored teacher ('teacher_ids', "
+                             "'teacher_logprobs') and a teacher_model was given; distil from one: "
+                             "DistillationTrainer(teacher_model=None) for the stored one")
+        if self.teacher_model is None and not stored:
+            raise ValueError(f"inputs: DistillationTrainer(teacher_model=None) distils from a "
+                             f"stored teacher the batches carry ('teacher_ids', 'teacher_logprobs'"
+                             f": pydistill.offline's collator), got the keys {sorted(inputs)}")
         with self.accelerator.autocast():
-            loss, parts = causal_lm_kd_loss(model, self.teacher_model, inputs,
-                                            self.distillation_loss,
-                                            num_items_in_batch=num_items_in_batch,
-                                            return_components=True)
+            if stored:
+                loss, parts = causal_lm_offline_kd_loss(
+                    model, inputs, self.distillation_loss, num_items_in_batch=num_items_in_batch,
+                    return_components=True, validate=not self._stored_teacher_checked)
+                self._stored_teacher_checked = True
+            else:
+                loss, parts = causal_lm_kd_loss(model, self.teacher_model, inputs,
+                                                self.distillation_loss,
+                                                num_items_in_batch=num_items_in_batch,
+                                                return_components=True)
         # one host synchronisation per micro-batch, as Trainer's own logging_nan_inf_filter
         if not torch.isfinite(loss.detach()).item():
             loss, parts = self._nonfinite(model, loss), None
