@@ -165,6 +165,9 @@ def test_stored_teacher_bad_batch():
         pdl.offline_kd_loss(s, sampled, tail="bucket")
     with pytest.raises(ValueError, match=r"divergence: .*forward KL only, expected 'kl', got 'jsd'"):
         pdl.offline_kd_loss(s, sampled, divergence="jsd")
+    weighted = dict(sampled, teacher_log_weights=torch.zeros_like(sampled["teacher_logprobs"]))
+    with pytest.raises(ValueError, match=r"teacher_log_weights .*proposal_temperature equal to"):
+        pdl.offline_kd_loss(s, weighted)
     with pytest.raises(ValueError, match=r"teacher_temperature: .*cannot be re-tempered"):
         pdl.sampled_kd_loss(s, sampled["teacher_logprobs"], sampled["teacher_ids"],
                             teacher_temperature=2.0, temperature=1.0)

@@ -69,8 +69,11 @@ __all__ = ["DistillationTrainer", "causal_lm_kd_loss", "causal_lm_offline_kd_los
 # inputs a collator may add that are not backbone arguments
 _NOT_MODEL_INPUTS = ("labels", "shift_labels", "num_items_in_batch", "return_loss")
 # a stored teacher's keys (pydistill.offline's collator): read by the loss, never by a model
-_STORED_TEACHER = ("teacher_ids", "teacher_logprobs", "teacher_counts", "teacher_temperature",
-                   "teacher_method")
+_STORED_TEACHER = ("teacher_ids", "teacher_logprobs", "teacher_counts", "teacher_log_weights",
+                   "teacher_temperature", "teacher_method",
+                   # the compact form (open_store(compact=True)), decoded on the device
+                   "teacher_ids_packed", "teacher_codes", "teacher_id_bits", "teacher_k",
+                   "teacher_samples")
 # config fields of the logit scale some heads apply after the matmul, in TRL's order of
 # precedence (logits_scaling, divided by, comes last: logit_transform)
 _LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier")
@@ -429,7 +432,9 @@ def causal_lm_kd_loss(student: torch.nn.Module, teacher: torch.nn.Module,
 def carries_stored_teacher(inputs: Mapping) -> bool:
     """Whether a batch (or a dataset item) carries a stored teacher: ``teacher_ids`` and
     ``teacher_logprobs`` (pydistill.offline's store and collator)."""
-    return isinstance(inputs, Mapping) and "teacher_ids" in inputs and "teacher_logprobs" in inputs
+    if not isinstance(inputs, Mapping):
+        return False
+    return ("teacher_ids" in inputs and "teacher_logprobs" in inputs) or "teacher_ids_packed" in inputs
 
 
 def causal_lm_offline_kd_loss(student: torch.nn.Module, inputs: Mapping[str, torch.Tensor],
@@ -454,6 +459,8 @@ def causal_lm_offline_kd_loss(student: torch.nn.Module, inputs: Mapping[str, tor
     student's own transform is read from its config as in :func:`causal_lm_kd_loss`.
     ``num_items_in_batch``, ``return_components``: as there. ``validate``: check the stored
     values on any device (one host synchronisation; :func:`pydistill.sampled_kd_loss`).
+    A compact batch (``open_store(..., compact=True)``: ``teacher_ids_packed`` and codes or
+    counts) is decoded on the student's device by ``pydistill.offline.decode``.
     """
     from pydistill.ops.sampled_kd import linear_offline_kd_loss, stored_teacher
 
@@ -469,7 +476,9 @@ def causal_lm_offline_kd_loss(student: torch.nn.Module, inputs: Mapping[str, tor
         raise ValueError(f"inputs: expected a stored teacher ('teacher_ids', 'teacher_logprobs', "
                          f"'teacher_temperature', 'teacher_method': pydistill.offline's collator), "
                          f"got the keys {sorted(inputs)}")
-    _, _, stored, method = stored_teacher(inputs, c.temperature)
+    stored, method = inputs.get("teacher_temperature"), inputs.get("teacher_method")
+    if "teacher_ids_packed" not in inputs:
+        _, _, stored, method = stored_teacher(inputs, c.temperature)
     if loss.teacher_temperature is not None and loss.teacher_temperature != stored:
         raise ValueError(f"distillation_loss: teacher_temperature={loss.teacher_temperature}, but "
                          f"the stored teacher was captured at {stored}")
@@ -486,9 +495,12 @@ def causal_lm_offline_kd_loss(student: torch.nn.Module, inputs: Mapping[str, tor
     def student_forward():
         h_s = _last_hidden(student_module, model_inputs)
         h_s, w_s, b_s = _head_inputs(_head(student_module, "student"), h_s, _compute_dtype(h_s))
-        teacher = {k: inputs[k].to(h_s.device) if isinstance(inputs[k], torch.Tensor) else inputs[k]
-                   for k in ("teacher_ids", "teacher_logprobs", "teacher_temperature",
-                             "teacher_method")}
+        teacher = {k: v for k, v in inputs.items() if k in _STORED_TEACHER}
+        if "teacher_ids_packed" in teacher:  # compact: only the packed bytes cross to the device
+            from pydistill.offline import decode
+            teacher = decode(teacher, h_s.device)
+        teacher = {k: v.to(h_s.device) if isinstance(v, torch.Tensor) else v
+                   for k, v in teacher.items()}
         with _autocast_off(h_s.device):
             out = linear_offline_kd_loss(
                 h_s, w_s, teacher, student_bias=b_s, labels=targets.to(h_s.device),

@@ -196,6 +196,11 @@ def stored_teacher(teacher: Mapping, temperature: Optional[float]):
     if missing:
         raise ValueError(f"teacher: expected the keys {TEACHER_KEYS} (a batch of "
                          f"pydistill.offline.OfflineCollator), missing {missing}")
+    if teacher.get("teacher_log_weights") is not None:
+        raise ValueError(
+            "teacher: the batch carries teacher_log_weights (ids drawn at a proposal temperature "
+            "other than the stored temperature, with importance weights); the loss takes ids drawn "
+            "at the loss temperature only. Capture with proposal_temperature equal to temperature")
     stored = teacher["teacher_temperature"]
     if isinstance(stored, torch.Tensor) and stored.numel() == 1 and stored.device.type == "cpu":
         stored = stored.item()
@@ -263,7 +268,9 @@ def offline_kd_loss(
     ``teacher["teacher_method"]``:
 
     - ``"topk"``: :func:`pydistill.topk_kd_loss` with ``teacher_temperature`` the stored one;
-    - ``"sample"``: :func:`sampled_kd_loss` (forward KL only, no ``tail``).
+    - ``"sample"``: :func:`sampled_kd_loss` (forward KL only, no ``tail``); ids drawn at a
+      proposal temperature other than the stored one (a batch with ``teacher_log_weights``)
+      are refused.
 
     The stored temperature is the loss's: ``temperature=None`` takes it, another value raises
     (nothing is re-tempered silently; :func:`pydistill.topk_kd_loss` re-tempers a top-k teacher
