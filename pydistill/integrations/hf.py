@@ -479,7 +479,8 @@ def causal_lm_offline_kd_loss(student: torch.nn.Module, inputs: Mapping[str, tor
     stored, method = inputs.get("teacher_temperature"), inputs.get("teacher_method")
     if "teacher_ids_packed" not in inputs:
         _, _, stored, method = stored_teacher(inputs, c.temperature)
-    if loss.teacher_temperature is not None and loss.teacher_temperature != stored:
+    if loss.teacher_temperature is not None and not math.isclose(loss.teacher_temperature, stored,
+                                                                 rel_tol=1e-6):
         raise ValueError(f"distillation_loss: teacher_temperature={loss.teacher_temperature}, but "
                          f"the stored teacher was captured at {stored}")
     targets = causal_lm_targets(inputs, c.ignore_index)
