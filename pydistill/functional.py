@@ -242,12 +242,16 @@ def topk_kd_loss(
             of its top-K tokens at ``teacher_temperature``. Entries equal to -inf (a row with
             fewer than K candidates, padded) are listed tokens of probability 0. A constant: if
             it requires grad the backends raise (the reference
-            ``pydistill.reference.topk_divergence.topk_kd_loss`` differentiates it).
+            ``pydistill.reference.topk_divergence.topk_kd_loss`` differentiates it). Values that
+            cannot be log-probabilities (an entry above 0, or a row summing above 1, beyond 0.02
+            nats of rounding: e.g. raw logits stored by mistake) raise a ValueError on CPU
+            tensors; GPU tensors are checked by ``pydistill.offline_kd_loss(validate=True)``.
         teacher_topk_indices: (..., K) int64 / int32 token ids in [0, V), distinct within each
-            row the loss counts (a row ``labels`` ignores may repeat a padding id), in any order.
-            Checked on CPU tensors; on CUDA (where checking would synchronise) an out-of-range
-            id is never dereferenced and makes its row's loss and gradient NaN, and repeated ids
-            in a counted row give an undefined result.
+            row the loss counts, in any order. Rows ``labels`` ignores are never read nor checked
+            (a collated batch's padding rows may hold anything). Checked on CPU tensors; on CUDA
+            (where checking would synchronise) an out-of-range id is never dereferenced and makes
+            its row's loss and gradient NaN, and repeated ids in a counted row give an undefined
+            result.
         tail: ``"bucket"`` | ``"renormalize"`` | ``"ignore"``, see the table.
         teacher_temperature: T_gen > 0 (finite), the temperature the log-probs were stored at:
             1.0 for ``log_softmax(logits)``. Required (None raises a ValueError); pass
