@@ -138,3 +138,13 @@ def test_trainer_refuses_another_temperature(tmp_path):
                        loss=dict(LOSS, temperature=1.0))
     with pytest.raises(ValueError, match=r"captured at temperature 2.0, got temperature=1.0"):
         trainer.train()
+
+
+def test_trainer_checks_the_first_batch_of_a_store(tmp_path):
+    # raw logits stored by mistake: refused at the first batch, by the check that runs on any
+    # device (validate=True: it names the batch's key, not the loss argument)
+    items, manifest = stored_teacher("topk")
+    bad = [dict(x, teacher_logprobs=x["teacher_logprobs"] + 8.0) for x in items]
+    trainer = _trainer(tmp_path, tiny_llama(16, 1, VOCAB, 0), bad, manifest)
+    with pytest.raises(ValueError, match=r"teacher\['teacher_logprobs'\]: expected log-probabilities"):
+        trainer.train()
