@@ -161,7 +161,8 @@ def capture(teacher, batches, out, *, k=64, temperature=1.0, method="topk", samp
 
     * ``method="topk"``: the k largest entries of ``log_softmax(z / temperature)`` and their
       ids, sorted, stored within 1/128 nat (:mod:`pydistill.offline.format`);
-    * ``method="sample"``: ``samples`` ids (default k; k is then set to ``samples``) drawn
+    * ``method="sample"``: ``samples`` ids (default k; k is then set to min(samples, V),
+      the most distinct ids there can be) drawn
       with replacement from ``softmax(z / proposal_temperature)`` (default: ``temperature``),
       stored as the distinct ids with their counts, so that ``count / samples`` is an unbiased
       estimate of the proposal (Sparse Logit Sampling, Anshumann et al. 2025). When the
@@ -244,6 +245,8 @@ def capture(teacher, batches, out, *, k=64, temperature=1.0, method="topk", samp
                     else:   # a callable teacher: its head is known after a forward
                         hidden, weight, bias = t(ids.to(device), mask.to(device))
                         vocab = weight.shape[0]
+                    if method == "sample":
+                        k = min(samples, vocab)   # distinct draws: at most V
                     if k > vocab:
                         raise ValueError(f"k: expected at most the teacher's vocabulary size {vocab}, got {k}")
                     fp = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
@@ -282,6 +285,7 @@ def capture(teacher, batches, out, *, k=64, temperature=1.0, method="topk", samp
                         else:
                             lr = torch.log_softmax(z / proposal_temperature, dim=-1)
                         i, n = _sample_counts(lr.exp(), samples, gen)
+                        i, n = i[:, :k], n[:, :k]         # used slots come first
                         idxs.append(i.cpu())
                         cnts.append(n.cpu())
                         if proposal_temperature != temperature:

@@ -47,22 +47,27 @@ def _rows(name, positions, k):
     return ids, lps
 
 
-def _infer_k(name, per_request, k):
+def _infer_k(name, requests, k, prompt_token_added):
+    """k given, or the N the engine was asked for: the most entries any position has (SGLang), or,
+    when the engine adds the prompt token to positions where it is outside the top N (vLLM), the
+    most entries any position has besides the prompt token."""
     if k is not None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k: expected None or an int >= 1, got {k!r}")
         return k
-    sizes = [len(e) for positions in per_request for e in positions[1:] if e is not None]
-    if not sizes:
+    sizes = [len([e for e in entries if not (prompt_token_added and e[0] == ids[t])])
+             for ids, positions in requests for t, entries in enumerate(positions)
+             if t > 0 and entries is not None]
+    if not sizes or max(sizes) == 0:
         raise ValueError(f"{name}: expected at least one position with top log-probs to infer k "
                          "from; pass k=")
-    return min(sizes)
+    return max(sizes)
 
 
 def _write(name, requests, out, *, vocab_size, k, temperature, shard_size, teacher,
-           tokenizer_fingerprint):
+           tokenizer_fingerprint, prompt_token_added):
     requests = list(requests)
-    k = _infer_k(name, [positions for _, positions in requests], k)
+    k = _infer_k(name, requests, k, prompt_token_added)
     writer = StoreWriter(out, vocab_size=vocab_size, k=k, temperature=temperature,
                          method="topk", teacher=teacher, tokenizer_fingerprint=tokenizer_fingerprint,
                          shard_size=shard_size, extra_manifest={"source": name})
@@ -93,9 +98,11 @@ def from_vllm_prompt_logprobs(outputs, out, *, vocab_size, k=None, temperature=1
       ``.decoded_token`` are not needed; a plain float is accepted too): the N most likely
       tokens at position t, plus the actual prompt token when it is not among them.
 
-    ``k``: entries kept per position, the most likely first; default: the smallest number of
-    entries any position has (= N, which drops the extra prompt-token entry where vLLM added
-    one). Positions with fewer than k entries are padded with (id 0, -inf). ``vocab_size`` is
+    ``k``: entries kept per position, the most likely first; default: the most entries any
+    position has besides its prompt token (= N as soon as one prompt token lies outside its
+    position's top N; N - 1 in the rare case where every prompt token is inside: pass ``k=N``
+    to be sure). The prompt-token entry vLLM adds is the (N + 1)-th most likely, so keeping k = N
+    drops it. Positions with fewer than k entries are padded with (id 0, -inf). ``vocab_size`` is
     the model's (vLLM does not report it)."""
     def requests():
         for n, o in enumerate(outputs):
@@ -118,7 +125,7 @@ def from_vllm_prompt_logprobs(outputs, out, *, vocab_size, k=None, temperature=1
             yield list(ids), positions
     return _write("from_vllm_prompt_logprobs", requests(), out, vocab_size=vocab_size, k=k,
                   temperature=temperature, shard_size=shard_size, teacher=teacher,
-                  tokenizer_fingerprint=tokenizer_fingerprint)
+                  tokenizer_fingerprint=tokenizer_fingerprint, prompt_token_added=True)
 
 
 def from_sglang(outputs, out, *, vocab_size, k=None, temperature=1.0, input_ids=None,
@@ -131,7 +138,8 @@ def from_sglang(outputs, out, *, vocab_size, k=None, temperature=1.0, input_ids=
     entry 0 is None, entry t a list of ``(logprob, token_id, text)`` tuples (text may be None):
     the N most likely tokens at position t. The prompt ids come from ``input_ids`` (one list
     per output) or else from ``meta_info["input_token_logprobs"]`` (``(logprob, token_id,
-    text)`` per prompt token). ``k``: as in :func:`from_vllm_prompt_logprobs`."""
+    text)`` per prompt token). ``k``: entries kept per position, the most likely first (default:
+    the most any position has, = N); fewer are padded with (id 0, -inf)."""
     def requests():
         for n, o in enumerate(outputs):
             meta = _get(o, "meta_info")
@@ -154,4 +162,4 @@ def from_sglang(outputs, out, *, vocab_size, k=None, temperature=1.0, input_ids=
             yield ids, positions
     return _write("from_sglang", requests(), out, vocab_size=vocab_size, k=k,
                   temperature=temperature, shard_size=shard_size, teacher=teacher,
-                  tokenizer_fingerprint=tokenizer_fingerprint)
+                  tokenizer_fingerprint=tokenizer_fingerprint, prompt_token_added=False)

@@ -85,7 +85,7 @@ def make_manifest(*, vocab_size, k, temperature, method, samples=None, proposal_
     return m
 
 
-def _check_method(method, k, samples, temperature, proposal_temperature):
+def _check_method(method, k, samples, temperature, proposal_temperature, vocab_size=None):
     if method not in ("topk", "sample"):
         raise ValueError(f"method: expected 'topk' or 'sample', got {method!r}")
     for name, v in (("temperature", temperature), ("proposal_temperature", proposal_temperature)):
@@ -96,9 +96,9 @@ def _check_method(method, k, samples, temperature, proposal_temperature):
     if method == "sample":
         if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= 65535:
             raise ValueError(f"samples: expected an int in [1, 65535] for method='sample', got {samples!r}")
-        if k != samples:
-            raise ValueError(f"k: expected k == samples ({samples}) for method='sample' (one slot "
-                             f"per possible distinct draw), got {k}")
+        if vocab_size is not None and k != min(samples, vocab_size):
+            raise ValueError(f"k: expected min(samples, vocab_size) = {min(samples, vocab_size)} "
+                             f"for method='sample' (one slot per possible distinct draw), got {k}")
     elif samples is not None:
         raise ValueError(f"samples: expected None for method='topk', got {samples!r}")
 
@@ -126,7 +126,7 @@ class StoreWriter:
         fmt.id_bits(vocab_size)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
             raise ValueError(f"k: expected an int in [1, vocab_size={vocab_size}], got {k!r}")
-        _check_method(method, k, samples, temperature, proposal_temperature)
+        _check_method(method, k, samples, temperature, proposal_temperature, vocab_size)
         if method == "sample" and proposal_temperature is None:
             proposal_temperature = temperature
         for name, v in (("shard_size", shard_size), ("row_group_size", row_group_size)):
