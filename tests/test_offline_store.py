@@ -304,6 +304,28 @@ def test_store_map_style_and_streaming_agree(tmp_path, teacher, sequences):
     assert sum(b["input_ids"].shape[0] for b in loader) == len(sequences)
 
 
+def test_datasets_streams_the_shards_across_ranks(tmp_path, teacher, sequences):
+    """The shards are plain Parquet: `datasets` streams them, splits them by rank, and
+    decode_row turns its rows into the store's items."""
+    datasets = pytest.importorskip("datasets")
+    from datasets.distributed import split_dataset_by_node
+
+    from pydistill.offline import decode_row
+    capture(teacher, sequences, tmp_path, k=4, shard_size=3, progress=False)
+    store = open_store(tmp_path)
+    files = sorted(str(p) for p in tmp_path.glob("shard-*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
+    seen = []
+    for rank in range(2):
+        for row in split_dataset_by_node(ds, rank=rank, world_size=2):
+            item = decode_row(row, store.manifest)
+            ref = store[item["sequence_index"]]
+            assert torch.equal(item["teacher_ids"], ref["teacher_ids"])
+            assert torch.equal(item["teacher_logprobs"], ref["teacher_logprobs"])
+            seen.append(item["sequence_index"])
+    assert sorted(seen) == list(range(len(sequences)))
+
+
 def test_open_store_bad_paths(tmp_path):
     with pytest.raises(ValueError, match="path: expected a store folder or a shard file"):
         open_store(tmp_path / "missing")

@@ -22,8 +22,9 @@ from .capture import capture, tokenizer_fingerprint
 from .collate import OfflineCollator, decode
 from .convert import from_sglang, from_vllm_prompt_logprobs
 from .format import FORMAT_VERSION, QUANT_ERROR, check_logprobs
-from .store import OfflineStore, StoreWriter, open_store
+from .store import OfflineStore, StoreWriter, decode_row, open_store
 
 __all__ = ["capture", "open_store", "OfflineStore", "OfflineCollator", "decode", "StoreWriter",
+           "decode_row",
            "from_vllm_prompt_logprobs", "from_sglang", "check_logprobs", "tokenizer_fingerprint",
            "FORMAT_VERSION", "QUANT_ERROR"]

@@ -404,44 +404,57 @@ class OfflineStore(torch.utils.data.Dataset):
                 yield self._row(table, r)
 
     def _row(self, table, r):
-        m = self.manifest
-        ids = torch.tensor(table["input_ids"][r], dtype=torch.int64)
-        L, K = ids.numel(), self.k
-        packed = np.frombuffer(table["teacher_ids"][r], dtype=np.uint8)
-        if packed.size != L * self.width:
-            raise ValueError(f"teacher_ids: expected {L * self.width} bytes for {L} positions, "
-                             f"got {packed.size} (corrupt shard?)")
-        packed = torch.from_numpy(packed.copy()).reshape(L, self.width)
-        item = {"input_ids": ids}
-        if m["method"] == "topk":
-            codes = fmt.decode_codes(table["teacher_codes"][r], L, K)
-            if self.compact:
-                item["teacher_ids_packed"] = packed
-                item["teacher_codes"] = torch.from_numpy(codes.view(np.int16).copy())
-            else:
-                item["teacher_ids"] = fmt.unpack_ids(packed, K, self.bits)
-                item["teacher_logprobs"] = fmt.codes_to_logprobs(torch.from_numpy(codes.view(np.int16)))
+        return decode_row({key: col[r] for key, col in table.items()}, self.manifest,
+                          compact=self.compact)
+
+
+def decode_row(row: dict, manifest: dict, *, compact=False) -> dict:
+    """One Parquet row of a store (a dict of its columns, as pyarrow's ``to_pylist`` or a
+    ``datasets`` streaming dataset yields it) -> the item :class:`OfflineStore` returns.
+
+    For ``datasets`` users: ``load_dataset("parquet", data_files=shards, streaming=True)``,
+    ``split_dataset_by_node`` across ranks, then ``.map(functools.partial(decode_row,
+    manifest=store.manifest))`` (with ``remove_columns`` of the binary columns)."""
+    m = manifest
+    K, bits = int(m["k"]), int(m["id_bits"])
+    width = fmt.packed_width(K, bits)
+    ids = torch.as_tensor(np.asarray(row["input_ids"], dtype=np.int64))
+    L = ids.numel()
+    packed = np.frombuffer(row["teacher_ids"], dtype=np.uint8)
+    if packed.size != L * width:
+        raise ValueError(f"teacher_ids: expected {L * width} bytes for {L} positions, "
+                         f"got {packed.size} (corrupt shard?)")
+    packed = torch.from_numpy(packed.copy()).reshape(L, width)
+    item = {"input_ids": ids}
+    if m["method"] == "topk":
+        codes = fmt.decode_codes(row["teacher_codes"], L, K)
+        if compact:
+            item["teacher_ids_packed"] = packed
+            item["teacher_codes"] = torch.from_numpy(codes.view(np.int16).copy())
         else:
-            counts = np.frombuffer(table["teacher_counts"][r],
-                                   dtype=fmt.count_dtype(m["samples"])).reshape(L, K)
-            counts = torch.from_numpy(counts.astype(np.int64))
-            item["teacher_counts"] = counts
-            if self.compact:
-                item["teacher_ids_packed"] = packed
-            else:
-                item["teacher_ids"] = fmt.unpack_ids(packed, K, self.bits)
-                item["teacher_logprobs"] = fmt.counts_to_logprobs(counts, m["samples"])
-            if "teacher_log_weights" in table:
-                w = np.frombuffer(table["teacher_log_weights"][r], dtype="<f2").reshape(L, K)
-                item["teacher_log_weights"] = torch.from_numpy(w.astype(np.float32))
-        if self.compact:
-            item["teacher_id_bits"], item["teacher_k"] = self.bits, K
-            if m["method"] == "sample":
-                item["teacher_samples"] = int(m["samples"])
-        item["teacher_temperature"] = float(m["temperature"])
-        item["teacher_method"] = m["method"]
-        item["sequence_index"] = int(table["sequence_index"][r])
-        return item
+            item["teacher_ids"] = fmt.unpack_ids(packed, K, bits)
+            item["teacher_logprobs"] = fmt.codes_to_logprobs(torch.from_numpy(codes.view(np.int16)))
+    else:
+        counts = np.frombuffer(row["teacher_counts"],
+                               dtype=fmt.count_dtype(m["samples"])).reshape(L, K)
+        counts = torch.from_numpy(counts.astype(np.int64))
+        item["teacher_counts"] = counts
+        if compact:
+            item["teacher_ids_packed"] = packed
+        else:
+            item["teacher_ids"] = fmt.unpack_ids(packed, K, bits)
+            item["teacher_logprobs"] = fmt.counts_to_logprobs(counts, m["samples"])
+        if row.get("teacher_log_weights") is not None:
+            w = np.frombuffer(row["teacher_log_weights"], dtype="<f2").reshape(L, K)
+            item["teacher_log_weights"] = torch.from_numpy(w.astype(np.float32))
+    if compact:
+        item["teacher_id_bits"], item["teacher_k"] = bits, K
+        if m["method"] == "sample":
+            item["teacher_samples"] = int(m["samples"])
+    item["teacher_temperature"] = float(m["temperature"])
+    item["teacher_method"] = m["method"]
+    item["sequence_index"] = int(row["sequence_index"])
+    return item
 
 
 def open_store(path, *, compact=False, cache_row_groups=4) -> OfflineStore:
