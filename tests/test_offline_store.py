@@ -570,3 +570,13 @@ def test_bytes_per_entry_at_k64_v151936(tmp_path):
     back = torch.cat([it["teacher_logprobs"] for it in store])
     assert torch.equal(torch.cat([it["teacher_ids"] for it in store]), ids)
     assert (back - lp).abs().max() <= QUANT_ERROR + 1e-5
+
+
+def test_readme_workflow_block_runs(tmp_path, monkeypatch):
+    """The workflow block of pydistill/offline/README.md, verbatim."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "pydistill" / "offline" / "README.md").read_text()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    exec(compile(block, "README.md", "exec"), {})
+    assert any(tmp_path.iterdir())
