@@ -134,7 +134,7 @@ def test_capture_callable_teacher_dict_batches_left_padding(tmp_path, teacher, s
 
 def test_capture_sample_counts(tmp_path, teacher, sequences):
     capture(teacher, sequences[:3], tmp_path, method="sample", samples=12, temperature=1.5,
-            progress=False, batch_size=2)
+            progress=True, batch_size=2)
     store = open_store(tmp_path)
     m = store.manifest
     assert (m["method"], m["samples"], m["k"], m["proposal_temperature"], m["temperature"]) == \

@@ -42,7 +42,8 @@ class _Teacher:
                 raise TypeError("teacher: expected a causal LM with an output embedding "
                                 "(get_output_embeddings()), got none")
             prefix = getattr(teacher, "base_model_prefix", "model")
-            self.body = getattr(teacher, prefix, None) or teacher.get_decoder()
+            body = getattr(teacher, prefix, None)
+            self.body = body if body is not None else teacher.get_decoder()
             self.head = head
             config = getattr(teacher, "config", None)
             self.softcap = getattr(config, "final_logit_softcapping", None)
@@ -91,9 +92,11 @@ class _Teacher:
 
 
 def _batches(batches, batch_size):
-    """Yields (input_ids (B, L) int64, attention_mask (B, L)) from batch dicts / tensors or
-    single sequences (grouped into batches of batch_size, right-padded)."""
+    """Yields (input_ids (B, L) int64, attention_mask (B, L), items of ``batches`` consumed)
+    from batch dicts / tensors or single sequences (grouped into batches of batch_size,
+    right-padded)."""
     pending = []
+    consumed = [0]
 
     def flush():
         L = max(len(s) for s in pending)
@@ -103,9 +106,11 @@ def _batches(batches, batch_size):
             ids[b, :len(s)] = s
             mask[b, :len(s)] = 1
         pending.clear()
-        return ids, mask
+        n, consumed[0] = consumed[0], 0
+        return ids, mask, n
 
     for n, item in enumerate(batches):
+        consumed[0] += 1
         mask = None
         if isinstance(item, dict):
             if "input_ids" not in item:
@@ -125,12 +130,15 @@ def _batches(batches, batch_size):
                 yield flush()
             continue
         if pending:
+            consumed[0] -= 1
             yield flush()
+            consumed[0] = 1
         mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
         if mask.shape != ids.shape:
             raise ValueError(f"batches[{n}]['attention_mask']: expected shape {tuple(ids.shape)} "
                              f"(that of input_ids), got {tuple(mask.shape)}")
-        yield ids.to(torch.int64), mask.to(torch.int64)
+        consumed[0] = 0
+        yield ids.to(torch.int64), mask.to(torch.int64), 1
     if pending:
         yield flush()
 
@@ -221,7 +229,7 @@ def capture(teacher, batches, out, *, k=64, temperature=1.0, method="topk", samp
     if progress and rank == 0:
         try:
             from tqdm.auto import tqdm
-            bar = tqdm(total=total, desc="pydistill-capture", unit="batch")
+            bar = tqdm(total=total, desc="pydistill-capture", unit="item")
         except ImportError:
             bar = None
     was_training = t.module.training if t.module is not None else None
@@ -231,9 +239,9 @@ def capture(teacher, batches, out, *, k=64, temperature=1.0, method="topk", samp
     global_index = 0
     try:
         with torch.inference_mode():
-            for b, (ids, mask) in enumerate(_batches(batches, batch_size)):
+            for b, (ids, mask, consumed) in enumerate(_batches(batches, batch_size)):
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(consumed)
                 first_global = global_index
                 global_index += ids.shape[0]
                 if b % world_split != rank % world_split:
