@@ -220,6 +220,25 @@ def test_capture_resume_skips_finished_shards(tmp_path, teacher, sequences):
     assert res["sequences"] == 0 and res["skipped"] == len(sequences) and calls == []
 
 
+def test_capture_one_shard_set_per_rank(tmp_path, teacher, sequences, monkeypatch):
+    """Under torch.distributed (here: its answers stubbed, world size 3) rank r captures
+    batches r, r + 3, ... into its own shard-r<r>-*.parquet; the store reads all ranks'."""
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 3)
+    for rank in range(3):
+        monkeypatch.setattr(dist, "get_rank", lambda *a, r=rank: r)
+        capture(teacher, sequences, tmp_path, k=4, batch_size=2, shard_size=2, progress=False)
+    files = sorted(f for f in os.listdir(tmp_path) if f.endswith(".parquet"))
+    # 11 sequences in batches of 2: batches 0..5, rank r gets batches r and r + 3
+    assert files == [f"shard-r{r:04d}-{n:06d}.parquet" for r in range(3) for n in range(2)]
+    store = open_store(tmp_path)
+    assert sorted(it["sequence_index"] for it in store) == list(range(len(sequences)))
+    for item in store:
+        assert torch.equal(item["input_ids"], sequences[item["sequence_index"]])
+    assert [store[i]["sequence_index"] for i in range(4)] == [0, 1, 6, 7]   # rank 0's
+
+
 def test_capture_resume_with_other_settings_refused(tmp_path, teacher, sequences):
     capture(teacher, sequences[:2], tmp_path, k=4, progress=False)
     with pytest.raises(ValueError, match="k=4.*k=8"):

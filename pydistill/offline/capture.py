@@ -4,14 +4,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
-import numbers
 import os
 import sys
 
 import torch
 
-from . import format as fmt
 from .store import StoreWriter, _check_method
 
 # logits of one row chunk are (chunk, V) float32: 256 MiB by default
