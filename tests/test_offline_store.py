@@ -345,6 +345,22 @@ def test_datasets_streams_the_shards_across_ranks(tmp_path, teacher, sequences):
     assert sorted(seen) == list(range(len(sequences)))
 
 
+def test_row_groups_bounded_in_rows_and_bytes(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    g = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(torch.randn(10, V, generator=g), -1).topk(8, dim=-1)
+    with StoreWriter(tmp_path, vocab_size=V, k=8, row_group_size=4, row_group_bytes=300) as w:
+        for n in (10, 1, 3, 2, 2, 1, 10, 10):   # 7 B of ids + 16 B of codes + 4 B of input id a position
+            w.add(torch.arange(n), lp.indices[:n], lp.values[:n])
+    (shard,) = tmp_path.glob("*.parquet")
+    md = pq.ParquetFile(shard).metadata
+    # rows of 270, 27, 81, 54, 54, 27, 270, 270 B: groups of <= 300 B and <= 4 rows
+    assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [2, 4, 1, 1]
+    store = open_store(tmp_path)
+    assert [len(store[i]["input_ids"]) for i in (7, 0, 3, 5, 1)] == [10, 10, 2, 1, 1]
+    assert torch.equal(store[6]["teacher_ids"], lp.indices)
+
+
 def test_open_store_bad_paths(tmp_path):
     with pytest.raises(ValueError, match="path: expected a store folder or a shard file"):
         open_store(tmp_path / "missing")

@@ -6,8 +6,8 @@ A store is a folder::
     shard-r0000-000000.parquet          rank 0's first shard_size sequences, ...
     shard-r0001-000000.parquet          rank 1's (one set of shards per torch.distributed rank)
 
-Each Parquet row is one sequence (zstd-compressed columns, row groups of ``row_group_size``
-sequences for random access):
+Each Parquet row is one sequence (zstd-compressed columns; row groups of at most
+``row_group_size`` sequences and about ``row_group_bytes`` stored bytes, for random access):
 
     sequence_index       int64            the sequence's position in the capture's input
     input_ids            list<int32>      (L,) the tokens (padding removed)
@@ -120,8 +120,8 @@ class StoreWriter:
 
     def __init__(self, out, *, vocab_size, k, temperature=1.0, method="topk", samples=None,
                  proposal_temperature=None, teacher=None, teacher_revision=None,
-                 tokenizer_fingerprint=None, shard_size=1024, row_group_size=64, rank=0,
-                 extra_manifest=None):
+                 tokenizer_fingerprint=None, shard_size=1024, row_group_size=64,
+                 row_group_bytes=2 ** 20, rank=0, extra_manifest=None):
         self._pa = _pyarrow()
         fmt.id_bits(vocab_size)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
@@ -129,7 +129,8 @@ class StoreWriter:
         _check_method(method, k, samples, temperature, proposal_temperature, vocab_size)
         if method == "sample" and proposal_temperature is None:
             proposal_temperature = temperature
-        for name, v in (("shard_size", shard_size), ("row_group_size", row_group_size)):
+        for name, v in (("shard_size", shard_size), ("row_group_size", row_group_size),
+                        ("row_group_bytes", row_group_bytes)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
         self.out = os.fspath(out)
@@ -137,6 +138,7 @@ class StoreWriter:
         self.bits = fmt.id_bits(vocab_size)
         self.weighted = method == "sample" and proposal_temperature != temperature
         self.shard_size, self.row_group_size, self.rank = shard_size, row_group_size, rank
+        self.row_group_bytes = row_group_bytes
         self.manifest = make_manifest(
             vocab_size=vocab_size, k=k, temperature=float(temperature), method=method,
             samples=samples, proposal_temperature=None if proposal_temperature is None
@@ -264,8 +266,21 @@ class StoreWriter:
             {"pydistill": json.dumps(self.manifest, sort_keys=True)})
         path = os.path.join(self.out, shard_name(self.rank, index))
         tmp = path + f".tmp{os.getpid()}"
-        pq.write_table(table, tmp, compression="zstd", compression_level=9,
-                       row_group_size=self.row_group_size, use_dictionary=False)
+        # row groups: at most row_group_size sequences and about row_group_bytes of stored bytes,
+        # so that random access (store[i]) decompresses little besides the row it wants
+        sizes = [sum(len(v) for k, v in r.items() if k.startswith("teacher_")) + 4 * len(r["input_ids"])
+                 for r in rows]
+        with pq.ParquetWriter(tmp, table.schema, compression="zstd", compression_level=9,
+                              use_dictionary=False) as pw:
+            start = 0
+            while start < len(rows):
+                stop, acc = start, 0
+                while stop < len(rows) and stop - start < self.row_group_size and (
+                        stop == start or acc + sizes[stop] <= self.row_group_bytes):
+                    acc += sizes[stop]
+                    stop += 1
+                pw.write_table(table.slice(start, stop - start), row_group_size=stop - start)
+                start = stop
         os.replace(tmp, path)
         self.written.append(path)
 
@@ -381,7 +396,8 @@ class OfflineStore(torch.utils.data.Dataset):
         fi, g = self._groups[gi]
         if fi not in self._handles:
             self._handles[fi] = pq.ParquetFile(self.files[fi])
-        table = self._handles[fi].read_row_group(g).to_pydict()
+        table = self._handles[fi].read_row_group(g)
+        table = {name: table.column(name).combine_chunks() for name in table.column_names}
         self._cache[gi] = table
         while len(self._cache) > max(1, self.cache_row_groups):
             self._cache.popitem(last=False)
@@ -404,8 +420,14 @@ class OfflineStore(torch.utils.data.Dataset):
                 yield self._row(table, r)
 
     def _row(self, table, r):
-        return decode_row({key: col[r] for key, col in table.items()}, self.manifest,
-                          compact=self.compact)
+        row = {}
+        for key, col in table.items():
+            if key == "input_ids":   # the row's slice of the flat values, no Python list
+                a, b = col.offsets[r].as_py(), col.offsets[r + 1].as_py()
+                row[key] = col.values.slice(a, b - a).to_numpy(zero_copy_only=False)
+            else:
+                row[key] = col[r].as_py()
+        return decode_row(row, self.manifest, compact=self.compact)
 
 
 def decode_row(row: dict, manifest: dict, *, compact=False) -> dict:
