@@ -11,13 +11,20 @@ Token ids
     and a mask (torch integer ops, so it runs where the bytes are: CPU or GPU). V <= 2**25.
 
 Log-probabilities (``method="topk"``)
-    ``code = round(-log_p * 64)``, an integer in [0, 65534] (uint16); ``log_p = -code / 64``
-    back. The error is at most 1/128 nat (0.0078) for every entry with ``log_p >= -1023.99``
-    (so for every entry with p >= 1e-4 and far below); smaller log-probs are stored as -1023.99
-    (p = e**-1024, zero in float32). The code 65535 is -inf (an unused slot: id 0). Codes of a
-    position are non-decreasing, so on disk they are written as their differences (the first
-    one as is), low bytes then high bytes, which the container's compressor (zstd) shrinks
-    to ~4-5 bits per entry; :func:`codes_to_logprobs` is the inverse.
+    With x = -log p >= 0, an integer code in [0, 65534] (uint16):
+
+        code = round(64 x)                     for x <= 9.25  (p >= 9.6e-5: every p >= 1e-4)
+        code = 592 + round(8 (x - 9.25))       for x >  9.25
+
+    and back x = code / 64, or 9.25 + (code - 592) / 8. The error is at most 1/128 nat
+    (0.0078) for every entry with p >= 9.6e-5, and at most 1/16 nat below (a relative error of
+    at most 6.5 % of a probability under 1e-4: about 1e-5 of total mass over 128 such entries);
+    log-probs below -8127 nats are stored as -8127 (zero in float32). The code 65535 is -inf (an
+    unused slot: id 0). The coarse tail saves 1-1.6 bits an entry on confident teachers, whose
+    top-k reaches far below p = 1e-4. Codes of a position are non-decreasing, so on disk they
+    are written as their differences (the first one as is), low bytes then high bytes, which the
+    container's compressor (zstd) shrinks to ~3-5 bits per entry; :func:`codes_to_logprobs` is
+    the inverse.
 
 Counts (``method="sample"``)
     The number of times each distinct drawn id was drawn, uint8 when ``samples < 256`` and
@@ -34,10 +41,15 @@ import numpy as np
 import torch
 
 FORMAT_VERSION = 1
-CODE_SCALE = 64                   # codes per nat
+CODE_SCALE = 64                   # codes per nat down to BREAK_NATS below 0
+BREAK_NATS = 9.25                 # -log(9.6e-5): finer than p = 1e-4
+BREAK_CODE = 592                  # BREAK_NATS * CODE_SCALE
+TAIL_SCALE = 8                    # codes per nat below -BREAK_NATS
 CODE_INF = 65535                  # -inf (unused slot)
-CODE_MAX = 65534                  # the most negative finite log-prob: -65534 / 64 nats
-QUANT_ERROR = 0.5 / CODE_SCALE    # 1/128 nat: the largest |stored - true| of a finite log-prob
+CODE_MAX = 65534                  # the most negative finite log-prob
+MIN_LOGPROB = -(BREAK_NATS + (CODE_MAX - BREAK_CODE) / TAIL_SCALE)   # -8127 nats
+QUANT_ERROR = 0.5 / CODE_SCALE    # 1/128 nat: the largest |stored - true| for log p >= -9.25
+TAIL_QUANT_ERROR = 0.5 / TAIL_SCALE   # 1/16 nat: below -9.25 (down to MIN_LOGPROB)
 # Log-probs are refused when one is above 0, or a row's logsumexp is above 0, by more than
 # this: twice the quantisation error, far below what raw logits stored by mistake look like.
 LOGPROB_TOL = 2 * QUANT_ERROR
@@ -89,10 +101,13 @@ def unpack_ids(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
 
 
 def logprobs_to_codes(logprobs: np.ndarray) -> np.ndarray:
-    """Float log-probs -> uint16 codes (round(-log_p * 64), clamped; -inf -> 65535)."""
-    lp = np.asarray(logprobs, dtype=np.float64)
-    codes = np.clip(np.rint(-lp * CODE_SCALE), 0, CODE_MAX)
-    codes[np.isneginf(lp)] = CODE_INF
+    """Float log-probs -> uint16 codes (module docstring; -inf -> 65535)."""
+    x = -np.asarray(logprobs, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        codes = np.where(x <= BREAK_NATS, np.rint(x * CODE_SCALE),
+                         BREAK_CODE + np.rint((x - BREAK_NATS) * TAIL_SCALE))
+    codes = np.clip(np.nan_to_num(codes, posinf=CODE_MAX), 0, CODE_MAX)
+    codes[np.isposinf(x)] = CODE_INF
     return codes.astype(np.uint16)
 
 
@@ -100,8 +115,18 @@ def codes_to_logprobs(codes: torch.Tensor) -> torch.Tensor:
     """uint16 codes held in any integer tensor (int16 bit patterns included) -> float32 log-probs,
     on ``codes``' device."""
     c = codes.to(torch.int32) & 0xFFFF
-    lp = c.to(torch.float32) * (-1.0 / CODE_SCALE)
+    cf = c.to(torch.float32)
+    lp = torch.where(c <= BREAK_CODE, cf * (-1.0 / CODE_SCALE),
+                     (cf - BREAK_CODE) * (-1.0 / TAIL_SCALE) - BREAK_NATS)
     return lp.masked_fill_(c == CODE_INF, float("-inf"))
+
+
+def error_bound(logprobs):
+    """The largest |stored - true| of each log-prob (a tensor or array): 1/128 nat for log p >=
+    -9.25, 1/16 nat below."""
+    if isinstance(logprobs, torch.Tensor):
+        return torch.where(logprobs >= -BREAK_NATS, QUANT_ERROR, TAIL_QUANT_ERROR)
+    return np.where(np.asarray(logprobs) >= -BREAK_NATS, QUANT_ERROR, TAIL_QUANT_ERROR)
 
 
 def counts_to_logprobs(counts: torch.Tensor, samples: int) -> torch.Tensor:

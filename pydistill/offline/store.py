@@ -73,9 +73,13 @@ def make_manifest(*, vocab_size, k, temperature, method, samples=None, proposal_
         "teacher_revision": teacher_revision,
         "tokenizer_fingerprint": tokenizer_fingerprint,
         "id_bits": fmt.id_bits(vocab_size),
-        "logprob_encoding": (f"code = round(-log_p * {fmt.CODE_SCALE}), uint16, 65535 = -inf"
-                             if method == "topk" else "count of each drawn id; log(count / samples)"),
+        "logprob_encoding": (
+            f"x = -log_p; code = round({fmt.CODE_SCALE} x) for x <= {fmt.BREAK_NATS}, else "
+            f"{fmt.BREAK_CODE} + round({fmt.TAIL_SCALE} (x - {fmt.BREAK_NATS})); uint16, 65535 = -inf"
+            if method == "topk" else "count of each drawn id; log(count / samples)"),
+        # the bound for every log-prob >= -9.25 (so every p >= 1e-4), and the one below
         "logprob_max_error": fmt.QUANT_ERROR if method == "topk" else 0.0,
+        "logprob_tail_max_error": fmt.TAIL_QUANT_ERROR if method == "topk" else 0.0,
         "compression": "zstd",
         "shard_size": shard_size,
         "pydistill_version": __version__,
