@@ -246,6 +246,22 @@ def test_capture_one_shard_set_per_rank(tmp_path, teacher, sequences, monkeypatc
     for item in store:
         assert torch.equal(item["input_ids"], sequences[item["sequence_index"]])
     assert [store[i]["sequence_index"] for i in range(4)] == [0, 1, 6, 7]   # rank 0's
+    # fewer batches than ranks: rank 2 gets none and writes nothing
+    res = capture(teacher, sequences[:4], tmp_path / "few", k=4, batch_size=2, progress=False)
+    assert res["sequences"] == 0 and res["shards"] == [] and res["manifest"] is None
+
+
+@pytest.mark.parametrize("method", ["topk", "sample"])
+def test_capture_empty_sequences(tmp_path, teacher, method):
+    empty = torch.zeros(0, dtype=torch.long)
+    capture(teacher, [empty, torch.tensor([3, 4]), empty, empty], tmp_path, k=4, batch_size=2,
+            method=method, progress=False)
+    store = open_store(tmp_path)
+    assert [len(it["input_ids"]) for it in store] == [0, 2, 0, 0]
+    assert store[2]["teacher_ids"].shape == store[2]["teacher_logprobs"].shape == (0, 4)
+    batch = OfflineCollator()([store[i] for i in range(4)])
+    assert batch["teacher_ids"].shape == (4, 2, 4)
+    assert (batch["labels"][[0, 2, 3]] == -100).all()
 
 
 def test_capture_resume_with_other_settings_refused(tmp_path, teacher, sequences):
@@ -306,6 +322,8 @@ def test_capture_bad_batches(tmp_path, teacher):
                            "attention_mask": torch.ones((2, 4))}], tmp_path, k=4, progress=False)
     with pytest.raises(TypeError, match="teacher: expected"):
         capture(3, [[1, 2]], tmp_path, k=4, progress=False)
+    with pytest.raises(ValueError, match="batches: expected at least one sequence"):
+        capture(teacher, [], tmp_path, k=4, progress=False)
 
 
 # -------------------------------------------------------------------------------- reading

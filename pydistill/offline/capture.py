@@ -268,6 +268,15 @@ def capture(teacher, batches, out, *, k=64, temperature=1.0, method="topk", samp
                     writer.skip(B)
                     skipped += B
                     continue
+                if not mask.any():      # empty sequences only: nothing to run the teacher on
+                    for i_seq in range(B):
+                        n_seq += not writer.finished(writer.count)
+                        e = torch.zeros((0, k), dtype=torch.int64)
+                        writer.add(ids[i_seq, :0], e, e.float() if method == "topk" else None,
+                                   teacher_counts=None if method == "topk" else e,
+                                   teacher_log_weights=e.float(),
+                                   sequence_index=first_global + i_seq)
+                    continue
                 if hidden is None:
                     hidden, weight, bias = t(ids.to(device), mask.to(device))
                 sel = mask.to(device).bool()
@@ -329,10 +338,12 @@ def capture(teacher, batches, out, *, k=64, temperature=1.0, method="topk", samp
             bar.close()
         if was_training:
             t.module.train()
-    if writer is None:
-        raise ValueError("batches: expected at least one sequence for this rank, got none")
+    if global_index == 0:
+        raise ValueError("batches: expected at least one sequence, got none")
+    # a rank that got no batch (fewer batches than ranks) writes nothing
     return {"out": os.fspath(out), "sequences": n_seq, "tokens": n_tok, "skipped": skipped,
-            "shards": list(writer.written), "manifest": dict(writer.manifest)}
+            "shards": [] if writer is None else list(writer.written),
+            "manifest": None if writer is None else dict(writer.manifest)}
 
 
 def _load_sequences(path, column):
