@@ -141,6 +141,25 @@ def test_capture_callable_teacher_dict_batches_left_padding(tmp_path, teacher, s
         assert (err <= fmt.error_bound(ref.values) + 1e-5).all()
 
 
+def test_capture_peft_teacher(tmp_path, teacher, sequences):
+    """A LoRA-wrapped teacher: its decoder is reached through the PEFT wrapper, adapters on."""
+    peft = pytest.importorskip("peft")
+    import copy
+    wrapped = peft.get_peft_model(copy.deepcopy(teacher),
+                                  peft.LoraConfig(target_modules=["q_proj"], r=2))
+    for name, param in wrapped.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    capture(wrapped, sequences[:2], tmp_path, k=4, progress=False)
+    for item, seq in zip(open_store(tmp_path), sequences):
+        with torch.no_grad():
+            ref = torch.log_softmax(wrapped(input_ids=seq[None]).logits[0].double(), -1).topk(4)
+        plain = _teacher_logprobs(teacher, seq, 1.0).topk(4)
+        assert not torch.allclose(ref.values, plain.values, atol=0.1)   # the adapter matters
+        assert torch.equal(item["teacher_ids"], ref.indices)
+        assert ((item["teacher_logprobs"] - ref.values).abs() <= fmt.error_bound(ref.values) + 1e-5).all()
+
+
 def test_capture_sample_counts(tmp_path, teacher, sequences):
     capture(teacher, sequences[:3], tmp_path, method="sample", samples=12, temperature=1.5,
             progress=True, batch_size=2)

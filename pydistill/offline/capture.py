@@ -38,9 +38,15 @@ class _Teacher:
             if head is None or not hasattr(head, "weight"):
                 raise TypeError("teacher: expected a causal LM with an output embedding "
                                 "(get_output_embeddings()), got none")
-            prefix = getattr(teacher, "base_model_prefix", "model")
-            body = getattr(teacher, prefix, None)
-            self.body = body if body is not None else teacher.get_decoder()
+            # the decoder stack (final norm included) whose output the head multiplies;
+            # get_decoder also reaches through wrappers such as a PEFT model
+            body = teacher.get_decoder() if hasattr(teacher, "get_decoder") else None
+            if body is None or body is teacher:
+                body = getattr(teacher, getattr(teacher, "base_model_prefix", "model"), None)
+            if body is None or body is teacher:
+                raise TypeError(f"teacher: expected a causal LM whose decoder gives the final "
+                                f"hidden states (get_decoder()), got {type(teacher).__name__}")
+            self.body = body
             self.head = head
             config = getattr(teacher, "config", None)
             self.softcap = getattr(config, "final_logit_softcapping", None)
