@@ -141,8 +141,11 @@ def wheel_site(tmp_path_factory):
 
 def test_wheel_installs_only_pydistill(wheel_site):
     top = sorted(p.name for p in wheel_site.iterdir() if not p.name.endswith(".dist-info"))
-    assert top == ["bin", "pydistill"]  # bin/: the pydistill-bench console script
-    assert [p.name for p in (wheel_site / "bin").iterdir()] == ["pydistill-bench"]
+    assert top == ["bin", "pydistill"]  # bin/: the pydistill-bench and pydistill-capture console scripts
+    assert sorted(p.name for p in (wheel_site / "bin").iterdir()) == ["pydistill-bench",
+                                                                       "pydistill-capture"]
+    assert {p.name for p in (wheel_site / "pydistill" / "offline").glob("*.py")} == \
+        {p.name for p in (ROOT / "pydistill" / "offline").glob("*.py")}
     for folder in FOLDERS:
         sub = wheel_site / "pydistill" / folder
         assert sub.is_dir() and not sub.is_symlink()
