@@ -654,13 +654,3 @@ def test_bytes_per_entry_at_k64_v151936(tmp_path):
     assert ((back - lp).abs() <= fmt.error_bound(lp) + 1e-5).all()
     p4 = lp >= math.log(1e-4)
     assert ((back - lp)[p4].abs() <= QUANT_ERROR + 1e-5).all()
-
-
-def test_readme_workflow_block_runs(tmp_path, monkeypatch):
-    """The workflow block of pydistill/offline/README.md, verbatim."""
-    from pathlib import Path
-    text = (Path(__file__).resolve().parents[1] / "pydistill" / "offline" / "README.md").read_text()
-    block = text.split("```python\n", 1)[1].split("```", 1)[0]
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    exec(compile(block, "README.md", "exec"), {})
-    assert any(tmp_path.iterdir())
