@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import pydistill
 from pydistill.reference.attention_kd import expand_heads
 
-from pydistill.bench import harness, peers
+from pydistill.bench import cases, harness, peers
 from pydistill.bench.bench_softmax_divergence import DTYPES
 from pydistill.bench.harness import Impl, add_run_options
 
@@ -58,14 +58,7 @@ COLUMNS = (
     "floor_flops", "floor_ms", "ratio_to_floor", "achieved_tflops", "loss_rel_diff",
 ) + harness.PROVENANCE_COLUMNS
 
-# (dtype, B, H, H_kv, L, d_s, d_t). smoke: seconds; quick: minutes on two CPU cores (the
-# eager path holds ~6 (B, H, L, L) float32 maps: 1.2 GB at L = 2048); full: the GPU
-# shape (B 4, H 12, d 64, bf16), where the eager path runs out of memory at L = 16,384.
-PRESETS = {
-    "smoke": [(torch.float32, 1, 2, 2, n, 16, 16) for n in (64, 128)],
-    "quick": [(torch.float32, 1, 12, 12, n, 32, 64) for n in (512, 1024, 2048)],
-    "full": [(torch.bfloat16, 4, 12, 12, n, 64, 64) for n in (512, 1024, 2048, 4096, 8192, 16384)],
-}
+PRESETS = cases.SWEEPS["attention"]  # (dtype, sizes...) by preset: bench/cases.py
 
 
 @dataclass(frozen=True)

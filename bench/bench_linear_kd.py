@@ -78,7 +78,7 @@ import torch.nn.functional as F
 import pydistill
 from pydistill.reference import softmax_divergence as reference
 
-from pydistill.bench import harness, peers
+from pydistill.bench import cases, harness, peers
 from pydistill.bench.bench_softmax_divergence import DTYPES, naive_loss
 from pydistill.bench.bench_topk_divergence import dense_loss as dense_topk_loss
 from pydistill.bench.harness import Impl, add_run_options
@@ -90,16 +90,7 @@ COLUMNS = (
     "floor_flops", "floor_ms", "ratio_to_floor", "achieved_tflops", "loss_rel_diff",
 ) + harness.PROVENANCE_COLUMNS
 
-# (dtype, N, H_s, H_t, V, K). quick: the CPU sizes (N = 4096 is the CPU goal's size; minutes
-# per implementation at ~35 GFLOP/s). full: Llama-3-sized heads on an 80 GB GPU, both models
-# H = 4096 and a half-width student; the top-k teacher (K = 64) at Qwen's V = 151,936.
-PRESETS = {
-    "quick": [(torch.float32, n, 512, 512, 32000, 0) for n in (1024, 4096)]
-             + [(torch.float32, 4096, 512, 0, 32000, 64)],
-    "full": [(torch.bfloat16, n, 4096, 4096, 128256, 0) for n in (1024, 2048, 4096, 8192, 16384)]
-            + [(torch.bfloat16, n, 2048, 4096, 128256, 0) for n in (4096, 16384)]
-            + [(torch.bfloat16, n, 4096, 0, 151936, 64) for n in (4096, 16384)],
-}
+PRESETS = cases.SWEEPS["linear"]  # (dtype, sizes...) by preset: bench/cases.py
 # The tail of the top-k case: "ignore" is exactly the dense peer's kl (bench_topk_divergence).
 TOPK_TAIL = "ignore"
 # Per-model logit transforms of a case (--transform), as linear_kd_loss's keyword arguments:

@@ -66,7 +66,7 @@ import pydistill
 from pydistill import _dispatch
 from pydistill.reference import softmax_divergence as reference
 
-from pydistill.bench import harness, peers
+from pydistill.bench import cases, harness, peers
 from pydistill.bench.harness import Impl, add_run_options
 
 # Bytes that must move, in units of one (N, V) logits tensor (module docstring).
@@ -84,22 +84,7 @@ DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
 }
 
-# (dtype, N, V). quick: minutes on two CPU cores. full: an 80 GB GPU in a few minutes; at
-# V = 262144 the rows are halved so that the naive eager autograd graph (several (N, V)
-# intermediates) fits beside the others.
-PRESETS = {
-    "quick": [(torch.float32, n, v) for n in (256, 1024) for v in (4096, 32000)],
-    "full": [
-        (torch.bfloat16, 16384, 32000),
-        (torch.bfloat16, 16384, 128256),
-        (torch.bfloat16, 8192, 262144),
-        (torch.bfloat16, 4096, 32000),
-        (torch.bfloat16, 4096, 128256),
-        (torch.bfloat16, 4096, 262144),
-        (torch.float32, 4096, 32000),
-        (torch.float32, 4096, 128256),
-    ],
-}
+PRESETS = cases.SWEEPS["softmax"]  # (dtype, sizes...) by preset: bench/cases.py
 
 
 @dataclass(frozen=True)

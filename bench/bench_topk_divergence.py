@@ -56,7 +56,7 @@ import pydistill
 from pydistill import _dispatch
 from pydistill.reference import topk_divergence as reference
 
-from pydistill.bench import harness, peers
+from pydistill.bench import cases, harness, peers
 from pydistill.bench.bench_softmax_divergence import DTYPES
 from pydistill.bench.harness import Impl, add_run_options
 
@@ -66,13 +66,7 @@ COLUMNS = (
     "floor_ms", "ratio_to_floor", "achieved_gbps", "loss_rel_diff",
 ) + harness.PROVENANCE_COLUMNS
 
-# (dtype, N, V, K). quick: minutes on two CPU cores; full: Qwen-sized vocabulary on a GPU
-# (the dense path's (N, V) float32 teacher and intermediates bound N).
-PRESETS = {
-    "quick": [(torch.float32, n, v, 64) for n in (256, 1024) for v in (4096, 32000)],
-    "full": [(torch.bfloat16, n, 151_936, k) for n, k in ((4096, 64), (16384, 64), (4096, 16), (4096, 256))]
-            + [(torch.float32, 4096, 151_936, 64)],
-}
+PRESETS = cases.SWEEPS["topk"]  # (dtype, sizes...) by preset: bench/cases.py
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ import torch
 import pydistill
 from pydistill.reference import uld as reference
 
-from pydistill.bench import harness, peers
+from pydistill.bench import cases, harness, peers
 from pydistill.bench.bench_softmax_divergence import DTYPES, make_inputs  # (N, V) and (N, V_t)
 from pydistill.bench.harness import Impl, add_run_options
 
@@ -62,15 +62,7 @@ COLUMNS = (
     "ratio_to_floor", "achieved_gbps", "loss_rel_diff",
 ) + harness.PROVENANCE_COLUMNS
 
-# (dtype, N, V_s, V_t, top_k); top_k None sorts the whole vocabularies. smoke: seconds;
-# quick: minutes on two CPU cores; full: a Llama-3 student (128,256) and a Qwen teacher
-# (151,936) on a GPU, where a full sort's (N, V) int64 ids bound N.
-PRESETS = {
-    "smoke": [(torch.float32, n, 256, 320, k) for n in (32, 64) for k in (16, None)],
-    "quick": [(torch.float32, 256, vs, vt, k)
-              for vs, vt in ((4096, 5120), (32000, 32768)) for k in (64, None)],
-    "full": [(torch.bfloat16, n, 128_256, 151_936, k) for n in (4096, 8192) for k in (64, None)],
-}
+PRESETS = cases.SWEEPS["uld"]  # (dtype, sizes...) by preset: bench/cases.py
 
 
 @dataclass(frozen=True)

@@ -1,35 +1,25 @@
-"""One GPU window, prioritised: ``python -m pydistill.bench.gpu_check [--budget 480]``.
+"""One GPU window, prioritised: ``python -m pydistill.bench.gpu_check [--budget 480]``
+(bench/README.md). It spends the minutes in order of value, stops on time and rewrites its
+report after every step (``report.json`` / ``.md``; at most seven files in ``--out``, default
+``$OUT``, else bench/results/gpu-<date-time>/):
 
-A lent GPU comes for minutes. This spends them in order of value and stops on time, writing
-what it has after every step (a run cut off from outside still leaves a valid report):
+a. ``env``: device, versions, the copy bandwidth and matrix-product rates (the floors);
+b. ``correctness``: every op x backend x {float32, bfloat16} x a ragged shape and one at a real
+   vocabulary (bench/cases.py) x a few options, value and gradients against the torch backend
+   in float64. First the CUDA extension is built for this device's arch (a subprocess, a time
+   limit, MAX_JOBS = every core; TORCH_CUDA_ARCH_LIST kept for the later subprocesses: the
+   build cache is keyed by it), then the section's Triton kernels compile in one process per
+   core (``warm_triton``). At most ``--correctness-share`` of the budget; a timer at the
+   deadline writes the report, naming the case it stopped in, and exits;
+c. ``headline``: the suite at the goal shapes (``cases.GOAL``), every family's pydistill rows
+   before any peer's, with the ratio to the floor and peak memory;
+d. with time left, ``tests`` (the test suite on CUDA) and ``full`` (the suite's ``--full``).
 
-a. ``env``: device, driver, torch / Triton / CUDA versions, the measured copy bandwidth and
-   matrix-product rates (the floors every benchmark row is divided by);
-b. ``correctness``: every op x backend x {float32, bfloat16} x two shapes (one ragged, one at
-   a large vocabulary) x a few options (both gradient schedules, extreme logits with -inf
-   entries, soft-capping, hard labels), value and gradients against the torch backend in
-   float64; one line per case. The CUDA extension is built first (in a subprocess with a
-   time limit, MAX_JOBS = every core, TORCH_CUDA_ARCH_LIST = this device's architecture,
-   kept for the later subprocesses: the build cache is keyed by it), then the Triton
-   kernels of the section are compiled by one process per core (``warm_triton``);
-c. ``headline``: one benchmark per family at the goal shapes, against the peers, with the
-   ratio to the floor and peak memory (``python -m pydistill.bench`` with those shapes);
-d. with time left, ``tests``: the whole test suite on CUDA; then ``full``: the suite's
-   ``--full`` sweep.
-
-Correctness may use at most ``--correctness-share`` of the budget, so the headline numbers
-always get their turn; what a section could not start is reported as skipped. Steps (c) and
-(d) run as subprocesses under the time left; the in-process cases of (b) are watched by a
-timer that, at the deadline, writes the report (naming the case it stopped in) and exits.
-
-Output (``--out``, default ``$OUT`` when set, else bench/results/gpu-<date-time>/), at most
-seven files: ``report.json``, ``report.md`` (what ran, every correctness line, the headline
-table), ``headline.csv`` / ``.md``, ``tests.log``, ``full.csv`` / ``.md``.
-
-``--dry-run`` does the same on the CPU with tiny shapes, the Triton kernels under the
-interpreter, the benchmarks' ``--smoke`` preset and one test file, so CI proves the script
-works between GPU windows. ``--wheels DIR`` installs the wheels in DIR (liger-kernel, ...)
-into a temporary folder first, for a machine without network.
+``--dry-run`` (no GPU): every Triton specialisation (b) and the pydistill rows of (c) launch,
+compiled for sm_90 through the compiled-code model's stand-in driver and timed, and the plan:
+each section's predicted seconds on a ``--cores``-core host; exit 1 if it does not fit.
+``--cpu``: every section rehearsed on the CPU (tiny shapes, the interpreter, ``--smoke``),
+CI's proof that the script works. ``--wheels DIR`` installs the wheels in DIR first.
 """
 from __future__ import annotations
 
@@ -40,6 +30,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,16 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
+import pydistill as pdl
+from pydistill.bench.cases import CORRECTNESS, GOAL
+
 SECTIONS = ("env", "correctness", "headline", "tests", "full")
 
-# Goal shapes (the design's performance floors): one benchmark per family.
-HEADLINE_ARGS = {
-    "softmax": "--n 16384 --v 128256 --dtype bf16 --divergence kl --grad-mode both",
-    "linear": "--n 1024 8192 --h-s 4096 --h-t 4096 --v 128256 --dtype bf16",
-    "topk": "--n 8192 --v 151936 --k 64 --dtype bf16 --tail bucket",
-    "attention": "--b 4 --heads 12 --l 8192 --d-s 64 --d-t 64 --dtype bf16",
-    "uld": "--n 8192 --v 128256 --v-t 151936 --top-k 64 --dtype bf16",
-}
 # Seconds kept back from a subprocess's limit for writing the report after it.
 MARGIN_S = 5.0
 
@@ -126,8 +114,8 @@ def markdown(data: dict, out: Path) -> str:
     lines = [f"# GPU check: {meta.get('device', '?')}", ""]
     lines.append(f"{meta.get('date_utc', '')}; budget {data['budget_s']:.0f} s, "
                  f"elapsed {data.get('elapsed_s', 0):.0f} s; status: **{data['status']}**"
-                 + ("; dry run on the CPU (tiny shapes, interpreter: not numbers)"
-                    if meta.get("dry_run") else ""))
+                 + ("; a rehearsal on the CPU (tiny shapes, interpreter: not numbers)"
+                    if meta.get("cpu") else ""))
     lines.append("")
     env = sections.get("env", {})
     if env.get("info"):
@@ -190,9 +178,7 @@ def start_watchdog(report: Report, seconds: float, exit_code: int = 3) -> thread
 # --------------------------------------------------------------------------------------
 
 
-def environment(device, dry_run: bool) -> dict:
-    import torch
-
+def environment(device, cpu: bool) -> dict:
     from pydistill.bench import harness
 
     info = {"device": harness.device_name(device), "python": platform.python_version(),
@@ -219,7 +205,7 @@ def environment(device, dry_run: bool) -> dict:
         except Exception:
             info[name] = "not installed"
     floors = (harness.measure_floors(device, copy_elements=1 << 20, matmul_n=128, reps=3)
-              if dry_run else harness.measure_floors(device))
+              if cpu else harness.measure_floors(device))
     info["copy GB/s"] = f"{floors.copy_bytes_per_s / 1e9:.1f}"
     for dtype, rate in floors.rates:
         info[f"{dtype} matmul TFLOP/s"] = f"{rate / 1e12:.2f}"
@@ -232,8 +218,6 @@ def build_cuda_extension(device, limit_s: float) -> str:
     from pydistill import _cuda_ext
 
     if device.type == "cuda":
-        import torch
-
         major, minor = torch.cuda.get_device_capability(device)
         # set here, not only for the build: the cache folder is keyed by it, so this process
         # loads that build and the later subprocesses (headline, tests) inherit it
@@ -273,18 +257,12 @@ class Case:
 
 
 def _gen(seed: int, device):
-    import torch
-
     g = torch.Generator(device="cpu").manual_seed(seed)
     return lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(device)
 
 
 def kd_inputs(n, v, extreme=False):
     def make(dtype, device):
-        import torch
-
-        import pydistill as pdl
-
         r = _gen(n * 7 + v, device)
         scale = 30.0 if extreme else 2.0
         s, t = r(n, v, scale=scale), r(n, v, scale=scale)
@@ -305,10 +283,6 @@ def kd_inputs(n, v, extreme=False):
 
 def topk_inputs(n, v, k):
     def make(dtype, device):
-        import torch
-
-        import pydistill as pdl
-
         r = _gen(n * 11 + v, device)
         s, t = r(n, v, scale=2.0), r(n, v, scale=2.0)
         lp, idx = torch.log_softmax(t.double(), -1).topk(k, dim=-1)
@@ -325,10 +299,6 @@ def topk_inputs(n, v, k):
 
 def linear_inputs(n, h, v, chunk):
     def make(dtype, device):
-        import torch
-
-        import pydistill as pdl
-
         r = _gen(n * 13 + v, device)
         hs, ws = r(n, h), r(v, h, scale=h ** -0.5)
         ht, wt = r(n, h), r(v, h, scale=h ** -0.5)
@@ -348,10 +318,6 @@ def linear_inputs(n, h, v, chunk):
 
 def attention_inputs(b, heads, length, d):
     def make(dtype, device):
-        import torch
-
-        import pydistill as pdl
-
         r = _gen(b * 17 + length, device)
         sq, sk, tq, tk = (r(b, heads, length, d).to(dtype) for _ in range(4))
         sq.requires_grad_()
@@ -369,10 +335,6 @@ def attention_inputs(b, heads, length, d):
 
 def uld_inputs(n, v_s, v_t):
     def make(dtype, device):
-        import torch
-
-        import pydistill as pdl
-
         r = _gen(n * 19 + v_s, device)
         s, t = r(n, v_s, scale=2.0), r(n, v_t, scale=2.0)
         s[:, -2:] = float("-inf")  # padded vocabulary entries
@@ -389,8 +351,6 @@ def uld_inputs(n, v_s, v_t):
 
 def linear_uld_inputs(n, h, v_s, v_t):
     def make(dtype, device):
-        import pydistill as pdl
-
         r = _gen(n * 23 + v_s, device)
         hs, ws = r(n, h), r(v_s, h, scale=h ** -0.5 * 3)
         ht, wt = r(n, h), r(v_t, h, scale=h ** -0.5 * 3)
@@ -409,24 +369,14 @@ MIXED_FAMILY = dict(student_logit_scale=0.5, student_softcap=30.0, teacher_logit
                     teacher_softcap=50.0)
 
 
-def correctness_cases(device, dry_run: bool) -> list:
+def correctness_cases(device, cpu: bool, backends: Optional[dict] = None) -> list:
+    """The section's cases; ``backends``: op -> the backends to check (default: those that
+    can run on ``device``)."""
     from pydistill import _dispatch
 
-    if dry_run:
-        kd_shapes = {"5x97": (5, 97), "3x300": (3, 300)}
-        topk_shapes = {"5x97,K8": (5, 97, 8), "3x300,K16": (3, 300, 16)}
-        lin_shapes = {"5x16x97": (5, 16, 97), "3x24x300": (3, 24, 300)}
-        att_shapes = {"1x2x9x16": (1, 2, 9, 16), "2x2x17x16": (2, 2, 17, 16)}
-        uld_shapes = {"5x97,V_t 130": (5, 97, 130), "3x300,V_t 211": (3, 300, 211)}
-        lin_uld_shapes = {"5x16x97,V_t 80": (5, 16, 97, 80)}
-    else:
-        kd_shapes = {"37x3001": (37, 3001), "64x128256": (64, 128256)}
-        topk_shapes = {"37x3001,K64": (37, 3001, 64), "64x151936,K64": (64, 151936, 64)}
-        lin_shapes = {"37x96x3001": (37, 96, 3001), "256x512x128256": (256, 512, 128256)}
-        att_shapes = {"2x3x77x64": (2, 3, 77, 64), "1x4x1024x64": (1, 4, 1024, 64)}
-        # a Llama-3 student (128,256) under a Qwen teacher (151,936): vocabularies of both sizes
-        uld_shapes = {"37x3001,V_t 2999": (37, 3001, 2999), "64x128256,V_t 151936": (64, 128256, 151936)}
-        lin_uld_shapes = {"256x512x128256,V_t 151936": (256, 512, 128256, 151936)}
+    shapes = CORRECTNESS["cpu" if cpu else "gpu"]
+    kd_shapes, topk_shapes, lin_shapes, att_shapes, uld_shapes, lin_uld_shapes = (
+        shapes[k] for k in ("kd", "topk", "linear", "attention", "uld", "linear_uld"))
     kd_options = {
         "kl": dict(),
         "jsd b0.3 T2 hard0.5": dict(divergence="jsd", beta=0.3, temperature=2.0, hard_weight=0.5),
@@ -435,8 +385,9 @@ def correctness_cases(device, dry_run: bool) -> list:
                                                 **MIXED_FAMILY),
     }
     out = []
-    backends = {op: [b for b in _dispatch.TABLE[op] if _dispatch.why_unavailable(b, device) is None]
-                for op in _dispatch.TABLE}
+    backends = backends or {op: [b for b in _dispatch.TABLE[op]
+                                 if _dispatch.why_unavailable(b, device) is None]
+                            for op in _dispatch.TABLE}
     for dtype in ("float32", "bfloat16"):
         for shape, (n, v) in kd_shapes.items():
             for backend in backends["kd_loss"]:
@@ -520,8 +471,6 @@ def run_case(case: Case, device) -> dict:
 
 def _compare(case: Case, device, row: dict):
     """The case's loss and gradients against the torch backend in float64, into ``row``."""
-    import torch
-
     loss_fn, inputs = case.make(getattr(torch, case.dtype), device)
     leaves = [x for x in inputs if x.requires_grad]
     start = time.monotonic()
@@ -544,8 +493,6 @@ def _compare(case: Case, device, row: dict):
 
 
 def _rel(a, b) -> float:
-    import torch
-
     fin = torch.isfinite(b)
     if not torch.equal(fin, torch.isfinite(a)):
         return float("inf")
@@ -573,17 +520,234 @@ def run_logged(cmd: list, log: Path, limit_s: float, env=None) -> tuple:
     return rc, "\n".join(lines[-15:])
 
 
-def bench_command(out_csv: Path, limit_s: float, dry_run: bool, full: bool) -> list:
+def bench_command(out_csv: Path, limit_s: float, cpu: bool, full: bool) -> list:
     cmd = [sys.executable, "-m", "pydistill.bench", "--no-plots", "--no-progress",
            "--out", str(out_csv), "--time-limit", f"{max(limit_s - 30, 10):.0f}"]
-    if dry_run:
+    if cpu:
         return cmd + ["--smoke", "--device", "cpu"] + ([] if not full else ["--family", "softmax"])
     if full:
         return cmd + ["--full"]
-    cmd.append("--full")
-    for family, args in HEADLINE_ARGS.items():
+    cmd += ["--full", "--pydistill-first"]
+    for family, args in GOAL.items():
         cmd += ["--family-args", family, args]
     return cmd
+
+
+# --------------------------------------------------------------------------------------
+# --dry-run: the plan, compiled for sm_90 here
+# --------------------------------------------------------------------------------------
+
+# Seconds of what the dry run cannot measure without the GPU host (stated estimates); compile
+# costs are measured here, run times predicted by the compiled-code model (bench/static.py).
+ESTIMATES = {
+    "start": 8.0,  # a Python process: torch, Triton and pydistill imported, a CUDA context
+    "floors": 15.0,  # copy bandwidth and matrix-product rates (section a; the suite's own)
+    "cuda build": 90.0,  # the extension for one arch, MAX_JOBS = 16 (issue 21: 169 s for two, 2 cores)
+    "case": 0.3,  # a compiled correctness case: its launches, the float64 reference, the comparison
+    "row": 1.0,  # a headline implementation beyond its timing: inputs, loss check, memory release
+}
+MODEL_MARGIN = 2.0  # a launch's run time: this x the model's predicted lower bound
+# Backends not compiled here: their run time, in the Triton row's (issue 21's CUDA prediction;
+# the torch backend's chunks make ~15 passes over each chunk)
+SLOWER = {"cuda": 3.0, "torch": 10.0}
+PEER_S = {"eager": 3.0, "compile": 60.0, "liger": 15.0, "trl": 5.0, "sdpa": 2.0}  # a peer, one case
+
+
+def compiled(run, costs: dict) -> set:
+    """The hashes of the Triton specialisations ``run()`` compiles; ``costs`` (hash -> (kernel,
+    seconds)) gets each one's first compile: CPU seconds of this process and its children
+    (ptxas), what it takes on an idle core whatever else this host runs."""
+    from triton.runtime.jit import JITFunction
+
+    inner, seen = JITFunction.run, set()
+
+    def timed(self, *args, **kwargs):
+        t0 = _cpu_s()
+        kernel = inner(self, *args, **kwargs)
+        costs.setdefault(kernel.hash, (self.fn.__name__, _cpu_s() - t0))
+        seen.add(kernel.hash)
+        return kernel
+
+    JITFunction.run = timed  # the stand-in (bench/static.py) wraps it inside run()
+    try:
+        run()
+    finally:
+        JITFunction.run = inner
+    return seen
+
+
+def _cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _capture_correctness(case, target):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pydistill.bench import harness, static
+
+    with harness.environment(tuple(case.env.items())), static.standin(target, static.Capture()), \
+            FakeTensorMode(allow_non_fake_inputs=True):
+        loss_fn, inputs = case.make(getattr(torch, case.dtype), torch.device("cuda"))
+        loss = loss_fn(inputs, case.backend).sum()
+        static.backward(loss, torch.ones((), device=loss.device))
+
+
+def pass_s(t: float) -> float:
+    """Wall seconds of one pass of harness.measure at CUDA's settings, a call taking ``t``."""
+    from pydistill.bench import harness
+
+    d = harness.run_defaults(torch.device("cuda"))
+    reps = (max(1, int(d["long_s"] / t)) if t * d["min_reps"] > d["long_s"]
+            else max(d["min_reps"], min(d["max_reps"], int(d["budget_ms"] / 1e3 / t))))
+    return (d["warmup"] + 1 + reps) * t
+
+
+def make_plan(cores: int = 16, budget: float = 480.0, share: float = 0.45, families=None,
+              case_filter=None, impls=None, progress=print) -> dict:
+    """What the GPU run compiles and how long each section takes on a ``cores``-core host, as
+    ``main`` spends it (its limits included): every Triton specialisation of the correctness
+    cases (``case_filter``: a subset) and of the headline's pydistill rows (``families``,
+    ``impls``: subsets), compiled for sm_90 through the model's stand-in driver and timed."""
+    import importlib
+
+    from pydistill import _cuda_ext, _dispatch
+    from pydistill.bench import cases as shared, peers, static
+
+    target, costs = static.TARGETS["sm_90"], {}
+    model = {(r["family"], r["case"]): float(r["predicted_ms"]) / 1e3 for r in static.read_csv(
+        Path(static.__file__).parent / "results" / "static-sm90.csv") if r["kernel"] == "total"}
+    todo = [c for c in correctness_cases(torch.device("cuda"), False, {  # the extension is built there
+        op: list(t) for op, t in _dispatch.TABLE.items()}) if case_filter is None or case_filter(c)]
+    triton = [c for c in todo if c.backend == "triton"]
+    hashes = []
+    for i, case in enumerate(triton):
+        progress(f"  compiling correctness {i + 1}/{len(triton)}: {case.op} {case.dtype} {case.shape} {case.options}")
+        hashes.append(compiled(lambda: _capture_correctness(case, target), costs))
+    warmed = set().union(*hashes)
+    # warm_shard's split: each process compiles what its own cases launch, and runs them
+    shard_s = max((ESTIMATES["start"] + len(hashes[i::cores]) * ESTIMATES["case"]
+                   + sum(costs[h][1] for h in set().union(*hashes[i::cores])) for i in range(cores)), default=0.0)
+    env_s = ESTIMATES["start"] + ESTIMATES["floors"]
+    deadline = share * (budget - env_s)
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # the cache main builds into
+    cached = _cuda_ext._prebuilt() or _cuda_ext._cached_build()
+    os.environ.pop("TORCH_CUDA_ARCH_LIST") if saved is None else os.environ.update(TORCH_CUDA_ARCH_LIST=saved)
+    build_s = 0.0 if cached else min(ESTIMATES["cuda build"], 0.5 * deadline, 300.0)
+    warm_s = min(shard_s, 0.5 * (deadline - build_s))
+    cases_s = min(len(todo) * ESTIMATES["case"], deadline - build_s - warm_s)
+    late = len(todo) - int(cases_s / ESTIMATES["case"] + 1e-9)
+    correctness = {
+        "seconds": build_s + warm_s + cases_s, "not started": late,
+        "cuda build": (build_s, "cached" if cached else f"estimate, limit {min(0.5 * deadline, 300.0):.0f} s"),
+        "warm-up": (warm_s, f"{cores} processes, {len(warmed)} specialisations, {sum(costs[h][1] for h in warmed):.0f}"
+                    f" CPU s of compiling; the largest share {shard_s:.0f} s (start + its compiles + its cases), "
+                    f"limit {0.5 * (deadline - build_s):.0f} s"),
+        "cases": (cases_s, f"{len(todo)} cases x {ESTIMATES['case']:g} s" + (f"; {late} not started" if late else "")),
+        "cases by backend": {b: sum(c.backend == b for c in todo) for b in ("triton", "cuda", "torch")},
+        "cases by op": {op: sum(c.op == op for c in todo) for op in dict.fromkeys(c.op for c in todo)}}
+    # headline: the suite at the goal shapes, every family's pydistill rows first
+    rows, peer_rows, new = [], [], set()
+    for family in [f for f in shared.FAMILIES if families is None or f.name in families]:
+        module = importlib.import_module(family.module)
+        for case in module.cases_from(module.parse_args(family.goal.split()), torch.device("cuda")):
+            for impl in [i for i in module.IMPLS if impls is None or i.name in impls]:
+                kind, backend = peers.peer_kind(impl), impl.name.rsplit("-", 1)[-1]
+                if kind != "pydistill":
+                    peer_rows.append((family.name, impl.name, PEER_S.get(kind, 5.0)))
+                    continue
+                sc = static.StaticCase(family.name, "goal", family.goal, impl.name)
+                progress(f"  compiling headline {family.name} {static.case_label(sc, case)} {impl.name}")
+                known = [static.case_label(static.StaticCase(*e), case) for e in shared.EXTRA
+                         if e[0] == family.name and e[3] == impl.name and not e[4]]
+                known += [static.case_label(sc, case)] if impl.name == "pydistill-triton" else []
+                captured, found, how = [], set(), ""
+                if backend not in SLOWER:  # (the torch and CUDA backends compile no Triton)
+                    try:
+                        found = compiled(lambda: captured.append(static.capture_case(sc, case, module, target)), costs)
+                    except Exception as exc:  # an optional dependency missing here
+                        how = f"not captured here ({type(exc).__name__}); "
+                hit = [model[family.name, k] for k in known if (family.name, k) in model]
+                if captured and hit:
+                    t, how = hit[0], how + "model"
+                elif captured:
+                    t = max(static.floor_s(family.name, case, target), sum(
+                        static.footprint(x) for x in captured[0].launches) / target.bandwidth + sum(
+                        max(b / target.bandwidth, f / target.tensor_flops) for _, _, b, f in captured[0].torch_ops))
+                    how += "max(floor, footprint / bandwidth)"
+                else:
+                    t = SLOWER.get(backend, 3.0) * next(
+                        (r[6] / MODEL_MARGIN for r in reversed(rows) if r[2] == "pydistill-triton"), 1e-2)
+                    how += f"{SLOWER.get(backend, 3.0):g} x the Triton row"
+                compile_s = sum(costs[h][1] for h in found - warmed - new)
+                new |= found
+                t *= MODEL_MARGIN
+                rows.append((family.name, static.case_label(sc, case), impl.name,
+                             ESTIMATES["row"] + t + 3 * pass_s(t) + compile_s, compile_s, how, t))
+    mine = env_s + sum(r[3] for r in rows)
+    # the suite's --time-limit: the time left at its start less MARGIN_S + 1 and 30 s
+    peers_left = budget - env_s - correctness["seconds"] - MARGIN_S - 31.0 - mine
+    required = env_s + correctness["seconds"] + mine
+    return {"cores": cores, "budget": budget, "load": os.getloadavg()[0], "env": env_s,
+            "correctness": correctness, "required": required,
+            "fits": required <= budget - MARGIN_S and late == 0,
+            "compiles": {"specialisations": len(costs), "seconds": sum(c for _, c in costs.values())},
+            "headline": {"pydistill": mine, "rows": rows, "peers": sum(r[2] for r in peer_rows),
+                         "peer rows": len(peer_rows), "peers left": max(0.0, peers_left),
+                         "not warmed": len(new - warmed)}}
+
+
+def format_plan(plan: dict) -> str:
+    c, h, w = plan["correctness"], plan["headline"], 66
+    out = [f"gpu_check plan: a {plan['cores']}-core host with an sm_90 GPU, budget {plan['budget']:.0f} s.",
+           f"Compiled for sm_90 through the stand-in driver: {plan['compiles']['specialisations']} Triton "
+           f"specialisations, {plan['compiles']['seconds']:.0f} CPU s measured here (load {plan['load']:.1f}, "
+           f"{os.cpu_count()} cores).",
+           f"Run times: {MODEL_MARGIN:g} x the model's predicted lower bound (bench/results/static-sm90.csv), else "
+           "max(floor, footprint / bandwidth), x repetitions at the suite's CUDA settings.",
+           "Estimates (s): " + ", ".join(f"{k} {v:g}" for k, v in ESTIMATES.items()) + "; peers per case: "
+           + ", ".join(f"{k} {v:g}" for k, v in PEER_S.items()) + ".", "",
+           f"{'section':{w}} {'seconds':>7}  how",
+           f"{'env':{w}} {plan['env']:7.0f}  start + floors",
+           f"{'correctness':{w}} {c['seconds']:7.0f}  "
+           + ", ".join(f"{n} {b}" for b, n in c["cases by backend"].items())]
+    out += [f"{'  ' + part:{w}} {c[part][0]:7.0f}  {c[part][1]}" for part in ("cuda build", "warm-up", "cases")]
+    out.append(f"{'headline: pydistill rows, every family first':{w}} {h['pydistill']:7.0f}  start + floors + rows; "
+               f"{h['not warmed']} specialisations compiled there")
+    out += [f"{'  ' + ' '.join(r[:3]):{w}} {r[3]:7.1f}  {r[5]}" + (f"; compiles {r[4]:.1f} s" if r[4] else "")
+            for r in h["rows"]]
+    out.append(f"{'headline: peers, after':{w}} {h['peers']:7.0f}  {h['peer rows']} rows (estimates); "
+               f"{h['peers left']:.0f} s left for them, the rest reported as skipped")
+    out += ["", f"correctness + headline pydistill rows of {len({r[0] for r in h['rows']})} families: "
+                f"{plan['required']:.0f} s of {plan['budget']:.0f} s: " + ("fits" if plan["fits"] else "DOES NOT FIT")]
+    return "\n".join(out)
+
+
+def dry_run(opts, argv) -> int:
+    """--dry-run: the plan printed (and written to --out/plan.json when given); 0 if it fits."""
+    from pydistill.bench import static
+
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels must compile: start again
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.run([sys.executable, "-m", "pydistill.bench.gpu_check", *argv], env=env).returncode
+    reason = static.triton_unsupported()
+    if reason is not None:
+        print(f"gpu_check --dry-run: the stand-in driver cannot compile here: {reason}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("PYDISTILL_CUDA_JIT", "0")
+    # an empty Triton cache: every specialisation compiles, its cost measured
+    os.environ["TRITON_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="pydistill-plan-triton-")
+    try:
+        plan = make_plan(opts.cores, opts.budget, opts.correctness_share,
+                         progress=lambda line: print(line, file=sys.stderr, flush=True))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    print(format_plan(plan), flush=True)
+    if opts.out:
+        opts.out.mkdir(parents=True, exist_ok=True)
+        (opts.out / "plan.json").write_text(json.dumps(plan, indent=1, default=str))
+    return 0 if plan["fits"] else 1
 
 
 # --------------------------------------------------------------------------------------
@@ -596,7 +760,13 @@ def parse_args(argv):
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=480.0, help="seconds for everything (default 480)")
     p.add_argument("--out", type=Path, help="results folder (default $OUT, else bench/results/gpu-<date-time>/)")
-    p.add_argument("--dry-run", action="store_true", help="on the CPU: tiny shapes, interpreter, smoke preset")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true",
+                      help="no GPU: compile for sm_90 what the run would and print the plan "
+                           "(sections' predicted seconds; exit 1 if it does not fit the budget)")
+    mode.add_argument("--cpu", action="store_true",
+                      help="a rehearsal on the CPU: tiny shapes, interpreter, smoke preset")
+    p.add_argument("--cores", type=int, default=16, help="the GPU host's cores, for --dry-run (default 16)")
     p.add_argument("--correctness-share", type=float, default=0.45,
                    help="the most of the budget the correctness cases may use (default 0.45)")
     p.add_argument("--skip", nargs="+", choices=SECTIONS, default=[], help="sections not to run")
@@ -612,7 +782,7 @@ def warm_shard(cases, shard: str) -> list:
     return [c for c in cases if c.backend == "triton"][i::n]
 
 
-def warm_triton(limit_s: float, dry_run: bool) -> str:
+def warm_triton(limit_s: float, cpu: bool) -> str:
     """Compile the correctness section's Triton specialisations before it runs: one process per
     core (at most 16), each running its share of the Triton cases once, so that Triton's
     on-disk cache holds them when the section (timed against its deadline) reaches them.
@@ -620,7 +790,7 @@ def warm_triton(limit_s: float, dry_run: bool) -> str:
     n = max(1, min(os.cpu_count() or 1, 16))
     start = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-m", "pydistill.bench.gpu_check", "--warm", f"{i}/{n}",
-                               *(["--dry-run"] if dry_run else [])],
+                               *(["--cpu"] if cpu else [])],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for i in range(n)]
     stopped = 0
@@ -661,7 +831,9 @@ def default_out() -> Path:
 def main(argv=None) -> int:
     opts = parse_args(sys.argv[1:] if argv is None else argv)
     budget = Budget(opts.budget)
-    if opts.dry_run and (os.environ.get("TRITON_INTERPRET") != "1"
+    if opts.dry_run:
+        return dry_run(opts, sys.argv[1:] if argv is None else list(argv))
+    if opts.cpu and (os.environ.get("TRITON_INTERPRET") != "1"
                          or os.environ.get("CUDA_VISIBLE_DEVICES") != ""):
         # Both must hold before torch and Triton are imported (importing pydistill, the
         # parent package, already imported them): start again with them set.
@@ -672,16 +844,14 @@ def main(argv=None) -> int:
                               env=env).returncode
     wheels = install_wheels(opts.wheels) if opts.wheels else None
 
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() and not opts.dry_run else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not opts.cpu else "cpu")
     if opts.warm:
-        for case in warm_shard(correctness_cases(device, opts.dry_run), opts.warm):
+        for case in warm_shard(correctness_cases(device, opts.cpu), opts.warm):
             run_case(case, device)
         return 0
     out = (opts.out or default_out()).resolve()
     meta = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "device": "?", "dry_run": opts.dry_run, "argv": sys.argv[1:] if argv is None else list(argv)}
+            "device": "?", "cpu": opts.cpu, "argv": sys.argv[1:] if argv is None else list(argv)}
     report = Report(out, budget, meta)
     start_watchdog(report, budget.left() - 1.0)
     report.write()
@@ -695,7 +865,7 @@ def main(argv=None) -> int:
     else:
         t0 = time.monotonic()
         report.data["current"] = "env"
-        info = environment(device, opts.dry_run)
+        info = environment(device, opts.cpu)
         if wheels:
             info["wheels"] = wheels
         meta["device"] = info["device"]
@@ -718,12 +888,12 @@ def main(argv=None) -> int:
                       else f"not available: {_cuda_ext._state['error']}")
         report.section("correctness", cuda_extension=status)
         print("cuda extension:", status, flush=True)
-        if device.type == "cuda":  # (the dry run interprets: nothing to compile)
+        if device.type == "cuda":  # (the rehearsal interprets: nothing to compile)
             report.data["current"] = "compiling the Triton kernels in parallel"
-            status = warm_triton(0.5 * (deadline - time.monotonic()), opts.dry_run)
+            status = warm_triton(0.5 * (deadline - time.monotonic()), opts.cpu)
             report.section("correctness", triton_warmup=status)
             print("triton warm-up:", status, flush=True)
-        cases = correctness_cases(device, opts.dry_run)
+        cases = correctness_cases(device, opts.cpu)
         done = 0
         for case in cases:
             if time.monotonic() >= deadline:
@@ -746,16 +916,16 @@ def main(argv=None) -> int:
 
     # c. headline benchmarks, d. tests and the full sweep: subprocesses under the time left
     tests_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                 *(opts.tests or (["tests/test_objective.py"] if opts.dry_run else ["tests"]))]
+                 *(opts.tests or (["tests/test_objective.py"] if opts.cpu else ["tests"]))]
     plan = [
-        ("headline", lambda limit: bench_command(out / "headline.csv", limit, opts.dry_run, False),
+        ("headline", lambda limit: bench_command(out / "headline.csv", limit, opts.cpu, False),
          out / "headline.log", 60.0),
         ("tests", lambda limit: tests_cmd, out / "tests.log", 60.0),
-        ("full", lambda limit: bench_command(out / "full.csv", limit, opts.dry_run, True),
+        ("full", lambda limit: bench_command(out / "full.csv", limit, opts.cpu, True),
          out / "full.log", 60.0),
     ]
     env = dict(os.environ)
-    if opts.dry_run:
+    if opts.cpu:
         env.pop("TRITON_INTERPRET", None)  # the suite's CPU rows time no interpreted kernel
     for name, command, log, least in plan:
         limit = budget.left() - MARGIN_S - 1.0
@@ -765,7 +935,7 @@ def main(argv=None) -> int:
         if name == "tests" and not Path("tests").is_dir():
             skip(name, "no tests/ folder here (run from the repository root)")
             continue
-        if limit < (5.0 if opts.dry_run else least):
+        if limit < (5.0 if opts.cpu else least):
             skip(name, f"budget ({max(limit, 0):.0f} s left)")
             continue
         t0 = time.monotonic()

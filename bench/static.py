@@ -1,8 +1,8 @@
 """A predicted lower bound from compiled code: what each Triton kernel launch of pydistill's
 forward + backward would cost on a target GPU (sm_90, the H100 SXM, by default), without one.
 
-Nothing here is a measurement. For each goal shape (``gpu_check.HEADLINE_ARGS``, plus the
-cases of ``EXTRA``) the family script's own ``pydistill-triton`` builder is called through the
+Nothing here is a measurement. For each goal shape (``cases.GOAL``, plus ``cases.EXTRA``;
+bench/cases.py) the family script's own ``pydistill-triton`` builder is called through the
 public API on *fake* CUDA tensors (``torch._subclasses.FakeTensorMode``: shapes, strides and
 dtypes, no memory, so the 4 GB logits of N=16384, V=128256 cost nothing). Triton's
 ``JITFunction.run`` is wrapped: each launch goes through Triton's own binder (so the
@@ -76,7 +76,7 @@ from typing import Optional
 
 import torch
 
-from pydistill.bench import harness
+from pydistill.bench import cases, harness
 
 
 @dataclass(frozen=True)
@@ -113,22 +113,8 @@ TARGETS = {
     "sm_90": Target("sm_90", 90, "H100 SXM", 3.0e12, 800e12, 132, 4, 1.755e9),
 }
 
-# Cases besides the goal shapes: (family, name, family-script argv, impl, extra keywords).
-EXTRA = (
-    ("softmax", "jsd T=2 hard labels", "--n 16384 --v 128256 --dtype bf16 --divergence jsd "
-     "--temperature 2", "pydistill-triton", "labels"),
-    ("linear", "tiled", "--n 8192 --h-s 4096 --h-t 4096 --v 128256 --dtype bf16",
-     "pydistill-triton-tiled", ""),
-)
-
-FAMILY_MODULES = {
-    "softmax": "pydistill.bench.bench_softmax_divergence",
-    "linear": "pydistill.bench.bench_linear_kd",
-    "topk": "pydistill.bench.bench_topk_divergence",
-    "attention": "pydistill.bench.bench_attention_kd",
-    "uld": "pydistill.bench.bench_uld",
-}
-GEMM_BOUND = ("linear", "attention")
+FAMILY_MODULES = {f.name: f.module for f in cases.FAMILIES}
+GEMM_BOUND = tuple(f.name for f in cases.FAMILIES if f.floor == "gemm")
 
 CSV_COLUMNS = (
     "family", "case", "phase", "kernel", "grid", "num_warps", "regs", "spill_stores",
@@ -399,12 +385,10 @@ class StaticCase:
 
 
 def goal_cases(families=None) -> list:
-    """The goal shapes (``gpu_check.HEADLINE_ARGS``, the family scripts' arguments, shared with
-    the GPU check) through each family's ``pydistill-triton``, then ``EXTRA``."""
-    from pydistill.bench.gpu_check import HEADLINE_ARGS
-
-    out = [StaticCase(family, "goal", argv, "pydistill-triton") for family, argv in HEADLINE_ARGS.items()]
-    out += [StaticCase(*c) for c in EXTRA]
+    """The goal shapes (``cases.GOAL``, the family scripts' arguments, shared with the GPU
+    check and the suite) through each family's ``pydistill-triton``, then ``cases.EXTRA``."""
+    out = [StaticCase(family, "goal", argv, "pydistill-triton") for family, argv in cases.GOAL.items()]
+    out += [StaticCase(*c) for c in cases.EXTRA]
     return [c for c in out if families is None or c.family in families]
 
 

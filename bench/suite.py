@@ -1,8 +1,8 @@
 """The benchmark suite: every loss family against its peers and the device's floors, in one
 run, into one CSV (``python -m pydistill.bench``; bench/README.md).
 
-A family is one entry of ``FAMILIES``: the name used on the command line, the module of its
-benchmark script and that script's arguments for each preset. The script is the family's
+A family is one entry of ``FAMILIES`` (bench/cases.py): the name used on the command line,
+the module of its benchmark script and that script's arguments for each preset. The script is the family's
 own (``python -m pydistill.bench.bench_<family>`` runs it alone); the suite uses what every such
 script defines:
 
@@ -36,52 +36,16 @@ import importlib.util
 import shlex
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from pydistill.bench import harness, peers
+from pydistill.bench import cases, harness, peers
 
 
-@dataclass(frozen=True)
-class Family:
-    name: str  # on the command line: --family NAME
-    module: str  # its benchmark script
-    op: str  # what it measures
-    floor: str  # "memory" (bytes / copy bandwidth) or "gemm" (FLOPs / matmul rate)
-    presets: dict  # preset -> the script's arguments
-
-
-# smoke: seconds (the test suite runs it); quick: a few minutes on two CPU cores; full: a GPU.
-FAMILIES = (
-    Family("softmax", "pydistill.bench.bench_softmax_divergence", "kd_loss", "memory", {
-        "smoke": "--n 32 64 --v 256 --dtype fp32",
-        "quick": "--n 256 1024 --v 4096 32000 --dtype fp32",
-        "full": "--full --divergence kl jsd",
-    }),
-    Family("topk", "pydistill.bench.bench_topk_divergence", "topk_kd_loss", "memory", {
-        "smoke": "--n 32 64 --v 256 --k 16 --tail bucket",
-        "quick": "--n 256 1024 --v 4096 32000 --k 64 --tail bucket",
-        "full": "--full",
-    }),
-    Family("linear", "pydistill.bench.bench_linear_kd", "linear_kd_loss", "gemm", {
-        "smoke": "--n 32 64 --h-s 32 --h-t 32 --v 256 --dtype fp32",
-        "quick": "--n 256 1024 --h-s 256 --h-t 256 --v 4096 16384 --dtype fp32",
-        "full": "--full",
-    }),
-    Family("attention", "pydistill.bench.bench_attention_kd", "attention KD", "gemm", {
-        "smoke": "--smoke",
-        "quick": "--quick --l 512 1024",
-        "full": "--full",
-    }),
-    Family("uld", "pydistill.bench.bench_uld", "uld_loss", "memory", {
-        "smoke": "--smoke",
-        "quick": "--quick",
-        "full": "--full",
-    }),
-)
+# The families and their presets (bench/cases.py).
+Family, FAMILIES = cases.Family, cases.FAMILIES
 FAMILY_NAMES = tuple(f.name for f in FAMILIES)
 PRESETS = ("smoke", "quick", "full")
 
@@ -252,6 +216,9 @@ def parse_args(argv=None):
                    help="only these implementations (names as in the CSV's impl column)")
     p.add_argument("--peer", nargs="+", choices=peers.KINDS,
                    help="only implementations of these kinds")
+    p.add_argument("--pydistill-first", action="store_true",
+                   help="every family's pydistill rows, then the peers' (a run cut short by "
+                        "--time-limit keeps the former)")
     p.add_argument("--family-args", nargs=2, action="append", metavar=("FAMILY", "ARGS"),
                    help="replace a family's preset arguments, e.g. "
                         "--family-args softmax '--n 4096 --v 128256 --dtype bf16 --divergence kl jsd'")
@@ -363,7 +330,15 @@ def run(opts, argv) -> Path:
         harness.write_csv(rows, out, COLUMNS)
         out.with_suffix(".md").write_text(summary(rows, prov, argv, plans, native, opts))
 
-    for family, module, fopts, cases, impls in plans:
+    order = plans
+    if opts.pydistill_first:
+        def kind(impls, mine):
+            return [i for i in impls if (peers.peer_kind(i) == "pydistill") == mine]
+        order = ([(f, m, o, c, kind(i, True)) for f, m, o, c, i in plans]
+                 + [(f, m, o, c, kind(i, False)) for f, m, o, c, i in plans if o is not None])
+    for family, module, fopts, cases, impls in order:
+        if fopts is not None and not impls:
+            continue
         if fopts is None:
             if isinstance(module, str):
                 rows.append(_base_row(family, prov, opts.preset, module))
@@ -374,7 +349,7 @@ def run(opts, argv) -> Path:
             continue
         fopts = _family_opts(module, family, opts, device, floors)
         kinds = {i.name: peers.peer_kind(i) for i in impls}
-        native[family.name] = []
+        native.setdefault(family.name, [])
         for case in cases:
             done_before = bar.done
             if opts.time_limit and time.monotonic() - opts.started > opts.time_limit:

@@ -115,3 +115,37 @@ def test_readme_section_from_the_csv(smoke, tmp_path):
     assert text.startswith("before\n") and text.endswith("after\n") and "\nold\n" not in text
     assert "*softmax*" in text and "pydistill-torch" in text and "git " in text
     assert _run("-m", "pydistill.bench.readme", str(out), "--readme", str(readme), "--check").returncode == 0
+
+
+def test_pydistill_first_runs_every_familys_pydistill_rows_before_any_peer(tmp_path):
+    out = tmp_path / "first.csv"
+    proc = _run("-m", "pydistill.bench", "--smoke", "--device", "cpu", "--no-progress",
+                "--no-plots", "--family", "softmax", "topk", "--impl", "pydistill-torch",
+                "torch-eager", "reference-eager", "--pydistill-first", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    kinds = [r["peer"] for r in rows]
+    mine = kinds.count("pydistill")
+    assert mine and kinds[:mine] == ["pydistill"] * mine and "pydistill" not in kinds[mine:]
+    assert {r["family"] for r in rows[:mine]} == {r["family"] for r in rows[mine:]} == {"softmax", "topk"}
+
+
+def test_goal_shapes_and_cases_are_defined_once():
+    """bench/cases.py is the one list: the model, the GPU check's headline, the suite and the
+    family scripts read it."""
+    import importlib
+
+    from pydistill.bench import cases, gpu_check, static, suite
+
+    assert suite.FAMILIES is cases.FAMILIES
+    assert [(c.family, c.argv) for c in static.goal_cases() if c.name == "goal"] == list(cases.GOAL.items())
+    cmd = gpu_check.bench_command(Path("headline.csv"), 300.0, cpu=False, full=False)
+    assert [(cmd[i + 1], cmd[i + 2]) for i, a in enumerate(cmd) if a == "--family-args"] == list(cases.GOAL.items())
+    assert "--pydistill-first" in cmd
+    for family in cases.FAMILIES:
+        assert importlib.import_module(family.module).PRESETS is cases.SWEEPS[family.name]
+    import torch
+
+    shapes = {c.shape for c in gpu_check.correctness_cases(torch.device("cpu"), cpu=True)}
+    assert shapes == {name for family in cases.CORRECTNESS["cpu"].values() for name in family}
