@@ -199,8 +199,11 @@ def _linear_kd_fwd_kernel(
                               s_cap, t_scale, t_cap, True, HAS_BIAS, T_HEAD, T_HAS_BIAS, S_CAP,
                               T_CAP, PRECISION,
                               T_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_K)
-            p, q, d, qh, pu = _pointwise(z_t * inv_t - (m_t + ll_t)[:, None],
-                                         z_s * inv_t - (m_s + ll_s)[:, None], beta, DIV)
+            # (x - m) - log l, as the backward forms them: x - (m + log l) rounds m + log l
+            # to ~eps |m| (2e-5 at |m| ~ 300), an error of every log-probability that the
+            # gradient's q h - q S_q turns into one of S_q next to q ~ 1
+            p, q, d, qh, pu = _pointwise(z_t * inv_t - m_t[:, None] - ll_t[:, None],
+                                         z_s * inv_t - m_s[:, None] - ll_s[:, None], beta, DIV)
             d_acc += tl.sum(d, axis=1)
             q_acc += tl.sum(qh, axis=1)
             p_acc += tl.sum(pu, axis=1)
