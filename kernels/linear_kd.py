@@ -346,6 +346,23 @@ def _linear_kd_bwd_kernel(
                           mask=col_in[:, None] & k_mask[None, :], sem="relaxed")
 
 
+@triton.jit
+def _scale_grad_kernel(x_ptr, scale_ptr, numel, n_programs, BLOCK: tl.constexpr,
+                       ROUND_BF16: tl.constexpr):
+    # x *= scale[0] in float32, in place, a persistent grid striding over x. A scale of exactly
+    # 1 (grad_output of loss.backward()) is decided here on the device: each program reads one
+    # float and returns, with no host sync and no pass over x.
+    s = tl.load(scale_ptr)
+    if s != 1.0:
+        offs = tl.arange(0, BLOCK)
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, numel, n_programs * BLOCK):
+            idx = start + offs
+            mask = idx < numel
+            y = tl.load(x_ptr + idx, mask=mask).to(tl.float32) * s
+            if ROUND_BF16:  # the interpreter: round as the GPU does (_round_to_bf16)
+                y = _round_to_bf16(y)
+            tl.store(x_ptr + idx, y.to(x_ptr.dtype.element_ty), mask=mask)
+
 # ------------------------------------------------------------------------------------------
 # Launchers: allocate, pick tiles and splits, merge the splits. Inputs arrive validated by the
 # API (pydistill/ops/linear_kd.py decides which calls come here).
@@ -609,3 +626,30 @@ def linear_kd_bwd(heads: Heads, stats, scale, need):
         if need_dw and not exact:
             dw[start * block_v:start * block_v + width].copy_(target)
     return dh, dw, db
+
+
+# Elements per program and iteration of _scale_grad_kernel, and its programs per SM.
+SCALE_BLOCK = 4096
+SCALE_PROGRAMS_PER_SM = 4
+
+
+def scale_grad_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x *= scale (one value, any float tensor) in place, in float32, for a contiguous
+    float32 / bfloat16 / float16 ``x`` (the gradients of the chunked path, computed in the
+    forward, scaled by grad_output in the backward). Nothing is read or written when the scale
+    is exactly 1, decided on the device."""
+    numel = x.numel()
+    if numel == 0:
+        return x
+    scale = scale.reshape(1).to(device=x.device, dtype=torch.float32)
+    blocks = triton.cdiv(numel, SCALE_BLOCK)
+    if x.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        programs = min(blocks, SCALE_PROGRAMS_PER_SM * sms)
+    else:
+        programs = min(blocks, 2)
+    _scale_grad_kernel[(programs,)](
+        x, scale, numel, programs, BLOCK=SCALE_BLOCK,
+        ROUND_BF16=_interpreting() and x.dtype == torch.bfloat16, num_warps=8, **LAUNCH_OPTIONS,
+    )
+    return x
