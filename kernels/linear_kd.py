@@ -347,17 +347,17 @@ def _linear_kd_bwd_kernel(
 
 
 @triton.jit
-def _scale_grad_kernel(x_ptr, scale_ptr, numel, n_programs, BLOCK: tl.constexpr,
+def _scale_grad_kernel(x_ptr, scale_ptr, N, n_programs, BLOCK: tl.constexpr,
                        ROUND_BF16: tl.constexpr):
-    # x *= scale[0] in float32, in place, a persistent grid striding over x. A scale of exactly
+    # x[:N] *= scale[0] in float32, in place, a persistent grid striding over x. A scale of exactly
     # 1 (grad_output of loss.backward()) is decided here on the device: each program reads one
     # float and returns, with no host sync and no pass over x.
     s = tl.load(scale_ptr)
     if s != 1.0:
         offs = tl.arange(0, BLOCK)
-        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, numel, n_programs * BLOCK):
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, N, n_programs * BLOCK):
             idx = start + offs
-            mask = idx < numel
+            mask = idx < N
             y = tl.load(x_ptr + idx, mask=mask).to(tl.float32) * s
             if ROUND_BF16:  # the interpreter: round as the GPU does (_round_to_bf16)
                 y = _round_to_bf16(y)
@@ -379,7 +379,10 @@ from pydistill.kernels.softmax_divergence import (  # noqa: E402
 # (BLOCK_N, BLOCK_V, BLOCK_K, num_warps) on a GPU, forward and backward: the largest tiles
 # that ptxas compiles for sm_90 without register spills (bfloat16, kl with every option; the
 # forward holds two float32 logits tiles and their exponentials at once, the backward the
-# gradient tile and both GEMM slices). Not yet timed on a GPU.
+# gradient tile and both GEMM slices). Not yet timed on a GPU. Larger backward tiles are
+# predicted faster (bench/static.py, N = 8192, V = 128256, kl without options: 128 x 128 x 32
+# 66.8 ms, 128 x 64 x 32 68.4 ms against 74.6 ms; they halve an atomic stream or both) but
+# spill 100 B - 3 KB per thread in the variants with options (tests/test_kernels_compile.py).
 GPU_BLOCKS_FWD = (64, 128, 32, 8)
 GPU_BLOCKS_BWD = (64, 64, 64, 8)
 GPU_STAGES = 3
