@@ -199,8 +199,11 @@ def _linear_kd_fwd_kernel(
                               s_cap, t_scale, t_cap, True, HAS_BIAS, T_HEAD, T_HAS_BIAS, S_CAP,
                               T_CAP, PRECISION,
                               T_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_K)
-            p, q, d, qh, pu = _pointwise(z_t * inv_t - (m_t + ll_t)[:, None],
-                                         z_s * inv_t - (m_s + ll_s)[:, None], beta, DIV)
+            # (x - m) - log l, as the backward forms them: x - (m + log l) rounds m + log l
+            # to ~eps |m| (2e-5 at |m| ~ 300), an error of every log-probability that the
+            # gradient's q h - q S_q turns into one of S_q next to q ~ 1
+            p, q, d, qh, pu = _pointwise(z_t * inv_t - m_t[:, None] - ll_t[:, None],
+                                         z_s * inv_t - m_s[:, None] - ll_s[:, None], beta, DIV)
             d_acc += tl.sum(d, axis=1)
             q_acc += tl.sum(qh, axis=1)
             p_acc += tl.sum(pu, axis=1)
@@ -343,6 +346,23 @@ def _linear_kd_bwd_kernel(
                           mask=col_in[:, None] & k_mask[None, :], sem="relaxed")
 
 
+@triton.jit
+def _scale_grad_kernel(x_ptr, scale_ptr, N, n_programs, BLOCK: tl.constexpr,
+                       ROUND_BF16: tl.constexpr):
+    # x[:N] *= scale[0] in float32, in place, a persistent grid striding over x. A scale of exactly
+    # 1 (grad_output of loss.backward()) is decided here on the device: each program reads one
+    # float and returns, with no host sync and no pass over x.
+    s = tl.load(scale_ptr)
+    if s != 1.0:
+        offs = tl.arange(0, BLOCK)
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, N, n_programs * BLOCK):
+            idx = start + offs
+            mask = idx < N
+            y = tl.load(x_ptr + idx, mask=mask).to(tl.float32) * s
+            if ROUND_BF16:  # the interpreter: round as the GPU does (_round_to_bf16)
+                y = _round_to_bf16(y)
+            tl.store(x_ptr + idx, y.to(x_ptr.dtype.element_ty), mask=mask)
+
 # ------------------------------------------------------------------------------------------
 # Launchers: allocate, pick tiles and splits, merge the splits. Inputs arrive validated by the
 # API (pydistill/ops/linear_kd.py decides which calls come here).
@@ -359,7 +379,10 @@ from pydistill.kernels.softmax_divergence import (  # noqa: E402
 # (BLOCK_N, BLOCK_V, BLOCK_K, num_warps) on a GPU, forward and backward: the largest tiles
 # that ptxas compiles for sm_90 without register spills (bfloat16, kl with every option; the
 # forward holds two float32 logits tiles and their exponentials at once, the backward the
-# gradient tile and both GEMM slices). Not yet timed on a GPU.
+# gradient tile and both GEMM slices). Not yet timed on a GPU. Larger backward tiles are
+# predicted faster (bench/static.py, N = 8192, V = 128256, kl without options: 128 x 128 x 32
+# 66.8 ms, 128 x 64 x 32 68.4 ms against 74.6 ms; they halve an atomic stream or both) but
+# spill 100 B - 3 KB per thread in the variants with options (tests/test_kernels_compile.py).
 GPU_BLOCKS_FWD = (64, 128, 32, 8)
 GPU_BLOCKS_BWD = (64, 64, 64, 8)
 GPU_STAGES = 3
@@ -606,3 +629,30 @@ def linear_kd_bwd(heads: Heads, stats, scale, need):
         if need_dw and not exact:
             dw[start * block_v:start * block_v + width].copy_(target)
     return dh, dw, db
+
+
+# Elements per program and iteration of _scale_grad_kernel, and its programs per SM.
+SCALE_BLOCK = 4096
+SCALE_PROGRAMS_PER_SM = 4
+
+
+def scale_grad_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x *= scale (one value, any float tensor) in place, in float32, for a contiguous
+    float32 / bfloat16 / float16 ``x`` (the gradients of the chunked path, computed in the
+    forward, scaled by grad_output in the backward). Nothing is read or written when the scale
+    is exactly 1, decided on the device."""
+    numel = x.numel()
+    if numel == 0:
+        return x
+    scale = scale.reshape(1).to(device=x.device, dtype=torch.float32)
+    blocks = triton.cdiv(numel, SCALE_BLOCK)
+    if x.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        programs = min(blocks, SCALE_PROGRAMS_PER_SM * sms)
+    else:
+        programs = min(blocks, 2)
+    _scale_grad_kernel[(programs,)](
+        x, scale, numel, programs, BLOCK=SCALE_BLOCK,
+        ROUND_BF16=_interpreting() and x.dtype == torch.bfloat16, num_warps=8, **LAUNCH_OPTIONS,
+    )
+    return x

@@ -364,10 +364,13 @@ def linear_kd_loss(
             computed too (not for ``teacher_topk``: an error).
         student_bias: optional (V_s,), the dtype of ``student_weight``.
         chunk_size: rows per chunk (a positive int), or ``"auto"``: as many rows as fit a
-            budget for the chunk's buffers (two (C, V) float32 logits, plus a (C, V) copy of the
-            gradient in the weight's dtype for bfloat16 / float16): 64 MiB on the CPU; on CUDA a
-            quarter of the free memory (free + PyTorch's cached blocks), at most 2 GiB. Peak
-            extra memory: the gradients plus the chunk's buffers.
+            fixed budget for the chunk's buffers (two (C, V) float32 logits, plus the (C, V)
+            gradient in the weight's dtype for bfloat16 / float16): 64 MiB on the CPU, 0.5 GB
+            on a GPU (384 rows at V = 128256), or the bytes in the environment variable
+            ``PYDISTILL_AUTO_CHUNK_BYTES``; never the momentarily free memory, so the chunks,
+            and the rounding of a bfloat16 d(weight) accumulated over them, are the same from
+            call to call and machine to machine. Peak extra memory: the gradients plus the
+            chunk's buffers.
             ``"tiled"``: the tiled ("flash") Triton kernels (kernels/linear_kd.py), which write
             no logits tile to memory: the forward keeps 8 floats per row, the backward
             recomputes the logits tiles (so it may run more than once) and accumulates
@@ -1142,8 +1145,8 @@ def linear_uld_loss(
         student_bias: optional (V_s,), the dtype of ``student_weight``.
         top_k: as in :func:`uld_loss` (1 <= top_k <= min(V_s, V_t), or None).
         chunk_size: rows per chunk (a positive int), or ``"auto"``: as many as fit the budget
-            of :func:`linear_kd_loss`'s ``"auto"`` (64 MiB on the CPU; on CUDA a quarter of the
-            free memory, at most 2 GiB) for the logits buffers and the step's temporaries.
+            of :func:`linear_kd_loss`'s ``"auto"`` (64 MiB on the CPU, 0.5 GB on a GPU, or
+            ``PYDISTILL_AUTO_CHUNK_BYTES``) for the logits buffers and the step's temporaries.
         temperature, labels, ignore_index, student_logit_scale, teacher_logit_scale,
         student_softcap, teacher_softcap, reduction, backend: as in :func:`uld_loss`
             (``labels`` has the leading dims of ``student_hidden``).

@@ -236,6 +236,10 @@ def linear_variants():
                    BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k)
         out.append(dict(name=f"bwd-{name}", module=module, kernel="_linear_kd_bwd_kernel",
                         consts=bwd, pointer_types=ptrs(dt), arch=arch, num_warps=warps))
+    for dt in ["bf16", "fp16", "fp32"]:  # the chunked backward's scaling by grad_output
+        out.append(dict(name=f"scale-{dt}", module=module, kernel="_scale_grad_kernel",
+                        consts=dict(BLOCK=K.SCALE_BLOCK, ROUND_BF16=False),
+                        pointer_types={"x_ptr": dt}, arch=90, num_warps=8))
     return out
 
 

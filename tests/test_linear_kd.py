@@ -761,6 +761,111 @@ def test_auto_chunk_rows_follow_the_budget(monkeypatch):
     assert R.auto_chunk_rows(10**6, 2 * 4 * 32000, torch.device("cpu")) == 896
 
 
+def test_auto_chunk_rows_do_not_follow_the_free_memory(monkeypatch):
+    # once a quarter of the momentarily free memory: the rows per chunk, and with them the
+    # sequence of dW's bfloat16 roundings, changed from call to call and machine to machine
+    per_row = 10 * 128256  # bfloat16 heads at V = 128256: two float32 logits, a bfloat16 g
+    rows = []
+    for free in (2 * 10**9, 70 * 10**9):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 80 * 10**9))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10**9)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+        rows.append(R.auto_chunk_rows(8192, per_row, torch.device("cuda")))
+    assert rows[0] == rows[1] == 384
+    monkeypatch.setenv(R.AUTO_BUDGET_ENV, str(128 * per_row))
+    assert R.auto_chunk_rows(8192, per_row, torch.device("cuda")) == 128
+    assert R.auto_chunk_rows(8192, per_row, torch.device("cpu")) == 128
+    monkeypatch.setenv(R.AUTO_BUDGET_ENV, "half")
+    with pytest.raises(ValueError, match=f"{R.AUTO_BUDGET_ENV}: expected a positive number of bytes, got 'half'"):
+        R.auto_chunk_rows(8192, per_row, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_auto_chunk_buffers_fit_the_budget_at_the_goal_shape(labels):
+    # N = 8192, H = 4096, V = 128256, bfloat16 student and teacher heads, the student's hidden
+    # states and weight requiring grad: the chunk buffers of the schedule (meta tensors: no
+    # memory) stay within 0.5 GB with GEMM-sized chunks
+    n, h, vocab = 8192, 4096, 128256
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    tensors = (meta(n, h), meta(vocab, h), None, meta(n, h), meta(vocab, h), None, None, None, None)
+    need = (True, True) + (False,) * 7
+    y = meta(n, dtype=torch.long) if labels else None
+    state = R.LinearKDState(SD.KDConfig(temperature=2.0), R.ChunkPlan(), y, tensors, need, R.TORCH_STEPS)
+    assert state.chunk == 384
+    assert state.chunk_bytes() <= R.AUTO_BUDGET_ACCELERATOR <= 0.5e9
+
+
+def test_bf16_gradient_written_straight_into_the_gemm_buffer(monkeypatch):
+    # the step writes g in the weight's dtype into the buffer the gradient GEMMs read (once:
+    # float32 g over the logits, then a copy, 8 B per logit more); a bias gradient is summed
+    # from the float32 g (test_bfloat16_gradients_are_faithful). The teacher's head alike.
+    seen = []
+
+    def spy(s, t, labels, cfg, row_scale, out_s=None, out_t=None, **kw):
+        seen.append((out_s.dtype, out_s.data_ptr() == s.data_ptr(), out_t is None or out_t.dtype))
+        return R.torch_chunk_step(s, t, labels, cfg, row_scale, out_s, out_t, **kw)
+
+    monkeypatch.setattr(R, "TORCH_STEPS", (spy, R.TORCH_STEPS[1]))
+    for bias, teacher_grad, want in [(False, False, (torch.bfloat16, False, True)),
+                                     (True, False, (torch.float32, True, True)),
+                                     (False, True, (torch.bfloat16, False, torch.bfloat16))]:
+        parts = {**head((N,), H_S, V, seed=3, bias=bias), **teacher("head", (N,), V, seed=5)}
+        inputs = {k: v.detach().to(torch.bfloat16).requires_grad_(k.startswith("student") or teacher_grad)
+                  for k, v in parts.items()}
+        seen.clear()
+        kw = dict(temperature=2.0, divergence="jsd")
+        loss, grads, grad_out = run("torch", inputs, chunk_size=4, **kw)
+        assert seen and set(seen) == {want}
+        _, gt = reference(inputs, None, pdl.functional.kd_config(**kw), grad_out, torch.float64)
+        assert len(grads) == 2 + bias + 2 * teacher_grad
+        for name, g in grads.items():
+            assert g.dtype == torch.bfloat16
+            assert float((g.double() - gt[name]).norm() / gt[name].norm()) < 1e-2, name
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_grad_kernel_skips_a_unit_scale(dtype):
+    # the chunked backward's scaling by grad_output: nothing rewritten when it is 1 (signalling
+    # NaNs, which any product quiets, keep their bits), else a float32 product rounded once
+    from pydistill.kernels import linear_kd as K
+
+    n = 3 * K.SCALE_BLOCK + 5  # several strides of the persistent grid, a ragged end
+    x = randn((n,), seed=7).to(dtype)
+    bits = x.view(torch.int32 if dtype == torch.float32 else torch.int16)
+    bits[::7] = 0x7F800001 if dtype == torch.float32 else 0x7F81
+    before = bits.clone()
+    K.scale_grad_(x, torch.ones((), device=DEVICE))
+    assert torch.equal(bits, before)
+    scale = torch.tensor(1.7, dtype=torch.float64, device=DEVICE)
+    want = (x.float() * scale.float()).to(dtype)
+    K.scale_grad_(x, scale)
+    finite = torch.isfinite(want)
+    assert torch.equal(x[finite], want[finite]) and x[~finite].isnan().all()
+    assert not torch.equal(bits, before)
+
+
+@needs_triton
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_triton_backward_scales_in_one_kernel(reduction, monkeypatch):
+    # the row chunks of casts and products of the torch path (~20 B per element, 2,000 aten ops
+    # at V = 128256, whatever grad_output) are not on the Triton backend's backward
+    def refuse(*args):
+        raise AssertionError("the row-chunked torch scaling ran")
+
+    inputs = {**head((N,), H_S, V, seed=11, bias=True), **teacher("head", (N,), V, seed=13)}
+    y = make_labels((N,), V, ignore=(4,))
+    want, g_want, grad_out = run("torch", inputs, y, reduction=reduction, temperature=2.0)
+    monkeypatch.setattr(R, "_scale_rows_", refuse)
+    got, g_got, _ = run("triton", inputs, y, grad_out=grad_out, reduction=reduction, temperature=2.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for name in g_want:
+        torch.testing.assert_close(g_got[name], g_want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_topk_teacher_duplicate_padding_ids_in_ignored_rows(backend):
     inputs = head((N,), H_S, V, seed=90)

@@ -155,10 +155,11 @@ def test_extreme_logits_and_minus_inf(kernels):
     y = make_labels((N,), V, ignore=(3,))
     loss, _ = tiled(inputs, y, divergence="kl", temperature=1.0, hard_weight=0.1)
     assert torch.isfinite(loss)
-    # jsd and skew_kl: the tiled kernels' float32 gradient at these one-hot rows is off float64
-    # by up to 2e-5 of the largest entry (measured on d(hidden)), further than the reference's
-    # own float32 path since it took the w = log p - log q form (~1e-7): a known gap of the
-    # tiled path, checked here at its present bound
+    # jsd and skew_kl at these one-hot rows: the gradient's q h - q S_q cancels next to q ~ 1,
+    # so an error of S_q shows whole. The tiled forward's second pass once formed the
+    # log-probabilities as x - (m + log l), rounding m + log l to ~eps |m| (|m| ~ 600 here):
+    # 2e-5 - 7e-5 of the largest entry off float64. As x - m - log l (the backward's and the
+    # chunked kernel's form) it is 1.4e-7, the chunked path's 2e-7
     for divergence in ["jsd", "skew_kl"]:
         kw = dict(divergence=divergence, temperature=1.0, hard_weight=0.1)
         loss, grads, grad_out = run("triton", inputs, y, chunk_size="tiled", **kw)
@@ -167,7 +168,7 @@ def test_extreme_logits_and_minus_inf(kernels):
         assert torch.isfinite(loss)
         torch.testing.assert_close(loss.double(), gt_loss, rtol=1e-5, atol=1e-6)
         for name, g in grads.items():
-            atol = 5e-5 * gt[name].abs().max().item()
+            atol = 1e-6 * gt[name].abs().max().item()
             torch.testing.assert_close(g.double(), gt[name], rtol=2e-4, atol=atol,
                                        msg=lambda m, name=name: f"grad {name}: {m}")
 

@@ -20,8 +20,11 @@ PyTorch) for the torch backend, the Triton kernel ``kd_fwd(grad_s=...)`` for the
 (pydistill/ops/linear_kd.py), their top-k counterparts (topk_divergence family) for a top-k
 teacher, and ``vocab_parallel_chunk_loss_and_grads`` (below) when the heads are sharded over
 the vocabulary. Peak extra memory: the gradients themselves plus
-(C, V) float32 buffers for z_s and z_t (and a (C, V) copy of g in the weight's dtype when that
-is bfloat16 / float16). The logits are never rounded to the inputs' dtype before the softmax.
+(C, V) float32 buffers for z_s and z_t, and for bfloat16 / float16 weights a (C, V) buffer of
+g in the weight's dtype, which the step writes directly (rounded once from its float32 value;
+a head with a bias gradient has g written over z_s in float32, its bias gradient summed from
+that, then rounded into the buffer). The logits are never rounded to the inputs' dtype before
+the softmax.
 
 Low-precision (bfloat16 / float16) weights: the logits GEMM runs with a float32 output
 (``torch.mm(out_dtype=torch.float32)`` where the device has it, CUDA; else, on the CPU, the
@@ -33,13 +36,16 @@ H = 256, V = 8000: one rounding of the exact dW 1.66e-3; K chunks accumulated in
 1.78e-3 (K = 1), 2.41e-3 (K = 4), 4.19e-3 (K = 16), 8.05e-3 (K = 64), growing like sqrt(K);
 a float32 accumulator 1.78e-3 for any K but 4 V H extra bytes (2.1 GB at V = 128256,
 H = 4096, twice the bfloat16 dW and more than the whole chunk working set), so dW is
-accumulated in the weight's dtype and ``chunk_size="auto"`` keeps K small (large chunks).
+accumulated in the weight's dtype. ``chunk_size="auto"`` takes the largest chunks that a fixed
+budget of chunk buffers allows (AUTO_BUDGET_*), so that K, and the rounding sequence, depend
+only on the shapes: 22 chunks of 384 rows at N = 8192, V = 128256.
 Rounding g before dh costs nothing measurable (1.73e-3 against 1.66e-3 for dh).
 """
 from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -63,16 +69,19 @@ from pydistill.reference.softmax_divergence import (
 )
 from pydistill.reference.topk_divergence import topk_chunk_loss_and_grads
 
-# chunk_size="auto": bytes of per-chunk buffers (the (C, V) logits of student and teacher, the
-# low-precision copy of g, the vocabulary-parallel step's temporaries) that one chunk may use.
-# CPU: a fixed budget; rows that large already run the GEMMs near the CPU's matmul rate
-# (bench/bench_linear_kd.py), and the divergence step itself walks the chunk in cache-sized
-# slices. CUDA: a quarter of the memory free for tensors (free on the device + PyTorch's cached
-# blocks), at most 2 GiB: at V = 128256 about 1,600 rows, tensor-core-sized GEMMs, and few
-# chunks, which keeps the bfloat16 dW accumulation error small (module docstring).
+# chunk_size="auto": bytes of the per-chunk buffers (the (C, V) logits of student and teacher,
+# the (C, V) gradient in the weight's dtype, the chunk's hidden rows, the vocabulary-parallel
+# step's temporaries) that one chunk may use. A fixed budget, never the memory free at the
+# time of the call: the rows per chunk, and with them the sequence of dW's bfloat16 roundings
+# (module docstring), depend only on the shapes and dtypes, so a call gives the same gradients
+# from call to call and on any machine. CPU: rows that large already run the GEMMs near the
+# CPU's matmul rate (bench/bench_linear_kd.py), and the divergence step walks the chunk in
+# cache-sized slices. Accelerators: 0.5 GB, 384 rows at V = 128256 with bfloat16 heads (10 B
+# per logit: two float32 logits and the bfloat16 gradient), tensor-core-sized GEMMs. The
+# environment variable AUTO_BUDGET_ENV (bytes) overrides both.
 AUTO_BUDGET_CPU = 64 << 20
-AUTO_BUDGET_CUDA_MAX = 2 << 30
-AUTO_FREE_FRACTION_CUDA = 0.25
+AUTO_BUDGET_ACCELERATOR = 500 * 10**6
+AUTO_BUDGET_ENV = "PYDISTILL_AUTO_CHUNK_BYTES"
 # Rows per chunk are rounded down to a multiple of this once there are that many (whole GEMM
 # tiles on tensor cores).
 ROW_MULTIPLE = 128
@@ -135,11 +144,19 @@ class ChunkPlan:
 
 
 def auto_budget_bytes(device: torch.device) -> int:
-    if device.type != "cuda":
-        return AUTO_BUDGET_CPU
-    free, _total = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(min(AUTO_BUDGET_CUDA_MAX, AUTO_FREE_FRACTION_CUDA * (free + cached)))
+    """Bytes of chunk buffers ``chunk_size="auto"`` sizes its chunks for on ``device``: the
+    AUTO_BUDGET_ENV override, else AUTO_BUDGET_CPU on the CPU and AUTO_BUDGET_ACCELERATOR
+    elsewhere. Never queries the free memory (see AUTO_BUDGET_ACCELERATOR)."""
+    override = os.environ.get(AUTO_BUDGET_ENV)
+    if override is not None and override.strip():
+        try:
+            value = int(override)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise ValueError(f"{AUTO_BUDGET_ENV}: expected a positive number of bytes, got {override!r}")
+        return value
+    return AUTO_BUDGET_CPU if device.type == "cpu" else AUTO_BUDGET_ACCELERATOR
 
 
 def auto_chunk_rows(n_rows: int, bytes_per_row: int, device: torch.device) -> int:
@@ -208,15 +225,26 @@ class LinearHead:
         self.grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=device) if need[1] else None
         self.grad_bias = torch.zeros(self.vocab, dtype=dtype, device=device) if need[2] else None
         self.scratch = None
+        self.direct_grad = False  # set by callers whose steps write g in the weight's dtype
 
     @property
     def n_rows(self) -> int:
         return self.hidden.shape[0]
 
     def bytes_per_row(self, vocab: int, dtype) -> int:
-        """Chunk buffers per row: its (C, vocab) logits, and the rounded copy of g."""
+        """Chunk buffers per row: its (C, vocab) logits, g in the weight's dtype, and the copy
+        of its hidden row when some rows are ignored."""
         logits = vocab * torch.empty((), dtype=dtype).element_size()
-        return logits + (self.vocab * self.weight.element_size() if self.round_grad else 0)
+        grad = vocab * self.weight.element_size() if self.round_grad else 0
+        hidden = self.hidden.shape[-1] * self.hidden.element_size() if self.counted is not None else 0
+        return logits + grad + hidden
+
+    @property
+    def grad_in_place(self) -> bool:
+        """Whether the step writes g over the float32 logits, else straight into the buffer in
+        the weight's dtype that the GEMMs read (``direct_grad``: a step that writes any float
+        dtype): float32 weights, and a bias gradient, which is summed from the unrounded g."""
+        return not (self.direct_grad and self.round_grad) or self.grad_bias is not None
 
     def rows(self, sl: slice) -> torch.Tensor:
         """hidden[sl], its ignored rows zeroed (one (C, H) copy per chunk, kept for the
@@ -233,20 +261,28 @@ class LinearHead:
         linear_into(own, self.rows(sl), self.weight)
         if self.bias is not None:
             own.add_(self.bias)
-        out[:, self.vocab:] = -math.inf  # padded vocabulary (refilled: g overwrote it with 0)
+        out[:, self.vocab:] = -math.inf  # padded vocabulary (refilled: g may have overwritten it)
         return out
 
+    def _scratch(self, shape) -> torch.Tensor:
+        """The (C, width) buffer of g in the weight's dtype, allocated at the first (largest)
+        chunk."""
+        if self.scratch is None or self.scratch.shape[0] < shape[0] or self.scratch.shape[1] != shape[1]:
+            self.scratch = torch.empty(shape, dtype=self.weight.dtype, device=self.weight.device)
+        return self.scratch[:shape[0]]
+
     def grad_out(self, sl: slice, z: torch.Tensor) -> torch.Tensor:
-        return z  # the logits' gradient overwrites the logits
+        """Where the step writes the logits' gradient: over the logits, or (low-precision
+        weights) rounded once, straight into the buffer the gradient GEMMs read: no float32 g
+        written and read back for a copy."""
+        return z if self.grad_in_place else self._scratch(z.shape)
 
     def backward(self, sl: slice, grad_logits: torch.Tensor):
         g = grad_logits[:, :self.vocab]
         if self.grad_bias is not None:
             self.grad_bias.add_(g.sum(0))
-        if self.round_grad:
-            if self.scratch is None or self.scratch.shape[0] < g.shape[0]:
-                self.scratch = torch.empty(g.shape, dtype=self.weight.dtype, device=g.device)
-            g = self.scratch[:g.shape[0]].copy_(g)
+        if g.dtype != self.weight.dtype:  # g written in float32 (the bias): rounded once here
+            g = self._scratch(g.shape).copy_(g)
         if self.grad_hidden is not None:
             torch.mm(g, self.weight, out=self.grad_hidden[sl])
         if self.grad_weight is not None:
@@ -514,6 +550,8 @@ class LinearKDState:
         else:
             self.teacher = GivenTopK(topk_logprobs, topk_indices)
             self.step = topk_step
+        for part in (self.student, self.teacher):  # every step writes g in any float dtype
+            part.direct_grad = True
         if self.group is not None:
             blocks = None
             if plan.equal_blocks is not None:
@@ -555,14 +593,22 @@ class LinearKDState:
             out[sl] = torch.where(counted, ce, 0.0)
         return out
 
-    def _chunk_rows(self, chunk_size) -> int:
-        if chunk_size not in ("auto", "tiled"):  # "tiled" here: a call the tiled path cannot run
-            return chunk_size
+    def bytes_per_row(self) -> int:
+        """Bytes of the chunk buffers per row of a chunk (those ``auto_budget_bytes`` bounds)."""
         per_row = self.student.bytes_per_row(self.vocab, self.dtype) + (
             self.teacher.bytes_per_row(self.vocab, self.dtype) if self.reads_teacher else 0)
         if self.group is not None:
             per_row += VOCAB_PARALLEL_TEMPORARIES * self.vocab * torch.empty((), dtype=self.dtype).element_size()
-        rows = auto_chunk_rows(self.n_rows, per_row, self.device)
+        return per_row
+
+    def chunk_bytes(self) -> int:
+        """Peak bytes of the chunk buffers of a sweep: the largest chunk's."""
+        return max(1, min(self.chunk, self.n_rows)) * self.bytes_per_row()
+
+    def _chunk_rows(self, chunk_size) -> int:
+        if chunk_size not in ("auto", "tiled"):  # "tiled" here: a call the tiled path cannot run
+            return chunk_size
+        rows = auto_chunk_rows(self.n_rows, self.bytes_per_row(), self.device)
         if self.group is not None:
             # every rank must walk the same chunks (the step's collectives pair up): the
             # smallest choice wins. One host read per call, in the vocabulary-parallel path only.
@@ -597,6 +643,7 @@ class LinearKDState:
             z_t = z_s  # without a divergence term the teacher is not read: no GEMM for it
             if self.reads_teacher:
                 z_t = teacher.logits(sl, t_buf[:c] if t_buf is not None else None)
+            out_s = student.grad_out(sl, z_s) if need_s else None
             out_t = teacher.grad_out(sl, z_t) if need_t else None
             labels = self.labels[sl] if self.labels is not None else None
             if parts:  # before the step overwrites the logits with their gradient
@@ -606,7 +653,7 @@ class LinearKDState:
                     self.kd_rows[sl] = self.step(z_s, z_t, labels, self.kd_cfg, 1.0)
             rows[sl] = self.step(
                 z_s, z_t, labels, cfg,
-                row_scale[sl] if per_row else row_scale, z_s if need_s else None, out_t,
+                row_scale[sl] if per_row else row_scale, out_s, out_t,
                 **({} if self.entropy is None else dict(entropy=self.entropy[sl])),
             )
             if parts and self.kd_mode == "from_rows":
@@ -615,7 +662,7 @@ class LinearKDState:
                     kd = kd - cfg.hard_weight * self.ce_rows[sl]
                 self.kd_rows[sl] = kd / cfg.soft_weight
             if need_s:
-                student.backward(sl, z_s)
+                student.backward(sl, out_s)
             if need_t:
                 teacher.backward(sl, out_t)
         if grads and self.group is not None:
@@ -677,7 +724,15 @@ def with_extras(ctx, cfg, loss, entropy, lead, parts=None):
     return (loss, *extras)
 
 
-def linear_kd_backward(ctx, grad_loss):
+def scale_grad_rows_(g: torch.Tensor, grad_loss: torch.Tensor):
+    """g *= grad_loss (a scalar tensor) in place, in float32 (float64), row chunk by row chunk;
+    skipped when grad_loss is known to be 1 without a device sync (on the CPU)."""
+    _scale_rows_(g.view(-1, g.shape[-1]) if g.dim() > 1 else g.view(1, -1), grad_loss, "sum")
+
+
+def linear_kd_backward(ctx, grad_loss, scale_grad_=scale_grad_rows_):
+    """The chunked Functions' backward. Scalar reductions: the forward's gradients scaled in
+    place by grad_output with ``scale_grad_(g, grad_loss)`` (the backend's)."""
     if ctx.reduction == "none":
         steps, cfg, plan, need = ctx.args
         labels, *tensors = ctx.saved_tensors
@@ -694,8 +749,8 @@ def linear_kd_backward(ctx, grad_loss):
                 "(retain_graph=True) is not supported. Recompute the loss instead."
             )
         for g in grads:
-            if g is not None:  # 2-D views for the row-chunked in-place scaling
-                _scale_rows_(g.view(-1, g.shape[-1]) if g.dim() > 1 else g.view(1, -1), grad_loss, "sum")
+            if g is not None:
+                scale_grad_(g, grad_loss)
     return (None, None, None, *grads)
 
 
