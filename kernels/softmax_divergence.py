@@ -89,21 +89,36 @@ def _softcap(z, cap):
 
 
 @triton.jit
-def _load_logits(ptr, cols, mask, scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    # one model's transformed logits cap(scale * z); scale > 0 keeps -inf at -inf
-    z = tl.load(ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * scale
+def _load_logits(ptr, cols, mask, scale, softcap, HAS_SOFTCAP: tl.constexpr,
+                 SCALED: tl.constexpr = True):
+    # one model's transformed logits cap(scale * z); scale > 0 keeps -inf at -inf.
+    # SCALED=False: the scale is 1 (the usual case), known to the compiler: no multiply.
+    z = tl.load(ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    if SCALED:
+        z = z * scale
     if HAS_SOFTCAP:
         z = _softcap(z, softcap)
     return z
 
 
 @triton.jit
-def _transform_slope(g, z, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+def _transform_slope(g, z, scale, softcap, HAS_SOFTCAP: tl.constexpr,
+                     SCALED: tl.constexpr = True):
     # g times d cap(scale x) / dx at the transformed z: scale (1 - (z / c)^2), 0 at -inf
     if HAS_SOFTCAP:
         th = z / softcap
         g = g * tl.where(z == float("-inf"), 0.0, 1.0 - th * th)
-    return g * scale
+    if SCALED:
+        g = g * scale
+    return g
+
+
+@triton.jit
+def _temper(z, inv_t, TEMPERED: tl.constexpr):
+    # x = z / T as z times 1 / T; TEMPERED=False: T = 1, known to the compiler
+    if TEMPERED:
+        z = z * inv_t
+    return z
 
 
 @triton.jit
@@ -268,6 +283,7 @@ def _grad_pass(
     DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, HAS_HARD: tl.constexpr,
     HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK_V: tl.constexpr,
+    S_SCALED: tl.constexpr = True, T_SCALED: tl.constexpr = True, TEMPERED: tl.constexpr = True,
 ):
     # Writes every element of the gradient rows (zeros for an ignored row, whose loads are
     # masked off so they move no bytes). Tiles in reverse order: see the module docstring.
@@ -276,13 +292,13 @@ def _grad_pass(
         cols = (n_tiles - 1 - k) * BLOCK_V + offs
         in_row = cols < V
         mask = in_row & active
-        z_s = _load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP)
-        x_s = z_s * inv_t
+        z_s = _load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP, S_SCALED)
+        x_s = _temper(z_s, inv_t, TEMPERED)
         g_s = tl.zeros([BLOCK_V], dtype=tl.float32)
         g_t = tl.zeros([BLOCK_V], dtype=tl.float32)
         if HAS_SOFT:
-            z_t = _load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP)
-            p, q, d, qh, pu = _pointwise_b(z_t * inv_t - m_t - ll_t, x_s - m_s - ll_s, beta, beta_c, DIV)
+            z_t = _load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP, T_SCALED)
+            p, q, d, qh, pu = _pointwise_b(_temper(z_t, inv_t, TEMPERED) - m_t - ll_t, x_s - m_s - ll_s, beta, beta_c, DIV)
             g_s = soft_coef * (qh - q * s_q)
             g_t = soft_coef * (pu - p * s_p)
         if HAS_HARD:
@@ -292,11 +308,11 @@ def _grad_pass(
                 soft1 = _exp(x_s - m_s - ll_s)
             g_s += hard_weight * (soft1 - tl.where(cols == label, 1.0, 0.0))
         if GRAD_S:
-            g_s = _transform_slope(g_s, z_s, s_scale, s_cap, S_CAP)
+            g_s = _transform_slope(g_s, z_s, s_scale, s_cap, S_CAP, S_SCALED)
             g_s = tl.where(active, g_s * row_scale, 0.0)
             tl.store(gs_row + cols, g_s.to(gs_row.dtype.element_ty), mask=in_row)
         if GRAD_T:
-            g_t = _transform_slope(g_t, z_t, t_scale, t_cap, T_CAP)
+            g_t = _transform_slope(g_t, z_t, t_scale, t_cap, T_CAP, T_SCALED)
             g_t = tl.where(active, g_t * row_scale, 0.0)
             tl.store(gt_row + cols, g_t.to(gt_row.dtype.element_ty), mask=in_row)
 
@@ -356,7 +372,8 @@ def _kd_fwd_kernel(
     n_inner, s_stride_outer, s_stride_inner, t_stride_outer, t_stride_inner, scale_stride,
     V, inv_t, s_scale, s_cap, t_scale, t_cap, beta, beta_c, hard_weight, soft_scale, grad_scale,
     ignore_index,
-    DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, HAS_LABELS: tl.constexpr,
+    DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, S_SCALED: tl.constexpr,
+    T_SCALED: tl.constexpr, TEMPERED: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
     NEEDS_PASS2: tl.constexpr, BREGMAN: tl.constexpr, HAS_SCALE_PTR: tl.constexpr,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, STORE_STATS: tl.constexpr,
@@ -383,14 +400,15 @@ def _kd_fwd_kernel(
     for k in range(0, n_live):
         cols = k * BLOCK_V + offs
         mask = cols < V
-        z_s = _load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP)
-        x_s = z_s * inv_t
+        z_s = _load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP, S_SCALED)
+        x_s = _temper(z_s, inv_t, TEMPERED)
         m_s_new = tl.maximum(m_s, tl.max(x_s, axis=0))
         e_s = _exp(x_s - _shift(m_s_new))
         if ENTROPY:  # B against a zero "b" side: the same online update as kl's
             h_acc = _online_kl_update(h_acc, l_s, m_s, m_s_new, 0.0, 0.0, x_s, e_s, tl.zeros_like(e_s))
         if HAS_SOFT:
-            x_t = _load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP) * inv_t
+            x_t = _temper(_load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP, T_SCALED), inv_t,
+                          TEMPERED)
             m_t_new = tl.maximum(m_t, tl.max(x_t, axis=0))
             e_t = _exp(x_t - _shift(m_t_new))
             if DIV == KL:
@@ -439,8 +457,10 @@ def _kd_fwd_kernel(
             for k in range(0, n_live):
                 cols = (n_live - 1 - k) * BLOCK_V + offs
                 mask = cols < V
-                x_s = _load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP) * inv_t
-                x_t = _load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP) * inv_t
+                x_s = _temper(_load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP, S_SCALED),
+                              inv_t, TEMPERED)
+                x_t = _temper(_load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP, T_SCALED),
+                              inv_t, TEMPERED)
                 log_p = x_t - m_t - ll_t
                 log_q = x_s - m_s - ll_s
                 p, q, d, qh, pu = _pointwise_b(log_p, log_q, beta, beta_c, DIV)
@@ -491,6 +511,7 @@ def _kd_fwd_kernel(
             row_scale,
             m_s, ll_s, m_t, ll_t, m_1, ll_1, s_q, s_p,
             DIV, S_CAP, T_CAP, HAS_HARD, HAS_SOFT, CE_SEPARATE, GRAD_S, GRAD_T, BLOCK_V,
+            S_SCALED, T_SCALED, TEMPERED,
         )
 
 
@@ -500,7 +521,8 @@ def _kd_bwd_kernel(
     n_inner, s_stride_outer, s_stride_inner, t_stride_outer, t_stride_inner, scale_stride,
     V, inv_t, s_scale, s_cap, t_scale, t_cap, beta, beta_c, hard_weight, soft_scale, grad_scale,
     ignore_index,
-    DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, HAS_LABELS: tl.constexpr,
+    DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, S_SCALED: tl.constexpr,
+    T_SCALED: tl.constexpr, TEMPERED: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
     HAS_SCALE_PTR: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -519,6 +541,7 @@ def _kd_bwd_kernel(
         tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3), tl.load(st + 4),
         tl.load(st + 5), tl.load(st + 7), tl.load(st + 8),
         DIV, S_CAP, T_CAP, HAS_HARD, HAS_SOFT, CE_SEPARATE, GRAD_S, GRAD_T, BLOCK_V,
+        S_SCALED, T_SCALED, TEMPERED,
     )
 
 
@@ -632,6 +655,10 @@ def _launch_args(student, teacher, labels, cfg, divergence, grad_s, grad_t, grad
         t_stride_outer=so_t, t_stride_inner=si_t,
         scale_stride=scale.stride(0) if scale is not None and scale.numel() > 1 else 0,
         V=vocab, inv_t=1.0 / cfg.temperature, **transform_args(cfg),
+        # the identity scales and T = 1 as compile-time facts: no multiply per element
+        S_SCALED=float(cfg.student_logit_scale) != 1.0,
+        T_SCALED=float(cfg.teacher_logit_scale) != 1.0,
+        TEMPERED=float(cfg.temperature) != 1.0,
         beta=float(cfg.beta), beta_c=1.0 - float(cfg.beta),  # 1 - beta before rounding to float32
         hard_weight=float(cfg.hard_weight), soft_scale=float(cfg.soft_scale),
         grad_scale=float(grad_scale), ignore_index=int(cfg.ignore_index),
