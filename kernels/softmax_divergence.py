@@ -94,11 +94,27 @@ def _load_logits(ptr, cols, mask, scale, softcap, HAS_SOFTCAP: tl.constexpr,
     # one model's transformed logits cap(scale * z); scale > 0 keeps -inf at -inf.
     # SCALED=False: the scale is 1 (the usual case), known to the compiler: no multiply.
     z = tl.load(ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    return _transform(z, scale, softcap, HAS_SOFTCAP, SCALED)
+
+
+@triton.jit
+def _transform(z, scale, softcap, HAS_SOFTCAP: tl.constexpr, SCALED: tl.constexpr):
     if SCALED:
         z = z * scale
     if HAS_SOFTCAP:
         z = _softcap(z, softcap)
     return z
+
+
+@triton.jit
+def _load_tile(ptr, cols, V, scale, softcap, HAS_SOFTCAP: tl.constexpr, SCALED: tl.constexpr,
+               MASKED: tl.constexpr):
+    # _load_logits of a tile; MASKED=False: a tile wholly inside the row, loaded without a mask
+    if MASKED:
+        z = tl.load(ptr + cols, mask=cols < V, other=float("-inf"))
+    else:
+        z = tl.load(ptr + cols)
+    return _transform(z.to(tl.float32), scale, softcap, HAS_SOFTCAP, SCALED)
 
 
 @triton.jit
@@ -136,20 +152,45 @@ def _shift(m):
 
 
 @triton.jit
-def _online_kl_update(acc, l_a, m_a, m_a_new, m_b, m_b_new, x_a, e_a, x_b):
-    # acc = sum e^{a - m_a} ((a - m_a) - (b - m_b)) over the tiles seen so far; move it to the
-    # new maxima, then add this tile. Maxima are used as shifts (_shift: infinite -> 0), which
-    # keeps a student row that is -inf so far at +inf instead of NaN. A term whose weight
-    # e^{a - m_a} is 0 (a masked entry, or one that underflows: logits 1e38 apart) is 0, as
-    # torch's p = 0 is, even where the log-ratio beside it overflows to infinity; so is the
-    # carried sum when its rescale factor underflows.
+def _carry(acc, l_a, m_a, m_a_new, m_b, m_b_new):
+    # acc = sum e^{a - m_a} ((a - m_a) - (b - m_b)) (l_a = sum e^{a - m_a}) moved to the maxima
+    # m_a_new >= m_a, m_b_new >= m_b. Maxima are used as shifts (_shift: infinite -> 0), which
+    # keeps a student row that is -inf so far at +inf instead of NaN. The carried sum is 0 when
+    # its rescale factor underflows (logits 1e38 apart), as torch's p = 0 is.
     ma, ma_new = _shift(m_a), _shift(m_a_new)
     mb, mb_new = _shift(m_b), _shift(m_b_new)
     f = _exp(ma - ma_new)
     # (f applied to each part first: l_a times a log-ratio of 1e38 may overflow, f l_a times it not)
-    carried = tl.where((l_a > 0) & (f != 0), f * acc + (f * l_a) * ((ma - ma_new) - (mb - mb_new)), 0.0)
-    terms = tl.where(e_a != 0, e_a * ((x_a - ma_new) - (x_b - mb_new)), 0.0)
-    return carried + tl.sum(terms, axis=0)
+    return tl.where((l_a > 0) & (f != 0), f * acc + (f * l_a) * ((ma - ma_new) - (mb - mb_new)), 0.0)
+
+
+@triton.jit
+def _online_kl_update(acc, l_a, m_a, m_a_new, m_b, m_b_new, e_a, d_a, d_b):
+    # _carry's acc per lane (a row of the (LANES, LANE) tile), moved to the new lane maxima,
+    # plus this tile's terms, d = x - shift(m_new) and e_a = e^{d_a}. A term whose weight e_a is
+    # 0 (a masked entry, or one that underflows) is 0, as torch's p = 0 is, even where the
+    # log-ratio beside it overflows to infinity.
+    terms = tl.where(e_a != 0, e_a * (d_a - d_b), 0.0)
+    return _carry(acc, l_a, m_a, m_a_new, m_b, m_b_new) + tl.sum(terms, axis=1)
+
+
+@triton.jit
+def _online_lse_lanes(m, l, z, inv_t, TEMPERED: tl.constexpr):
+    # the lanes' running max m and sum l of e^{x - m}, x = z / T, with tile z folded in; also
+    # d = x - shift(m) and e^d (the kl accumulators reuse them). The max is taken of z and then
+    # tempered (the same float: rounding is monotonic), so that x is never rounded on its own:
+    # d is one FFMA z (1 / T) - shift(m).
+    m_new = tl.maximum(m, _temper(tl.max(z, axis=1), inv_t, TEMPERED))
+    d = _temper(z, inv_t, TEMPERED) - _shift(m_new)[:, None]
+    e = _exp(d)
+    return m_new, l * _exp(m - _shift(m_new)) + tl.sum(e, axis=1), d, e
+
+
+@triton.jit
+def _fold_lse(m, l):
+    # the row's max and sum of e^{x - max} from its lanes'
+    m_row = tl.max(m, axis=0)
+    return m_row, tl.sum(l * _exp(m - _shift(m_row)), axis=0)
 
 
 @triton.jit
@@ -367,6 +408,35 @@ def _row_start(row, s_ptr, t_ptr, labels_ptr, n_inner, s_stride_outer, s_stride_
 
 
 @triton.jit
+def _pass1_tile(
+    s_row, t_row, cols, V, inv_t, s_scale, s_cap, t_scale, t_cap,
+    m_s, l_s, m_t, l_t, m_1, l_1, acc, h_acc,
+    DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, S_SCALED: tl.constexpr,
+    T_SCALED: tl.constexpr, TEMPERED: tl.constexpr, HAS_SOFT: tl.constexpr,
+    CE_SEPARATE: tl.constexpr, ENTROPY: tl.constexpr, MASKED: tl.constexpr,
+):
+    # One (LANES, LANE) tile of the forward's pass 1 folded into the lanes' state. MASKED: the
+    # row's ragged last tile (columns past V read as -inf); the others load without a mask.
+    z_s = _load_tile(s_row, cols, V, s_scale, s_cap, S_CAP, S_SCALED, MASKED)
+    m_s_new, l_s_new, d_s, e_s = _online_lse_lanes(m_s, l_s, z_s, inv_t, TEMPERED)
+    if ENTROPY:  # B against a zero "b" side: the same online update as kl's
+        zero = tl.zeros_like(m_s)
+        h_acc = _online_kl_update(h_acc, l_s, m_s, m_s_new, zero, zero, e_s, d_s, 0.0)
+    if HAS_SOFT:
+        z_t = _load_tile(t_row, cols, V, t_scale, t_cap, T_CAP, T_SCALED, MASKED)
+        m_t_new, l_t_new, d_t, e_t = _online_lse_lanes(m_t, l_t, z_t, inv_t, TEMPERED)
+        if DIV == KL:
+            acc = _online_kl_update(acc, l_t, m_t, m_t_new, m_s, m_s_new, e_t, d_t, d_s)
+        if DIV == REVERSE_KL:
+            acc = _online_kl_update(acc, l_s, m_s, m_s_new, m_t, m_t_new, e_s, d_s, d_t)
+        m_t = m_t_new
+        l_t = l_t_new
+    if CE_SEPARATE:
+        m_1, l_1, _d, _e = _online_lse_lanes(m_1, l_1, z_s, 1.0, False)
+    return m_s_new, l_s_new, m_t, l_t, m_1, l_1, acc, h_acc
+
+
+@triton.jit
 def _kd_fwd_kernel(
     s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, gs_ptr, gt_ptr, scale_ptr, ent_ptr,
     n_inner, s_stride_outer, s_stride_inner, t_stride_outer, t_stride_inner, scale_stride,
@@ -377,7 +447,7 @@ def _kd_fwd_kernel(
     HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
     NEEDS_PASS2: tl.constexpr, BREGMAN: tl.constexpr, HAS_SCALE_PTR: tl.constexpr,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, STORE_STATS: tl.constexpr,
-    ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, LANE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row, t_row, label, active = _row_start(
@@ -389,42 +459,46 @@ def _kd_fwd_kernel(
     offs = tl.arange(0, BLOCK_V)
 
     # ---- pass 1: online logsumexps (+ online kl / reverse_kl) ------------------------------
-    m_s = float("-inf")
-    l_s = 0.0
-    m_t = float("-inf")
-    l_t = 0.0
-    m_1 = float("-inf")
-    l_1 = 0.0
-    acc = 0.0
-    h_acc = 0.0
-    for k in range(0, n_live):
-        cols = k * BLOCK_V + offs
-        mask = cols < V
-        z_s = _load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP, S_SCALED)
-        x_s = _temper(z_s, inv_t, TEMPERED)
-        m_s_new = tl.maximum(m_s, tl.max(x_s, axis=0))
-        e_s = _exp(x_s - _shift(m_s_new))
-        if ENTROPY:  # B against a zero "b" side: the same online update as kl's
-            h_acc = _online_kl_update(h_acc, l_s, m_s, m_s_new, 0.0, 0.0, x_s, e_s, tl.zeros_like(e_s))
-        if HAS_SOFT:
-            x_t = _temper(_load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP, T_SCALED), inv_t,
-                          TEMPERED)
-            m_t_new = tl.maximum(m_t, tl.max(x_t, axis=0))
-            e_t = _exp(x_t - _shift(m_t_new))
-            if DIV == KL:
-                acc = _online_kl_update(acc, l_t, m_t, m_t_new, m_s, m_s_new, x_t, e_t, x_s)
-            if DIV == REVERSE_KL:
-                acc = _online_kl_update(acc, l_s, m_s, m_s_new, m_t, m_t_new, x_s, e_s, x_t)
-            l_t = l_t * _exp(m_t - _shift(m_t_new)) + tl.sum(e_t, axis=0)
-            m_t = m_t_new
-        l_s = l_s * _exp(m_s - _shift(m_s_new)) + tl.sum(e_s, axis=0)
-        m_s = m_s_new
-        if CE_SEPARATE:
-            m_1_new = tl.maximum(m_1, tl.max(z_s, axis=0))
-            l_1 = l_1 * _exp(m_1 - _shift(m_1_new)) + tl.sum(
-                _exp(z_s - _shift(m_1_new)), axis=0
-            )
-            m_1 = m_1_new
+    # The tile as (LANES, LANE): LANE columns a thread loads as one 16-byte vector. Each lane
+    # keeps its own running maxima, sums and kl accumulator, so the loop has no reduction
+    # across threads (no shared memory, no barrier); the lanes fold into the row's after it.
+    LANES: tl.constexpr = BLOCK_V // LANE
+    lane_offs = tl.arange(0, LANES)[:, None] * LANE + tl.arange(0, LANE)[None, :]
+    zero = tl.zeros([LANES], dtype=tl.float32)
+    m_s = zero + float("-inf")
+    l_s = zero
+    m_t = zero + float("-inf")
+    l_t = zero
+    m_1 = zero + float("-inf")
+    l_1 = zero
+    acc = zero
+    h_acc = zero
+    # full tiles unmasked, then the ragged last one (an inactive row reads none)
+    n_full = tl.where(active, V // BLOCK_V, 0)
+    for k in range(0, n_full):
+        m_s, l_s, m_t, l_t, m_1, l_1, acc, h_acc = _pass1_tile(
+            s_row, t_row, k * BLOCK_V + lane_offs, V, inv_t, s_scale, s_cap, t_scale, t_cap,
+            m_s, l_s, m_t, l_t, m_1, l_1, acc, h_acc,
+            DIV, S_CAP, T_CAP, S_SCALED, T_SCALED, TEMPERED, HAS_SOFT, CE_SEPARATE, ENTROPY, False,
+        )
+    for k in range(n_full, n_live):
+        m_s, l_s, m_t, l_t, m_1, l_1, acc, h_acc = _pass1_tile(
+            s_row, t_row, k * BLOCK_V + lane_offs, V, inv_t, s_scale, s_cap, t_scale, t_cap,
+            m_s, l_s, m_t, l_t, m_1, l_1, acc, h_acc,
+            DIV, S_CAP, T_CAP, S_SCALED, T_SCALED, TEMPERED, HAS_SOFT, CE_SEPARATE, ENTROPY, True,
+        )
+    # fold the lanes: the accumulators first (they move from the lanes' maxima to the row's)
+    m_s_row = tl.max(m_s, axis=0)
+    m_t_row = tl.max(m_t, axis=0)
+    if ENTROPY:
+        h_acc = tl.sum(_carry(h_acc, l_s, m_s, m_s_row, zero, zero), axis=0)
+    if DIV == KL:
+        acc = tl.sum(_carry(acc, l_t, m_t, m_t_row, m_s, m_s_row), axis=0)
+    if DIV == REVERSE_KL:
+        acc = tl.sum(_carry(acc, l_s, m_s, m_s_row, m_t, m_t_row), axis=0)
+    m_s, l_s = _fold_lse(m_s, l_s)
+    m_t, l_t = _fold_lse(m_t, l_t)
+    m_1, l_1 = _fold_lse(m_1, l_1)
     ll_s = tl.log(l_s)
     ll_t = tl.log(l_t)
     if HAS_SOFT:
@@ -582,6 +656,11 @@ def _block_v(vocab: int) -> int:
     return min(4096, triton.next_power_of_2(vocab))
 
 
+def _lane(block_v: int, *inputs) -> int:
+    """Columns per lane of the forward's first pass: one 16-byte load of the widest input."""
+    return max(1, min(block_v, 16 // max(x.element_size() for x in inputs)))
+
+
 def _num_warps(block_v: int) -> int:
     return 4 if block_v <= 1024 else 8 if block_v <= 4096 else 16
 
@@ -711,7 +790,8 @@ def kd_fwd(student, teacher, labels, cfg, divergence, *, grad_s=None, grad_t=Non
             loss_ptr=loss, stats_ptr=stats, STORE_STATS=store_stats,
             ent_ptr=entropy if entropy is not None else loss, ENTROPY=entropy is not None,
             NEEDS_PASS2=needs_pass2(divergence, cfg.temperature),
-            BREGMAN=bregman_sum(divergence, cfg.temperature, cfg.beta), **args,
+            BREGMAN=bregman_sum(divergence, cfg.temperature, cfg.beta),
+            LANE=_lane(args["BLOCK_V"], student, teacher), **args,
         )
     return loss, stats
 
