@@ -43,13 +43,16 @@ def kd_variants():
     out = []
     for div, (arch, full) in itertools.product(DIVERGENCES, [(90, True), (90, False), (80, True)]):
         code = DIVERGENCE_CODES[div]
-        flags = dict(DIV=code, S_CAP=full, T_CAP=full, HAS_LABELS=full, HAS_HARD=full,
+        # S_SCALED / T_SCALED / TEMPERED off: unit logit scales and T = 1 (the compiler drops
+        # the multiplies)
+        flags = dict(DIV=code, S_CAP=full, T_CAP=full, S_SCALED=full, T_SCALED=full,
+                     TEMPERED=full, HAS_LABELS=full, HAS_HARD=full,
                      HAS_SOFT=True, CE_SEPARATE=full, HAS_SCALE_PTR=full, GRAD_S=full,
                      GRAD_T=full, BLOCK_V=4096)
         # kl / reverse_kl: pass 2 above T = 4 (kernels.softmax_divergence.needs_pass2); its
         # Bregman terms at large T or beta near 0 / 1 (bregman_sum)
         fwd = dict(flags, NEEDS_PASS2=div not in ("kl", "reverse_kl") or full, BREGMAN=full,
-                   STORE_STATS=not full, ENTROPY=full)
+                   STORE_STATS=not full, ENTROPY=full, LANE=8)
         tag = f"{div}-sm{arch}-{'all' if full else 'min'}"
         out.append(dict(name=f"fwd-{tag}", module=KERNELS, kernel="_kd_fwd_kernel", consts=fwd,
                         pointer_types=ptrs("bf16"), arch=arch, num_warps=8))
@@ -57,12 +60,13 @@ def kd_variants():
             out.append(dict(name=f"bwd-{tag}", module=KERNELS, kernel="_kd_bwd_kernel",
                             consts=flags, pointer_types=ptrs("bf16"), arch=arch, num_warps=8))
     # other dtypes, int32 labels, 64-bit strides, the other tile sizes of the launcher
-    for dt, labels, int_type, block, warps in [("fp16", "i32", "i64", 1024, 4), ("fp32", "i64", "i32", 8192, 16)]:
-        flags = dict(DIV=0, S_CAP=True, T_CAP=False, HAS_LABELS=True, HAS_HARD=True,
+    for dt, labels, int_type, block, warps, lane in [("fp16", "i32", "i64", 1024, 4, 8),
+                                                     ("fp32", "i64", "i32", 8192, 16, 4)]:
+        flags = dict(DIV=0, S_CAP=True, T_CAP=False, S_SCALED=False, T_SCALED=True,
+                     TEMPERED=True, HAS_LABELS=True, HAS_HARD=True,
                      HAS_SOFT=True, CE_SEPARATE=False, HAS_SCALE_PTR=True, GRAD_S=True,
                      GRAD_T=True, NEEDS_PASS2=False, BREGMAN=False, STORE_STATS=True,
-                     ENTROPY=False,
-                     BLOCK_V=block)
+                     ENTROPY=False, BLOCK_V=block, LANE=lane)
         out.append(dict(name=f"fwd-kl-{dt}-{int_type}", module=KERNELS, kernel="_kd_fwd_kernel",
                         consts=flags, pointer_types=ptrs(dt, labels), arch=90, num_warps=warps,
                         int_type=int_type))
