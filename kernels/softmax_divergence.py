@@ -620,17 +620,22 @@ def _kd_bwd_kernel(
 
 
 @triton.jit
-def _kd_scale_grad_kernel(grad_ptr, scale_ptr, scale_stride, V, BLOCK_V: tl.constexpr):
-    # grad[row] *= scale[row]; a no-op decided on the device when the scale is 1 (the usual
-    # loss.backward()), so the backward of the gradient-in-forward mode costs nothing then.
-    row = tl.program_id(0).to(tl.int64)
-    scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
-    if scale != 1.0:
-        cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        ptr = grad_ptr + row * V + cols
-        g = tl.load(ptr, mask=mask).to(tl.float32)
-        tl.store(ptr, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+def _kd_scale_grad_kernel(grad_ptr, scale_ptr, scale_stride, n_rows, V, BLOCK_V: tl.constexpr):
+    # grad[row] *= scale[row], each program striding over the rows; a row is skipped on the
+    # device where its scale is exactly 1 (the usual loss.backward()), so that the backward of
+    # the gradient-in-forward mode then moves no gradient bytes, and its few programs
+    # (SCALE_GRAD_PROGRAMS) cost microseconds.
+    offs = tl.arange(0, BLOCK_V)
+    for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)  # row * V passes 2^31 at N = 16384, V = 128256
+        scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        if scale != 1.0:
+            for k in range(0, tl.cdiv(V, BLOCK_V)):
+                cols = k * BLOCK_V + offs
+                mask = cols < V
+                ptr = grad_ptr + row * V + cols
+                g = tl.load(ptr, mask=mask).to(tl.float32)
+                tl.store(ptr, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------
@@ -806,6 +811,12 @@ def kd_bwd(student, teacher, labels, stats, cfg, divergence, *, grad_s=None, gra
         _kd_bwd_kernel[(n_rows,)](stats_ptr=stats, **args)
 
 
+# Programs of the in-place gradient scaling: enough to stream a gradient that does need scaling
+# (a few waves of CTAs on any GPU), few enough that the usual no-op costs microseconds (one
+# program per (row, tile) was 524,288 programs at N = 16384, V = 128256).
+SCALE_GRAD_PROGRAMS = 1024
+
+
 def kd_scale_grad_(grad: torch.Tensor, scale: torch.Tensor):
     """grad (N, V, contiguous) *= scale (1 or N float32 values), skipped on the device where
     the scale is exactly 1."""
@@ -814,7 +825,8 @@ def kd_scale_grad_(grad: torch.Tensor, scale: torch.Tensor):
         return grad
     block = min(4096, triton.next_power_of_2(vocab))
     stride = scale.stride(0) if scale.numel() > 1 else 0
-    _kd_scale_grad_kernel[(n_rows, triton.cdiv(vocab, block))](
-        grad, scale, stride, vocab, BLOCK_V=block, num_warps=_num_warps(block), **LAUNCH_OPTIONS,
+    _kd_scale_grad_kernel[(min(n_rows, SCALE_GRAD_PROGRAMS),)](
+        grad, scale, stride, n_rows, vocab, BLOCK_V=block, num_warps=_num_warps(block),
+        **LAUNCH_OPTIONS,
     )
     return grad
