@@ -111,10 +111,13 @@ def topk_variants():
                     HAS_LABELS=full, HAS_HARD=full, HAS_SOFT=True, HAS_SCALE_PTR=full,
                     BLOCK_V=block_v, BLOCK_K=block_k)
 
-    def fwd(f, full, grad=None):
-        # TAIL_SUM: the bucket's precise tail sum above T = 4 (topk_divergence.TAIL_SUM_MIN_T)
+    def fwd(f, full, grad=None, lane=8):
+        # TAIL_SUM: the bucket's precise tail sum above T = 4 (topk_divergence.TAIL_SUM_MIN_T);
+        # S_SCALED / TEMPERED off: a unit logit scale and T = 1; LANE: the first pass's lane
+        # width (one 16-byte load: 8 for 16-bit logits, 4 for float32)
         return dict(f, CE_SEPARATE=full, GRAD_S=full if grad is None else grad, STORE_STATS=not full,
-                    TAIL_SUM=full and f["TAIL"] == TAIL_CODES["bucket"])
+                    TAIL_SUM=full and f["TAIL"] == TAIL_CODES["bucket"], S_SCALED=full,
+                    TEMPERED=full, LANE=lane)
 
     out = []
     # every divergence x tail, all options on, gradient in the forward (sm_90)
@@ -144,7 +147,8 @@ def topk_variants():
     ]:
         out.append(dict(name=f"fwd-skew_reverse_kl-bucket-{name}", module=module,
                         kernel="_topk_fwd_kernel",
-                        consts=fwd(flags("skew_reverse_kl", "bucket", True, block_k), True),
+                        consts=fwd(flags("skew_reverse_kl", "bucket", True, block_k), True,
+                                   lane=4 if pt["s_ptr"] == "fp32" else 8),
                         pointer_types=pt, arch=90, num_warps=warps, int_type=int_type))
     return out
 
