@@ -14,6 +14,9 @@ Forward, one program per row, the vocabulary streamed in tiles of BLOCK_V, fp32 
                KL(a || b) = A / l_a - log l_a + log l_b
            where A is rescaled by e^{m_a - m_a'} and shifted by l_a ((m_a - m_a') - (m_b - m_b'))
            whenever a running max moves (a = x_t, b = x_s for kl; swapped for reverse_kl).
+           These running values are kept per lane (the LANE columns a thread loads as one
+           16-byte vector) and the lanes fold into the row's after the loop by the same shift:
+           no reduction across threads per tile.
            Read: s, t once. Write: one float per row (and N_STATS stats floats).
   pass 2   jsd / tvd / skew_*: with both logsumexps known, D, S_q and S_p (below). Tiles in
            reverse order, so the first tiles re-read are the ones pass 1 read last. D is summed
@@ -524,12 +527,14 @@ def _kd_fwd_kernel(
         if NEEDS_PASS2:
             # every divergence but kl / reverse_kl at T <= ONE_PASS_MAX_T; D from the Bregman
             # terms of _div_term where the plain terms would lose precision (BREGMAN: large T,
-            # beta near 0 or 1; bregman_sum), else the plain terms d
-            d_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-            q_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-            p_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            # beta near 0 or 1; bregman_sum), else the plain terms d. The sums are kept per lane
+            # (each thread adds its LANE columns into one float per sum: 3 x 2 registers where
+            # BLOCK_V-wide accumulators took 3 x 16, at the same adds per element)
+            d_acc = zero
+            q_acc = zero
+            p_acc = zero
             for k in range(0, n_live):
-                cols = (n_live - 1 - k) * BLOCK_V + offs
+                cols = (n_live - 1 - k) * BLOCK_V + lane_offs
                 mask = cols < V
                 x_s = _temper(_load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP, S_SCALED),
                               inv_t, TEMPERED)
@@ -539,13 +544,12 @@ def _kd_fwd_kernel(
                 log_q = x_s - m_s - ll_s
                 p, q, d, qh, pu = _pointwise_b(log_p, log_q, beta, beta_c, DIV)
                 if BREGMAN:
-                    d_acc += _div_term(log_p, log_q, p, q,
-                                       _log_ratio(x_t, x_s, m_t, m_s, ll_t, ll_s), beta, beta_c, DIV)
-                else:
-                    d_acc += d
+                    d = _div_term(log_p, log_q, p, q, _log_ratio(x_t, x_s, m_t, m_s, ll_t, ll_s),
+                                  beta, beta_c, DIV)
+                d_acc += tl.sum(d, axis=1)
                 if DIV != KL and DIV != REVERSE_KL:
-                    q_acc += qh
-                    p_acc += pu
+                    q_acc += tl.sum(qh, axis=1)
+                    p_acc += tl.sum(pu, axis=1)
             div = tl.sum(d_acc, axis=0)
             s_q = tl.sum(q_acc, axis=0)
             s_p = tl.sum(p_acc, axis=0)
