@@ -14,6 +14,9 @@ Forward, one program per row, the vocabulary streamed in tiles of BLOCK_V, fp32 
                KL(a || b) = A / l_a - log l_a + log l_b
            where A is rescaled by e^{m_a - m_a'} and shifted by l_a ((m_a - m_a') - (m_b - m_b'))
            whenever a running max moves (a = x_t, b = x_s for kl; swapped for reverse_kl).
+           These running values are kept per lane (the LANE columns a thread loads as one
+           16-byte vector) and the lanes fold into the row's after the loop by the same shift:
+           no reduction across threads per tile.
            Read: s, t once. Write: one float per row (and N_STATS stats floats).
   pass 2   jsd / tvd / skew_*: with both logsumexps known, D, S_q and S_p (below). Tiles in
            reverse order, so the first tiles re-read are the ones pass 1 read last. D is summed
@@ -65,6 +68,16 @@ SKEW_KL = tl.constexpr(DIVERGENCE_CODES["skew_kl"])
 # (each logsumexp as its two terms m + log l: log q = (x - m) - log l keeps the precision
 # that folding them into one float loses when |m| is large), then D, S_q, S_p.
 N_STATS = tl.constexpr(16)
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _exp(x):
+    # e^x as one ex2.approx.ftz of x log2(e) (MUFU.EX2 and the multiply). tl.exp is the same
+    # ex2 without .ftz, which ptxas wraps in three more instructions to keep results below
+    # 2^-126 denormal: here they flush to 0, which every probability product already treats as
+    # an exact zero (the where(p != 0) masks), at a relative cost of e^-87 of the row's sum.
+    return tl.exp2(x * LOG2E)
 
 
 @triton.jit
@@ -72,28 +85,59 @@ def _softcap(z, cap):
     # cap * tanh(z / cap) from one exp of a non-positive argument (no overflow);
     # -inf (masked vocabulary) stays -inf.
     y = z / cap
-    e = tl.exp(-2.0 * tl.abs(y))
+    e = _exp(-2.0 * tl.abs(y))
     th = (1.0 - e) / (1.0 + e)
     th = tl.where(y < 0, -th, th)
     return tl.where(z == float("-inf"), z, cap * th)
 
 
 @triton.jit
-def _load_logits(ptr, cols, mask, scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    # one model's transformed logits cap(scale * z); scale > 0 keeps -inf at -inf
-    z = tl.load(ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * scale
+def _load_logits(ptr, cols, mask, scale, softcap, HAS_SOFTCAP: tl.constexpr,
+                 SCALED: tl.constexpr = True):
+    # one model's transformed logits cap(scale * z); scale > 0 keeps -inf at -inf.
+    # SCALED=False: the scale is 1 (the usual case), known to the compiler: no multiply.
+    z = tl.load(ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    return _transform(z, scale, softcap, HAS_SOFTCAP, SCALED)
+
+
+@triton.jit
+def _transform(z, scale, softcap, HAS_SOFTCAP: tl.constexpr, SCALED: tl.constexpr):
+    if SCALED:
+        z = z * scale
     if HAS_SOFTCAP:
         z = _softcap(z, softcap)
     return z
 
 
 @triton.jit
-def _transform_slope(g, z, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+def _load_tile(ptr, cols, V, scale, softcap, HAS_SOFTCAP: tl.constexpr, SCALED: tl.constexpr,
+               MASKED: tl.constexpr):
+    # _load_logits of a tile; MASKED=False: a tile wholly inside the row, loaded without a mask
+    if MASKED:
+        z = tl.load(ptr + cols, mask=cols < V, other=float("-inf"))
+    else:
+        z = tl.load(ptr + cols)
+    return _transform(z.to(tl.float32), scale, softcap, HAS_SOFTCAP, SCALED)
+
+
+@triton.jit
+def _transform_slope(g, z, scale, softcap, HAS_SOFTCAP: tl.constexpr,
+                     SCALED: tl.constexpr = True):
     # g times d cap(scale x) / dx at the transformed z: scale (1 - (z / c)^2), 0 at -inf
     if HAS_SOFTCAP:
         th = z / softcap
         g = g * tl.where(z == float("-inf"), 0.0, 1.0 - th * th)
-    return g * scale
+    if SCALED:
+        g = g * scale
+    return g
+
+
+@triton.jit
+def _temper(z, inv_t, TEMPERED: tl.constexpr):
+    # x = z / T as z times 1 / T; TEMPERED=False: T = 1, known to the compiler
+    if TEMPERED:
+        z = z * inv_t
+    return z
 
 
 @triton.jit
@@ -111,20 +155,45 @@ def _shift(m):
 
 
 @triton.jit
-def _online_kl_update(acc, l_a, m_a, m_a_new, m_b, m_b_new, x_a, e_a, x_b):
-    # acc = sum e^{a - m_a} ((a - m_a) - (b - m_b)) over the tiles seen so far; move it to the
-    # new maxima, then add this tile. Maxima are used as shifts (_shift: infinite -> 0), which
-    # keeps a student row that is -inf so far at +inf instead of NaN. A term whose weight
-    # e^{a - m_a} is 0 (a masked entry, or one that underflows: logits 1e38 apart) is 0, as
-    # torch's p = 0 is, even where the log-ratio beside it overflows to infinity; so is the
-    # carried sum when its rescale factor underflows.
+def _carry(acc, l_a, m_a, m_a_new, m_b, m_b_new):
+    # acc = sum e^{a - m_a} ((a - m_a) - (b - m_b)) (l_a = sum e^{a - m_a}) moved to the maxima
+    # m_a_new >= m_a, m_b_new >= m_b. Maxima are used as shifts (_shift: infinite -> 0), which
+    # keeps a student row that is -inf so far at +inf instead of NaN. The carried sum is 0 when
+    # its rescale factor underflows (logits 1e38 apart), as torch's p = 0 is.
     ma, ma_new = _shift(m_a), _shift(m_a_new)
     mb, mb_new = _shift(m_b), _shift(m_b_new)
-    f = tl.exp(ma - ma_new)
+    f = _exp(ma - ma_new)
     # (f applied to each part first: l_a times a log-ratio of 1e38 may overflow, f l_a times it not)
-    carried = tl.where((l_a > 0) & (f != 0), f * acc + (f * l_a) * ((ma - ma_new) - (mb - mb_new)), 0.0)
-    terms = tl.where(e_a != 0, e_a * ((x_a - ma_new) - (x_b - mb_new)), 0.0)
-    return carried + tl.sum(terms, axis=0)
+    return tl.where((l_a > 0) & (f != 0), f * acc + (f * l_a) * ((ma - ma_new) - (mb - mb_new)), 0.0)
+
+
+@triton.jit
+def _online_kl_update(acc, l_a, m_a, m_a_new, m_b, m_b_new, e_a, d_a, d_b):
+    # _carry's acc per lane (a row of the (LANES, LANE) tile), moved to the new lane maxima,
+    # plus this tile's terms, d = x - shift(m_new) and e_a = e^{d_a}. A term whose weight e_a is
+    # 0 (a masked entry, or one that underflows) is 0, as torch's p = 0 is, even where the
+    # log-ratio beside it overflows to infinity.
+    terms = tl.where(e_a != 0, e_a * (d_a - d_b), 0.0)
+    return _carry(acc, l_a, m_a, m_a_new, m_b, m_b_new) + tl.sum(terms, axis=1)
+
+
+@triton.jit
+def _online_lse_lanes(m, l, z, inv_t, TEMPERED: tl.constexpr):
+    # the lanes' running max m and sum l of e^{x - m}, x = z / T, with tile z folded in; also
+    # d = x - shift(m) and e^d (the kl accumulators reuse them). The max is taken of z and then
+    # tempered (the same float: rounding is monotonic), so that x is never rounded on its own:
+    # d is one FFMA z (1 / T) - shift(m).
+    m_new = tl.maximum(m, _temper(tl.max(z, axis=1), inv_t, TEMPERED))
+    d = _temper(z, inv_t, TEMPERED) - _shift(m_new)[:, None]
+    e = _exp(d)
+    return m_new, l * _exp(m - _shift(m_new)) + tl.sum(e, axis=1), d, e
+
+
+@triton.jit
+def _fold_lse(m, l):
+    # the row's max and sum of e^{x - max} from its lanes'
+    m_row = tl.max(m, axis=0)
+    return m_row, tl.sum(l * _exp(m - _shift(m_row)), axis=0)
 
 
 @triton.jit
@@ -140,8 +209,8 @@ def _pointwise_b(log_p, log_q, beta, beta_c, DIV: tl.constexpr):
     # Every product with a probability is masked where that probability is exactly 0, so
     # entries that are -inf in the logits contribute 0 and never NaN, while a NaN probability
     # (a NaN logit in the row) is kept and propagates.
-    p = tl.exp(log_p)
-    q = tl.exp(log_q)
+    p = _exp(log_p)
+    q = _exp(log_q)
     if DIV == KL:
         d = tl.where(p != 0, p * (log_p - log_q), 0.0)
         qh = -p
@@ -212,7 +281,7 @@ def _log_ratio_to_mixture(log_a, log_m, w, weight_other):
     # log(a / m), m = (1 - weight_other) a + weight_other b, from w = log(a / b): -log1p(y),
     # y = weight_other expm1(-w), where |w| or |y| is small (reference: _log_ratio_to_mixture)
     small_w = tl.abs(w) < 0.25
-    y = weight_other * tl.where(small_w, _expm1_small(-tl.where(small_w, w, 0.0)), tl.exp(-w) - 1.0)
+    y = weight_other * tl.where(small_w, _expm1_small(-tl.where(small_w, w, 0.0)), _exp(-w) - 1.0)
     small = small_w | (tl.abs(y) < 0.25)
     return tl.where(small, -_log1p_small(tl.where(small, y, 0.0)), log_a - log_m)
 
@@ -258,6 +327,7 @@ def _grad_pass(
     DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, HAS_HARD: tl.constexpr,
     HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK_V: tl.constexpr,
+    S_SCALED: tl.constexpr = True, T_SCALED: tl.constexpr = True, TEMPERED: tl.constexpr = True,
 ):
     # Writes every element of the gradient rows (zeros for an ignored row, whose loads are
     # masked off so they move no bytes). Tiles in reverse order: see the module docstring.
@@ -266,27 +336,27 @@ def _grad_pass(
         cols = (n_tiles - 1 - k) * BLOCK_V + offs
         in_row = cols < V
         mask = in_row & active
-        z_s = _load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP)
-        x_s = z_s * inv_t
+        z_s = _load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP, S_SCALED)
+        x_s = _temper(z_s, inv_t, TEMPERED)
         g_s = tl.zeros([BLOCK_V], dtype=tl.float32)
         g_t = tl.zeros([BLOCK_V], dtype=tl.float32)
         if HAS_SOFT:
-            z_t = _load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP)
-            p, q, d, qh, pu = _pointwise_b(z_t * inv_t - m_t - ll_t, x_s - m_s - ll_s, beta, beta_c, DIV)
+            z_t = _load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP, T_SCALED)
+            p, q, d, qh, pu = _pointwise_b(_temper(z_t, inv_t, TEMPERED) - m_t - ll_t, x_s - m_s - ll_s, beta, beta_c, DIV)
             g_s = soft_coef * (qh - q * s_q)
             g_t = soft_coef * (pu - p * s_p)
         if HAS_HARD:
             if CE_SEPARATE:
-                soft1 = tl.exp(z_s - m_1 - ll_1)
+                soft1 = _exp(z_s - m_1 - ll_1)
             else:
-                soft1 = tl.exp(x_s - m_s - ll_s)
+                soft1 = _exp(x_s - m_s - ll_s)
             g_s += hard_weight * (soft1 - tl.where(cols == label, 1.0, 0.0))
         if GRAD_S:
-            g_s = _transform_slope(g_s, z_s, s_scale, s_cap, S_CAP)
+            g_s = _transform_slope(g_s, z_s, s_scale, s_cap, S_CAP, S_SCALED)
             g_s = tl.where(active, g_s * row_scale, 0.0)
             tl.store(gs_row + cols, g_s.to(gs_row.dtype.element_ty), mask=in_row)
         if GRAD_T:
-            g_t = _transform_slope(g_t, z_t, t_scale, t_cap, T_CAP)
+            g_t = _transform_slope(g_t, z_t, t_scale, t_cap, T_CAP, T_SCALED)
             g_t = tl.where(active, g_t * row_scale, 0.0)
             tl.store(gt_row + cols, g_t.to(gt_row.dtype.element_ty), mask=in_row)
 
@@ -341,16 +411,46 @@ def _row_start(row, s_ptr, t_ptr, labels_ptr, n_inner, s_stride_outer, s_stride_
 
 
 @triton.jit
+def _pass1_tile(
+    s_row, t_row, cols, V, inv_t, s_scale, s_cap, t_scale, t_cap,
+    m_s, l_s, m_t, l_t, m_1, l_1, acc, h_acc,
+    DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, S_SCALED: tl.constexpr,
+    T_SCALED: tl.constexpr, TEMPERED: tl.constexpr, HAS_SOFT: tl.constexpr,
+    CE_SEPARATE: tl.constexpr, ENTROPY: tl.constexpr, MASKED: tl.constexpr,
+):
+    # One (LANES, LANE) tile of the forward's pass 1 folded into the lanes' state. MASKED: the
+    # row's ragged last tile (columns past V read as -inf); the others load without a mask.
+    z_s = _load_tile(s_row, cols, V, s_scale, s_cap, S_CAP, S_SCALED, MASKED)
+    m_s_new, l_s_new, d_s, e_s = _online_lse_lanes(m_s, l_s, z_s, inv_t, TEMPERED)
+    if ENTROPY:  # B against a zero "b" side: the same online update as kl's
+        zero = tl.zeros_like(m_s)
+        h_acc = _online_kl_update(h_acc, l_s, m_s, m_s_new, zero, zero, e_s, d_s, 0.0)
+    if HAS_SOFT:
+        z_t = _load_tile(t_row, cols, V, t_scale, t_cap, T_CAP, T_SCALED, MASKED)
+        m_t_new, l_t_new, d_t, e_t = _online_lse_lanes(m_t, l_t, z_t, inv_t, TEMPERED)
+        if DIV == KL:
+            acc = _online_kl_update(acc, l_t, m_t, m_t_new, m_s, m_s_new, e_t, d_t, d_s)
+        if DIV == REVERSE_KL:
+            acc = _online_kl_update(acc, l_s, m_s, m_s_new, m_t, m_t_new, e_s, d_s, d_t)
+        m_t = m_t_new
+        l_t = l_t_new
+    if CE_SEPARATE:
+        m_1, l_1, _d, _e = _online_lse_lanes(m_1, l_1, z_s, 1.0, False)
+    return m_s_new, l_s_new, m_t, l_t, m_1, l_1, acc, h_acc
+
+
+@triton.jit
 def _kd_fwd_kernel(
     s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, gs_ptr, gt_ptr, scale_ptr, ent_ptr,
     n_inner, s_stride_outer, s_stride_inner, t_stride_outer, t_stride_inner, scale_stride,
     V, inv_t, s_scale, s_cap, t_scale, t_cap, beta, beta_c, hard_weight, soft_scale, grad_scale,
     ignore_index,
-    DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, HAS_LABELS: tl.constexpr,
+    DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, S_SCALED: tl.constexpr,
+    T_SCALED: tl.constexpr, TEMPERED: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
     NEEDS_PASS2: tl.constexpr, BREGMAN: tl.constexpr, HAS_SCALE_PTR: tl.constexpr,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, STORE_STATS: tl.constexpr,
-    ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, LANE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row, t_row, label, active = _row_start(
@@ -362,41 +462,46 @@ def _kd_fwd_kernel(
     offs = tl.arange(0, BLOCK_V)
 
     # ---- pass 1: online logsumexps (+ online kl / reverse_kl) ------------------------------
-    m_s = float("-inf")
-    l_s = 0.0
-    m_t = float("-inf")
-    l_t = 0.0
-    m_1 = float("-inf")
-    l_1 = 0.0
-    acc = 0.0
-    h_acc = 0.0
-    for k in range(0, n_live):
-        cols = k * BLOCK_V + offs
-        mask = cols < V
-        z_s = _load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP)
-        x_s = z_s * inv_t
-        m_s_new = tl.maximum(m_s, tl.max(x_s, axis=0))
-        e_s = tl.exp(x_s - _shift(m_s_new))
-        if ENTROPY:  # B against a zero "b" side: the same online update as kl's
-            h_acc = _online_kl_update(h_acc, l_s, m_s, m_s_new, 0.0, 0.0, x_s, e_s, tl.zeros_like(e_s))
-        if HAS_SOFT:
-            x_t = _load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP) * inv_t
-            m_t_new = tl.maximum(m_t, tl.max(x_t, axis=0))
-            e_t = tl.exp(x_t - _shift(m_t_new))
-            if DIV == KL:
-                acc = _online_kl_update(acc, l_t, m_t, m_t_new, m_s, m_s_new, x_t, e_t, x_s)
-            if DIV == REVERSE_KL:
-                acc = _online_kl_update(acc, l_s, m_s, m_s_new, m_t, m_t_new, x_s, e_s, x_t)
-            l_t = l_t * tl.exp(m_t - _shift(m_t_new)) + tl.sum(e_t, axis=0)
-            m_t = m_t_new
-        l_s = l_s * tl.exp(m_s - _shift(m_s_new)) + tl.sum(e_s, axis=0)
-        m_s = m_s_new
-        if CE_SEPARATE:
-            m_1_new = tl.maximum(m_1, tl.max(z_s, axis=0))
-            l_1 = l_1 * tl.exp(m_1 - _shift(m_1_new)) + tl.sum(
-                tl.exp(z_s - _shift(m_1_new)), axis=0
-            )
-            m_1 = m_1_new
+    # The tile as (LANES, LANE): LANE columns a thread loads as one 16-byte vector. Each lane
+    # keeps its own running maxima, sums and kl accumulator, so the loop has no reduction
+    # across threads (no shared memory, no barrier); the lanes fold into the row's after it.
+    LANES: tl.constexpr = BLOCK_V // LANE
+    lane_offs = tl.arange(0, LANES)[:, None] * LANE + tl.arange(0, LANE)[None, :]
+    zero = tl.zeros([LANES], dtype=tl.float32)
+    m_s = zero + float("-inf")
+    l_s = zero
+    m_t = zero + float("-inf")
+    l_t = zero
+    m_1 = zero + float("-inf")
+    l_1 = zero
+    acc = zero
+    h_acc = zero
+    # full tiles unmasked, then the ragged last one (an inactive row reads none)
+    n_full = tl.where(active, V // BLOCK_V, 0)
+    for k in range(0, n_full):
+        m_s, l_s, m_t, l_t, m_1, l_1, acc, h_acc = _pass1_tile(
+            s_row, t_row, k * BLOCK_V + lane_offs, V, inv_t, s_scale, s_cap, t_scale, t_cap,
+            m_s, l_s, m_t, l_t, m_1, l_1, acc, h_acc,
+            DIV, S_CAP, T_CAP, S_SCALED, T_SCALED, TEMPERED, HAS_SOFT, CE_SEPARATE, ENTROPY, False,
+        )
+    for k in range(n_full, n_live):
+        m_s, l_s, m_t, l_t, m_1, l_1, acc, h_acc = _pass1_tile(
+            s_row, t_row, k * BLOCK_V + lane_offs, V, inv_t, s_scale, s_cap, t_scale, t_cap,
+            m_s, l_s, m_t, l_t, m_1, l_1, acc, h_acc,
+            DIV, S_CAP, T_CAP, S_SCALED, T_SCALED, TEMPERED, HAS_SOFT, CE_SEPARATE, ENTROPY, True,
+        )
+    # fold the lanes: the accumulators first (they move from the lanes' maxima to the row's)
+    m_s_row = tl.max(m_s, axis=0)
+    m_t_row = tl.max(m_t, axis=0)
+    if ENTROPY:
+        h_acc = tl.sum(_carry(h_acc, l_s, m_s, m_s_row, zero, zero), axis=0)
+    if DIV == KL:
+        acc = tl.sum(_carry(acc, l_t, m_t, m_t_row, m_s, m_s_row), axis=0)
+    if DIV == REVERSE_KL:
+        acc = tl.sum(_carry(acc, l_s, m_s, m_s_row, m_t, m_t_row), axis=0)
+    m_s, l_s = _fold_lse(m_s, l_s)
+    m_t, l_t = _fold_lse(m_t, l_t)
+    m_1, l_1 = _fold_lse(m_1, l_1)
     ll_s = tl.log(l_s)
     ll_t = tl.log(l_t)
     if HAS_SOFT:
@@ -422,26 +527,29 @@ def _kd_fwd_kernel(
         if NEEDS_PASS2:
             # every divergence but kl / reverse_kl at T <= ONE_PASS_MAX_T; D from the Bregman
             # terms of _div_term where the plain terms would lose precision (BREGMAN: large T,
-            # beta near 0 or 1; bregman_sum), else the plain terms d
-            d_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-            q_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-            p_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            # beta near 0 or 1; bregman_sum), else the plain terms d. The sums are kept per lane
+            # (each thread adds its LANE columns into one float per sum: 3 x 2 registers where
+            # BLOCK_V-wide accumulators took 3 x 16, at the same adds per element)
+            d_acc = zero
+            q_acc = zero
+            p_acc = zero
             for k in range(0, n_live):
-                cols = (n_live - 1 - k) * BLOCK_V + offs
+                cols = (n_live - 1 - k) * BLOCK_V + lane_offs
                 mask = cols < V
-                x_s = _load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP) * inv_t
-                x_t = _load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP) * inv_t
+                x_s = _temper(_load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP, S_SCALED),
+                              inv_t, TEMPERED)
+                x_t = _temper(_load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP, T_SCALED),
+                              inv_t, TEMPERED)
                 log_p = x_t - m_t - ll_t
                 log_q = x_s - m_s - ll_s
                 p, q, d, qh, pu = _pointwise_b(log_p, log_q, beta, beta_c, DIV)
                 if BREGMAN:
-                    d_acc += _div_term(log_p, log_q, p, q,
-                                       _log_ratio(x_t, x_s, m_t, m_s, ll_t, ll_s), beta, beta_c, DIV)
-                else:
-                    d_acc += d
+                    d = _div_term(log_p, log_q, p, q, _log_ratio(x_t, x_s, m_t, m_s, ll_t, ll_s),
+                                  beta, beta_c, DIV)
+                d_acc += tl.sum(d, axis=1)
                 if DIV != KL and DIV != REVERSE_KL:
-                    q_acc += qh
-                    p_acc += pu
+                    q_acc += tl.sum(qh, axis=1)
+                    p_acc += tl.sum(pu, axis=1)
             div = tl.sum(d_acc, axis=0)
             s_q = tl.sum(q_acc, axis=0)
             s_p = tl.sum(p_acc, axis=0)
@@ -481,6 +589,7 @@ def _kd_fwd_kernel(
             row_scale,
             m_s, ll_s, m_t, ll_t, m_1, ll_1, s_q, s_p,
             DIV, S_CAP, T_CAP, HAS_HARD, HAS_SOFT, CE_SEPARATE, GRAD_S, GRAD_T, BLOCK_V,
+            S_SCALED, T_SCALED, TEMPERED,
         )
 
 
@@ -490,7 +599,8 @@ def _kd_bwd_kernel(
     n_inner, s_stride_outer, s_stride_inner, t_stride_outer, t_stride_inner, scale_stride,
     V, inv_t, s_scale, s_cap, t_scale, t_cap, beta, beta_c, hard_weight, soft_scale, grad_scale,
     ignore_index,
-    DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, HAS_LABELS: tl.constexpr,
+    DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, S_SCALED: tl.constexpr,
+    T_SCALED: tl.constexpr, TEMPERED: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
     HAS_SCALE_PTR: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -509,21 +619,27 @@ def _kd_bwd_kernel(
         tl.load(st + 0), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3), tl.load(st + 4),
         tl.load(st + 5), tl.load(st + 7), tl.load(st + 8),
         DIV, S_CAP, T_CAP, HAS_HARD, HAS_SOFT, CE_SEPARATE, GRAD_S, GRAD_T, BLOCK_V,
+        S_SCALED, T_SCALED, TEMPERED,
     )
 
 
 @triton.jit
-def _kd_scale_grad_kernel(grad_ptr, scale_ptr, scale_stride, V, BLOCK_V: tl.constexpr):
-    # grad[row] *= scale[row]; a no-op decided on the device when the scale is 1 (the usual
-    # loss.backward()), so the backward of the gradient-in-forward mode costs nothing then.
-    row = tl.program_id(0).to(tl.int64)
-    scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
-    if scale != 1.0:
-        cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        ptr = grad_ptr + row * V + cols
-        g = tl.load(ptr, mask=mask).to(tl.float32)
-        tl.store(ptr, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+def _kd_scale_grad_kernel(grad_ptr, scale_ptr, scale_stride, n_rows, V, BLOCK_V: tl.constexpr):
+    # grad[row] *= scale[row], each program striding over the rows; a row is skipped on the
+    # device where its scale is exactly 1 (the usual loss.backward()), so that the backward of
+    # the gradient-in-forward mode then moves no gradient bytes, and its few programs
+    # (SCALE_GRAD_PROGRAMS) cost microseconds.
+    offs = tl.arange(0, BLOCK_V)
+    for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)  # row * V passes 2^31 at N = 16384, V = 128256
+        scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        if scale != 1.0:
+            for k in range(0, tl.cdiv(V, BLOCK_V)):
+                cols = k * BLOCK_V + offs
+                mask = cols < V
+                ptr = grad_ptr + row * V + cols
+                g = tl.load(ptr, mask=mask).to(tl.float32)
+                tl.store(ptr, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------
@@ -547,6 +663,11 @@ def _block_v(vocab: int) -> int:
     if BLOCK_V_OVERRIDE is not None:
         return BLOCK_V_OVERRIDE
     return min(4096, triton.next_power_of_2(vocab))
+
+
+def _lane(block_v: int, *inputs) -> int:
+    """Columns per lane of the forward's first pass: one 16-byte load of the widest input."""
+    return max(1, min(block_v, 16 // max(x.element_size() for x in inputs)))
 
 
 def _num_warps(block_v: int) -> int:
@@ -622,6 +743,10 @@ def _launch_args(student, teacher, labels, cfg, divergence, grad_s, grad_t, grad
         t_stride_outer=so_t, t_stride_inner=si_t,
         scale_stride=scale.stride(0) if scale is not None and scale.numel() > 1 else 0,
         V=vocab, inv_t=1.0 / cfg.temperature, **transform_args(cfg),
+        # the identity scales and T = 1 as compile-time facts: no multiply per element
+        S_SCALED=float(cfg.student_logit_scale) != 1.0,
+        T_SCALED=float(cfg.teacher_logit_scale) != 1.0,
+        TEMPERED=float(cfg.temperature) != 1.0,
         beta=float(cfg.beta), beta_c=1.0 - float(cfg.beta),  # 1 - beta before rounding to float32
         hard_weight=float(cfg.hard_weight), soft_scale=float(cfg.soft_scale),
         grad_scale=float(grad_scale), ignore_index=int(cfg.ignore_index),
@@ -674,7 +799,8 @@ def kd_fwd(student, teacher, labels, cfg, divergence, *, grad_s=None, grad_t=Non
             loss_ptr=loss, stats_ptr=stats, STORE_STATS=store_stats,
             ent_ptr=entropy if entropy is not None else loss, ENTROPY=entropy is not None,
             NEEDS_PASS2=needs_pass2(divergence, cfg.temperature),
-            BREGMAN=bregman_sum(divergence, cfg.temperature, cfg.beta), **args,
+            BREGMAN=bregman_sum(divergence, cfg.temperature, cfg.beta),
+            LANE=_lane(args["BLOCK_V"], student, teacher), **args,
         )
     return loss, stats
 
@@ -689,6 +815,12 @@ def kd_bwd(student, teacher, labels, stats, cfg, divergence, *, grad_s=None, gra
         _kd_bwd_kernel[(n_rows,)](stats_ptr=stats, **args)
 
 
+# Programs of the in-place gradient scaling: enough to stream a gradient that does need scaling
+# (a few waves of CTAs on any GPU), few enough that the usual no-op costs microseconds (one
+# program per (row, tile) was 524,288 programs at N = 16384, V = 128256).
+SCALE_GRAD_PROGRAMS = 1024
+
+
 def kd_scale_grad_(grad: torch.Tensor, scale: torch.Tensor):
     """grad (N, V, contiguous) *= scale (1 or N float32 values), skipped on the device where
     the scale is exactly 1."""
@@ -697,7 +829,8 @@ def kd_scale_grad_(grad: torch.Tensor, scale: torch.Tensor):
         return grad
     block = min(4096, triton.next_power_of_2(vocab))
     stride = scale.stride(0) if scale.numel() > 1 else 0
-    _kd_scale_grad_kernel[(n_rows, triton.cdiv(vocab, block))](
-        grad, scale, stride, vocab, BLOCK_V=block, num_warps=_num_warps(block), **LAUNCH_OPTIONS,
+    _kd_scale_grad_kernel[(min(n_rows, SCALE_GRAD_PROGRAMS),)](
+        grad, scale, stride, n_rows, vocab, BLOCK_V=block, num_warps=_num_warps(block),
+        **LAUNCH_OPTIONS,
     )
     return grad

@@ -56,12 +56,17 @@ import triton.language as tl
 from pydistill.kernels.softmax_divergence import (
     DIVERGENCE_CODES,
     _div_term,
+    _exp,
     _expm1_small,
+    _fold_lse,
     _flag,
     _finite_or_zero,
     _hard_ce,
     _load_logits,
     _log1p_small,
+    _online_lse_lanes,
+    _temper,
+    _transform,
     _transform_slope,
     _pointwise_b,
     _row_offset,
@@ -81,27 +86,25 @@ N_STATS = tl.constexpr(8)
 
 
 @triton.jit
-def _online_lse(m, l, x):
-    # fold tile x into the running max m and sum l of e^{x - m}
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    m_f = _shift(m_new)
-    return m_new, l * tl.exp(m - m_f) + tl.sum(tl.exp(x - m_f), axis=0)
+def _shift_expm1(e, n, m_old, m_new):
+    # E = sum (e^{x_j - m} - 1) over n columns moved to the max m_new >= m: E' = e^{d} E + n
+    # expm1(d), d = m - m' <= 0; no term changes sign, so E keeps its relative rounding (a
+    # near-uniform tail's log-sum log M + log1p(E / M) then rounds relative to its O(1/T) part,
+    # not at the size of log M)
+    d = _shift(m_old) - _shift(m_new)
+    small = tl.abs(d) < 0.25
+    em1 = tl.where(small, _expm1_small(tl.where(small, d, 0.0)), _exp(d) - 1.0)
+    return _exp(d) * e + n * em1
 
 
 @triton.jit
-def _online_expm1(m_old, m_new, e, n, x, off):
-    # E = sum e^{x_j - m} - 1 over the off-support columns seen so far (``off``: this tile's),
-    # re-shifted as the running max moves: E' = e^{d} E + n expm1(d), d = m - m' <= 0; no term
-    # changes sign, so E keeps its relative rounding (a near-uniform tail's log-sum
-    # log M + log1p(E / M) then rounds relative to its O(1/T) part, not at the size of log M)
-    d = _shift(m_old) - _shift(m_new)
-    small = tl.abs(d) < 0.25
-    em1 = tl.where(small, _expm1_small(tl.where(small, d, 0.0)), tl.exp(d) - 1.0)
-    u = x - _shift(m_new)
-    small_u = tl.abs(u) < 0.25
-    t = tl.where(small_u, _expm1_small(tl.where(small_u, u, 0.0)), tl.exp(u) - 1.0)
-    e = tl.exp(d) * e + n * em1 + tl.sum(tl.where(off, t, 0.0), axis=0)
-    return e, n + tl.sum(off.to(tl.float32), axis=0)
+def _online_expm1(m_old, m_new, e, n, d, off):
+    # the lanes' E (_shift_expm1) over the off-support columns seen so far, with this tile's
+    # (``off``; d = x - shift(m_new), per lane) added
+    small_u = tl.abs(d) < 0.25
+    t = tl.where(small_u, _expm1_small(tl.where(small_u, d, 0.0)), _exp(d) - 1.0)
+    e = _shift_expm1(e, n, m_old, m_new) + tl.sum(tl.where(off, t, 0.0), axis=1)
+    return e, n + tl.sum(off.to(tl.float32), axis=1)
 
 
 @triton.jit
@@ -134,7 +137,7 @@ def _teacher(lp_row, k_offs, mask, V, n_k, power, TAIL: tl.constexpr):
     scaled = lp * power
     if TAIL == RENORMALIZE:
         m = _finite_or_zero(tl.max(scaled, axis=0))
-        ll = tl.log(tl.sum(tl.exp(scaled - m), axis=0))
+        ll = tl.log(tl.sum(_exp(scaled - m), axis=0))
         log_p = (scaled - m) - ll
         log_p_tail = float("-inf")
         y_off = float("-inf")
@@ -151,7 +154,7 @@ def _teacher(lp_row, k_offs, mask, V, n_k, power, TAIL: tl.constexpr):
         log_tail = tl.where(has_tail, log_tail, float("-inf"))
         y_off = tl.where(has_tail, y_off, float("-inf"))
         m = _finite_or_zero(tl.maximum(tl.max(scaled, axis=0), log_tail))
-        log_z = m + tl.log(tl.sum(tl.exp(scaled - m), axis=0) + tl.exp(log_tail - m))
+        log_z = m + tl.log(tl.sum(_exp(scaled - m), axis=0) + _exp(log_tail - m))
         log_p = scaled - log_z
         log_p_tail = log_tail - log_z
     return log_p, log_p_tail, scaled, log_z, y_off
@@ -174,7 +177,7 @@ def _soft_terms(lp_row, k_offs, t_mask, x_sup, V, n_k, power, beta, beta_c, m_al
     y64 = tl.where(t_mask, y_t, float("-inf")).to(f64)
     if TAIL == RENORMALIZE:
         m_s = _finite_or_zero(tl.max(x_sup, axis=0))
-        ll_s = tl.log(tl.sum(tl.exp(x_sup - m_s), axis=0))
+        ll_s = tl.log(tl.sum(_exp(x_sup - m_s), axis=0))
         a_q = x_sup - m_s
         log_q = a_q - ll_s
         m_t = _finite_or_zero(tl.max(y64, axis=0))
@@ -225,7 +228,7 @@ def _soft_terms(lp_row, k_offs, t_mask, x_sup, V, n_k, power, beta, beta_c, m_al
             s_q += qh_t
             c_off = qh_t - s_q * q_t
         else:
-            c_off = -s_q * tl.exp(log_q_tail)
+            c_off = -s_q * _exp(log_q_tail)
     if TAIL != IGNORE:
         div = tl.where(bad, plain, div)
     div = tl.where(nan_row, float("nan"), div)
@@ -251,9 +254,9 @@ def _grad_pass(
             if HAS_SOFT and TAIL != RENORMALIZE:
                 # q_j / Q_tail; 0 at masked entries and in a row with no off-support mass
                 x = z * inv_t
-                g = (soft_coef * c_off) * tl.where(x == float("-inf"), 0.0, tl.exp((x - m_off) - ll_off))
+                g = (soft_coef * c_off) * tl.where(x == float("-inf"), 0.0, _exp((x - m_off) - ll_off))
             if HAS_HARD:
-                g += hard_weight * (tl.exp((z - m_1) - ll_1) - tl.where(cols == label, 1.0, 0.0))
+                g += hard_weight * (_exp((z - m_1) - ll_1) - tl.where(cols == label, 1.0, 0.0))
             g = _transform_slope(g, z, s_scale, s_cap, S_CAP)
             g = tl.where(active, g * row_scale, 0.0)
         tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=in_row)
@@ -264,7 +267,7 @@ def _grad_pass(
     if HAS_SOFT:
         gm = soft_coef * member
     if HAS_HARD:
-        gm += hard_weight * (tl.exp((z_sup - m_1) - ll_1) - tl.where(idx == label, 1.0, 0.0))
+        gm += hard_weight * (_exp((z_sup - m_1) - ll_1) - tl.where(idx == label, 1.0, 0.0))
     gm = _transform_slope(gm, z_sup, s_scale, s_cap, S_CAP)
     gm = tl.where(active, gm * row_scale, 0.0)
     tl.store(g_row + idx, gm.to(g_row.dtype.element_ty), mask=k_mask & in_vocab)
@@ -280,7 +283,8 @@ def _topk_fwd_kernel(
     HAS_HARD: tl.constexpr, HAS_SOFT: tl.constexpr, CE_SEPARATE: tl.constexpr,
     TAIL_SUM: tl.constexpr,
     HAS_SCALE_PTR: tl.constexpr, GRAD_S: tl.constexpr, STORE_STATS: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, S_SCALED: tl.constexpr = True,
+    TEMPERED: tl.constexpr = True, LANE: tl.constexpr = 1,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row, label, active, idx, k_mask, in_vocab, z_sup = _row_support(
@@ -295,43 +299,57 @@ def _topk_fwd_kernel(
     MASKED: tl.constexpr = HAS_SOFT and TAIL != RENORMALIZE
 
     # ---- pass 1: online logsumexps ------------------------------------------------------
-    m_a = float("-inf")
-    l_a = 0.0
-    m_1 = float("-inf")
-    l_1 = 0.0
-    e_off = 0.0  # TAIL_SUM: _online_expm1's E and its count of off-support columns
-    n_off = 0.0
+    # per lane (LANES, LANE), no reduction across threads in the loop: kernels/
+    # softmax_divergence.py's first pass; the lanes fold into the row's after it
+    LANES: tl.constexpr = BLOCK_V // LANE
+    lane_offs = tl.arange(0, LANES)[:, None] * LANE + tl.arange(0, LANE)[None, :]
+    zero = tl.zeros([LANES], dtype=tl.float32)
+    m_a = zero + float("-inf")
+    l_a = zero
+    m_1 = zero + float("-inf")
+    l_1 = zero
+    e_off = zero  # TAIL_SUM: _online_expm1's E and its count of off-support columns
+    n_off = zero
     if MASKED or HAS_HARD:
+        # the next member (ids sorted; past the last one, a column no tile reaches)
         lo = 0
+        col_lo = tl.load(idx_ptr + row * n_k + lo, mask=lo < n_k, other=V + BLOCK_V)
         for k in range(0, tl.where(active, n_tiles, 0)):
-            cols = k * BLOCK_V + offs
-            z = _load_logits(s_row, cols, cols < V, s_scale, s_cap, S_CAP)
+            cols = k * BLOCK_V + lane_offs
+            in_row = cols < V
+            z = _transform(tl.load(s_row + cols, mask=in_row, other=float("-inf")).to(tl.float32),
+                           s_scale, s_cap, S_CAP, S_SCALED)
             if MASKED or not CE_SEPARATE:
-                x = z * inv_t
+                zm = z
+                off = in_row
                 if MASKED:
                     # this tile's members: the next run of the sorted ids
-                    hi = tl.sum((k_mask & (idx < (k + 1) * BLOCK_V)).to(tl.int32), axis=0)
-                    off = cols < V
-                    for j in range(lo, hi):
-                        col_j = tl.load(idx_ptr + row * n_k + j)
-                        x = tl.where(cols == col_j, float("-inf"), x)
-                        off = off & (cols != col_j)
-                    lo = hi
+                    while col_lo < (k + 1) * BLOCK_V:
+                        zm = tl.where(cols == col_lo, float("-inf"), zm)
+                        off = off & (cols != col_lo)
+                        lo += 1
+                        col_lo = tl.load(idx_ptr + row * n_k + lo, mask=lo < n_k, other=V + BLOCK_V)
                 # the running max before this tile (TAIL_SUM), bound on every path: the compiler,
                 # unlike Python, scopes a name first bound inside an `if` to that branch
                 m_prev = m_a
-                m_a, l_a = _online_lse(m_a, l_a, x)
+                m_a, l_a, d_a, _e = _online_lse_lanes(m_a, l_a, zm, inv_t, TEMPERED)
                 if MASKED:
                     if TAIL_SUM:
-                        e_off, n_off = _online_expm1(m_prev, m_a, e_off, n_off, x, off)
+                        e_off, n_off = _online_expm1(m_prev, m_a, e_off, n_off, d_a, off)
             if CE_SEPARATE:
-                m_1, l_1 = _online_lse(m_1, l_1, z)
+                m_1, l_1, _d, _e1 = _online_lse_lanes(m_1, l_1, z, 1.0, False)
+    # fold the lanes (the tail's E first: it moves from the lanes' maxima to the row's)
+    m_row = tl.max(m_a, axis=0)
+    e_off = tl.sum(_shift_expm1(e_off, n_off, m_a, m_row), axis=0)
+    n_off = tl.sum(n_off, axis=0)
+    m_a, l_a = _fold_lse(m_a, l_a)
+    m_1, l_1 = _fold_lse(m_1, l_1)
     if MASKED:
         m_off = m_a
         ll_off = tl.log(l_a)
         m_all = tl.maximum(m_off, tl.max(x_sup, axis=0))
         m_f = _finite_or_zero(m_all)
-        ll_all = tl.log(l_a * tl.exp(m_off - m_f) + tl.sum(tl.exp(x_sup - m_f), axis=0))
+        ll_all = tl.log(l_a * _exp(m_off - m_f) + tl.sum(_exp(x_sup - m_f), axis=0))
     else:
         m_off = float("-inf")
         ll_off = float("-inf")
@@ -422,7 +440,7 @@ import torch  # noqa: E402  (kept below the kernels: this file reads kernel-firs
 
 from pydistill._utils import empty  # noqa: E402
 from pydistill.kernels.softmax_divergence import (  # noqa: E402
-    LAUNCH_OPTIONS, _leading_dims, _num_warps, transform_args,
+    LAUNCH_OPTIONS, _lane, _leading_dims, _num_warps, transform_args,
 )
 
 # Largest K: the support's vectors are held in registers (module docstring).
@@ -533,7 +551,9 @@ def topk_fwd(student, topk_logprobs, topk_indices, labels, cfg, divergence, *, g
             loss_ptr=loss, stats_ptr=stats, GRAD_S=grad_s is not None, STORE_STATS=store_stats,
             CE_SEPARATE=cfg.hard_weight != 0.0 and cfg.temperature != 1.0,
             TAIL_SUM=cfg.tail == "bucket" and cfg.has_soft and cfg.temperature > TAIL_SUM_MIN_T,
-            **args,
+            # the unit logit scale and T = 1 as compile-time facts; the first pass's lanes
+            S_SCALED=float(cfg.student_logit_scale) != 1.0, TEMPERED=float(cfg.temperature) != 1.0,
+            LANE=_lane(args["BLOCK_V"], student), **args,
         )
     return loss, stats
 

@@ -43,13 +43,16 @@ def kd_variants():
     out = []
     for div, (arch, full) in itertools.product(DIVERGENCES, [(90, True), (90, False), (80, True)]):
         code = DIVERGENCE_CODES[div]
-        flags = dict(DIV=code, S_CAP=full, T_CAP=full, HAS_LABELS=full, HAS_HARD=full,
+        # S_SCALED / T_SCALED / TEMPERED off: unit logit scales and T = 1 (the compiler drops
+        # the multiplies)
+        flags = dict(DIV=code, S_CAP=full, T_CAP=full, S_SCALED=full, T_SCALED=full,
+                     TEMPERED=full, HAS_LABELS=full, HAS_HARD=full,
                      HAS_SOFT=True, CE_SEPARATE=full, HAS_SCALE_PTR=full, GRAD_S=full,
                      GRAD_T=full, BLOCK_V=4096)
         # kl / reverse_kl: pass 2 above T = 4 (kernels.softmax_divergence.needs_pass2); its
         # Bregman terms at large T or beta near 0 / 1 (bregman_sum)
         fwd = dict(flags, NEEDS_PASS2=div not in ("kl", "reverse_kl") or full, BREGMAN=full,
-                   STORE_STATS=not full, ENTROPY=full)
+                   STORE_STATS=not full, ENTROPY=full, LANE=8)
         tag = f"{div}-sm{arch}-{'all' if full else 'min'}"
         out.append(dict(name=f"fwd-{tag}", module=KERNELS, kernel="_kd_fwd_kernel", consts=fwd,
                         pointer_types=ptrs("bf16"), arch=arch, num_warps=8))
@@ -57,12 +60,13 @@ def kd_variants():
             out.append(dict(name=f"bwd-{tag}", module=KERNELS, kernel="_kd_bwd_kernel",
                             consts=flags, pointer_types=ptrs("bf16"), arch=arch, num_warps=8))
     # other dtypes, int32 labels, 64-bit strides, the other tile sizes of the launcher
-    for dt, labels, int_type, block, warps in [("fp16", "i32", "i64", 1024, 4), ("fp32", "i64", "i32", 8192, 16)]:
-        flags = dict(DIV=0, S_CAP=True, T_CAP=False, HAS_LABELS=True, HAS_HARD=True,
+    for dt, labels, int_type, block, warps, lane in [("fp16", "i32", "i64", 1024, 4, 8),
+                                                     ("fp32", "i64", "i32", 8192, 16, 4)]:
+        flags = dict(DIV=0, S_CAP=True, T_CAP=False, S_SCALED=False, T_SCALED=True,
+                     TEMPERED=True, HAS_LABELS=True, HAS_HARD=True,
                      HAS_SOFT=True, CE_SEPARATE=False, HAS_SCALE_PTR=True, GRAD_S=True,
                      GRAD_T=True, NEEDS_PASS2=False, BREGMAN=False, STORE_STATS=True,
-                     ENTROPY=False,
-                     BLOCK_V=block)
+                     ENTROPY=False, BLOCK_V=block, LANE=lane)
         out.append(dict(name=f"fwd-kl-{dt}-{int_type}", module=KERNELS, kernel="_kd_fwd_kernel",
                         consts=flags, pointer_types=ptrs(dt, labels), arch=90, num_warps=warps,
                         int_type=int_type))
@@ -107,10 +111,13 @@ def topk_variants():
                     HAS_LABELS=full, HAS_HARD=full, HAS_SOFT=True, HAS_SCALE_PTR=full,
                     BLOCK_V=block_v, BLOCK_K=block_k)
 
-    def fwd(f, full, grad=None):
-        # TAIL_SUM: the bucket's precise tail sum above T = 4 (topk_divergence.TAIL_SUM_MIN_T)
+    def fwd(f, full, grad=None, lane=8):
+        # TAIL_SUM: the bucket's precise tail sum above T = 4 (topk_divergence.TAIL_SUM_MIN_T);
+        # S_SCALED / TEMPERED off: a unit logit scale and T = 1; LANE: the first pass's lane
+        # width (one 16-byte load: 8 for 16-bit logits, 4 for float32)
         return dict(f, CE_SEPARATE=full, GRAD_S=full if grad is None else grad, STORE_STATS=not full,
-                    TAIL_SUM=full and f["TAIL"] == TAIL_CODES["bucket"])
+                    TAIL_SUM=full and f["TAIL"] == TAIL_CODES["bucket"], S_SCALED=full,
+                    TEMPERED=full, LANE=lane)
 
     out = []
     # every divergence x tail, all options on, gradient in the forward (sm_90)
@@ -140,7 +147,8 @@ def topk_variants():
     ]:
         out.append(dict(name=f"fwd-skew_reverse_kl-bucket-{name}", module=module,
                         kernel="_topk_fwd_kernel",
-                        consts=fwd(flags("skew_reverse_kl", "bucket", True, block_k), True),
+                        consts=fwd(flags("skew_reverse_kl", "bucket", True, block_k), True,
+                                   lane=4 if pt["s_ptr"] == "fp32" else 8),
                         pointer_types=pt, arch=90, num_warps=warps, int_type=int_type))
     return out
 

@@ -552,6 +552,34 @@ def test_triton_grad_modes(mode, divergence, monkeypatch, block_v):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
+def test_triton_scale_grad_strides_over_rows(monkeypatch):
+    # the gradient-in-forward backward's in-place scaling: a few programs striding over the rows
+    # (one program per (row, tile) was 524,288 of them at N = 16384, V = 128256, for what is
+    # usually a no-op), rows whose scale is exactly 1 left untouched, the others scaled in float32
+    from pydistill.kernels import softmax_divergence as K
+
+    monkeypatch.setattr(K, "SCALE_GRAD_PROGRAMS", 3)
+    grids = []
+    kernel = K._kd_scale_grad_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+    monkeypatch.setattr(K, "_kd_scale_grad_kernel", Spy())
+    g = logits((7, 40), torch.bfloat16, seed=130).to(DEVICE)
+    scale = torch.tensor([1.0, 0.3, 1.0, 2.5, -1.0, 1.0, 1e-3], device=DEVICE)
+    want = (g.float() * scale[:, None]).to(torch.bfloat16)
+    out = K.kd_scale_grad_(g.clone(), scale)
+    assert grids == [(3,)]
+    for r in range(7):  # the interpreter truncates float32 -> bfloat16: one step of slack
+        torch.testing.assert_close(out[r].float(), want[r].float(), rtol=2.0**-7, atol=0)
+    assert torch.equal(out[scale == 1.0], g[scale == 1.0])
+    one = torch.ones(1, device=DEVICE)
+    assert torch.equal(K.kd_scale_grad_(g.clone(), one), g)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
 def test_triton_forward_only_writes_no_gradient(monkeypatch):
     # without grad the kernel runs one pass for kl and returns the same loss
     s, t = logits((4, 64), seed=120), logits((4, 64), seed=121)
