@@ -305,6 +305,38 @@ def test_backend_triton_tiles_and_unfused_selection(backend, monkeypatch):
     check_against_reference(backend, s, t, None, top_k=7)
 
 
+@pytest.mark.parametrize("block", [16, 64])
+def test_triton_selection_survivors_and_ties(block, monkeypatch):
+    """The fused selection keeps a running K-th threshold and merges only the columns at or
+    above it (buffered, or a tile's own top K when a tile has many): its values are the top K
+    of the transformed logits, largest first, and its ids point at entries holding them, also
+    where many entries tie (equal logits, -inf, a saturated soft-cap), ascending rows (every
+    column survives) and -0.0 against 0.0."""
+    if "triton" not in BACKENDS:
+        pytest.skip("Triton-only path")
+    from pydistill.kernels import uld as K
+    from pydistill.reference.softmax_divergence import transform_logits
+
+    monkeypatch.setattr(K, "BLOCK_V_OVERRIDE", block)
+    V = 300
+    rows = [logits((V,), seed=40), torch.linspace(-5, 5, V, device=DEVICE),
+            torch.full((V,), 1.5, device=DEVICE), logits((V,), seed=41).round(),
+            torch.zeros(V, device=DEVICE), logits((V,), seed=42) * 100]
+    rows[4][::2] = -0.0
+    rows.append(rows[0].clone())
+    rows[-1][50:] = -math.inf
+    z = torch.stack(rows)
+    for k, cap in ((5, None), (17, None), (8, 2.0), (40, None), (150, None)):  # 150: merged by a sort
+        stats, vals, ids = K.uld_select(z, None, k, 1.3, 0.7, cap, -100)
+        want = transform_logits(z, 0.7, cap)
+        tol = dict(rtol=0, atol=0) if cap is None else dict(rtol=3e-7, atol=0)  # the kernel's tanh
+        torch.testing.assert_close(vals, torch.topk(want, k, dim=-1).values, **tol)
+        torch.testing.assert_close(want.gather(1, ids), vals, **tol)
+        assert all(len(set(r.tolist())) == k for r in ids)  # distinct ids
+        m, log_l = U.log_normaliser(want * (1.0 / 1.3))
+        torch.testing.assert_close(stats, torch.stack([m, log_l], -1), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_scalar_grad_out_and_retain_graph(backend):
     s = logits((5, 40), seed=32).requires_grad_()
