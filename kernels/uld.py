@@ -28,25 +28,25 @@ BLOCK_V (>= K_PAD = the power of two >= max(K, 2)), float32 math:
                          own top K: the K-th largest surviving value t from a top-k of int32
                          values (tl.topk, bitonic), then those above t and the latest columns
                          equal to it.
-    Read: the row once. Write: K values z_(j) = cap(a raw_(j)), K ids, 2 floats.
+    Read: the row once. Write: K values z_(j) = cap(a raw_(j)), their raw logits, K ids,
+    2 floats.
 
 The loss itself is K-sized arithmetic done in PyTorch on the outputs
 (q_(j) = exp((z_(j) / T - m) - log l)). ``tl.topk(x, k)`` (values only, k a power of two, the
 largest first) is in triton.language since Triton 3.4 (bitonic top-k, triton-lang/triton#6461)
-and unchanged in 3.6 - 3.9. The values
-are kept untempered so that the backward takes the soft-cap's slope 1 - (z / c)^2 from the
-very z the dense entries use: recovering z from x = z / T would add roundings to th = z / c,
-which the slope amplifies by 1 / (1 - th^2) where the cap saturates.
+and unchanged in 3.6 - 3.9. The backward takes the soft-cap's slope from the raw logits,
+sech^2(a raw / c) = 4 e / (1 + e)^2 with e = exp(-2 |a raw| / c): 1 - (z / c)^2 from the capped
+z cancels where the cap saturates (z / c rounds towards 1) and loses every digit there.
 
 Gradient. With g_j the weighted signs dloss/dq_(j) (sign(q_(j) - p_(j)) times the row's
 grad_output factor; the teacher's with the opposite sign) and S = sum_j q_(j) g_j::
 
-    dloss/dlogit_v = (1/T) q_v (G_v - S) * a (1 - (z_v / c)^2),    G_v = g_{rank(v)} or 0
+    dloss/dlogit_v = (1/T) q_v (G_v - S) * a sech^2(a raw_v / c),    G_v = g_{rank(v)} or 0
 
     ``_uld_bwd_dense_kernel``   every entry: -(1/T) S q_v * slope        (grid rows x tiles)
     ``_uld_bwd_ranked_kernel``  the K ranked entries overwritten with (1/T) (g_j - S) q_(j) *
-                                slope, computed from the saved z_(j) (not re-read from the
-                                logits, so the gradient may overwrite the logits in place)
+                                slope, computed from the saved z_(j) and raw_(j) (not re-read
+                                from the logits, so the gradient may overwrite them in place)
 
 Two launches, so the second kernel's stores are ordered after the first's without a barrier.
 When K = V (top_k None: the full sort is torch.sort's) the ranked kernel writes every entry and
@@ -81,14 +81,15 @@ def _transform(raw, scale, cap, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
-def _slope(z, scale, cap, HAS_CAP: tl.constexpr):
-    # d cap(a y) / dy at the transformed logit z; 0 at -inf (masked) entries, where the cap's
-    # 1 - (z / c)^2 would be -inf and its product with q = 0 NaN
-    slope = scale + tl.zeros_like(z)
+def _slope(raw, scale, cap, HAS_CAP: tl.constexpr):
+    # d cap(a y) / dy at the untransformed logit raw: a sech^2(a raw / c) = a 4 e / (1 + e)^2,
+    # e = exp(-2 |a raw| / c) <= 1, which keeps its digits where the cap saturates (1 - (z / c)^2
+    # from the capped z loses them all); 0 at -inf (masked) entries, where q = 0
+    slope = scale + tl.zeros_like(raw)
     if HAS_CAP:
-        th = z / cap
-        slope = slope * (1.0 - th * th)
-    return tl.where(z == float("-inf"), 0.0, slope)
+        e = tl.exp(-2.0 * tl.abs(raw * scale) / cap)
+        slope = slope * (4.0 * e / ((1.0 + e) * (1.0 + e)))
+    return tl.where(raw == float("-inf"), 0.0, slope)
 
 
 @triton.jit
@@ -179,7 +180,7 @@ def _flush(best_raw, best_col, pending, buf, K_PAD: tl.constexpr):
 
 @triton.jit
 def _uld_select_kernel(
-    z_ptr, labels_ptr, stats_ptr, val_ptr, idx_ptr, buf_ptr,
+    z_ptr, labels_ptr, stats_ptr, val_ptr, raw_ptr, idx_ptr, buf_ptr,
     z_stride, V, K, inv_t, scale, cap, ignore_index,
     HAS_CAP: tl.constexpr, HAS_LABELS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -250,6 +251,7 @@ def _uld_select_kernel(
     vals = tl.where(active, vals, float("-inf"))
     ids = tl.where(active, ids, ranks.to(tl.int64))
     tl.store(val_ptr + row * K + ranks, vals, mask=keep)
+    tl.store(raw_ptr + row * K + ranks, tl.where(active, best_raw, float("-inf")), mask=keep)
     tl.store(idx_ptr + row * K + ranks, ids, mask=keep)
     tl.store(stats_ptr + row * 2, tl.where(active, m, 0.0))
     tl.store(stats_ptr + row * 2 + 1, tl.log(tl.where(active, l, 1.0)))
@@ -271,14 +273,14 @@ def _uld_bwd_dense_kernel(
     log_l = tl.load(stats_ptr + row * 2 + 1)
     s_sum = tl.load(ssum_ptr + row)
     q = tl.exp((z * inv_t - m) - log_l)
-    g = (-s_sum * inv_t) * q * _slope(z, scale, cap, HAS_CAP)
+    g = (-s_sum * inv_t) * q * _slope(raw, scale, cap, HAS_CAP)
     g = tl.where(active, g, 0.0)
     tl.store(grad_ptr + row * V + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
 def _uld_bwd_ranked_kernel(
-    val_ptr, idx_ptr, gsign_ptr, labels_ptr, stats_ptr, ssum_ptr, grad_ptr,
+    val_ptr, raw_ptr, idx_ptr, gsign_ptr, labels_ptr, stats_ptr, ssum_ptr, grad_ptr,
     V, K, inv_t, scale, cap, ignore_index,
     HAS_CAP: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -287,13 +289,14 @@ def _uld_bwd_ranked_kernel(
     keep = ranks < K
     active = _row_active(labels_ptr, row, ignore_index, HAS_LABELS)
     z = tl.load(val_ptr + row * K + ranks, mask=keep, other=float("-inf"))
+    raw = tl.load(raw_ptr + row * K + ranks, mask=keep, other=float("-inf"))
     ids = tl.load(idx_ptr + row * K + ranks, mask=keep, other=0)
     g = tl.load(gsign_ptr + row * K + ranks, mask=keep, other=0.0)
     m = tl.load(stats_ptr + row * 2)
     log_l = tl.load(stats_ptr + row * 2 + 1)
     s_sum = tl.load(ssum_ptr + row)
     q = tl.exp((z * inv_t - m) - log_l)
-    grad = ((g - s_sum) * inv_t) * q * _slope(z, scale, cap, HAS_CAP)
+    grad = ((g - s_sum) * inv_t) * q * _slope(raw, scale, cap, HAS_CAP)
     grad = tl.where(active & (q != 0), grad, 0.0)
     tl.store(grad_ptr + row * V + ids, grad.to(grad_ptr.dtype.element_ty), mask=keep)
 
@@ -341,9 +344,9 @@ def uld_select(logits: torch.Tensor, labels, k: int, temperature: float, scale: 
                ignore_index: int):
     """The fused forward of one model: (stats (N, 2) float32 = (m, log l) of the tempered
     logsumexp, values (N, k) float32 = the k largest transformed logits z (untempered) in
-    decreasing order,
-    ids (N, k) int64). k <= MAX_FUSED_TOPK. Ignored rows (label == ignore_index) are not
-    read: stats 0, values -inf, ids 0..k-1."""
+    decreasing order, raws (N, k) float32 = their untransformed logits, ids (N, k) int64).
+    k <= MAX_FUSED_TOPK. Ignored rows (label == ignore_index) are not read: stats 0, values
+    and raws -inf, ids 0..k-1."""
     z2, stride = _rows(logits)
     n_rows, vocab = z2.shape
     if not 1 <= k <= min(vocab, MAX_FUSED_TOPK):
@@ -351,28 +354,29 @@ def uld_select(logits: torch.Tensor, labels, k: int, temperature: float, scale: 
     device = z2.device
     stats = empty((n_rows, 2), dtype=torch.float32, device=device)
     vals = empty((n_rows, k), dtype=torch.float32, device=device)
+    raws = empty((n_rows, k), dtype=torch.float32, device=device)
     ids = torch.empty((n_rows, k), dtype=torch.int64, device=device)
     if n_rows == 0:
-        return stats, vals, ids
+        return stats, vals, raws, ids
     k_pad = max(2, triton.next_power_of_2(k))  # tl.topk of a 1-element block does not reduce
     block = _block_v(vocab, k_pad, SELECT_BLOCK_V)
     # per row, K_PAD buffered (raw logit, column) pairs and a copy of the K_PAD candidates
     # (L2-resident)
     buf = torch.empty((n_rows, 2 * k_pad), dtype=torch.int64, device=device)
     _uld_select_kernel[(n_rows,)](
-        z2, labels.reshape(-1) if labels is not None else stats, stats, vals, ids, buf,
+        z2, labels.reshape(-1) if labels is not None else stats, stats, vals, raws, ids, buf,
         stride, vocab, k, 1.0 / temperature, ignore_index=int(ignore_index),
         HAS_LABELS=labels is not None, K_PAD=k_pad, BLOCK_V=block, num_warps=SELECT_NUM_WARPS,
         **_transform_args(scale, cap), **LAUNCH_OPTIONS,
     )
-    return stats, vals, ids
+    return stats, vals, raws, ids
 
 
-def uld_grad(logits: torch.Tensor, labels, stats, vals, ids, gsign, s_sum, grad, temperature: float,
+def uld_grad(logits: torch.Tensor, labels, stats, vals, raws, ids, gsign, s_sum, grad, temperature: float,
              scale: float, cap, ignore_index: int):
     """Write d loss / d logits of one model into ``grad`` (contiguous (N, V), the logits'
     dtype; it may be the logits themselves when they are contiguous float32): from the forward's
-    ``stats`` / ``vals`` / ``ids``, the weighted per-rank signs ``gsign`` (N, K) float32 and
+    ``stats`` / ``vals`` / ``raws`` / ``ids``, the weighted per-rank signs ``gsign`` (N, K) float32 and
     S = sum_j q_(j) gsign_j, ``s_sum`` (N,) float32. Every element is written."""
     z2, stride = _rows(logits)
     n_rows, vocab = z2.shape
@@ -388,6 +392,6 @@ def uld_grad(logits: torch.Tensor, labels, stats, vals, ids, gsign, s_sum, grad,
             z_ptr=z2, z_stride=stride, V=vocab, BLOCK_V=block, num_warps=_num_warps(block), **common)
     block_k = min(1024, triton.next_power_of_2(k))
     _uld_bwd_ranked_kernel[(n_rows, triton.cdiv(k, block_k))](
-        val_ptr=vals, idx_ptr=ids, gsign_ptr=gsign, V=vocab, K=k,
+        val_ptr=vals, raw_ptr=raws, idx_ptr=ids, gsign_ptr=gsign, V=vocab, K=k,
         BLOCK_K=block_k, num_warps=_num_warps(block_k), **common)
     return grad

@@ -250,6 +250,27 @@ def test_backend_masked_and_extreme_logits(backend, top_k):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("top_k", [None, 6])
+def test_backend_softcap_slope_where_the_cap_saturates(backend, top_k):
+    """The soft-cap's slope sech^2(y / c) at a saturated cap (|y| >> c): taken from the capped
+    z as 1 - (z / c)^2 it cancels (z / c rounds to 1: a relative error up to 1, the gradient
+    0); from the uncapped y each entry keeps float32's relative precision. Checked per entry,
+    relative to the float64 reference (the comparison with float32 autograd, whose tanh
+    backward cancels the same way, cannot see it)."""
+    s = logits((3, 40), scale=3.0, seed=60) + 6.0  # z / c = tanh(1.5 ...) up to tanh(5)
+    t = logits((3, 50), scale=2.0, seed=61) + 3.0
+    kw = dict(temperature=0.05, student_softcap=4.0, teacher_softcap=1.5, top_k=top_k)
+    cfg = pdl.functional.uld_config(**kw)
+    a, b = s.clone().requires_grad_(), t.clone().requires_grad_()
+    grads = torch.autograd.grad(pdl.uld_loss(a, b, backend=backend, **kw), [a, b])
+    gt = reference(s, t, None, cfg, torch.ones((), dtype=torch.float64), torch.float64)
+    for got, want in zip(grads, gt[1:]):
+        normal = want.abs() > 1e-30  # float32's normal range, with room for the products
+        rel = (got.double() - want).abs()[normal] / want.abs()[normal]
+        assert rel.max() < 1e-4, float(rel.max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_fewer_finite_entries_than_top_k(backend):
     s = logits((3, 30), seed=24)
     t = logits((3, 30), seed=25)
@@ -327,7 +348,8 @@ def test_triton_selection_survivors_and_ties(block, monkeypatch):
     rows[-1][50:] = -math.inf
     z = torch.stack(rows)
     for k, cap in ((5, None), (17, None), (8, 2.0), (40, None), (150, None)):  # 150: merged by a sort
-        stats, vals, ids = K.uld_select(z, None, k, 1.3, 0.7, cap, -100)
+        stats, vals, raws, ids = K.uld_select(z, None, k, 1.3, 0.7, cap, -100)
+        torch.testing.assert_close(raws, z.gather(1, ids), rtol=0, atol=0)
         want = transform_logits(z, 0.7, cap)
         tol = dict(rtol=0, atol=0) if cap is None else dict(rtol=3e-7, atol=0)  # the kernel's tanh
         torch.testing.assert_close(vals, torch.topk(want, k, dim=-1).values, **tol)
