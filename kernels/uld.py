@@ -233,7 +233,12 @@ def _uld_select_kernel(
                 surv = (bits > t) | ((tie != 0) & (later < K - tl.sum((bits > t).to(tl.int32), axis=0)))
                 n_new = K
             # appended to the buffer in column order
-            slot = pending + tl.cumsum(surv.to(tl.int32), axis=0) - 1
+            # slots by a two-level prefix sum: within each lane's contiguous columns (a
+            # thread's own), then over the lanes
+            hit = tl.reshape(surv.to(tl.int32), [LANES, BLOCK_V // LANES])
+            lane = tl.sum(hit, axis=1)
+            slot = tl.reshape(tl.cumsum(hit, axis=1) + (tl.cumsum(lane, axis=0) - lane)[:, None], [BLOCK_V])
+            slot = pending + slot - 1
             tl.store(buf + slot, _pack(raw, cols), mask=surv)
             pending += n_new
     best_raw, best_col = _flush(best_raw, best_col, pending, buf, K_PAD)
