@@ -693,9 +693,9 @@ def attention_kd_loss(
     Returns:
         The loss, float32 (float64 for float64 inputs); gradients in the inputs' dtypes. The
         scores are computed in float32 under ``torch.autocast`` too (autocast is turned off
-        inside; half inputs are upcast as without it); call ``backward()`` after the autocast
-        region, as PyTorch advises: ``mse_scores`` is differentiated by plain autograd, whose
-        GEMMs a ``backward()`` inside the region would run in the autocast dtype. An
+        inside, in the forward and in the backward, even a ``backward()`` called inside the
+        region; half inputs are upcast as without it). ``mse_scores`` is first-order only (a
+        second derivative raises). An
         empty batch gives 0 with zero gradients; NaN in a counted position propagates. With
         ``kl`` on the Triton backend the gradient of student_q is summed with float32
         atomics (not bitwise reproducible from run to run).
@@ -962,9 +962,9 @@ def rkd_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor,
 
     Returns:
         A 0-dim float32 tensor (float64 if an input is float64); half inputs are computed in
-        float32, under ``torch.autocast`` too (call ``backward()`` after the autocast region, as
-        PyTorch advises: the distance term's plain autograd would run its GEMMs in the autocast
-        dtype inside it). NaN anywhere in an input makes the loss NaN.
+        float32, under ``torch.autocast`` too, backward included (even a ``backward()`` called
+        inside the region). First-order only (a second derivative raises). NaN anywhere in an
+        input makes the loss NaN.
     """
     distance_weight = check.real("distance_weight", distance_weight, low=0.0)
     angle_weight = check.real("angle_weight", angle_weight, low=0.0)

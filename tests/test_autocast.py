@@ -75,27 +75,14 @@ _BACKENDS = {"kd_loss": "kd_loss", "topk_kd_loss": "topk_kd_loss",
              "relation_kd_loss": "attention_kd_loss", "uld_loss": "uld_loss"}
 
 
-# Autograd of plain ops (mse_scores' Gram form, rkd's distance term) runs in the autocast
-# dtype when backward() itself is called inside the autocast region, which PyTorch advises
-# against; the losses' own backward passes (autograd Functions) turn autocast off.
-_PLAIN_AUTOGRAD = ("attention_kd_loss/mse_scores", "rkd_loss")
-
-
 def _params():
     for name, make, n_student, call in _cases():
         op = _BACKENDS.get(name)
         backends = available_backends(op) if op else ["torch"]
         for backend in backends:
             for inside in (False, True):
-                marks = ()
-                if inside and name in _PLAIN_AUTOGRAD:
-                    # strict on the CPU, where backward() runs on the calling thread; CUDA's
-                    # autograd threads may or may not inherit the region
-                    marks = pytest.mark.xfail(strict=DEVICE.type == "cpu",
-                                              reason="backward() under autocast "
-                                              "runs plain autograd in bfloat16 (documented)")
                 where = "backward-inside" if inside else "backward-outside"
-                yield pytest.param(make, n_student, call, backend, inside, marks=marks,
+                yield pytest.param(make, n_student, call, backend, inside,
                                    id=f"{name}-{backend}-{where}")
 
 

@@ -269,11 +269,11 @@ def uld_variants():
         ("k64-fp16-all-sm80", "fp16", 64, 32000, True, 80),
         ("k1024-bf16-all", "bf16", 1024, 151936, True, 90),
     ]:
-        block = K._block_v(vocab, k_pad)
+        block = K._block_v(vocab, k_pad, K.SELECT_BLOCK_V)
         out.append(dict(name=f"select-{name}", module=module, kernel="_uld_select_kernel",
                         consts=dict(HAS_CAP=full, HAS_LABELS=full, K_PAD=k_pad, BLOCK_V=block),
-                        pointer_types={"z_ptr": dt, "labels_ptr": "i64", "idx_ptr": "i64"},
-                        arch=arch, num_warps=K._num_warps(2 * block)))
+                        pointer_types={"z_ptr": dt, "labels_ptr": "i64", "idx_ptr": "i64", "buf_ptr": "i64"},
+                        arch=arch, num_warps=K.SELECT_NUM_WARPS))
     for name, dt, full, arch in [("bf16-all", "bf16", True, 90), ("fp32-min", "fp32", False, 80)]:
         block = K._block_v(151936)
         ptrs = {"z_ptr": dt, "labels_ptr": "i64", "grad_ptr": dt, "idx_ptr": "i64"}

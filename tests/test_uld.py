@@ -250,6 +250,27 @@ def test_backend_masked_and_extreme_logits(backend, top_k):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("top_k", [None, 6])
+def test_backend_softcap_slope_where_the_cap_saturates(backend, top_k):
+    """The soft-cap's slope sech^2(y / c) at a saturated cap (|y| >> c): taken from the capped
+    z as 1 - (z / c)^2 it cancels (z / c rounds to 1: a relative error up to 1, the gradient
+    0); from the uncapped y each entry keeps float32's relative precision. Checked per entry,
+    relative to the float64 reference (the comparison with float32 autograd, whose tanh
+    backward cancels the same way, cannot see it)."""
+    s = logits((3, 40), scale=3.0, seed=60) + 6.0  # z / c = tanh(1.5 ...) up to tanh(5)
+    t = logits((3, 50), scale=2.0, seed=61) + 3.0
+    kw = dict(temperature=0.05, student_softcap=4.0, teacher_softcap=1.5, top_k=top_k)
+    cfg = pdl.functional.uld_config(**kw)
+    a, b = s.clone().requires_grad_(), t.clone().requires_grad_()
+    grads = torch.autograd.grad(pdl.uld_loss(a, b, backend=backend, **kw), [a, b])
+    gt = reference(s, t, None, cfg, torch.ones((), dtype=torch.float64), torch.float64)
+    for got, want in zip(grads, gt[1:]):
+        normal = want.abs() > 1e-30  # float32's normal range, with room for the products
+        rel = (got.double() - want).abs()[normal] / want.abs()[normal]
+        assert rel.max() < 1e-4, float(rel.max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_fewer_finite_entries_than_top_k(backend):
     s = logits((3, 30), seed=24)
     t = logits((3, 30), seed=25)
@@ -303,6 +324,39 @@ def test_backend_triton_tiles_and_unfused_selection(backend, monkeypatch):
         check_against_reference(backend, s, t, None, top_k=top_k)
     monkeypatch.setattr(K, "MAX_FUSED_TOPK", 4)
     check_against_reference(backend, s, t, None, top_k=7)
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_triton_selection_survivors_and_ties(block, monkeypatch):
+    """The fused selection keeps a running K-th threshold and merges only the columns at or
+    above it (buffered, or a tile's own top K when a tile has many): its values are the top K
+    of the transformed logits, largest first, and its ids point at entries holding them, also
+    where many entries tie (equal logits, -inf, a saturated soft-cap), ascending rows (every
+    column survives) and -0.0 against 0.0."""
+    if "triton" not in BACKENDS:
+        pytest.skip("Triton-only path")
+    from pydistill.kernels import uld as K
+    from pydistill.reference.softmax_divergence import transform_logits
+
+    monkeypatch.setattr(K, "BLOCK_V_OVERRIDE", block)
+    V = 300
+    rows = [logits((V,), seed=40), torch.linspace(-5, 5, V, device=DEVICE),
+            torch.full((V,), 1.5, device=DEVICE), logits((V,), seed=41).round(),
+            torch.zeros(V, device=DEVICE), logits((V,), seed=42) * 100]
+    rows[4][::2] = -0.0
+    rows.append(rows[0].clone())
+    rows[-1][50:] = -math.inf
+    z = torch.stack(rows)
+    for k, cap in ((5, None), (17, None), (8, 2.0), (40, None), (150, None)):  # 150: merged by a sort
+        stats, vals, raws, ids = K.uld_select(z, None, k, 1.3, 0.7, cap, -100)
+        torch.testing.assert_close(raws, z.gather(1, ids), rtol=0, atol=0)
+        want = transform_logits(z, 0.7, cap)
+        tol = dict(rtol=0, atol=0) if cap is None else dict(rtol=3e-7, atol=0)  # the kernel's tanh
+        torch.testing.assert_close(vals, torch.topk(want, k, dim=-1).values, **tol)
+        torch.testing.assert_close(want.gather(1, ids), vals, **tol)
+        assert all(len(set(r.tolist())) == k for r in ids)  # distinct ids
+        m, log_l = U.log_normaliser(want * (1.0 / 1.3))
+        torch.testing.assert_close(stats, torch.stack([m, log_l], -1), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

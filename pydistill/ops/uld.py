@@ -3,7 +3,7 @@ Functions.
 
 Per model, the forward keeps only what the backward needs besides the inputs: the two terms of
 the tempered logsumexp (2 floats per row) and the K ranked transformed logits (untempered) with
-their token ids. The loss (K-sized) is computed from those in PyTorch, and the backward
+their token ids and raw logits (the soft-cap's slope is taken from those). The loss (K-sized) is computed from those in PyTorch, and the backward
 recomputes the probabilities from them and from the logits (it may run more than once:
 retain_graph=True works) with grad_output folded into the per-rank signs. Selection, by
 ``top_k``:
@@ -42,17 +42,19 @@ def _kernels():
 
 def _select_torch(z, labels, cfg: ULDConfig, scale, cap):
     """The selection of the unfused path, in the fused kernel's output format."""
-    z2 = z.reshape(-1, z.shape[-1]).to(torch.float32)
-    z2 = transform_logits(z2, scale, cap)
+    raw = z.reshape(-1, z.shape[-1]).to(torch.float32)
     if labels is not None:  # ignored rows may hold anything; their weight is 0
-        z2 = z2.masked_fill((labels.reshape(-1) == cfg.ignore_index)[:, None], 0.0)
+        raw = raw.masked_fill((labels.reshape(-1) == cfg.ignore_index)[:, None], 0.0)
+    z2 = transform_logits(raw, scale, cap)
     m, log_l = log_normaliser(z2 * (1.0 / cfg.temperature))
     vals, ids = select_ranked(z2, cfg.top_k)
-    return torch.stack([m, log_l], dim=-1), vals.contiguous(), ids.contiguous()
+    raws = raw.gather(1, ids)
+    return torch.stack([m, log_l], dim=-1), vals.contiguous(), raws.contiguous(), ids.contiguous()
 
 
 def select(z, labels, cfg: ULDConfig, teacher: bool):
-    """(stats (N, 2), ranked tempered logits (N, K), their ids (N, K)) of one model."""
+    """(stats (N, 2), ranked transformed logits (N, K), their raw logits (N, K), their ids
+    (N, K)) of one model."""
     scale, cap = cfg.side(teacher)
     K = _kernels()
     if cfg.top_k is not None and cfg.top_k <= K.MAX_FUSED_TOPK:
@@ -88,8 +90,8 @@ def _write_grads(inputs, labels, sels, q, weight, cfg: ULDConfig, outs):
         g = (g * weight[:, None]).contiguous()
         s_sum = (q_r * g).sum(-1).contiguous()
         scale, cap = cfg.side(bool(teacher))
-        K.uld_grad(z, labels, sel[0], sel[1], sel[2], g, s_sum, out, cfg.temperature, scale, cap,
-                   cfg.ignore_index)
+        K.uld_grad(z, labels, *sel, g, s_sum, out, cfg.temperature, scale,
+                   cap, cfg.ignore_index)
 
 
 class TritonULDLoss(torch.autograd.Function):
@@ -114,7 +116,7 @@ class TritonULDLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         cfg = ctx.cfg
         student, teacher, labels, *saved = ctx.saved_tensors
-        sel_s, sel_t = tuple(saved[:3]), tuple(saved[3:])
+        sel_s, sel_t = tuple(saved[:4]), tuple(saved[4:])
         need = ctx.needs_input_grad[:2]
         n_rows = ctx.shapes[0][:-1].numel()
         counted = _counted(labels, cfg)

@@ -47,7 +47,7 @@ from typing import Optional
 
 import torch
 
-from pydistill._utils import autocast_off
+from pydistill._utils import autocast_off, float32_backward
 from pydistill.reference.softmax_divergence import compute_dtype
 
 ATTENTION_LOSSES = ("kl", "mse_scores")
@@ -201,8 +201,11 @@ def mse_score_rows(student_q, student_k, teacher_q, teacher_k, attention_mask, c
 
 
 def mse_scores_loss(student_q, student_k, teacher_q, teacher_k, attention_mask, cfg: AttentionKDConfig):
-    """``attention_kd_loss(loss="mse_scores")`` in closed form, reduced."""
-    rows = mse_score_rows(student_q, student_k, teacher_q, teacher_k, attention_mask, cfg)
+    """``attention_kd_loss(loss="mse_scores")`` in closed form, reduced; its backward runs with
+    autocast off (float32 Gram GEMMs, even when ``backward()`` is called inside an autocast
+    region)."""
+    rows = float32_backward(lambda sq, sk, tq, tk: mse_score_rows(sq, sk, tq, tk, attention_mask, cfg),
+                            student_q, student_k, teacher_q, teacher_k)
     batch, heads, length = rows.shape
     if cfg.reduction == "none":
         return rows

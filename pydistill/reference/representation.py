@@ -50,7 +50,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from pydistill._utils import autocast_off
+from pydistill._utils import autocast_off, float32_backward
 
 AT_MODES = ("code", "paper")
 # F.normalize's eps, as in torchdistill's at(); and the squared-distance floor of its pdist.
@@ -322,7 +322,9 @@ def rkd_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor,
         t, scale_t = unit_scale(centred(teacher_embeddings, dtype))
         loss = s.new_zeros(())
         if distance_weight != 0.0:
-            loss = loss + distance_weight * rkd_distance_loss(s, t, scale_s, scale_t)
+            # plain autograd, whose backward runs with autocast off too (float32 Gram GEMMs)
+            loss = loss + distance_weight * float32_backward(
+                lambda a, b: rkd_distance_loss(a, b, scale_s, scale_t), s, t)
         if angle_weight != 0.0:
             loss = loss + angle_weight * rkd_angle_loss(s, t)
         return loss

@@ -460,11 +460,21 @@ def _softcap_slope(z, softcap):
     return torch.where(z == -math.inf, 0.0, 1.0 - th * th)
 
 
-def transform_grad_(g: torch.Tensor, z: torch.Tensor, scale: float, softcap: Optional[float]):
+def softcap_slope(y: torch.Tensor, softcap: float) -> torch.Tensor:
+    """d cap(y) / dy = sech^2(y / c) from the uncapped y, as 4 e / (1 + e)^2 with
+    e = exp(-2 |y| / c) <= 1: no cancellation where the cap saturates, where 1 - (cap(y) / c)^2
+    loses every digit (cap(y) / c rounds towards 1). 0 at masked (-inf) entries."""
+    e = torch.exp(-2.0 * y.abs() / softcap)
+    return torch.where(y == -math.inf, 0.0, 4.0 * e / (1.0 + e) ** 2)
+
+
+def transform_grad_(g: torch.Tensor, z: torch.Tensor, scale: float, softcap: Optional[float],
+                    raw: Optional[torch.Tensor] = None):
     """g *= d cap(scale x) / dx at the transformed logits z (in place): the chain rule of one
-    model's logit transform."""
+    model's logit transform. Given the untransformed logits ``raw``, the soft-cap's slope is
+    taken from them (``softcap_slope``, precise where the cap saturates), else from z."""
     if softcap is not None:
-        g.mul_(_softcap_slope(z, softcap))
+        g.mul_(_softcap_slope(z, softcap) if raw is None else softcap_slope(raw * scale, softcap))
     if scale != 1.0:
         g.mul_(scale)
     return g

@@ -187,16 +187,17 @@ def ranked_signs(q_sorted: torch.Tensor, p_sorted: torch.Tensor):
     return g_s, g_t
 
 
-def _side_grad(x, norm, sorted_q, ids, g, weight, inv_t, z, scale, softcap):
+def _side_grad(x, norm, sorted_q, ids, g, weight, inv_t, raw, scale, softcap):
     """d(weight * loss)/d(logits) of one model from its ranked entries: q (G - S) / T, times
-    the transform's slope. ``g``: the per-rank signs; ``weight``: (rows, 1) or a number."""
+    the transform's slope at the untransformed logits ``raw``. ``g``: the per-rank signs;
+    ``weight``: (rows, 1) or a number."""
     m, log_l = norm
     q = torch.exp((x - m[:, None]) - log_l[:, None])
     s_sum = (sorted_q * g).sum(-1, keepdim=True)
     grad = q.mul_(-s_sum)
     grad.scatter_add_(-1, ids, sorted_q * g)
     grad.mul_(weight * inv_t)
-    return transform_grad_(grad, z, scale, softcap)
+    return transform_grad_(grad, None, scale, softcap, raw=raw)
 
 
 def uld_chunk_loss_and_grads(s, t, labels, cfg: ULDConfig, row_scale, out_s=None, out_t=None):
@@ -211,14 +212,15 @@ def uld_chunk_loss_and_grads(s, t, labels, cfg: ULDConfig, row_scale, out_s=None
     sides = []
     for z_raw, teacher in ((s, False), (t, True)):
         scale, cap = cfg.side(teacher)
-        z = transform_logits(z_raw.to(dtype), scale, cap)
+        raw = z_raw.to(dtype)
         if counted is not None:  # ignored rows may hold anything, NaN included
-            z = z.masked_fill(~counted[:, None], 0.0)
+            raw = raw.masked_fill(~counted[:, None], 0.0)
+        z = transform_logits(raw, scale, cap)
         x = z * inv_t if inv_t != 1.0 else z
         norm = log_normaliser(x)
         values, ids = select_ranked(x, cfg.top_k)
         sorted_q = torch.exp((values - norm[0][:, None]) - norm[1][:, None])
-        sides.append((z, x, norm, values, ids, sorted_q, scale, cap))
+        sides.append((raw, x, norm, values, ids, sorted_q, scale, cap))
     rows = wasserstein_rows(sides[0][5], sides[1][5])
     if counted is not None:
         rows = torch.where(counted, rows, 0.0)
@@ -234,8 +236,8 @@ def uld_chunk_loss_and_grads(s, t, labels, cfg: ULDConfig, row_scale, out_s=None
     signs = ranked_signs(sides[0][5], sides[1][5])
     for out, side, g in ((out_s, sides[0], signs[0]), (out_t, sides[1], signs[1])):
         if out is not None:
-            z, x, norm, _, ids, sorted_q, scale, cap = side
-            out.copy_(_side_grad(x, norm, sorted_q, ids, g, weight, inv_t, z, scale, cap))
+            raw, x, norm, _, ids, sorted_q, scale, cap = side
+            out.copy_(_side_grad(x, norm, sorted_q, ids, g, weight, inv_t, raw, scale, cap))
     return rows
 
 
