@@ -698,7 +698,7 @@ BAD_INPUTS = [
           teacher_topk=(torch.randn(2, 4, 2), torch.zeros(2, 4, 2, dtype=torch.long))), ValueError,
      ["teacher_topk[0] (logprobs)", "(2, 3, 'K')", "(2, 4, 2)"]),
     (dict(teacher_hidden=None, teacher_weight=None, teacher_temperature=1.0,
-          teacher_topk=(torch.randn(2, 3, 2, requires_grad=True), torch.tensor([0, 1]).expand(2, 3, 2))),
+          teacher_topk=(torch.full((2, 3, 2), -1.0, requires_grad=True), torch.tensor([0, 1]).expand(2, 3, 2))),
      ValueError, ["teacher_topk", "not supported", "detach"]),
     (dict(teacher_temperature=2.0), ValueError, ["teacher_temperature", "teacher_topk"]),
     (dict(teacher_hidden=None, teacher_weight=None,
