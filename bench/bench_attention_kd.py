@@ -37,7 +37,6 @@ path's (``x eager``).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -50,7 +49,7 @@ from pydistill.reference.attention_kd import expand_heads
 
 from pydistill.bench import cases, harness, peers
 from pydistill.bench.bench_softmax_divergence import DTYPES
-from pydistill.bench.harness import Impl, add_run_options
+from pydistill.bench.harness import CaseDtype, Impl, add_run_options
 
 COLUMNS = (
     "impl", "dtype", "B", "H", "H_kv", "L", "d_s", "d_t", "causal", "padded", "pass", "status",
@@ -62,7 +61,7 @@ PRESETS = cases.SWEEPS["attention"]  # (dtype, sizes...) by preset: bench/cases.
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(CaseDtype):
     dtype: torch.dtype
     b: int
     h: int
@@ -73,10 +72,6 @@ class Case:
     causal: bool
     padded: bool  # right padding: every other sequence one quarter shorter
     grad_output: float = 1.0
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
 
     def _pairs(self) -> float:
         n = self.length
@@ -148,12 +143,7 @@ def build_pydistill(backend: str):
     return build
 
 
-def build_eager(case: Case, device: torch.device):
-    return naive_attention_kl(case)
-
-
-def build_compiled(case: Case, device: torch.device):
-    return peers.compiled(naive_attention_kl(case))
+build_eager, build_compiled = peers.eager_and_compiled(naive_attention_kl)
 
 
 def build_sdpa(case: Case, device: torch.device):
@@ -231,9 +221,6 @@ def run_case(case: Case, impls, device, opts, prov: dict):
         finish=lambda row: with_attention_columns(row, case)))
 
 
-
-
-
 # --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
@@ -283,13 +270,8 @@ def targets(rows) -> list:
 
 
 def report(rows, prov: dict, argv) -> str:
-    parts = [
-        "# attention_kd_loss (MiniLM attention KL) benchmark",
-        "",
-        harness.provenance_line(prov),
-        "",
-        f"Command: `python -m pydistill.bench.bench_attention_kd {' '.join(argv)}`",
-        "",
+    parts = harness.report_head("attention_kd_loss (MiniLM attention KL) benchmark",
+                                "bench_attention_kd", prov, argv) + [
         "Floor: FLOPs over the measured matmul rate; fwd 2 B H L^2 (d_s + d_t) (both score "
         "maps), bwd 4 B H L^2 d_s (dQ_s, dK_s), halved (+L) when causal. `x floor` = measured / "
         "floor; `MiB / kL` = peak extra memory per 1,024 tokens (flat when memory grows "
@@ -316,14 +298,12 @@ def report(rows, prov: dict, argv) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m pydistill.bench.bench_attention_kd",
-        description="Time attention_kd_loss (kl) and its peers (fwd, bwd, fwd+bwd, peak memory).",
-    )
-    preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--smoke", action="store_true", help="seconds: float32, H 2, d 16, L {64,128}")
-    preset.add_argument("--quick", action="store_true", help="CPU: float32, H 12, d 32 / 64, L 512-2048")
-    preset.add_argument("--full", action="store_true", help="GPU: bf16, B 4, H 12, d 64, L 512-16384")
+    p = harness.script_parser(
+        "bench_attention_kd",
+        "Time attention_kd_loss (kl) and its peers (fwd, bwd, fwd+bwd, peak memory).",
+        smoke="seconds: float32, H 2, d 16, L {64,128}",
+        quick="CPU: float32, H 12, d 32 / 64, L 512-2048",
+        full="GPU: bf16, B 4, H 12, d 64, L 512-16384")
     p.add_argument("--l", type=int, nargs="+", help="sequence lengths (replace the preset's)")
     p.add_argument("--b", type=int, help="batch (with --l)")
     p.add_argument("--heads", type=int, help="query heads (with --l)")
@@ -333,15 +313,12 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype (with --l)")
     p.add_argument("--causal", action="store_true", help="causal masking")
     p.add_argument("--padded", action="store_true", help="a key-padding mask (every other sequence 3/4 long)")
-    p.add_argument("--impl", nargs="+", choices=IMPL_NAMES, help="only these implementations")
-    add_run_options(p, "attention_kd")
+    add_run_options(p, "attention_kd", IMPL_NAMES)
     return p.parse_args(argv)
 
 
 def cases_from(opts, device) -> list:
-    preset = ("smoke" if opts.smoke else "full" if opts.full else "quick" if opts.quick else
-              "full" if device.type == "cuda" else "quick")
-    sizes = PRESETS[preset]
+    sizes = harness.preset_sizes(PRESETS, opts, device)
     if opts.l:
         d, b, h, h_kv, _, d_s, d_t = sizes[-1]
         h = opts.heads or h
@@ -352,10 +329,7 @@ def cases_from(opts, device) -> list:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    opts = parse_args(argv)
-    return harness.run_script(opts, argv, "attention_kd", harness.selected(IMPLS, opts), cases_from, run_case, COLUMNS,
-                              report)
+    return harness.run_script(argv, sys.modules[__name__], "attention_kd")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,6 @@ CUDA, against the floor and Liger.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
@@ -81,7 +80,7 @@ from pydistill.reference import softmax_divergence as reference
 from pydistill.bench import cases, harness, peers
 from pydistill.bench.bench_softmax_divergence import DTYPES, naive_loss
 from pydistill.bench.bench_topk_divergence import dense_loss as dense_topk_loss
-from pydistill.bench.harness import Impl, add_run_options
+from pydistill.bench.harness import CaseDtype, Impl, add_run_options
 
 COLUMNS = (
     "impl", "divergence", "dtype", "N", "H_s", "H_t", "V", "K", "transform", "temperature", "beta",
@@ -108,7 +107,7 @@ CPU_MEMORY_GOAL, CPU_TIME_GOAL = 0.10, 1.25
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(CaseDtype):
     divergence: str
     dtype: torch.dtype
     n: int
@@ -125,10 +124,6 @@ class Case:
     def transforms(self) -> dict:
         """linear_kd_loss's per-model transform arguments (empty: none)."""
         return TRANSFORMS[self.transform]
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
 
     @property
     def tail(self) -> str:  # for bench_topk_divergence.dense_loss
@@ -201,13 +196,7 @@ def build_pydistill(backend: str, chunk_size="auto"):
     return build
 
 
-def build_eager(case: Case, device: torch.device):
-    return naive_linear_loss(case)
-
-
-def build_compiled(case: Case, device: torch.device):
-    fn = naive_linear_loss(case)
-    return fn if isinstance(fn, str) else peers.compiled(fn)
+build_eager, build_compiled = peers.eager_and_compiled(naive_linear_loss)
 
 
 def dense_teacher_only(builder):
@@ -339,9 +328,6 @@ def run_case(case: Case, impls, device, opts, prov: dict):
         make_inputs=make_inputs, expected_loss=expected_loss))
 
 
-
-
-
 # --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
@@ -402,13 +388,8 @@ def targets(rows) -> list:
 
 
 def report(rows, prov: dict, argv) -> str:
-    parts = [
-        "# linear_kd_loss (fused LM-head distillation) benchmark",
-        "",
-        harness.provenance_line(prov),
-        "",
-        f"Command: `python -m pydistill.bench.bench_linear_kd {' '.join(argv)}`",
-        "",
+    parts = harness.report_head("linear_kd_loss (fused LM-head distillation) benchmark",
+                                "bench_linear_kd", prov, argv) + [
         "Floor: FLOPs over the measured matmul rate; fwd 2 N V (H_s + H_t), bwd 4 N V H_s "
         "(d(hidden), d(weight)), fwd+bwd the sum. `x floor` = measured / floor; `x eager` = peak "
         "extra memory / torch-eager's in the same pass. pydistill's chunked path computes its "
@@ -433,13 +414,10 @@ def report(rows, prov: dict, argv) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m pydistill.bench.bench_linear_kd",
-        description="Time linear_kd_loss and its peers (fwd, bwd, fwd+bwd, peak memory).",
-    )
-    preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--quick", action="store_true", help="CPU: float32, N {1024,4096}, H 512, V 32000")
-    preset.add_argument("--full", action="store_true", help="GPU: bf16, V 128256, H 4096 (and H_s 2048)")
+    p = harness.script_parser(
+        "bench_linear_kd", "Time linear_kd_loss and its peers (fwd, bwd, fwd+bwd, peak memory).",
+        quick="CPU: float32, N {1024,4096}, H 512, V 32000",
+        full="GPU: bf16, V 128256, H 4096 (and H_s 2048)")
     p.add_argument("--n", type=int, nargs="+", help="rows (replaces the preset's sizes)")
     p.add_argument("--h-s", type=int, help="student hidden size (with --n)")
     p.add_argument("--h-t", type=int, help="teacher hidden size (with --n)")
@@ -455,15 +433,12 @@ def parse_args(argv=None):
     p.add_argument("--trl-like", action="store_true",
                    help="TRL's DistillationTrainer case: jsd, beta 0.5, T 1, transforms none and "
                         "scale-softcap (replaces --divergence, --beta, --temperature, --transform)")
-    p.add_argument("--impl", nargs="+", choices=IMPL_NAMES, help="only these implementations")
-    add_run_options(p, "linear_kd")
+    add_run_options(p, "linear_kd", IMPL_NAMES)
     return p.parse_args(argv)
 
 
 def cases_from(opts, device) -> list:
-    preset = "full" if opts.full else "quick" if opts.quick else (
-        "full" if device.type == "cuda" else "quick")
-    sizes = PRESETS[preset]
+    sizes = harness.preset_sizes(PRESETS, opts, device)
     if opts.n:
         d, _, h_s, h_t, v, _ = sizes[0]
         h_t = 0 if opts.k else (opts.h_t or h_t)
@@ -479,10 +454,7 @@ def cases_from(opts, device) -> list:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    opts = parse_args(argv)
-    return harness.run_script(opts, argv, "linear_kd", harness.selected(IMPLS, opts), cases_from, run_case, COLUMNS,
-                              report)
+    return harness.run_script(argv, sys.modules[__name__], "linear_kd")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,6 @@ dtype and differs by that dtype's rounding.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -67,7 +66,7 @@ from pydistill import _dispatch
 from pydistill.reference import softmax_divergence as reference
 
 from pydistill.bench import cases, harness, peers
-from pydistill.bench.harness import Impl, add_run_options
+from pydistill.bench.harness import CaseDtype, Impl, add_run_options
 
 # Bytes that must move, in units of one (N, V) logits tensor (module docstring).
 FLOOR_TENSORS = {"fwd": 2, "bwd": 1, "fwd+bwd": 3}
@@ -88,7 +87,7 @@ PRESETS = cases.SWEEPS["softmax"]  # (dtype, sizes...) by preset: bench/cases.py
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(CaseDtype):
     divergence: str
     dtype: torch.dtype
     n: int
@@ -101,10 +100,6 @@ class Case:
     def v_t(self) -> int:
         """The teacher's vocabulary (make_inputs; the uld family's differs)."""
         return self.v
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
 
     def floor_bytes(self, pass_name: str) -> int:
         """Bytes the pass must move (module docstring); _measure_passes asks every case."""
@@ -149,14 +144,7 @@ def build_pydistill(backend: str):
     return build
 
 
-def build_eager(case: Case, device: torch.device):
-    return naive_loss(case)
-
-
-def build_compiled(case: Case, device: torch.device):
-    return peers.compiled(naive_loss(case))
-
-
+build_eager, build_compiled = peers.eager_and_compiled(naive_loss)
 # Kept for code that imported it from here; the builder lives with the other peers.
 build_liger = peers.liger_softmax
 
@@ -272,13 +260,8 @@ def targets_table(target_ratio: float):
 
 def report(rows, prov: dict, argv, target_ratio: float = TARGET_RATIO) -> str:
     grad_output = rows[0]["grad_output"] if rows else 1.0
-    parts = [
-        "# kd_loss (softmax divergence) benchmark",
-        "",
-        harness.provenance_line(prov),
-        "",
-        f"Command: `python -m pydistill.bench.bench_softmax_divergence {' '.join(argv)}`",
-        "",
+    parts = harness.report_head("kd_loss (softmax divergence) benchmark",
+                                "bench_softmax_divergence", prov, argv) + [
         "Floor: fwd reads student + teacher (2 N V e bytes), bwd writes the student gradient "
         "(N V e), fwd+bwd 3 N V e; divided by the measured copy bandwidth. "
         "`x floor` = measured / floor; GB/s = floor bytes / measured time; peak extra = "
@@ -308,15 +291,11 @@ def report(rows, prov: dict, argv, target_ratio: float = TARGET_RATIO) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m pydistill.bench.bench_softmax_divergence",
-        description="Time kd_loss's backends and its peers (fwd, bwd, fwd+bwd, peak memory).",
-    )
-    preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--quick", action="store_true",
-                        help="CPU-sized: float32, N {256,1024} x V {4096,32000}")
-    preset.add_argument("--full", action="store_true",
-                        help="GPU: bf16 up to 16384 x 262144, an fp32 subset")
+    p = harness.script_parser(
+        "bench_softmax_divergence",
+        "Time kd_loss's backends and its peers (fwd, bwd, fwd+bwd, peak memory).",
+        quick="CPU-sized: float32, N {256,1024} x V {4096,32000}",
+        full="GPU: bf16 up to 16384 x 262144, an fp32 subset")
     p.add_argument("--n", type=int, nargs="+", help="rows (replaces the preset's sizes)")
     p.add_argument("--v", type=int, nargs="+", help="vocabularies (replaces the preset's sizes)")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES),
@@ -329,17 +308,14 @@ def parse_args(argv=None):
                         "stand for loss weights, gradient accumulation, AMP loss scaling)")
     p.add_argument("--target-ratio", type=float, default=TARGET_RATIO,
                    help="fwd+bwd ratio to floor that pydistill-triton should reach")
-    p.add_argument("--impl", nargs="+", choices=IMPL_NAMES, help="only these implementations")
     p.add_argument("--grad-mode", choices=("recompute", "forward", "both"), default="both",
                    help="which Triton gradient schedules to time (PYDISTILL_KD_GRAD)")
-    add_run_options(p, "softmax_divergence")
+    add_run_options(p, "softmax_divergence", IMPL_NAMES)
     return p.parse_args(argv)
 
 
 def cases_from(opts, device) -> list:
-    preset = "full" if opts.full else "quick" if opts.quick else (
-        "full" if device.type == "cuda" else "quick")
-    sizes = PRESETS[preset]
+    sizes = harness.preset_sizes(PRESETS, opts, device)
     if opts.n or opts.v or opts.dtype:
         dtypes = [DTYPES[d] for d in opts.dtype] if opts.dtype else sorted(
             {d for d, _, _ in sizes}, key=str)
@@ -360,11 +336,9 @@ def selected_impls(opts) -> list:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    opts = parse_args(argv)
     return harness.run_script(
-        opts, argv, "softmax_divergence", selected_impls(opts), cases_from, run_case, COLUMNS,
-        lambda rows, prov, argv: report(rows, prov, argv, opts.target_ratio))
+        argv, sys.modules[__name__], "softmax_divergence", impls=selected_impls,
+        report=lambda rows, prov, argv, opts: report(rows, prov, argv, opts.target_ratio))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from pydistill.reference import uld as reference
 
 from pydistill.bench import cases, harness, peers
 from pydistill.bench.bench_softmax_divergence import DTYPES, make_inputs  # (N, V) and (N, V_t)
-from pydistill.bench.harness import Impl, add_run_options
+from pydistill.bench.harness import CaseDtype, Impl, add_run_options
 
 COLUMNS = (
     "impl", "dtype", "N", "V", "V_t", "K", "temperature", "grad_output", "pass", "status",
@@ -66,7 +66,7 @@ PRESETS = cases.SWEEPS["uld"]  # (dtype, sizes...) by preset: bench/cases.py
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(CaseDtype):
     dtype: torch.dtype
     n: int
     v: int  # the student's vocabulary, V_s
@@ -74,10 +74,6 @@ class Case:
     top_k: Optional[int]
     temperature: float
     grad_output: float = 1.0
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
 
     @property
     def k(self):
@@ -127,14 +123,7 @@ def build_pydistill(backend: str):
     return build
 
 
-def build_eager(case: Case, device: torch.device):
-    return naive_loss(case)
-
-
-def build_compiled(case: Case, device: torch.device):
-    return peers.compiled(naive_loss(case))
-
-
+build_eager, build_compiled = peers.eager_and_compiled(naive_loss)
 IMPLS = (
     Impl("pydistill-triton", build_pydistill("triton")),
     Impl("pydistill-torch", build_pydistill("torch")),
@@ -213,13 +202,8 @@ SPEEDUP_TABLE = (
 
 def report(rows, prov: dict, argv) -> str:
     grad_output = rows[0]["grad_output"] if rows else 1.0
-    parts = [
-        "# uld_loss (Universal Logit Distillation) benchmark",
-        "",
-        harness.provenance_line(prov),
-        "",
-        f"Command: `python -m pydistill.bench.bench_uld {' '.join(argv)}`",
-        "",
+    parts = harness.report_head("uld_loss (Universal Logit Distillation) benchmark",
+                                "bench_uld", prov, argv) + [
         "Floor: fwd reads the student (N V e bytes) and teacher (N V_t e) logits, bwd writes "
         "the student gradient (N V e), fwd+bwd N (2 V + V_t) e; divided by the measured copy "
         "bandwidth. `x floor` = measured / floor; GB/s = floor bytes / measured time; peak "
@@ -257,18 +241,11 @@ def top_k_arg(text: str) -> Optional[int]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m pydistill.bench.bench_uld",
-        description="Time uld_loss's backends and its peers (fwd, bwd, fwd+bwd, peak memory).",
-    )
-    preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--smoke", action="store_true",
-                        help="tiny: float32, N {32,64}, V 256 / V_t 320, top_k {16,none}")
-    preset.add_argument("--quick", action="store_true",
-                        help="CPU-sized: float32, N 256, V / V_t {4096/5120, 32000/32768}, "
-                             "top_k {64,none}")
-    preset.add_argument("--full", action="store_true",
-                        help="GPU: bf16, N {4096,8192}, V 128256 / V_t 151936, top_k {64,none}")
+    p = harness.script_parser(
+        "bench_uld", "Time uld_loss's backends and its peers (fwd, bwd, fwd+bwd, peak memory).",
+        smoke="tiny: float32, N {32,64}, V 256 / V_t 320, top_k {16,none}",
+        quick="CPU-sized: float32, N 256, V / V_t {4096/5120, 32000/32768}, top_k {64,none}",
+        full="GPU: bf16, N {4096,8192}, V 128256 / V_t 151936, top_k {64,none}")
     p.add_argument("--n", type=int, nargs="+", help="rows (replaces the preset's sizes)")
     p.add_argument("--v", type=int, nargs="+",
                    help="student vocabularies, paired in order with --v-t (one value pairs "
@@ -281,8 +258,7 @@ def parse_args(argv=None):
                    help="dtypes (replaces the preset's)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--grad-output", type=float, default=1.0, help="gradient fed to the backward")
-    p.add_argument("--impl", nargs="+", choices=IMPL_NAMES, help="only these implementations")
-    add_run_options(p, "uld")
+    add_run_options(p, "uld", IMPL_NAMES)
     return p.parse_args(argv)
 
 
@@ -299,9 +275,7 @@ def vocab_pairs(vs, vts) -> list:
 
 
 def cases_from(opts, device) -> list:
-    preset = ("smoke" if opts.smoke else "full" if opts.full else "quick" if opts.quick
-              else "full" if device.type == "cuda" else "quick")
-    sizes = PRESETS[preset]
+    sizes = harness.preset_sizes(PRESETS, opts, device)
     if opts.n or opts.v or opts.v_t or opts.top_k or opts.dtype:
         dtypes = [DTYPES[d] for d in opts.dtype] if opts.dtype else sorted(
             {s[0] for s in sizes}, key=str)
@@ -315,10 +289,7 @@ def cases_from(opts, device) -> list:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    opts = parse_args(argv)
-    return harness.run_script(opts, argv, "uld", harness.selected(IMPLS, opts), cases_from,
-                              run_case, COLUMNS, report)
+    return harness.run_script(argv, sys.modules[__name__], "uld")
 
 
 if __name__ == "__main__":

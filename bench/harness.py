@@ -700,18 +700,50 @@ def _gemm_floor_s(case, pass_name: str, floors) -> Optional[float]:
     return flops(pass_name) / rate if rate else None
 
 
-def add_run_options(p: argparse.ArgumentParser, family: str):
-    """The options every benchmark's run takes (device, repetitions, time limit, output);
-    ``fill_run_defaults`` fills in the repetition settings left out."""
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+class CaseDtype:
+    """What every family's Case (a frozen dataclass with a ``dtype`` field) shares."""
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+
+def script_parser(script: str, description: str, **presets: str) -> argparse.ArgumentParser:
+    """A family script's parser: ``python -m pydistill.bench.<script>``, with its presets
+    (``--<name>``, ``help``) as mutually exclusive flags."""
+    p = argparse.ArgumentParser(prog=f"python -m pydistill.bench.{script}", description=description)
+    preset = p.add_mutually_exclusive_group()
+    for name, text in presets.items():
+        preset.add_argument(f"--{name}", action="store_true", help=text)
+    return p
+
+
+def preset_sizes(presets: dict, opts, device: torch.device) -> list:
+    """The sizes of the preset the command line names (``--smoke``, ``--full``, ``--quick``),
+    else of ``full`` on CUDA and ``quick`` elsewhere."""
+    named = [name for name in ("smoke", "full", "quick") if getattr(opts, name, False)]
+    return presets[named[0] if named else "full" if device.type == "cuda" else "quick"]
+
+
+def add_repetition_options(p: argparse.ArgumentParser, time_limit_help: str):
+    """The repetition settings and ``--time-limit``."""
     p.add_argument("--budget-ms", type=float, help="time budget of one measurement's repetitions")
     p.add_argument("--min-reps", type=int)
     p.add_argument("--max-reps", type=int)
     p.add_argument("--warmup", type=int, help="untimed calls before each measurement")
     p.add_argument("--long-s", type=float,
                    help="seconds: calls so slow that --min-reps of them exceed it get fewer reps")
-    p.add_argument("--time-limit", type=float, default=0.0,
-                   help="seconds; implementations not started by then are reported as skipped")
+    p.add_argument("--time-limit", type=float, default=0.0, help=time_limit_help)
+
+
+def add_run_options(p: argparse.ArgumentParser, family: str, impl_names: Sequence[str]):
+    """``--impl`` (one of ``impl_names``) and the options every benchmark's run takes
+    (device, repetitions, time limit, output); ``fill_run_defaults`` fills in the repetition
+    settings left out."""
+    p.add_argument("--impl", nargs="+", choices=impl_names, help="only these implementations")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    add_repetition_options(p, "seconds; implementations not started by then are reported as "
+                              "skipped")
     p.add_argument("--out", type=Path,
                    help="CSV path, a .md of the same name beside it "
                         f"(default bench/results/{family}-<device>-<date>.csv)")
@@ -755,17 +787,24 @@ def selected(impls, opts) -> list:
     return [i for i in impls if not opts.impl or i.name in opts.impl]
 
 
-def run_script(opts, argv, family: str, impls, cases_from: Callable, run_case: Callable,
-               columns, report: Callable) -> int:
-    """The body of every family script's main: start the run, measure each case, and after
-    every case rewrite the CSV and the Markdown report (``report(rows, prov, argv)``), so that
-    a run stopped from outside still leaves what it measured."""
+def run_script(argv, module, family: str, impls: Optional[Sequence] = None,
+               report: Optional[Callable] = None) -> int:
+    """Every family script's main: parse ``argv`` (the command line's when None) with
+    ``module.parse_args``, start the run, measure each of ``module.cases_from``'s cases with
+    ``module.run_case`` (the implementations ``--impl`` selects from ``module.IMPLS``, unless
+    ``impls(opts)`` says which), and after every case rewrite the CSV (``module.COLUMNS``) and
+    the Markdown report (``module.report(rows, prov, argv)``, or ``report(rows, prov, argv,
+    opts)``), so that a run stopped from outside still leaves what it measured."""
+    argv = sys.argv[1:] if argv is None else argv
+    opts = module.parse_args(argv)
+    impls = selected(module.IMPLS, opts) if impls is None else impls(opts)
     device, prov, out = start_run(opts, family)
     rows, text = [], ""
-    for case in cases_from(opts, device):
-        rows.extend(run_case(case, impls, device, opts, prov))
-        write_csv(rows, out, columns)
-        text = report(rows, prov, argv)
+    for case in module.cases_from(opts, device):
+        rows.extend(module.run_case(case, impls, device, opts, prov))
+        write_csv(rows, out, module.COLUMNS)
+        text = (module.report(rows, prov, argv) if report is None
+                else report(rows, prov, argv, opts))
         out.with_suffix(".md").write_text(text)
     print(text)
     print(f"wrote {out} and {out.with_suffix('.md')}")
@@ -901,6 +940,12 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(cell(row.get(k), fmt) for k, _, fmt in columns) + " |")
     return "\n".join(lines)
+
+
+def report_head(title: str, script: str, prov: dict, argv) -> list:
+    """The first lines of a family script's Markdown report: title, provenance, command."""
+    return [f"# {title}", "", provenance_line(prov), "",
+            f"Command: `python -m pydistill.bench.{script} {' '.join(argv)}`", ""]
 
 
 def provenance_line(prov: dict) -> str:

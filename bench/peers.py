@@ -33,7 +33,7 @@ import os
 import warnings
 from functools import lru_cache
 from types import SimpleNamespace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +99,20 @@ def compiled(fn):
 
     torch._dynamo.reset()
     return torch.compile(fn, dynamic=False)
+
+
+def eager_and_compiled(naive: Callable) -> tuple:
+    """A family's ``eager`` and ``compile`` builders from ``naive(case)``, the loss as users
+    write it (or why there is none, "skipped: ..."): that loss, and its ``compiled``."""
+
+    def build_eager(case, device: torch.device):
+        return naive(case)
+
+    def build_compiled(case, device: torch.device):
+        fn = naive(case)
+        return fn if isinstance(fn, str) else compiled(fn)
+
+    return build_eager, build_compiled
 
 
 # --------------------------------------------------------------------------------------
