@@ -82,14 +82,12 @@ class Case(CaseDtype):
         return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_name]
 
     def input_bytes(self) -> int:
-        e = torch.empty((), dtype=self.dtype).element_size()
-        return self.b * self.length * (self.h + self.h_kv) * (self.d_s + self.d_t) * e
+        return self.b * self.length * (self.h + self.h_kv) * (self.d_s + self.d_t) * self.element
 
     def floor_bytes(self, pass_name: str) -> int:
         """The runner's memory floor (read the inputs, write the student's gradients); the rows
         report the GEMM floor instead (``with_gemm_floor``)."""
-        e = torch.empty((), dtype=self.dtype).element_size()
-        write = self.b * self.length * (self.h + self.h_kv) * self.d_s * e
+        write = self.b * self.length * (self.h + self.h_kv) * self.d_s * self.element
         read = self.input_bytes()
         return {"fwd": read, "bwd": write, "fwd+bwd": read + write}[pass_name]
 

@@ -136,9 +136,8 @@ class Case(CaseDtype):
     def floor_bytes(self, pass_name: str) -> int:
         """The runner's memory floor (read the inputs, write the gradients once); the rows
         report the GEMM floor instead (``with_gemm_floor``)."""
-        e = torch.empty((), dtype=self.dtype).element_size()
-        read = (self.n + self.v) * (self.h_s + self.h_t) * e
-        write = (self.n + self.v) * self.h_s * e
+        read = (self.n + self.v) * (self.h_s + self.h_t) * self.element
+        write = (self.n + self.v) * self.h_s * self.element
         return {"fwd": read, "bwd": write, "fwd+bwd": read + write}[pass_name]
 
 

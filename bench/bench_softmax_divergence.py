@@ -103,7 +103,7 @@ class Case(CaseDtype):
 
     def floor_bytes(self, pass_name: str) -> int:
         """Bytes the pass must move (module docstring); _measure_passes asks every case."""
-        return FLOOR_TENSORS[pass_name] * self.n * self.v * torch.empty((), dtype=self.dtype).element_size()
+        return FLOOR_TENSORS[pass_name] * self.n * self.v * self.element
 
 
 # --------------------------------------------------------------------------------------
@@ -196,9 +196,8 @@ def run_case(case: Case, impls, device, opts, prov: dict):
         "temperature": case.temperature, "beta": case.beta, "grad_output": case.grad_output,
         **prov,
     }
-    element = torch.empty((), dtype=case.dtype).element_size()
     return harness.run_case(
-        case, impls, device, opts, base, set_bytes=2 * case.n * case.v * element,
+        case, impls, device, opts, base, set_bytes=2 * case.n * case.v * case.element,
         label=f"{case.divergence} {case.dtype_name} N={case.n} V={case.v}",
         make_inputs=make_inputs, expected_loss=lambda c, inputs: expected_loss(c, *inputs))
 

@@ -79,10 +79,6 @@ class Case(CaseDtype):
     temperature: float
     grad_output: float = 1.0
 
-    @property
-    def element(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
-
     def floor_bytes(self, pass_name: str) -> int:
         """Bytes the pass must move (module docstring); the log-probs are stored in the
         student's dtype, the ids as int64."""

@@ -83,8 +83,7 @@ class Case(CaseDtype):
 
     def floor_bytes(self, pass_name: str) -> int:
         """Bytes the pass must move (module docstring)."""
-        element = torch.empty((), dtype=self.dtype).element_size()
-        student, teacher = self.n * self.v * element, self.n * self.v_t * element
+        student, teacher = self.n * self.v * self.element, self.n * self.v_t * self.element
         return {"fwd": student + teacher, "bwd": student,
                 "fwd+bwd": 2 * student + teacher}[pass_name]
 

@@ -701,11 +701,16 @@ def _gemm_floor_s(case, pass_name: str, floors) -> Optional[float]:
 
 
 class CaseDtype:
-    """What every family's Case (a frozen dataclass with a ``dtype`` field) shares."""
+    """What every family's Case (a frozen dataclass with a ``dtype`` field) shares: the
+    dtype's name as the CSV writes it, and its size in bytes."""
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).replace("torch.", "")
+
+    @property
+    def element(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
 
 
 def script_parser(script: str, description: str, **presets: str) -> argparse.ArgumentParser:
