@@ -51,11 +51,9 @@ from pydistill.bench import cases, harness, peers
 from pydistill.bench.bench_softmax_divergence import DTYPES
 from pydistill.bench.harness import CaseDtype, Impl, add_run_options
 
-COLUMNS = (
-    "impl", "dtype", "B", "H", "H_kv", "L", "d_s", "d_t", "causal", "padded", "pass", "status",
-    "median_ms", "reps", "n_sets", "peak_extra_mib", "peak_extra_mib_per_kl", "peak_extra_vs_eager",
-    "floor_flops", "floor_ms", "ratio_to_floor", "achieved_tflops", "loss_rel_diff",
-) + harness.PROVENANCE_COLUMNS
+COLUMNS = harness.columns(
+    ("dtype", "B", "H", "H_kv", "L", "d_s", "d_t", "causal", "padded"),
+    memory=("peak_extra_mib_per_kl", "peak_extra_vs_eager"), floor="flops")
 
 PRESETS = cases.SWEEPS["attention"]  # (dtype, sizes...) by preset: bench/cases.py
 

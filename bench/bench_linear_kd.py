@@ -82,12 +82,9 @@ from pydistill.bench.bench_softmax_divergence import DTYPES, naive_loss
 from pydistill.bench.bench_topk_divergence import dense_loss as dense_topk_loss
 from pydistill.bench.harness import CaseDtype, Impl, add_run_options
 
-COLUMNS = (
-    "impl", "divergence", "dtype", "N", "H_s", "H_t", "V", "K", "transform", "temperature", "beta",
-    "grad_output",
-    "pass", "status", "median_ms", "reps", "n_sets", "peak_extra_mib", "peak_extra_vs_eager",
-    "floor_flops", "floor_ms", "ratio_to_floor", "achieved_tflops", "loss_rel_diff",
-) + harness.PROVENANCE_COLUMNS
+COLUMNS = harness.columns(
+    ("divergence", "dtype", "N", "H_s", "H_t", "V", "K", "transform", "temperature", "beta",
+     "grad_output"), memory=("peak_extra_vs_eager",), floor="flops")
 
 PRESETS = cases.SWEEPS["linear"]  # (dtype, sizes...) by preset: bench/cases.py
 # The tail of the top-k case: "ignore" is exactly the dense peer's kl (bench_topk_divergence).

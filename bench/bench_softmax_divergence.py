@@ -71,11 +71,8 @@ from pydistill.bench.harness import CaseDtype, Impl, add_run_options
 # Bytes that must move, in units of one (N, V) logits tensor (module docstring).
 FLOOR_TENSORS = {"fwd": 2, "bwd": 1, "fwd+bwd": 3}
 
-COLUMNS = (
-    "impl", "divergence", "dtype", "N", "V", "temperature", "beta", "grad_output", "pass", "status",
-    "median_ms", "reps", "n_sets", "peak_extra_mib", "floor_bytes", "floor_ms",
-    "ratio_to_floor", "achieved_gbps", "loss_rel_diff",
-) + harness.PROVENANCE_COLUMNS
+COLUMNS = harness.columns(
+    ("divergence", "dtype", "N", "V", "temperature", "beta", "grad_output"))
 
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

@@ -59,11 +59,9 @@ from pydistill.bench import cases, harness, peers
 from pydistill.bench.bench_softmax_divergence import DTYPES
 from pydistill.bench.harness import CaseDtype, Impl, add_run_options
 
-COLUMNS = (
-    "impl", "divergence", "tail", "dtype", "N", "V", "K", "temperature", "grad_output", "pass",
-    "status", "median_ms", "reps", "n_sets", "peak_extra_mib", "peak_extra_nv", "floor_bytes",
-    "floor_ms", "ratio_to_floor", "achieved_gbps", "loss_rel_diff",
-) + harness.PROVENANCE_COLUMNS
+COLUMNS = harness.columns(
+    ("divergence", "tail", "dtype", "N", "V", "K", "temperature", "grad_output"),
+    memory=("peak_extra_nv",))
 
 PRESETS = cases.SWEEPS["topk"]  # (dtype, sizes...) by preset: bench/cases.py
 

@@ -56,11 +56,7 @@ from pydistill.bench import cases, harness, peers
 from pydistill.bench.bench_softmax_divergence import DTYPES, make_inputs  # (N, V) and (N, V_t)
 from pydistill.bench.harness import CaseDtype, Impl, add_run_options
 
-COLUMNS = (
-    "impl", "dtype", "N", "V", "V_t", "K", "temperature", "grad_output", "pass", "status",
-    "median_ms", "reps", "n_sets", "peak_extra_mib", "floor_bytes", "floor_ms",
-    "ratio_to_floor", "achieved_gbps", "loss_rel_diff",
-) + harness.PROVENANCE_COLUMNS
+COLUMNS = harness.columns(("dtype", "N", "V", "V_t", "K", "temperature", "grad_output"))
 
 PRESETS = cases.SWEEPS["uld"]  # (dtype, sizes...) by preset: bench/cases.py
 

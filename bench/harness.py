@@ -700,6 +700,16 @@ def _gemm_floor_s(case, pass_name: str, floors) -> Optional[float]:
     return flops(pass_name) / rate if rate else None
 
 
+def columns(shape: Sequence[str], memory: Sequence[str] = (), floor: str = "bytes") -> tuple:
+    """A family's CSV columns: ``impl``, its ``shape`` columns, the measurement, its own
+    peak-memory columns (``memory``), the floor (``bytes`` for a memory-bound op, ``flops``
+    for a GEMM-bound one, with the achieved GB/s or TFLOP/s), the loss check, provenance."""
+    rate = {"bytes": "achieved_gbps", "flops": "achieved_tflops"}[floor]
+    return ("impl", *shape, "pass", "status", "median_ms", "reps", "n_sets", "peak_extra_mib",
+            *memory, f"floor_{floor}", "floor_ms", "ratio_to_floor", rate,
+            "loss_rel_diff") + PROVENANCE_COLUMNS
+
+
 class CaseDtype:
     """What every family's Case (a frozen dataclass with a ``dtype`` field) shares: the
     dtype's name as the CSV writes it, and its size in bytes."""
