@@ -245,24 +245,15 @@ def _key(r):
 
 
 def targets(rows) -> list:
-    done = {(*_key(r), r["impl"]): r for r in rows if r["pass"] == "fwd+bwd" and r["status"] == "ok"}
-    out = []
-    for (*case, impl), r in sorted(done.items(), key=lambda kv: kv[0]):
-        if not impl.startswith("pydistill"):
-            continue
-        eager = done.get((*case, "torch-eager"))
-        compiled = done.get((*case, "torch-compile"))
-        sdpa = done.get((*case, "sdpa"))
-        out.append({
-            "dtype": r["dtype"], "B": r["B"], "H": r["H"], "L": r["L"], "causal": r["causal"],
-            "impl": impl, "median_ms": r["median_ms"], "ratio_to_floor": r.get("ratio_to_floor"),
-            "peak_extra_mib_per_kl": r.get("peak_extra_mib_per_kl"),
-            "time_vs_eager": r["median_ms"] / eager["median_ms"] if eager else None,
-            "memory_vs_eager": r.get("peak_extra_vs_eager"),
-            "vs_compile": compiled["median_ms"] / r["median_ms"] if compiled else None,
-            "vs_sdpa": r["median_ms"] / sdpa["median_ms"] if sdpa else None,
-        })
-    return out
+    return [{
+        "dtype": r["dtype"], "B": r["B"], "H": r["H"], "L": r["L"], "causal": r["causal"],
+        "impl": r["impl"], "median_ms": r["median_ms"], "ratio_to_floor": r.get("ratio_to_floor"),
+        "peak_extra_mib_per_kl": r.get("peak_extra_mib_per_kl"),
+        "time_vs_eager": harness.time_ratio(r, peer("torch-eager")),
+        "memory_vs_eager": r.get("peak_extra_vs_eager"),
+        "vs_compile": harness.time_ratio(peer("torch-compile"), r),
+        "vs_sdpa": harness.time_ratio(r, peer("sdpa")),
+    } for r, peer in harness.against_peers(rows, _key)]
 
 
 def report(rows, prov: dict, argv) -> str:

@@ -357,28 +357,21 @@ def _key(r):
 
 
 def targets(rows) -> list:
-    done = {(*_key(r), r["impl"]): r for r in rows if r["pass"] == "fwd+bwd" and r["status"] == "ok"}
     out = []
-    for (*case, impl), r in sorted(done.items(), key=lambda kv: kv[0]):
-        if not impl.startswith("pydistill"):
-            continue
-        eager = done.get((*case, "torch-eager"))
-        time_ratio = r["median_ms"] / eager["median_ms"] if eager else None
+    for r, peer in harness.against_peers(rows, _key):
+        time_ratio = harness.time_ratio(r, peer("torch-eager"))
         memory_ratio = r.get("peak_extra_vs_eager")
         goal = None
         if time_ratio is not None and memory_ratio is not None:
             goal = "met" if memory_ratio <= CPU_MEMORY_GOAL and time_ratio <= CPU_TIME_GOAL else "not met"
-        liger = [done[k]["median_ms"] for k in [(*case, "liger-fused-linear-jsd"), (*case, "liger-chunked-jsd")]
-                 if k in done]
-        compiled = done.get((*case, "torch-compile"))
-        trl = done.get((*case, "trl-chunked-divergence"))
+        liger = [p["median_ms"] for p in map(peer, ("liger-fused-linear-jsd", "liger-chunked-jsd")) if p]
         out.append({
-            **dict(zip(_KEY, case)), "impl": impl,
+            **dict(zip(_KEY, _key(r))), "impl": r["impl"],
             "median_ms": r["median_ms"], "ratio_to_floor": r.get("ratio_to_floor"),
             "time_vs_eager": time_ratio, "memory_vs_eager": memory_ratio, "cpu_goal": goal,
             "vs_liger": min(liger) / r["median_ms"] if liger else None,
-            "vs_trl": trl["median_ms"] / r["median_ms"] if trl else None,
-            "vs_compile": compiled["median_ms"] / r["median_ms"] if compiled else None,
+            "vs_trl": harness.time_ratio(peer("trl-chunked-divergence"), r),
+            "vs_compile": harness.time_ratio(peer("torch-compile"), r),
         })
     return out
 

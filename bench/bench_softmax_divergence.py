@@ -223,25 +223,14 @@ TARGET_RATIO = 1.6
 
 def targets(rows, target_ratio: float = TARGET_RATIO) -> list:
     """For each size: the Triton backend's fwd+bwd against the floor and the peers."""
-    done = {(r["divergence"], r["dtype"], r["N"], r["V"], r["impl"]): r
-            for r in rows if r["pass"] == "fwd+bwd" and r["status"] == "ok"}
-    out = []
-    for (*case, impl), r in done.items():
-        if not impl.startswith("pydistill-triton"):
-            continue
-
-        def speedup(peer):
-            other = done.get((*case, peer))
-            return None if other is None else other["median_ms"] / r["median_ms"]
-
-        out.append({
-            "divergence": case[0], "dtype": case[1], "N": case[2], "V": case[3], "impl": impl,
-            "median_ms": r["median_ms"], "ratio_to_floor": r["ratio_to_floor"],
-            "meets": "yes" if r["ratio_to_floor"] <= target_ratio else "no",
-            "vs_liger": speedup("liger"), "vs_compile": speedup("torch-compile"),
-            "vs_eager": speedup("torch-eager"),
-        })
-    return sorted(out, key=lambda r: (r["divergence"], r["dtype"], r["N"], r["V"], r["impl"]))
+    return [{
+        "divergence": r["divergence"], "dtype": r["dtype"], "N": r["N"], "V": r["V"],
+        "impl": r["impl"], "median_ms": r["median_ms"], "ratio_to_floor": r["ratio_to_floor"],
+        "meets": "yes" if r["ratio_to_floor"] <= target_ratio else "no",
+        "vs_liger": harness.time_ratio(peer("liger"), r),
+        "vs_compile": harness.time_ratio(peer("torch-compile"), r),
+        "vs_eager": harness.time_ratio(peer("torch-eager"), r),
+    } for r, peer in harness.against_peers(rows, _key, lambda impl: impl.startswith("pydistill-triton"))]
 
 
 def targets_table(target_ratio: float):

@@ -172,18 +172,12 @@ def _key(r):
 
 def speedups(rows) -> list:
     """For each case and pydistill backend that ran: each peer's fwd+bwd time over its own."""
-    done = {(*_key(r), r["impl"]): r for r in rows
-            if r["pass"] == "fwd+bwd" and r["status"] == "ok"}
     out = []
-    for (*case, impl), r in done.items():
-        if not impl.startswith("pydistill"):
-            continue
-        line = {"dtype": r["dtype"], "N": r["N"], "V": r["V"], "V_t": r["V_t"], "K": r["K"],
-                "impl": impl, "median_ms": r["median_ms"], "ratio_to_floor": r["ratio_to_floor"]}
-        for peer in PEERS:
-            other = done.get((*case, peer))
-            line[peer] = None if other is None else other["median_ms"] / r["median_ms"]
-        out.append(line)
+    for r, peer in harness.against_peers(rows, _key):
+        out.append({"dtype": r["dtype"], "N": r["N"], "V": r["V"], "V_t": r["V_t"], "K": r["K"],
+                    "impl": r["impl"], "median_ms": r["median_ms"],
+                    "ratio_to_floor": r["ratio_to_floor"],
+                    **{name: harness.time_ratio(peer(name), r) for name in PEERS}})
     rank = {name: i for i, name in enumerate(IMPL_NAMES)}
     return sorted(out, key=lambda r: (*_key(r), rank[r["impl"]]))
 

@@ -957,6 +957,21 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
     return "\n".join(lines)
 
 
+def against_peers(rows, key: Callable, mine: Callable = lambda impl: impl.startswith("pydistill")):
+    """The ok fwd+bwd rows of the implementations ``mine(impl)`` accepts, in the order of
+    (``key(row)``, impl), each with ``peer(name)``: the same case's ok fwd+bwd row of
+    implementation ``name`` (None where it did not run)."""
+    done = {(*key(r), r["impl"]): r for r in rows if r["pass"] == "fwd+bwd" and r["status"] == "ok"}
+    for (*case, impl), r in sorted(done.items(), key=lambda kv: kv[0]):
+        if mine(impl):
+            yield r, lambda name, case=tuple(case): done.get((*case, name))
+
+
+def time_ratio(a: Optional[dict], b: Optional[dict]) -> Optional[float]:
+    """Row ``a``'s median time over row ``b``'s; None where either did not run."""
+    return None if a is None or b is None else a["median_ms"] / b["median_ms"]
+
+
 def report_head(title: str, script: str, prov: dict, argv) -> list:
     """The first lines of a family script's Markdown report: title, provenance, command."""
     return [f"# {title}", "", provenance_line(prov), "",
