@@ -328,15 +328,9 @@ def run_case(case: Case, impls, device, opts, prov: dict):
 # Report
 # --------------------------------------------------------------------------------------
 
-TABLE = (
-    ("impl", "impl", None), ("divergence", "div", None), ("dtype", "dtype", None),
-    ("N", "N", None), ("H_s", "H_s", None), ("H_t", "H_t", None), ("V", "V", None),
-    ("K", "K", None), ("transform", "transform", None), ("pass", "pass", None),
-    ("median_ms", "ms", ".1f"), ("ratio_to_floor", "x floor", ".2f"),
-    ("achieved_tflops", "TFLOP/s", ".3f"), ("peak_extra_mib", "peak extra MiB", ".0f"),
-    ("peak_extra_vs_eager", "x eager", ".3f"), ("reps", "reps", None),
-    ("loss_rel_diff", "loss rel diff", ".1e"), ("status", "status", None),
-)
+TABLE = harness.table(
+    (("divergence", "div", None), "dtype", "N", "H_s", "H_t", "V", "K", "transform"),
+    memory=(("peak_extra_vs_eager", "x eager", ".3f"),), floor="flops", ms=".1f")
 
 TARGETS_TABLE = (
     ("divergence", "div", None), ("dtype", "dtype", None), ("N", "N", None), ("H_s", "H_s", None),

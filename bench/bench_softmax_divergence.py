@@ -203,13 +203,7 @@ def run_case(case: Case, impls, device, opts, prov: dict):
 # Report
 # --------------------------------------------------------------------------------------
 
-TABLE = (
-    ("impl", "impl", None), ("divergence", "div", None), ("dtype", "dtype", None),
-    ("N", "N", None), ("V", "V", None), ("pass", "pass", None),
-    ("median_ms", "ms", ".3f"), ("ratio_to_floor", "x floor", ".2f"),
-    ("achieved_gbps", "GB/s", ".1f"), ("peak_extra_mib", "peak extra MiB", ".0f"),
-    ("reps", "reps", None), ("loss_rel_diff", "loss rel diff", ".1e"), ("status", "status", None),
-)
+TABLE = harness.table((("divergence", "div", None), "dtype", "N", "V"))
 
 
 def _key(r):

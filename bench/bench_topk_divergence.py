@@ -193,13 +193,7 @@ def run_case(case: Case, impls, device, opts, prov: dict):
 # Report
 # --------------------------------------------------------------------------------------
 
-TABLE = (
-    ("impl", "impl", None), ("tail", "tail", None), ("dtype", "dtype", None), ("N", "N", None),
-    ("V", "V", None), ("K", "K", None), ("pass", "pass", None), ("median_ms", "ms", ".3f"),
-    ("ratio_to_floor", "x floor", ".2f"), ("achieved_gbps", "GB/s", ".1f"),
-    ("peak_extra_mib", "peak extra MiB", ".0f"), ("peak_extra_nv", "x NV", ".2f"),
-    ("reps", "reps", None), ("loss_rel_diff", "loss rel diff", ".1e"), ("status", "status", None),
-)
+TABLE = harness.table(("tail", "dtype", "N", "V", "K"), memory=(("peak_extra_nv", "x NV", ".2f"),))
 
 
 def _key(r):

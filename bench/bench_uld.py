@@ -156,13 +156,7 @@ def run_case(case: Case, impls, device, opts, prov: dict):
 # Report
 # --------------------------------------------------------------------------------------
 
-TABLE = (
-    ("impl", "impl", None), ("dtype", "dtype", None), ("N", "N", None), ("V", "V", None),
-    ("V_t", "V_t", None), ("K", "top_k", None), ("pass", "pass", None),
-    ("median_ms", "ms", ".3f"), ("ratio_to_floor", "x floor", ".2f"),
-    ("achieved_gbps", "GB/s", ".1f"), ("peak_extra_mib", "peak extra MiB", ".0f"),
-    ("reps", "reps", None), ("loss_rel_diff", "loss rel diff", ".1e"), ("status", "status", None),
-)
+TABLE = harness.table(("dtype", "N", "V", "V_t", ("K", "top_k", None)))
 PEERS = ("torch-eager", "torch-compile", "trl-gold-uld")
 
 

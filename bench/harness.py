@@ -957,6 +957,20 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
     return "\n".join(lines)
 
 
+def table(shape: Sequence, memory: Sequence[tuple] = (), floor: str = "bytes", ms: str = ".3f",
+          mib: str = ".0f") -> tuple:
+    """A family's results table (``markdown_table``'s columns) in the order of ``columns``:
+    impl, ``shape`` (a name is its own header, unformatted; else a (key, header, format)
+    triple), the pass and its time (format ``ms``), the ratio to the floor and the achieved
+    rate, the peak extra memory (format ``mib``) and ``memory``, reps, loss check, status."""
+    rate = {"bytes": ("achieved_gbps", "GB/s", ".1f"),
+            "flops": ("achieved_tflops", "TFLOP/s", ".3f")}[floor]
+    return (("impl", "impl", None), *((c, c, None) if isinstance(c, str) else c for c in shape),
+            ("pass", "pass", None), ("median_ms", "ms", ms), ("ratio_to_floor", "x floor", ".2f"),
+            rate, ("peak_extra_mib", "peak extra MiB", mib), *memory, ("reps", "reps", None),
+            ("loss_rel_diff", "loss rel diff", ".1e"), ("status", "status", None))
+
+
 def against_peers(rows, key: Callable, mine: Callable = lambda impl: impl.startswith("pydistill")):
     """The ok fwd+bwd rows of the implementations ``mine(impl)`` accepts, in the order of
     (``key(row)``, impl), each with ``peer(name)``: the same case's ok fwd+bwd row of
