@@ -836,7 +836,8 @@ def benchmark_pass(benchmark, loss: Callable, leaves: Sequence, pass_name: str,
     """Time one pass of ``loss()`` with pytest-benchmark's pedantic mode, every call
     synchronised with the device; ``leaves``: the tensors whose gradients are cleared before
     each round. ``bwd`` runs its forward in the setup, outside the timed region (the chunked
-    backends cannot back-propagate twice through one graph). Returns the last loss."""
+    backends cannot back-propagate twice through one graph). Checks that the last loss and
+    (but for ``fwd``) the leaves' gradients are finite, and returns the loss."""
 
     def clear():
         for x in leaves:
@@ -874,7 +875,11 @@ def benchmark_pass(benchmark, loss: Callable, leaves: Sequence, pass_name: str,
         "bwd": (backward, with_loss),
         "fwd+bwd": (forward_backward, fresh),
     }[pass_name]
-    return benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds)
+    result = benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds)
+    assert torch.isfinite(result.detach()).all()
+    for x in leaves if pass_name != "fwd" else ():
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+    return result
 
 
 def backend_unavailable(backend: str, device: torch.device) -> Optional[str]:
