@@ -513,8 +513,9 @@ def clear_grads(sets):
 
 
 def pass_callables(loss_fn: Callable, sets, gradient):
-    """(prepare, run) for each pass: prepare(i) runs outside the timed region. ``gradient``:
-    what the backward starts from, None for a plain ``loss.backward()`` (grad_output 1)."""
+    """(prepare, run) for each pass: prepare(i) runs outside the timed region; run returns
+    the loss. ``gradient``: what the backward starts from, None for a plain
+    ``loss.backward()`` (grad_output 1)."""
 
     def prepare_inputs(i):
         clear_grads(sets)
@@ -529,9 +530,10 @@ def pass_callables(loss_fn: Callable, sets, gradient):
 
     def backward(loss):
         loss.backward(gradient)
+        return loss
 
     def forward_backward(inputs):
-        loss_fn(*inputs).backward(gradient)
+        return backward(loss_fn(*inputs))
 
     return {
         "fwd": (prepare_inputs, forward),
@@ -835,46 +837,22 @@ def benchmark_pass(benchmark, loss: Callable, leaves: Sequence, pass_name: str,
                    device: torch.device, rounds: int, warmup_rounds: int = 1):
     """Time one pass of ``loss()`` with pytest-benchmark's pedantic mode, every call
     synchronised with the device; ``leaves``: the tensors whose gradients are cleared before
-    each round. ``bwd`` runs its forward in the setup, outside the timed region (the chunked
-    backends cannot back-propagate twice through one graph). Checks that the last loss and
-    (but for ``fwd``) the leaves' gradients are finite, and returns the loss."""
+    each round. The passes are ``pass_callables``': ``bwd`` runs its forward in the setup,
+    outside the timed region (the chunked backends cannot back-propagate twice through one
+    graph). Checks that the last loss and (but for ``fwd``) the leaves' gradients are
+    finite, and returns the loss."""
+    prepare, run = pass_callables(lambda *_: loss(), [tuple(leaves)], None)[pass_name]
 
-    def clear():
-        for x in leaves:
-            x.grad = None
-
-    def fresh():
-        clear()
+    def setup():
+        arg = prepare(0)
         synchronize(device)
-        return (), {}
+        return (arg,), {}
 
-    def with_loss():
-        clear()
-        out = loss()
-        synchronize(device)
-        return (out,), {}
-
-    def forward():
-        out = loss()
+    def target(arg):
+        out = run(arg)
         synchronize(device)
         return out
 
-    def forward_backward():
-        out = loss()
-        out.backward()
-        synchronize(device)
-        return out
-
-    def backward(out):
-        out.backward()
-        synchronize(device)
-        return out
-
-    target, setup = {
-        "fwd": (forward, fresh),
-        "bwd": (backward, with_loss),
-        "fwd+bwd": (forward_backward, fresh),
-    }[pass_name]
     result = benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds)
     assert torch.isfinite(result.detach()).all()
     for x in leaves if pass_name != "fwd" else ():
