@@ -128,15 +128,10 @@ def naive_attention_kl(case: Case) -> Callable:
     return eager
 
 
-def build_pydistill(backend: str):
-    def build(case: Case, device: torch.device):
-        reason = harness.backend_unavailable(backend, device)
-        if reason is not None:
-            return reason
-        return lambda sq, sk, tq, tk, mask: pydistill.attention_kd_loss(
-            sq, sk, tq, tk, attention_mask=mask, causal=case.causal, backend=backend)
-
-    return build
+@harness.pydistill_builder
+def build_pydistill(case: Case, backend: str):
+    return lambda sq, sk, tq, tk, mask: pydistill.attention_kd_loss(
+        sq, sk, tq, tk, attention_mask=mask, causal=case.causal, backend=backend)
 
 
 build_eager, build_compiled = peers.eager_and_compiled(naive_attention_kl)

@@ -172,24 +172,19 @@ def naive_linear_loss(case: Case) -> Callable:
     return eager
 
 
-def build_pydistill(backend: str, chunk_size="auto"):
-    def build(case: Case, device: torch.device):
-        reason = harness.backend_unavailable(backend, device)
-        if reason is not None:
-            return reason
-        if chunk_size == "tiled" and case.k:
-            return "skipped: the tiled kernels take no top-k teacher (it runs chunked)"
-        kw = dict(divergence=case.divergence, temperature=case.temperature, beta=case.beta,
-                  backend=backend, chunk_size=chunk_size, **case.transforms)
-        if case.k:
-            return lambda student_hidden, student_weight, logprobs, ids: pydistill.linear_kd_loss(
-                student_hidden, student_weight, teacher_topk=(logprobs, ids), tail=TOPK_TAIL,
-                teacher_temperature=case.temperature, **kw)  # log-probs used as they are
-        return lambda student_hidden, student_weight, teacher_hidden, teacher_weight: (
-            pydistill.linear_kd_loss(student_hidden, student_weight, teacher_hidden,
-                                     teacher_weight, **kw))
-
-    return build
+@harness.pydistill_builder
+def build_pydistill(case: Case, backend: str, chunk_size="auto"):
+    if chunk_size == "tiled" and case.k:
+        return "skipped: the tiled kernels take no top-k teacher (it runs chunked)"
+    kw = dict(divergence=case.divergence, temperature=case.temperature, beta=case.beta,
+              backend=backend, chunk_size=chunk_size, **case.transforms)
+    if case.k:
+        return lambda student_hidden, student_weight, logprobs, ids: pydistill.linear_kd_loss(
+            student_hidden, student_weight, teacher_topk=(logprobs, ids), tail=TOPK_TAIL,
+            teacher_temperature=case.temperature, **kw)  # log-probs used as they are
+    return lambda student_hidden, student_weight, teacher_hidden, teacher_weight: (
+        pydistill.linear_kd_loss(student_hidden, student_weight, teacher_hidden,
+                                 teacher_weight, **kw))
 
 
 build_eager, build_compiled = peers.eager_and_compiled(naive_linear_loss)

@@ -91,18 +91,13 @@ class Case(CaseDtype):
 # --------------------------------------------------------------------------------------
 
 
-def build_pydistill(backend: str):
-    def build(case: Case, device: torch.device):
-        reason = harness.backend_unavailable(backend, device)
-        if reason is not None:
-            return reason
-        # teacher_temperature = T: the stored log-probs used as they are, as the peers use them
-        return lambda student, teacher: pydistill.topk_kd_loss(
-            student, *teacher, tail=case.tail, divergence=case.divergence,
-            temperature=case.temperature, teacher_temperature=case.temperature, backend=backend,
-        )
-
-    return build
+@harness.pydistill_builder
+def build_pydistill(case: Case, backend: str):
+    # teacher_temperature = T: the stored log-probs used as they are, as the peers use them
+    return lambda student, teacher: pydistill.topk_kd_loss(
+        student, *teacher, tail=case.tail, divergence=case.divergence,
+        temperature=case.temperature, teacher_temperature=case.temperature, backend=backend,
+    )
 
 
 def build_reference(case: Case, device: torch.device):

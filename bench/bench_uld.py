@@ -105,17 +105,12 @@ def naive_loss(case: Case) -> Callable:
     return eager_uld
 
 
-def build_pydistill(backend: str):
-    def build(case: Case, device: torch.device):
-        reason = harness.backend_unavailable(backend, device)
-        if reason is not None:
-            return reason
-        return lambda student_logits, teacher_logits: pydistill.uld_loss(
-            student_logits, teacher_logits, temperature=case.temperature, top_k=case.top_k,
-            backend=backend,
-        )
-
-    return build
+@harness.pydistill_builder
+def build_pydistill(case: Case, backend: str):
+    return lambda student_logits, teacher_logits: pydistill.uld_loss(
+        student_logits, teacher_logits, temperature=case.temperature, top_k=case.top_k,
+        backend=backend,
+    )
 
 
 build_eager, build_compiled = peers.eager_and_compiled(naive_loss)

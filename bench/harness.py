@@ -860,6 +860,21 @@ def benchmark_pass(benchmark, loss: Callable, leaves: Sequence, pass_name: str,
     return result
 
 
+def pydistill_builder(loss: Callable) -> Callable:
+    """Decorator of a family's ``loss(case, backend, *args)``, the loss function of
+    pydistill's ``backend`` on one case (or why it cannot run, "skipped: ..."): it becomes
+    ``build_pydistill(backend, *args)``, an Impl's builder, skipped where the backend cannot
+    be timed on the device (``backend_unavailable``)."""
+
+    def build_pydistill(backend: str, *args):
+        def build(case, device: torch.device):
+            return backend_unavailable(backend, device) or loss(case, backend, *args)
+
+        return build
+
+    return build_pydistill
+
+
 def backend_unavailable(backend: str, device: torch.device) -> Optional[str]:
     """Why pydistill's ``backend`` cannot be timed on ``device`` (a "skipped: ..." row status),
     or None. Triton off CUDA is the interpreter, which is not a benchmark; the CUDA C++
