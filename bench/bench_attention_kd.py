@@ -183,13 +183,6 @@ def make_inputs(case: Case, device: torch.device, n_sets: int, seed: int = 0):
     return sets
 
 
-def expected_loss(case: Case, inputs) -> float:
-    sq, sk, tq, tk, mask = inputs
-    with torch.no_grad():
-        return float(pydistill.attention_kd_loss(sq, sk, tq, tk, attention_mask=mask,
-                                                 causal=case.causal, backend="torch"))
-
-
 def with_attention_columns(row: dict, case: Case) -> dict:
     """Peak extra memory per 1,024 tokens; no loss check for the SDPA yardstick (another op)."""
     if row.get("peak_extra_mib") is not None:
@@ -208,7 +201,7 @@ def run_case(case: Case, impls, device, opts, prov: dict):
         case, impls, device, opts, base, set_bytes=case.input_bytes(),
         label=(f"{case.dtype_name} B={case.b} H={case.h}/{case.h_kv} L={case.length} "
                f"d={case.d_s}/{case.d_t} causal={case.causal} padded={case.padded}"),
-        make_inputs=make_inputs, expected_loss=expected_loss,
+        make_inputs=make_inputs, expected_loss=harness.torch_loss(build_pydistill),
         finish=lambda row: with_attention_columns(row, case)))
 
 

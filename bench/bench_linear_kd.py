@@ -293,17 +293,6 @@ def topk_teacher(case: Case, device: torch.device, gen) -> tuple:
     return torch.cat(logprobs), torch.cat(ids)
 
 
-def expected_loss(case: Case, inputs) -> float:
-    kw = dict(divergence=case.divergence, temperature=case.temperature, beta=case.beta,
-              backend="torch", **case.transforms)
-    with torch.no_grad():
-        if case.k:
-            return float(pydistill.linear_kd_loss(*inputs[:2], teacher_topk=tuple(inputs[2:]),
-                                                  tail=TOPK_TAIL, teacher_temperature=case.temperature,
-                                                  **kw))
-        return float(pydistill.linear_kd_loss(*inputs, **kw))
-
-
 def run_case(case: Case, impls, device, opts, prov: dict):
     base = {
         "divergence": case.divergence, "dtype": case.dtype_name, "N": case.n, "H_s": case.h_s,
@@ -316,7 +305,7 @@ def run_case(case: Case, impls, device, opts, prov: dict):
         label=(f"{case.divergence} {case.dtype_name} N={case.n} H_s={case.h_s} H_t={case.h_t} "
                f"V={case.v}" + (f" K={case.k}" if case.k else "")
                + (f" {case.transform}" if case.transforms else "")),
-        make_inputs=make_inputs, expected_loss=expected_loss))
+        make_inputs=make_inputs, expected_loss=harness.torch_loss(build_pydistill)))
 
 
 # --------------------------------------------------------------------------------------

@@ -173,15 +173,6 @@ def make_inputs(case: Case, device: torch.device, n_sets: int, seed: int = 0):
     return sets
 
 
-def expected_loss(case: Case, student, teacher) -> float:
-    with torch.no_grad():
-        loss = pydistill.kd_loss(
-            student, teacher, divergence=case.divergence, temperature=case.temperature,
-            beta=case.beta, backend="torch",
-        )
-    return float(loss)
-
-
 def run_case(case: Case, impls, device, opts, prov: dict):
     base = {
         "divergence": case.divergence, "dtype": case.dtype_name, "N": case.n, "V": case.v,
@@ -191,7 +182,7 @@ def run_case(case: Case, impls, device, opts, prov: dict):
     return harness.run_case(
         case, impls, device, opts, base, set_bytes=2 * case.n * case.v * case.element,
         label=f"{case.divergence} {case.dtype_name} N={case.n} V={case.v}",
-        make_inputs=make_inputs, expected_loss=lambda c, inputs: expected_loss(c, *inputs))
+        make_inputs=make_inputs, expected_loss=harness.torch_loss(build_pydistill))
 
 
 # --------------------------------------------------------------------------------------

@@ -161,13 +161,6 @@ def make_inputs(case: Case, device: torch.device, n_sets: int, seed: int = 0):
     return sets
 
 
-def expected_loss(case: Case, student, teacher) -> float:
-    with torch.no_grad():
-        return float(pydistill.topk_kd_loss(student, *teacher, tail=case.tail, divergence=case.divergence,
-                                            temperature=case.temperature,
-                                            teacher_temperature=case.temperature, backend="torch"))
-
-
 def run_case(case: Case, impls, device, opts, prov: dict):
     base = {
         "divergence": case.divergence, "tail": case.tail, "dtype": case.dtype_name, "N": case.n,
@@ -177,7 +170,7 @@ def run_case(case: Case, impls, device, opts, prov: dict):
     rows = harness.run_case(
         case, impls, device, opts, base, set_bytes=case.floor_bytes("fwd"),
         label=f"{case.divergence} tail={case.tail} {case.dtype_name} N={case.n} V={case.v} K={case.k}",
-        make_inputs=make_inputs, expected_loss=lambda c, inputs: expected_loss(c, *inputs))
+        make_inputs=make_inputs, expected_loss=harness.torch_loss(build_pydistill))
     for row in rows:  # peak extra memory in units of one float32 (N, V) tensor
         if row.get("peak_extra_mib") is not None:
             row["peak_extra_nv"] = row["peak_extra_mib"] * 2**20 / (4 * case.n * case.v)

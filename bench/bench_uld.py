@@ -129,13 +129,6 @@ IMPL_NAMES = tuple(impl.name for impl in IMPLS)
 # --------------------------------------------------------------------------------------
 
 
-def expected_loss(case: Case, student, teacher) -> float:
-    with torch.no_grad():
-        loss = pydistill.uld_loss(student.detach(), teacher, temperature=case.temperature,
-                                  top_k=case.top_k, backend="torch")
-    return float(loss)
-
-
 def run_case(case: Case, impls, device, opts, prov: dict):
     base = {
         "dtype": case.dtype_name, "N": case.n, "V": case.v, "V_t": case.v_t, "K": case.k,
@@ -144,7 +137,7 @@ def run_case(case: Case, impls, device, opts, prov: dict):
     return harness.run_case(
         case, impls, device, opts, base, set_bytes=case.floor_bytes("fwd"),
         label=f"uld {case.dtype_name} N={case.n} V={case.v} V_t={case.v_t} K={case.k}",
-        make_inputs=make_inputs, expected_loss=lambda c, inputs: expected_loss(c, *inputs))
+        make_inputs=make_inputs, expected_loss=harness.torch_loss(build_pydistill))
 
 
 # --------------------------------------------------------------------------------------

@@ -875,6 +875,17 @@ def pydistill_builder(loss: Callable) -> Callable:
     return build_pydistill
 
 
+def torch_loss(build_pydistill: Callable) -> Callable:
+    """``run_case``'s ``expected_loss`` of a family: the loss of its pydistill builder's
+    torch backend (float32 math, the chunked fallback) on the first input set, no autograd."""
+
+    def expected_loss(case, inputs) -> float:
+        with torch.no_grad():
+            return float(build_pydistill("torch")(case, inputs[0].device)(*inputs))
+
+    return expected_loss
+
+
 def backend_unavailable(backend: str, device: torch.device) -> Optional[str]:
     """Why pydistill's ``backend`` cannot be timed on ``device`` (a "skipped: ..." row status),
     or None. Triton off CUDA is the interpreter, which is not a benchmark; the CUDA C++
