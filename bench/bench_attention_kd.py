@@ -37,7 +37,6 @@ path's (``x eager``).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -50,19 +49,17 @@ from pydistill.reference.attention_kd import expand_heads
 
 from pydistill.bench import cases, harness, peers
 from pydistill.bench.bench_softmax_divergence import DTYPES
-from pydistill.bench.harness import Impl, add_run_options
+from pydistill.bench.harness import CaseDtype, Impl, add_run_options
 
-COLUMNS = (
-    "impl", "dtype", "B", "H", "H_kv", "L", "d_s", "d_t", "causal", "padded", "pass", "status",
-    "median_ms", "reps", "n_sets", "peak_extra_mib", "peak_extra_mib_per_kl", "peak_extra_vs_eager",
-    "floor_flops", "floor_ms", "ratio_to_floor", "achieved_tflops", "loss_rel_diff",
-) + harness.PROVENANCE_COLUMNS
+COLUMNS = harness.columns(
+    ("dtype", "B", "H", "H_kv", "L", "d_s", "d_t", "causal", "padded"),
+    memory=("peak_extra_mib_per_kl", "peak_extra_vs_eager"), floor="flops")
 
 PRESETS = cases.SWEEPS["attention"]  # (dtype, sizes...) by preset: bench/cases.py
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(CaseDtype):
     dtype: torch.dtype
     b: int
     h: int
@@ -74,10 +71,6 @@ class Case:
     padded: bool  # right padding: every other sequence one quarter shorter
     grad_output: float = 1.0
 
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
-
     def _pairs(self) -> float:
         n = self.length
         return self.b * self.h * n * n * ((n + 1) / (2 * n) if self.causal else 1.0)
@@ -87,14 +80,12 @@ class Case:
         return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_name]
 
     def input_bytes(self) -> int:
-        e = torch.empty((), dtype=self.dtype).element_size()
-        return self.b * self.length * (self.h + self.h_kv) * (self.d_s + self.d_t) * e
+        return self.b * self.length * (self.h + self.h_kv) * (self.d_s + self.d_t) * self.element
 
     def floor_bytes(self, pass_name: str) -> int:
         """The runner's memory floor (read the inputs, write the student's gradients); the rows
         report the GEMM floor instead (``with_gemm_floor``)."""
-        e = torch.empty((), dtype=self.dtype).element_size()
-        write = self.b * self.length * (self.h + self.h_kv) * self.d_s * e
+        write = self.b * self.length * (self.h + self.h_kv) * self.d_s * self.element
         read = self.input_bytes()
         return {"fwd": read, "bwd": write, "fwd+bwd": read + write}[pass_name]
 
@@ -137,23 +128,13 @@ def naive_attention_kl(case: Case) -> Callable:
     return eager
 
 
-def build_pydistill(backend: str):
-    def build(case: Case, device: torch.device):
-        reason = harness.backend_unavailable(backend, device)
-        if reason is not None:
-            return reason
-        return lambda sq, sk, tq, tk, mask: pydistill.attention_kd_loss(
-            sq, sk, tq, tk, attention_mask=mask, causal=case.causal, backend=backend)
-
-    return build
+@harness.pydistill_builder
+def build_pydistill(case: Case, backend: str):
+    return lambda sq, sk, tq, tk, mask: pydistill.attention_kd_loss(
+        sq, sk, tq, tk, attention_mask=mask, causal=case.causal, backend=backend)
 
 
-def build_eager(case: Case, device: torch.device):
-    return naive_attention_kl(case)
-
-
-def build_compiled(case: Case, device: torch.device):
-    return peers.compiled(naive_attention_kl(case))
+build_eager, build_compiled = peers.eager_and_compiled(naive_attention_kl)
 
 
 def build_sdpa(case: Case, device: torch.device):
@@ -202,13 +183,6 @@ def make_inputs(case: Case, device: torch.device, n_sets: int, seed: int = 0):
     return sets
 
 
-def expected_loss(case: Case, inputs) -> float:
-    sq, sk, tq, tk, mask = inputs
-    with torch.no_grad():
-        return float(pydistill.attention_kd_loss(sq, sk, tq, tk, attention_mask=mask,
-                                                 causal=case.causal, backend="torch"))
-
-
 def with_attention_columns(row: dict, case: Case) -> dict:
     """Peak extra memory per 1,024 tokens; no loss check for the SDPA yardstick (another op)."""
     if row.get("peak_extra_mib") is not None:
@@ -227,26 +201,18 @@ def run_case(case: Case, impls, device, opts, prov: dict):
         case, impls, device, opts, base, set_bytes=case.input_bytes(),
         label=(f"{case.dtype_name} B={case.b} H={case.h}/{case.h_kv} L={case.length} "
                f"d={case.d_s}/{case.d_t} causal={case.causal} padded={case.padded}"),
-        make_inputs=make_inputs, expected_loss=expected_loss,
+        make_inputs=make_inputs, expected_loss=harness.torch_loss(build_pydistill),
         finish=lambda row: with_attention_columns(row, case)))
-
-
-
 
 
 # --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
 
-TABLE = (
-    ("impl", "impl", None), ("dtype", "dtype", None), ("B", "B", None), ("H", "H", None),
-    ("L", "L", None), ("d_s", "d_s", None), ("d_t", "d_t", None), ("causal", "causal", None),
-    ("padded", "padded", None), ("pass", "pass", None), ("median_ms", "ms", ".1f"),
-    ("ratio_to_floor", "x floor", ".2f"), ("achieved_tflops", "TFLOP/s", ".3f"),
-    ("peak_extra_mib", "peak extra MiB", ".1f"), ("peak_extra_mib_per_kl", "MiB / kL", ".1f"),
-    ("peak_extra_vs_eager", "x eager", ".3f"), ("reps", "reps", None),
-    ("loss_rel_diff", "loss rel diff", ".1e"), ("status", "status", None),
-)
+TABLE = harness.table(
+    ("dtype", "B", "H", "L", "d_s", "d_t", "causal", "padded"),
+    memory=(("peak_extra_mib_per_kl", "MiB / kL", ".1f"), ("peak_extra_vs_eager", "x eager", ".3f")),
+    floor="flops", ms=".1f", mib=".1f")
 
 TARGETS_TABLE = (
     ("dtype", "dtype", None), ("B", "B", None), ("H", "H", None), ("L", "L", None),
@@ -262,34 +228,20 @@ def _key(r):
 
 
 def targets(rows) -> list:
-    done = {(*_key(r), r["impl"]): r for r in rows if r["pass"] == "fwd+bwd" and r["status"] == "ok"}
-    out = []
-    for (*case, impl), r in sorted(done.items(), key=lambda kv: kv[0]):
-        if not impl.startswith("pydistill"):
-            continue
-        eager = done.get((*case, "torch-eager"))
-        compiled = done.get((*case, "torch-compile"))
-        sdpa = done.get((*case, "sdpa"))
-        out.append({
-            "dtype": r["dtype"], "B": r["B"], "H": r["H"], "L": r["L"], "causal": r["causal"],
-            "impl": impl, "median_ms": r["median_ms"], "ratio_to_floor": r.get("ratio_to_floor"),
-            "peak_extra_mib_per_kl": r.get("peak_extra_mib_per_kl"),
-            "time_vs_eager": r["median_ms"] / eager["median_ms"] if eager else None,
-            "memory_vs_eager": r.get("peak_extra_vs_eager"),
-            "vs_compile": compiled["median_ms"] / r["median_ms"] if compiled else None,
-            "vs_sdpa": r["median_ms"] / sdpa["median_ms"] if sdpa else None,
-        })
-    return out
+    return [{
+        "dtype": r["dtype"], "B": r["B"], "H": r["H"], "L": r["L"], "causal": r["causal"],
+        "impl": r["impl"], "median_ms": r["median_ms"], "ratio_to_floor": r.get("ratio_to_floor"),
+        "peak_extra_mib_per_kl": r.get("peak_extra_mib_per_kl"),
+        "time_vs_eager": harness.time_ratio(r, peer("torch-eager")),
+        "memory_vs_eager": r.get("peak_extra_vs_eager"),
+        "vs_compile": harness.time_ratio(peer("torch-compile"), r),
+        "vs_sdpa": harness.time_ratio(r, peer("sdpa")),
+    } for r, peer in harness.against_peers(rows, _key)]
 
 
 def report(rows, prov: dict, argv) -> str:
-    parts = [
-        "# attention_kd_loss (MiniLM attention KL) benchmark",
-        "",
-        harness.provenance_line(prov),
-        "",
-        f"Command: `python -m pydistill.bench.bench_attention_kd {' '.join(argv)}`",
-        "",
+    parts = harness.report_head("attention_kd_loss (MiniLM attention KL) benchmark",
+                                "bench_attention_kd", prov, argv) + [
         "Floor: FLOPs over the measured matmul rate; fwd 2 B H L^2 (d_s + d_t) (both score "
         "maps), bwd 4 B H L^2 d_s (dQ_s, dK_s), halved (+L) when causal. `x floor` = measured / "
         "floor; `MiB / kL` = peak extra memory per 1,024 tokens (flat when memory grows "
@@ -316,14 +268,12 @@ def report(rows, prov: dict, argv) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m pydistill.bench.bench_attention_kd",
-        description="Time attention_kd_loss (kl) and its peers (fwd, bwd, fwd+bwd, peak memory).",
-    )
-    preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--smoke", action="store_true", help="seconds: float32, H 2, d 16, L {64,128}")
-    preset.add_argument("--quick", action="store_true", help="CPU: float32, H 12, d 32 / 64, L 512-2048")
-    preset.add_argument("--full", action="store_true", help="GPU: bf16, B 4, H 12, d 64, L 512-16384")
+    p = harness.script_parser(
+        "bench_attention_kd",
+        "Time attention_kd_loss (kl) and its peers (fwd, bwd, fwd+bwd, peak memory).",
+        smoke="seconds: float32, H 2, d 16, L {64,128}",
+        quick="CPU: float32, H 12, d 32 / 64, L 512-2048",
+        full="GPU: bf16, B 4, H 12, d 64, L 512-16384")
     p.add_argument("--l", type=int, nargs="+", help="sequence lengths (replace the preset's)")
     p.add_argument("--b", type=int, help="batch (with --l)")
     p.add_argument("--heads", type=int, help="query heads (with --l)")
@@ -333,15 +283,12 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype (with --l)")
     p.add_argument("--causal", action="store_true", help="causal masking")
     p.add_argument("--padded", action="store_true", help="a key-padding mask (every other sequence 3/4 long)")
-    p.add_argument("--impl", nargs="+", choices=IMPL_NAMES, help="only these implementations")
-    add_run_options(p, "attention_kd")
+    add_run_options(p, "attention_kd", IMPL_NAMES)
     return p.parse_args(argv)
 
 
 def cases_from(opts, device) -> list:
-    preset = ("smoke" if opts.smoke else "full" if opts.full else "quick" if opts.quick else
-              "full" if device.type == "cuda" else "quick")
-    sizes = PRESETS[preset]
+    sizes = harness.preset_sizes(PRESETS, opts, device)
     if opts.l:
         d, b, h, h_kv, _, d_s, d_t = sizes[-1]
         h = opts.heads or h
@@ -352,10 +299,7 @@ def cases_from(opts, device) -> list:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    opts = parse_args(argv)
-    return harness.run_script(opts, argv, "attention_kd", harness.selected(IMPLS, opts), cases_from, run_case, COLUMNS,
-                              report)
+    return harness.run_script(argv, sys.modules[__name__], "attention_kd")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,6 @@ CUDA, against the floor and Liger.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
@@ -81,14 +80,11 @@ from pydistill.reference import softmax_divergence as reference
 from pydistill.bench import cases, harness, peers
 from pydistill.bench.bench_softmax_divergence import DTYPES, naive_loss
 from pydistill.bench.bench_topk_divergence import dense_loss as dense_topk_loss
-from pydistill.bench.harness import Impl, add_run_options
+from pydistill.bench.harness import CaseDtype, Impl, add_run_options
 
-COLUMNS = (
-    "impl", "divergence", "dtype", "N", "H_s", "H_t", "V", "K", "transform", "temperature", "beta",
-    "grad_output",
-    "pass", "status", "median_ms", "reps", "n_sets", "peak_extra_mib", "peak_extra_vs_eager",
-    "floor_flops", "floor_ms", "ratio_to_floor", "achieved_tflops", "loss_rel_diff",
-) + harness.PROVENANCE_COLUMNS
+COLUMNS = harness.columns(
+    ("divergence", "dtype", "N", "H_s", "H_t", "V", "K", "transform", "temperature", "beta",
+     "grad_output"), memory=("peak_extra_vs_eager",), floor="flops")
 
 PRESETS = cases.SWEEPS["linear"]  # (dtype, sizes...) by preset: bench/cases.py
 # The tail of the top-k case: "ignore" is exactly the dense peer's kl (bench_topk_divergence).
@@ -108,7 +104,7 @@ CPU_MEMORY_GOAL, CPU_TIME_GOAL = 0.10, 1.25
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(CaseDtype):
     divergence: str
     dtype: torch.dtype
     n: int
@@ -127,10 +123,6 @@ class Case:
         return TRANSFORMS[self.transform]
 
     @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
-
-    @property
     def tail(self) -> str:  # for bench_topk_divergence.dense_loss
         return TOPK_TAIL
 
@@ -141,9 +133,8 @@ class Case:
     def floor_bytes(self, pass_name: str) -> int:
         """The runner's memory floor (read the inputs, write the gradients once); the rows
         report the GEMM floor instead (``with_gemm_floor``)."""
-        e = torch.empty((), dtype=self.dtype).element_size()
-        read = (self.n + self.v) * (self.h_s + self.h_t) * e
-        write = (self.n + self.v) * self.h_s * e
+        read = (self.n + self.v) * (self.h_s + self.h_t) * self.element
+        write = (self.n + self.v) * self.h_s * self.element
         return {"fwd": read, "bwd": write, "fwd+bwd": read + write}[pass_name]
 
 
@@ -181,33 +172,22 @@ def naive_linear_loss(case: Case) -> Callable:
     return eager
 
 
-def build_pydistill(backend: str, chunk_size="auto"):
-    def build(case: Case, device: torch.device):
-        reason = harness.backend_unavailable(backend, device)
-        if reason is not None:
-            return reason
-        if chunk_size == "tiled" and case.k:
-            return "skipped: the tiled kernels take no top-k teacher (it runs chunked)"
-        kw = dict(divergence=case.divergence, temperature=case.temperature, beta=case.beta,
-                  backend=backend, chunk_size=chunk_size, **case.transforms)
-        if case.k:
-            return lambda student_hidden, student_weight, logprobs, ids: pydistill.linear_kd_loss(
-                student_hidden, student_weight, teacher_topk=(logprobs, ids), tail=TOPK_TAIL,
-                teacher_temperature=case.temperature, **kw)  # log-probs used as they are
-        return lambda student_hidden, student_weight, teacher_hidden, teacher_weight: (
-            pydistill.linear_kd_loss(student_hidden, student_weight, teacher_hidden,
-                                     teacher_weight, **kw))
-
-    return build
+@harness.pydistill_builder
+def build_pydistill(case: Case, backend: str, chunk_size="auto"):
+    if chunk_size == "tiled" and case.k:
+        return "skipped: the tiled kernels take no top-k teacher (it runs chunked)"
+    kw = dict(divergence=case.divergence, temperature=case.temperature, beta=case.beta,
+              backend=backend, chunk_size=chunk_size, **case.transforms)
+    if case.k:
+        return lambda student_hidden, student_weight, logprobs, ids: pydistill.linear_kd_loss(
+            student_hidden, student_weight, teacher_topk=(logprobs, ids), tail=TOPK_TAIL,
+            teacher_temperature=case.temperature, **kw)  # log-probs used as they are
+    return lambda student_hidden, student_weight, teacher_hidden, teacher_weight: (
+        pydistill.linear_kd_loss(student_hidden, student_weight, teacher_hidden,
+                                 teacher_weight, **kw))
 
 
-def build_eager(case: Case, device: torch.device):
-    return naive_linear_loss(case)
-
-
-def build_compiled(case: Case, device: torch.device):
-    fn = naive_linear_loss(case)
-    return fn if isinstance(fn, str) else peers.compiled(fn)
+build_eager, build_compiled = peers.eager_and_compiled(naive_linear_loss)
 
 
 def dense_teacher_only(builder):
@@ -313,17 +293,6 @@ def topk_teacher(case: Case, device: torch.device, gen) -> tuple:
     return torch.cat(logprobs), torch.cat(ids)
 
 
-def expected_loss(case: Case, inputs) -> float:
-    kw = dict(divergence=case.divergence, temperature=case.temperature, beta=case.beta,
-              backend="torch", **case.transforms)
-    with torch.no_grad():
-        if case.k:
-            return float(pydistill.linear_kd_loss(*inputs[:2], teacher_topk=tuple(inputs[2:]),
-                                                  tail=TOPK_TAIL, teacher_temperature=case.temperature,
-                                                  **kw))
-        return float(pydistill.linear_kd_loss(*inputs, **kw))
-
-
 def run_case(case: Case, impls, device, opts, prov: dict):
     base = {
         "divergence": case.divergence, "dtype": case.dtype_name, "N": case.n, "H_s": case.h_s,
@@ -336,25 +305,16 @@ def run_case(case: Case, impls, device, opts, prov: dict):
         label=(f"{case.divergence} {case.dtype_name} N={case.n} H_s={case.h_s} H_t={case.h_t} "
                f"V={case.v}" + (f" K={case.k}" if case.k else "")
                + (f" {case.transform}" if case.transforms else "")),
-        make_inputs=make_inputs, expected_loss=expected_loss))
-
-
-
+        make_inputs=make_inputs, expected_loss=harness.torch_loss(build_pydistill)))
 
 
 # --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
 
-TABLE = (
-    ("impl", "impl", None), ("divergence", "div", None), ("dtype", "dtype", None),
-    ("N", "N", None), ("H_s", "H_s", None), ("H_t", "H_t", None), ("V", "V", None),
-    ("K", "K", None), ("transform", "transform", None), ("pass", "pass", None),
-    ("median_ms", "ms", ".1f"), ("ratio_to_floor", "x floor", ".2f"),
-    ("achieved_tflops", "TFLOP/s", ".3f"), ("peak_extra_mib", "peak extra MiB", ".0f"),
-    ("peak_extra_vs_eager", "x eager", ".3f"), ("reps", "reps", None),
-    ("loss_rel_diff", "loss rel diff", ".1e"), ("status", "status", None),
-)
+TABLE = harness.table(
+    (("divergence", "div", None), "dtype", "N", "H_s", "H_t", "V", "K", "transform"),
+    memory=(("peak_extra_vs_eager", "x eager", ".3f"),), floor="flops", ms=".1f")
 
 TARGETS_TABLE = (
     ("divergence", "div", None), ("dtype", "dtype", None), ("N", "N", None), ("H_s", "H_s", None),
@@ -375,40 +335,28 @@ def _key(r):
 
 
 def targets(rows) -> list:
-    done = {(*_key(r), r["impl"]): r for r in rows if r["pass"] == "fwd+bwd" and r["status"] == "ok"}
     out = []
-    for (*case, impl), r in sorted(done.items(), key=lambda kv: kv[0]):
-        if not impl.startswith("pydistill"):
-            continue
-        eager = done.get((*case, "torch-eager"))
-        time_ratio = r["median_ms"] / eager["median_ms"] if eager else None
+    for r, peer in harness.against_peers(rows, _key):
+        time_ratio = harness.time_ratio(r, peer("torch-eager"))
         memory_ratio = r.get("peak_extra_vs_eager")
         goal = None
         if time_ratio is not None and memory_ratio is not None:
             goal = "met" if memory_ratio <= CPU_MEMORY_GOAL and time_ratio <= CPU_TIME_GOAL else "not met"
-        liger = [done[k]["median_ms"] for k in [(*case, "liger-fused-linear-jsd"), (*case, "liger-chunked-jsd")]
-                 if k in done]
-        compiled = done.get((*case, "torch-compile"))
-        trl = done.get((*case, "trl-chunked-divergence"))
+        liger = [p["median_ms"] for p in map(peer, ("liger-fused-linear-jsd", "liger-chunked-jsd")) if p]
         out.append({
-            **dict(zip(_KEY, case)), "impl": impl,
+            **dict(zip(_KEY, _key(r))), "impl": r["impl"],
             "median_ms": r["median_ms"], "ratio_to_floor": r.get("ratio_to_floor"),
             "time_vs_eager": time_ratio, "memory_vs_eager": memory_ratio, "cpu_goal": goal,
             "vs_liger": min(liger) / r["median_ms"] if liger else None,
-            "vs_trl": trl["median_ms"] / r["median_ms"] if trl else None,
-            "vs_compile": compiled["median_ms"] / r["median_ms"] if compiled else None,
+            "vs_trl": harness.time_ratio(peer("trl-chunked-divergence"), r),
+            "vs_compile": harness.time_ratio(peer("torch-compile"), r),
         })
     return out
 
 
 def report(rows, prov: dict, argv) -> str:
-    parts = [
-        "# linear_kd_loss (fused LM-head distillation) benchmark",
-        "",
-        harness.provenance_line(prov),
-        "",
-        f"Command: `python -m pydistill.bench.bench_linear_kd {' '.join(argv)}`",
-        "",
+    parts = harness.report_head("linear_kd_loss (fused LM-head distillation) benchmark",
+                                "bench_linear_kd", prov, argv) + [
         "Floor: FLOPs over the measured matmul rate; fwd 2 N V (H_s + H_t), bwd 4 N V H_s "
         "(d(hidden), d(weight)), fwd+bwd the sum. `x floor` = measured / floor; `x eager` = peak "
         "extra memory / torch-eager's in the same pass. pydistill's chunked path computes its "
@@ -433,13 +381,10 @@ def report(rows, prov: dict, argv) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m pydistill.bench.bench_linear_kd",
-        description="Time linear_kd_loss and its peers (fwd, bwd, fwd+bwd, peak memory).",
-    )
-    preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--quick", action="store_true", help="CPU: float32, N {1024,4096}, H 512, V 32000")
-    preset.add_argument("--full", action="store_true", help="GPU: bf16, V 128256, H 4096 (and H_s 2048)")
+    p = harness.script_parser(
+        "bench_linear_kd", "Time linear_kd_loss and its peers (fwd, bwd, fwd+bwd, peak memory).",
+        quick="CPU: float32, N {1024,4096}, H 512, V 32000",
+        full="GPU: bf16, V 128256, H 4096 (and H_s 2048)")
     p.add_argument("--n", type=int, nargs="+", help="rows (replaces the preset's sizes)")
     p.add_argument("--h-s", type=int, help="student hidden size (with --n)")
     p.add_argument("--h-t", type=int, help="teacher hidden size (with --n)")
@@ -455,15 +400,12 @@ def parse_args(argv=None):
     p.add_argument("--trl-like", action="store_true",
                    help="TRL's DistillationTrainer case: jsd, beta 0.5, T 1, transforms none and "
                         "scale-softcap (replaces --divergence, --beta, --temperature, --transform)")
-    p.add_argument("--impl", nargs="+", choices=IMPL_NAMES, help="only these implementations")
-    add_run_options(p, "linear_kd")
+    add_run_options(p, "linear_kd", IMPL_NAMES)
     return p.parse_args(argv)
 
 
 def cases_from(opts, device) -> list:
-    preset = "full" if opts.full else "quick" if opts.quick else (
-        "full" if device.type == "cuda" else "quick")
-    sizes = PRESETS[preset]
+    sizes = harness.preset_sizes(PRESETS, opts, device)
     if opts.n:
         d, _, h_s, h_t, v, _ = sizes[0]
         h_t = 0 if opts.k else (opts.h_t or h_t)
@@ -479,10 +421,7 @@ def cases_from(opts, device) -> list:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    opts = parse_args(argv)
-    return harness.run_script(opts, argv, "linear_kd", harness.selected(IMPLS, opts), cases_from, run_case, COLUMNS,
-                              report)
+    return harness.run_script(argv, sys.modules[__name__], "linear_kd")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,6 @@ dtype and differs by that dtype's rounding.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -67,16 +66,13 @@ from pydistill import _dispatch
 from pydistill.reference import softmax_divergence as reference
 
 from pydistill.bench import cases, harness, peers
-from pydistill.bench.harness import Impl, add_run_options
+from pydistill.bench.harness import CaseDtype, Impl, add_run_options
 
 # Bytes that must move, in units of one (N, V) logits tensor (module docstring).
 FLOOR_TENSORS = {"fwd": 2, "bwd": 1, "fwd+bwd": 3}
 
-COLUMNS = (
-    "impl", "divergence", "dtype", "N", "V", "temperature", "beta", "grad_output", "pass", "status",
-    "median_ms", "reps", "n_sets", "peak_extra_mib", "floor_bytes", "floor_ms",
-    "ratio_to_floor", "achieved_gbps", "loss_rel_diff",
-) + harness.PROVENANCE_COLUMNS
+COLUMNS = harness.columns(
+    ("divergence", "dtype", "N", "V", "temperature", "beta", "grad_output"))
 
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -88,7 +84,7 @@ PRESETS = cases.SWEEPS["softmax"]  # (dtype, sizes...) by preset: bench/cases.py
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(CaseDtype):
     divergence: str
     dtype: torch.dtype
     n: int
@@ -102,13 +98,9 @@ class Case:
         """The teacher's vocabulary (make_inputs; the uld family's differs)."""
         return self.v
 
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
-
     def floor_bytes(self, pass_name: str) -> int:
         """Bytes the pass must move (module docstring); _measure_passes asks every case."""
-        return FLOOR_TENSORS[pass_name] * self.n * self.v * torch.empty((), dtype=self.dtype).element_size()
+        return FLOOR_TENSORS[pass_name] * self.n * self.v * self.element
 
 
 # --------------------------------------------------------------------------------------
@@ -136,27 +128,15 @@ def naive_loss(case: Case) -> Callable:
     )
 
 
-def build_pydistill(backend: str):
-    def build(case: Case, device: torch.device):
-        reason = harness.backend_unavailable(backend, device)
-        if reason is not None:
-            return reason
-        return lambda student_logits, teacher_logits: pydistill.kd_loss(
-            student_logits, teacher_logits, divergence=case.divergence,
-            temperature=case.temperature, beta=case.beta, backend=backend,
-        )
-
-    return build
+@harness.pydistill_builder
+def build_pydistill(case: Case, backend: str):
+    return lambda student_logits, teacher_logits: pydistill.kd_loss(
+        student_logits, teacher_logits, divergence=case.divergence,
+        temperature=case.temperature, beta=case.beta, backend=backend,
+    )
 
 
-def build_eager(case: Case, device: torch.device):
-    return naive_loss(case)
-
-
-def build_compiled(case: Case, device: torch.device):
-    return peers.compiled(naive_loss(case))
-
-
+build_eager, build_compiled = peers.eager_and_compiled(naive_loss)
 # Kept for code that imported it from here; the builder lives with the other peers.
 build_liger = peers.liger_softmax
 
@@ -193,39 +173,23 @@ def make_inputs(case: Case, device: torch.device, n_sets: int, seed: int = 0):
     return sets
 
 
-def expected_loss(case: Case, student, teacher) -> float:
-    with torch.no_grad():
-        loss = pydistill.kd_loss(
-            student, teacher, divergence=case.divergence, temperature=case.temperature,
-            beta=case.beta, backend="torch",
-        )
-    return float(loss)
-
-
 def run_case(case: Case, impls, device, opts, prov: dict):
     base = {
         "divergence": case.divergence, "dtype": case.dtype_name, "N": case.n, "V": case.v,
         "temperature": case.temperature, "beta": case.beta, "grad_output": case.grad_output,
         **prov,
     }
-    element = torch.empty((), dtype=case.dtype).element_size()
     return harness.run_case(
-        case, impls, device, opts, base, set_bytes=2 * case.n * case.v * element,
+        case, impls, device, opts, base, set_bytes=2 * case.n * case.v * case.element,
         label=f"{case.divergence} {case.dtype_name} N={case.n} V={case.v}",
-        make_inputs=make_inputs, expected_loss=lambda c, inputs: expected_loss(c, *inputs))
+        make_inputs=make_inputs, expected_loss=harness.torch_loss(build_pydistill))
 
 
 # --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
 
-TABLE = (
-    ("impl", "impl", None), ("divergence", "div", None), ("dtype", "dtype", None),
-    ("N", "N", None), ("V", "V", None), ("pass", "pass", None),
-    ("median_ms", "ms", ".3f"), ("ratio_to_floor", "x floor", ".2f"),
-    ("achieved_gbps", "GB/s", ".1f"), ("peak_extra_mib", "peak extra MiB", ".0f"),
-    ("reps", "reps", None), ("loss_rel_diff", "loss rel diff", ".1e"), ("status", "status", None),
-)
+TABLE = harness.table((("divergence", "div", None), "dtype", "N", "V"))
 
 
 def _key(r):
@@ -239,25 +203,14 @@ TARGET_RATIO = 1.6
 
 def targets(rows, target_ratio: float = TARGET_RATIO) -> list:
     """For each size: the Triton backend's fwd+bwd against the floor and the peers."""
-    done = {(r["divergence"], r["dtype"], r["N"], r["V"], r["impl"]): r
-            for r in rows if r["pass"] == "fwd+bwd" and r["status"] == "ok"}
-    out = []
-    for (*case, impl), r in done.items():
-        if not impl.startswith("pydistill-triton"):
-            continue
-
-        def speedup(peer):
-            other = done.get((*case, peer))
-            return None if other is None else other["median_ms"] / r["median_ms"]
-
-        out.append({
-            "divergence": case[0], "dtype": case[1], "N": case[2], "V": case[3], "impl": impl,
-            "median_ms": r["median_ms"], "ratio_to_floor": r["ratio_to_floor"],
-            "meets": "yes" if r["ratio_to_floor"] <= target_ratio else "no",
-            "vs_liger": speedup("liger"), "vs_compile": speedup("torch-compile"),
-            "vs_eager": speedup("torch-eager"),
-        })
-    return sorted(out, key=lambda r: (r["divergence"], r["dtype"], r["N"], r["V"], r["impl"]))
+    return [{
+        "divergence": r["divergence"], "dtype": r["dtype"], "N": r["N"], "V": r["V"],
+        "impl": r["impl"], "median_ms": r["median_ms"], "ratio_to_floor": r["ratio_to_floor"],
+        "meets": "yes" if r["ratio_to_floor"] <= target_ratio else "no",
+        "vs_liger": harness.time_ratio(peer("liger"), r),
+        "vs_compile": harness.time_ratio(peer("torch-compile"), r),
+        "vs_eager": harness.time_ratio(peer("torch-eager"), r),
+    } for r, peer in harness.against_peers(rows, _key, lambda impl: impl.startswith("pydistill-triton"))]
 
 
 def targets_table(target_ratio: float):
@@ -272,13 +225,8 @@ def targets_table(target_ratio: float):
 
 def report(rows, prov: dict, argv, target_ratio: float = TARGET_RATIO) -> str:
     grad_output = rows[0]["grad_output"] if rows else 1.0
-    parts = [
-        "# kd_loss (softmax divergence) benchmark",
-        "",
-        harness.provenance_line(prov),
-        "",
-        f"Command: `python -m pydistill.bench.bench_softmax_divergence {' '.join(argv)}`",
-        "",
+    parts = harness.report_head("kd_loss (softmax divergence) benchmark",
+                                "bench_softmax_divergence", prov, argv) + [
         "Floor: fwd reads student + teacher (2 N V e bytes), bwd writes the student gradient "
         "(N V e), fwd+bwd 3 N V e; divided by the measured copy bandwidth. "
         "`x floor` = measured / floor; GB/s = floor bytes / measured time; peak extra = "
@@ -308,15 +256,11 @@ def report(rows, prov: dict, argv, target_ratio: float = TARGET_RATIO) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m pydistill.bench.bench_softmax_divergence",
-        description="Time kd_loss's backends and its peers (fwd, bwd, fwd+bwd, peak memory).",
-    )
-    preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--quick", action="store_true",
-                        help="CPU-sized: float32, N {256,1024} x V {4096,32000}")
-    preset.add_argument("--full", action="store_true",
-                        help="GPU: bf16 up to 16384 x 262144, an fp32 subset")
+    p = harness.script_parser(
+        "bench_softmax_divergence",
+        "Time kd_loss's backends and its peers (fwd, bwd, fwd+bwd, peak memory).",
+        quick="CPU-sized: float32, N {256,1024} x V {4096,32000}",
+        full="GPU: bf16 up to 16384 x 262144, an fp32 subset")
     p.add_argument("--n", type=int, nargs="+", help="rows (replaces the preset's sizes)")
     p.add_argument("--v", type=int, nargs="+", help="vocabularies (replaces the preset's sizes)")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES),
@@ -329,17 +273,14 @@ def parse_args(argv=None):
                         "stand for loss weights, gradient accumulation, AMP loss scaling)")
     p.add_argument("--target-ratio", type=float, default=TARGET_RATIO,
                    help="fwd+bwd ratio to floor that pydistill-triton should reach")
-    p.add_argument("--impl", nargs="+", choices=IMPL_NAMES, help="only these implementations")
     p.add_argument("--grad-mode", choices=("recompute", "forward", "both"), default="both",
                    help="which Triton gradient schedules to time (PYDISTILL_KD_GRAD)")
-    add_run_options(p, "softmax_divergence")
+    add_run_options(p, "softmax_divergence", IMPL_NAMES)
     return p.parse_args(argv)
 
 
 def cases_from(opts, device) -> list:
-    preset = "full" if opts.full else "quick" if opts.quick else (
-        "full" if device.type == "cuda" else "quick")
-    sizes = PRESETS[preset]
+    sizes = harness.preset_sizes(PRESETS, opts, device)
     if opts.n or opts.v or opts.dtype:
         dtypes = [DTYPES[d] for d in opts.dtype] if opts.dtype else sorted(
             {d for d, _, _ in sizes}, key=str)
@@ -360,11 +301,9 @@ def selected_impls(opts) -> list:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    opts = parse_args(argv)
     return harness.run_script(
-        opts, argv, "softmax_divergence", selected_impls(opts), cases_from, run_case, COLUMNS,
-        lambda rows, prov, argv: report(rows, prov, argv, opts.target_ratio))
+        argv, sys.modules[__name__], "softmax_divergence", impls=selected_impls,
+        report=lambda rows, prov, argv, opts: report(rows, prov, argv, opts.target_ratio))
 
 
 if __name__ == "__main__":

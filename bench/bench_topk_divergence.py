@@ -45,7 +45,6 @@ the gradient alone (Triton).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 
@@ -58,19 +57,17 @@ from pydistill.reference import topk_divergence as reference
 
 from pydistill.bench import cases, harness, peers
 from pydistill.bench.bench_softmax_divergence import DTYPES
-from pydistill.bench.harness import Impl, add_run_options
+from pydistill.bench.harness import CaseDtype, Impl, add_run_options
 
-COLUMNS = (
-    "impl", "divergence", "tail", "dtype", "N", "V", "K", "temperature", "grad_output", "pass",
-    "status", "median_ms", "reps", "n_sets", "peak_extra_mib", "peak_extra_nv", "floor_bytes",
-    "floor_ms", "ratio_to_floor", "achieved_gbps", "loss_rel_diff",
-) + harness.PROVENANCE_COLUMNS
+COLUMNS = harness.columns(
+    ("divergence", "tail", "dtype", "N", "V", "K", "temperature", "grad_output"),
+    memory=("peak_extra_nv",))
 
 PRESETS = cases.SWEEPS["topk"]  # (dtype, sizes...) by preset: bench/cases.py
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(CaseDtype):
     divergence: str
     tail: str
     dtype: torch.dtype
@@ -79,14 +76,6 @@ class Case:
     k: int
     temperature: float
     grad_output: float = 1.0
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
-
-    @property
-    def element(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
 
     def floor_bytes(self, pass_name: str) -> int:
         """Bytes the pass must move (module docstring); the log-probs are stored in the
@@ -102,18 +91,13 @@ class Case:
 # --------------------------------------------------------------------------------------
 
 
-def build_pydistill(backend: str):
-    def build(case: Case, device: torch.device):
-        reason = harness.backend_unavailable(backend, device)
-        if reason is not None:
-            return reason
-        # teacher_temperature = T: the stored log-probs used as they are, as the peers use them
-        return lambda student, teacher: pydistill.topk_kd_loss(
-            student, *teacher, tail=case.tail, divergence=case.divergence,
-            temperature=case.temperature, teacher_temperature=case.temperature, backend=backend,
-        )
-
-    return build
+@harness.pydistill_builder
+def build_pydistill(case: Case, backend: str):
+    # teacher_temperature = T: the stored log-probs used as they are, as the peers use them
+    return lambda student, teacher: pydistill.topk_kd_loss(
+        student, *teacher, tail=case.tail, divergence=case.divergence,
+        temperature=case.temperature, teacher_temperature=case.temperature, backend=backend,
+    )
 
 
 def build_reference(case: Case, device: torch.device):
@@ -142,15 +126,7 @@ def dense_loss(case: Case):
     return dense_kl
 
 
-def build_dense(case: Case, device: torch.device):
-    return dense_loss(case)
-
-
-def build_dense_compiled(case: Case, device: torch.device):
-    fn = dense_loss(case)
-    return fn if isinstance(fn, str) else peers.compiled(fn)
-
-
+build_dense, build_dense_compiled = peers.eager_and_compiled(dense_loss)
 IMPLS = (
     Impl("pydistill-triton", build_pydistill("triton"), env=(("PYDISTILL_KD_GRAD", "recompute"),)),
     Impl("pydistill-triton-gradfwd", build_pydistill("triton"), env=(("PYDISTILL_KD_GRAD", "forward"),)),
@@ -185,13 +161,6 @@ def make_inputs(case: Case, device: torch.device, n_sets: int, seed: int = 0):
     return sets
 
 
-def expected_loss(case: Case, student, teacher) -> float:
-    with torch.no_grad():
-        return float(pydistill.topk_kd_loss(student, *teacher, tail=case.tail, divergence=case.divergence,
-                                            temperature=case.temperature,
-                                            teacher_temperature=case.temperature, backend="torch"))
-
-
 def run_case(case: Case, impls, device, opts, prov: dict):
     base = {
         "divergence": case.divergence, "tail": case.tail, "dtype": case.dtype_name, "N": case.n,
@@ -201,7 +170,7 @@ def run_case(case: Case, impls, device, opts, prov: dict):
     rows = harness.run_case(
         case, impls, device, opts, base, set_bytes=case.floor_bytes("fwd"),
         label=f"{case.divergence} tail={case.tail} {case.dtype_name} N={case.n} V={case.v} K={case.k}",
-        make_inputs=make_inputs, expected_loss=lambda c, inputs: expected_loss(c, *inputs))
+        make_inputs=make_inputs, expected_loss=harness.torch_loss(build_pydistill))
     for row in rows:  # peak extra memory in units of one float32 (N, V) tensor
         if row.get("peak_extra_mib") is not None:
             row["peak_extra_nv"] = row["peak_extra_mib"] * 2**20 / (4 * case.n * case.v)
@@ -212,13 +181,7 @@ def run_case(case: Case, impls, device, opts, prov: dict):
 # Report
 # --------------------------------------------------------------------------------------
 
-TABLE = (
-    ("impl", "impl", None), ("tail", "tail", None), ("dtype", "dtype", None), ("N", "N", None),
-    ("V", "V", None), ("K", "K", None), ("pass", "pass", None), ("median_ms", "ms", ".3f"),
-    ("ratio_to_floor", "x floor", ".2f"), ("achieved_gbps", "GB/s", ".1f"),
-    ("peak_extra_mib", "peak extra MiB", ".0f"), ("peak_extra_nv", "x NV", ".2f"),
-    ("reps", "reps", None), ("loss_rel_diff", "loss rel diff", ".1e"), ("status", "status", None),
-)
+TABLE = harness.table(("tail", "dtype", "N", "V", "K"), memory=(("peak_extra_nv", "x NV", ".2f"),))
 
 
 def _key(r):
@@ -227,13 +190,8 @@ def _key(r):
 
 def report(rows, prov: dict, argv) -> str:
     grad_output = rows[0]["grad_output"] if rows else 1.0
-    return "\n".join([
-        "# topk_kd_loss (top-k teacher) benchmark",
-        "",
-        harness.provenance_line(prov),
-        "",
-        f"Command: `python -m pydistill.bench.bench_topk_divergence {' '.join(argv)}`",
-        "",
+    return "\n".join(harness.report_head("topk_kd_loss (top-k teacher) benchmark",
+                                         "bench_topk_divergence", prov, argv) + [
         "Floor: fwd reads the student logits and the teacher's N x K log-probs and ids, bwd "
         "writes the student gradient, fwd+bwd both; divided by the measured copy bandwidth. "
         "`x floor` = measured / floor; GB/s = floor bytes / measured time; peak extra = memory "
@@ -252,13 +210,11 @@ def report(rows, prov: dict, argv) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m pydistill.bench.bench_topk_divergence",
-        description="Time topk_kd_loss's backends and the dense path (fwd, bwd, fwd+bwd, peak memory).",
-    )
-    preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--quick", action="store_true", help="CPU-sized: float32, N {256,1024} x V {4096,32000}, K 64")
-    preset.add_argument("--full", action="store_true", help="GPU: bf16, V 151936, N up to 16384, K {16,64,256}")
+    p = harness.script_parser(
+        "bench_topk_divergence",
+        "Time topk_kd_loss's backends and the dense path (fwd, bwd, fwd+bwd, peak memory).",
+        quick="CPU-sized: float32, N {256,1024} x V {4096,32000}, K 64",
+        full="GPU: bf16, V 151936, N up to 16384, K {16,64,256}")
     p.add_argument("--n", type=int, nargs="+", help="rows (replaces the preset's sizes)")
     p.add_argument("--v", type=int, nargs="+", help="vocabularies (replaces the preset's sizes)")
     p.add_argument("--k", type=int, nargs="+", help="top-k sizes (replaces the preset's sizes)")
@@ -267,14 +223,12 @@ def parse_args(argv=None):
     p.add_argument("--divergence", nargs="+", default=["kl"], choices=pydistill.DIVERGENCES)
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--grad-output", type=float, default=1.0, help="gradient fed to the backward")
-    p.add_argument("--impl", nargs="+", choices=IMPL_NAMES, help="only these implementations")
-    add_run_options(p, "topk_divergence")
+    add_run_options(p, "topk_divergence", IMPL_NAMES)
     return p.parse_args(argv)
 
 
 def cases_from(opts, device) -> list:
-    preset = "full" if opts.full else "quick" if opts.quick else ("full" if device.type == "cuda" else "quick")
-    sizes = PRESETS[preset]
+    sizes = harness.preset_sizes(PRESETS, opts, device)
     if opts.n or opts.v or opts.k or opts.dtype:
         dtypes = [DTYPES[d] for d in opts.dtype] if opts.dtype else sorted({s[0] for s in sizes}, key=str)
         ns = opts.n or sorted({s[1] for s in sizes})
@@ -286,10 +240,7 @@ def cases_from(opts, device) -> list:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    opts = parse_args(argv)
-    return harness.run_script(opts, argv, "topk_divergence", harness.selected(IMPLS, opts), cases_from, run_case, COLUMNS,
-                              report)
+    return harness.run_script(argv, sys.modules[__name__], "topk_divergence")
 
 
 if __name__ == "__main__":

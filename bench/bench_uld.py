@@ -54,19 +54,15 @@ from pydistill.reference import uld as reference
 
 from pydistill.bench import cases, harness, peers
 from pydistill.bench.bench_softmax_divergence import DTYPES, make_inputs  # (N, V) and (N, V_t)
-from pydistill.bench.harness import Impl, add_run_options
+from pydistill.bench.harness import CaseDtype, Impl, add_run_options
 
-COLUMNS = (
-    "impl", "dtype", "N", "V", "V_t", "K", "temperature", "grad_output", "pass", "status",
-    "median_ms", "reps", "n_sets", "peak_extra_mib", "floor_bytes", "floor_ms",
-    "ratio_to_floor", "achieved_gbps", "loss_rel_diff",
-) + harness.PROVENANCE_COLUMNS
+COLUMNS = harness.columns(("dtype", "N", "V", "V_t", "K", "temperature", "grad_output"))
 
 PRESETS = cases.SWEEPS["uld"]  # (dtype, sizes...) by preset: bench/cases.py
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(CaseDtype):
     dtype: torch.dtype
     n: int
     v: int  # the student's vocabulary, V_s
@@ -76,10 +72,6 @@ class Case:
     grad_output: float = 1.0
 
     @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
-
-    @property
     def k(self):
         """The ``K`` column: top_k, or "all" for the full sort (an empty cell would read as
         a family without K)."""
@@ -87,8 +79,7 @@ class Case:
 
     def floor_bytes(self, pass_name: str) -> int:
         """Bytes the pass must move (module docstring)."""
-        element = torch.empty((), dtype=self.dtype).element_size()
-        student, teacher = self.n * self.v * element, self.n * self.v_t * element
+        student, teacher = self.n * self.v * self.element, self.n * self.v_t * self.element
         return {"fwd": student + teacher, "bwd": student,
                 "fwd+bwd": 2 * student + teacher}[pass_name]
 
@@ -114,27 +105,15 @@ def naive_loss(case: Case) -> Callable:
     return eager_uld
 
 
-def build_pydistill(backend: str):
-    def build(case: Case, device: torch.device):
-        reason = harness.backend_unavailable(backend, device)
-        if reason is not None:
-            return reason
-        return lambda student_logits, teacher_logits: pydistill.uld_loss(
-            student_logits, teacher_logits, temperature=case.temperature, top_k=case.top_k,
-            backend=backend,
-        )
-
-    return build
+@harness.pydistill_builder
+def build_pydistill(case: Case, backend: str):
+    return lambda student_logits, teacher_logits: pydistill.uld_loss(
+        student_logits, teacher_logits, temperature=case.temperature, top_k=case.top_k,
+        backend=backend,
+    )
 
 
-def build_eager(case: Case, device: torch.device):
-    return naive_loss(case)
-
-
-def build_compiled(case: Case, device: torch.device):
-    return peers.compiled(naive_loss(case))
-
-
+build_eager, build_compiled = peers.eager_and_compiled(naive_loss)
 IMPLS = (
     Impl("pydistill-triton", build_pydistill("triton")),
     Impl("pydistill-torch", build_pydistill("torch")),
@@ -150,13 +129,6 @@ IMPL_NAMES = tuple(impl.name for impl in IMPLS)
 # --------------------------------------------------------------------------------------
 
 
-def expected_loss(case: Case, student, teacher) -> float:
-    with torch.no_grad():
-        loss = pydistill.uld_loss(student.detach(), teacher, temperature=case.temperature,
-                                  top_k=case.top_k, backend="torch")
-    return float(loss)
-
-
 def run_case(case: Case, impls, device, opts, prov: dict):
     base = {
         "dtype": case.dtype_name, "N": case.n, "V": case.v, "V_t": case.v_t, "K": case.k,
@@ -165,20 +137,14 @@ def run_case(case: Case, impls, device, opts, prov: dict):
     return harness.run_case(
         case, impls, device, opts, base, set_bytes=case.floor_bytes("fwd"),
         label=f"uld {case.dtype_name} N={case.n} V={case.v} V_t={case.v_t} K={case.k}",
-        make_inputs=make_inputs, expected_loss=lambda c, inputs: expected_loss(c, *inputs))
+        make_inputs=make_inputs, expected_loss=harness.torch_loss(build_pydistill))
 
 
 # --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
 
-TABLE = (
-    ("impl", "impl", None), ("dtype", "dtype", None), ("N", "N", None), ("V", "V", None),
-    ("V_t", "V_t", None), ("K", "top_k", None), ("pass", "pass", None),
-    ("median_ms", "ms", ".3f"), ("ratio_to_floor", "x floor", ".2f"),
-    ("achieved_gbps", "GB/s", ".1f"), ("peak_extra_mib", "peak extra MiB", ".0f"),
-    ("reps", "reps", None), ("loss_rel_diff", "loss rel diff", ".1e"), ("status", "status", None),
-)
+TABLE = harness.table(("dtype", "N", "V", "V_t", ("K", "top_k", None)))
 PEERS = ("torch-eager", "torch-compile", "trl-gold-uld")
 
 
@@ -188,18 +154,12 @@ def _key(r):
 
 def speedups(rows) -> list:
     """For each case and pydistill backend that ran: each peer's fwd+bwd time over its own."""
-    done = {(*_key(r), r["impl"]): r for r in rows
-            if r["pass"] == "fwd+bwd" and r["status"] == "ok"}
     out = []
-    for (*case, impl), r in done.items():
-        if not impl.startswith("pydistill"):
-            continue
-        line = {"dtype": r["dtype"], "N": r["N"], "V": r["V"], "V_t": r["V_t"], "K": r["K"],
-                "impl": impl, "median_ms": r["median_ms"], "ratio_to_floor": r["ratio_to_floor"]}
-        for peer in PEERS:
-            other = done.get((*case, peer))
-            line[peer] = None if other is None else other["median_ms"] / r["median_ms"]
-        out.append(line)
+    for r, peer in harness.against_peers(rows, _key):
+        out.append({"dtype": r["dtype"], "N": r["N"], "V": r["V"], "V_t": r["V_t"], "K": r["K"],
+                    "impl": r["impl"], "median_ms": r["median_ms"],
+                    "ratio_to_floor": r["ratio_to_floor"],
+                    **{name: harness.time_ratio(peer(name), r) for name in PEERS}})
     rank = {name: i for i, name in enumerate(IMPL_NAMES)}
     return sorted(out, key=lambda r: (*_key(r), rank[r["impl"]]))
 
@@ -213,13 +173,8 @@ SPEEDUP_TABLE = (
 
 def report(rows, prov: dict, argv) -> str:
     grad_output = rows[0]["grad_output"] if rows else 1.0
-    parts = [
-        "# uld_loss (Universal Logit Distillation) benchmark",
-        "",
-        harness.provenance_line(prov),
-        "",
-        f"Command: `python -m pydistill.bench.bench_uld {' '.join(argv)}`",
-        "",
+    parts = harness.report_head("uld_loss (Universal Logit Distillation) benchmark",
+                                "bench_uld", prov, argv) + [
         "Floor: fwd reads the student (N V e bytes) and teacher (N V_t e) logits, bwd writes "
         "the student gradient (N V e), fwd+bwd N (2 V + V_t) e; divided by the measured copy "
         "bandwidth. `x floor` = measured / floor; GB/s = floor bytes / measured time; peak "
@@ -257,18 +212,11 @@ def top_k_arg(text: str) -> Optional[int]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m pydistill.bench.bench_uld",
-        description="Time uld_loss's backends and its peers (fwd, bwd, fwd+bwd, peak memory).",
-    )
-    preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--smoke", action="store_true",
-                        help="tiny: float32, N {32,64}, V 256 / V_t 320, top_k {16,none}")
-    preset.add_argument("--quick", action="store_true",
-                        help="CPU-sized: float32, N 256, V / V_t {4096/5120, 32000/32768}, "
-                             "top_k {64,none}")
-    preset.add_argument("--full", action="store_true",
-                        help="GPU: bf16, N {4096,8192}, V 128256 / V_t 151936, top_k {64,none}")
+    p = harness.script_parser(
+        "bench_uld", "Time uld_loss's backends and its peers (fwd, bwd, fwd+bwd, peak memory).",
+        smoke="tiny: float32, N {32,64}, V 256 / V_t 320, top_k {16,none}",
+        quick="CPU-sized: float32, N 256, V / V_t {4096/5120, 32000/32768}, top_k {64,none}",
+        full="GPU: bf16, N {4096,8192}, V 128256 / V_t 151936, top_k {64,none}")
     p.add_argument("--n", type=int, nargs="+", help="rows (replaces the preset's sizes)")
     p.add_argument("--v", type=int, nargs="+",
                    help="student vocabularies, paired in order with --v-t (one value pairs "
@@ -281,8 +229,7 @@ def parse_args(argv=None):
                    help="dtypes (replaces the preset's)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--grad-output", type=float, default=1.0, help="gradient fed to the backward")
-    p.add_argument("--impl", nargs="+", choices=IMPL_NAMES, help="only these implementations")
-    add_run_options(p, "uld")
+    add_run_options(p, "uld", IMPL_NAMES)
     return p.parse_args(argv)
 
 
@@ -299,9 +246,7 @@ def vocab_pairs(vs, vts) -> list:
 
 
 def cases_from(opts, device) -> list:
-    preset = ("smoke" if opts.smoke else "full" if opts.full else "quick" if opts.quick
-              else "full" if device.type == "cuda" else "quick")
-    sizes = PRESETS[preset]
+    sizes = harness.preset_sizes(PRESETS, opts, device)
     if opts.n or opts.v or opts.v_t or opts.top_k or opts.dtype:
         dtypes = [DTYPES[d] for d in opts.dtype] if opts.dtype else sorted(
             {s[0] for s in sizes}, key=str)
@@ -315,10 +260,7 @@ def cases_from(opts, device) -> list:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    opts = parse_args(argv)
-    return harness.run_script(opts, argv, "uld", harness.selected(IMPLS, opts), cases_from,
-                              run_case, COLUMNS, report)
+    return harness.run_script(argv, sys.modules[__name__], "uld")
 
 
 if __name__ == "__main__":

@@ -261,6 +261,11 @@ def _gen(seed: int, device):
     return lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(device)
 
 
+def _op(fn, **fixed):
+    """loss(inputs, backend, **kw): ``fn`` of the inputs, with ``fixed`` keyword arguments."""
+    return lambda inputs, backend, **kw: fn(*inputs, backend=backend, **fixed, **kw)
+
+
 def kd_inputs(n, v, extreme=False):
     def make(dtype, device):
         r = _gen(n * 7 + v, device)
@@ -273,11 +278,7 @@ def kd_inputs(n, v, extreme=False):
         labels = torch.randint(0, v - 3, (n,), generator=torch.Generator().manual_seed(v)).to(device)
         labels[::5] = -100
         s, t = s.to(dtype).requires_grad_(), t.to(dtype)
-
-        def loss(inputs, backend, **kw):
-            return pdl.kd_loss(inputs[0], inputs[1], labels=labels, backend=backend, **kw)
-
-        return loss, [s, t]
+        return _op(pdl.kd_loss, labels=labels), [s, t]
     return make
 
 
@@ -287,13 +288,9 @@ def topk_inputs(n, v, k):
         s, t = r(n, v, scale=2.0), r(n, v, scale=2.0)
         lp, idx = torch.log_softmax(t.double(), -1).topk(k, dim=-1)
         s = s.to(dtype).requires_grad_()
-
-        def loss(inputs, backend, **kw):
-            # the log-probs are log_softmax(t): stored at 1.0
-            return pdl.topk_kd_loss(inputs[0], inputs[1], idx, backend=backend,
-                                    teacher_temperature=1.0, **kw)
-
-        return loss, [s, lp.float()]
+        # the log-probs are log_softmax(t): stored at 1.0
+        return (_op(pdl.topk_kd_loss, teacher_topk_indices=idx, teacher_temperature=1.0),
+                [s, lp.float()])
     return make
 
 
@@ -324,12 +321,7 @@ def attention_inputs(b, heads, length, d):
         sk.requires_grad_()
         mask = torch.ones(b, length, dtype=torch.bool, device=device)
         mask[-1, length - length // 3:] = False  # a padded sequence
-
-        def loss(inputs, backend, **kw):
-            return pdl.attention_kd_loss(inputs[0], inputs[1], inputs[2], inputs[3],
-                                         attention_mask=mask, backend=backend, **kw)
-
-        return loss, [sq, sk, tq, tk]
+        return _op(pdl.attention_kd_loss, attention_mask=mask), [sq, sk, tq, tk]
     return make
 
 
@@ -341,11 +333,7 @@ def uld_inputs(n, v_s, v_t):
         labels = torch.zeros(n, dtype=torch.long, device=device)
         labels[::5] = -100
         s, t = s.to(dtype).requires_grad_(), t.to(dtype)
-
-        def loss(inputs, backend, **kw):
-            return pdl.uld_loss(inputs[0], inputs[1], labels=labels, backend=backend, **kw)
-
-        return loss, [s, t]
+        return _op(pdl.uld_loss, labels=labels), [s, t]
     return make
 
 
@@ -355,12 +343,7 @@ def linear_uld_inputs(n, h, v_s, v_t):
         hs, ws = r(n, h), r(v_s, h, scale=h ** -0.5 * 3)
         ht, wt = r(n, h), r(v_t, h, scale=h ** -0.5 * 3)
         hs, ws = hs.to(dtype).requires_grad_(), ws.to(dtype).requires_grad_()
-
-        def loss(inputs, backend, **kw):
-            return pdl.linear_uld_loss(inputs[0], inputs[1], inputs[2], inputs[3], backend=backend,
-                                       **kw)
-
-        return loss, [hs, ws, ht.to(dtype), wt.to(dtype)]
+        return _op(pdl.linear_uld_loss), [hs, ws, ht.to(dtype), wt.to(dtype)]
     return make
 
 

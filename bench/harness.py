@@ -513,8 +513,9 @@ def clear_grads(sets):
 
 
 def pass_callables(loss_fn: Callable, sets, gradient):
-    """(prepare, run) for each pass: prepare(i) runs outside the timed region. ``gradient``:
-    what the backward starts from, None for a plain ``loss.backward()`` (grad_output 1)."""
+    """(prepare, run) for each pass: prepare(i) runs outside the timed region; run returns
+    the loss. ``gradient``: what the backward starts from, None for a plain
+    ``loss.backward()`` (grad_output 1)."""
 
     def prepare_inputs(i):
         clear_grads(sets)
@@ -529,9 +530,10 @@ def pass_callables(loss_fn: Callable, sets, gradient):
 
     def backward(loss):
         loss.backward(gradient)
+        return loss
 
     def forward_backward(inputs):
-        loss_fn(*inputs).backward(gradient)
+        return backward(loss_fn(*inputs))
 
     return {
         "fwd": (prepare_inputs, forward),
@@ -700,18 +702,65 @@ def _gemm_floor_s(case, pass_name: str, floors) -> Optional[float]:
     return flops(pass_name) / rate if rate else None
 
 
-def add_run_options(p: argparse.ArgumentParser, family: str):
-    """The options every benchmark's run takes (device, repetitions, time limit, output);
-    ``fill_run_defaults`` fills in the repetition settings left out."""
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+def columns(shape: Sequence[str], memory: Sequence[str] = (), floor: str = "bytes") -> tuple:
+    """A family's CSV columns: ``impl``, its ``shape`` columns, the measurement, its own
+    peak-memory columns (``memory``), the floor (``bytes`` for a memory-bound op, ``flops``
+    for a GEMM-bound one, with the achieved GB/s or TFLOP/s), the loss check, provenance."""
+    rate = {"bytes": "achieved_gbps", "flops": "achieved_tflops"}[floor]
+    return ("impl", *shape, "pass", "status", "median_ms", "reps", "n_sets", "peak_extra_mib",
+            *memory, f"floor_{floor}", "floor_ms", "ratio_to_floor", rate,
+            "loss_rel_diff") + PROVENANCE_COLUMNS
+
+
+class CaseDtype:
+    """What every family's Case (a frozen dataclass with a ``dtype`` field) shares: the
+    dtype's name as the CSV writes it, and its size in bytes."""
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    @property
+    def element(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+def script_parser(script: str, description: str, **presets: str) -> argparse.ArgumentParser:
+    """A family script's parser: ``python -m pydistill.bench.<script>``, with its presets
+    (``--<name>``, ``help``) as mutually exclusive flags."""
+    p = argparse.ArgumentParser(prog=f"python -m pydistill.bench.{script}", description=description)
+    preset = p.add_mutually_exclusive_group()
+    for name, text in presets.items():
+        preset.add_argument(f"--{name}", action="store_true", help=text)
+    return p
+
+
+def preset_sizes(presets: dict, opts, device: torch.device) -> list:
+    """The sizes of the preset the command line names (``--smoke``, ``--full``, ``--quick``),
+    else of ``full`` on CUDA and ``quick`` elsewhere."""
+    named = [name for name in ("smoke", "full", "quick") if getattr(opts, name, False)]
+    return presets[named[0] if named else "full" if device.type == "cuda" else "quick"]
+
+
+def add_repetition_options(p: argparse.ArgumentParser, time_limit_help: str):
+    """The repetition settings and ``--time-limit``."""
     p.add_argument("--budget-ms", type=float, help="time budget of one measurement's repetitions")
     p.add_argument("--min-reps", type=int)
     p.add_argument("--max-reps", type=int)
     p.add_argument("--warmup", type=int, help="untimed calls before each measurement")
     p.add_argument("--long-s", type=float,
                    help="seconds: calls so slow that --min-reps of them exceed it get fewer reps")
-    p.add_argument("--time-limit", type=float, default=0.0,
-                   help="seconds; implementations not started by then are reported as skipped")
+    p.add_argument("--time-limit", type=float, default=0.0, help=time_limit_help)
+
+
+def add_run_options(p: argparse.ArgumentParser, family: str, impl_names: Sequence[str]):
+    """``--impl`` (one of ``impl_names``) and the options every benchmark's run takes
+    (device, repetitions, time limit, output); ``fill_run_defaults`` fills in the repetition
+    settings left out."""
+    p.add_argument("--impl", nargs="+", choices=impl_names, help="only these implementations")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    add_repetition_options(p, "seconds; implementations not started by then are reported as "
+                              "skipped")
     p.add_argument("--out", type=Path,
                    help="CSV path, a .md of the same name beside it "
                         f"(default bench/results/{family}-<device>-<date>.csv)")
@@ -755,17 +804,24 @@ def selected(impls, opts) -> list:
     return [i for i in impls if not opts.impl or i.name in opts.impl]
 
 
-def run_script(opts, argv, family: str, impls, cases_from: Callable, run_case: Callable,
-               columns, report: Callable) -> int:
-    """The body of every family script's main: start the run, measure each case, and after
-    every case rewrite the CSV and the Markdown report (``report(rows, prov, argv)``), so that
-    a run stopped from outside still leaves what it measured."""
+def run_script(argv, module, family: str, impls: Optional[Sequence] = None,
+               report: Optional[Callable] = None) -> int:
+    """Every family script's main: parse ``argv`` (the command line's when None) with
+    ``module.parse_args``, start the run, measure each of ``module.cases_from``'s cases with
+    ``module.run_case`` (the implementations ``--impl`` selects from ``module.IMPLS``, unless
+    ``impls(opts)`` says which), and after every case rewrite the CSV (``module.COLUMNS``) and
+    the Markdown report (``module.report(rows, prov, argv)``, or ``report(rows, prov, argv,
+    opts)``), so that a run stopped from outside still leaves what it measured."""
+    argv = sys.argv[1:] if argv is None else argv
+    opts = module.parse_args(argv)
+    impls = selected(module.IMPLS, opts) if impls is None else impls(opts)
     device, prov, out = start_run(opts, family)
     rows, text = [], ""
-    for case in cases_from(opts, device):
-        rows.extend(run_case(case, impls, device, opts, prov))
-        write_csv(rows, out, columns)
-        text = report(rows, prov, argv)
+    for case in module.cases_from(opts, device):
+        rows.extend(module.run_case(case, impls, device, opts, prov))
+        write_csv(rows, out, module.COLUMNS)
+        text = (module.report(rows, prov, argv) if report is None
+                else report(rows, prov, argv, opts))
         out.with_suffix(".md").write_text(text)
     print(text)
     print(f"wrote {out} and {out.with_suffix('.md')}")
@@ -781,46 +837,53 @@ def benchmark_pass(benchmark, loss: Callable, leaves: Sequence, pass_name: str,
                    device: torch.device, rounds: int, warmup_rounds: int = 1):
     """Time one pass of ``loss()`` with pytest-benchmark's pedantic mode, every call
     synchronised with the device; ``leaves``: the tensors whose gradients are cleared before
-    each round. ``bwd`` runs its forward in the setup, outside the timed region (the chunked
-    backends cannot back-propagate twice through one graph). Returns the last loss."""
+    each round. The passes are ``pass_callables``': ``bwd`` runs its forward in the setup,
+    outside the timed region (the chunked backends cannot back-propagate twice through one
+    graph). Checks that the last loss and (but for ``fwd``) the leaves' gradients are
+    finite, and returns the loss."""
+    prepare, run = pass_callables(lambda *_: loss(), [tuple(leaves)], None)[pass_name]
 
-    def clear():
-        for x in leaves:
-            x.grad = None
-
-    def fresh():
-        clear()
+    def setup():
+        arg = prepare(0)
         synchronize(device)
-        return (), {}
+        return (arg,), {}
 
-    def with_loss():
-        clear()
-        out = loss()
-        synchronize(device)
-        return (out,), {}
-
-    def forward():
-        out = loss()
+    def target(arg):
+        out = run(arg)
         synchronize(device)
         return out
 
-    def forward_backward():
-        out = loss()
-        out.backward()
-        synchronize(device)
-        return out
+    result = benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds)
+    assert torch.isfinite(result.detach()).all()
+    for x in leaves if pass_name != "fwd" else ():
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+    return result
 
-    def backward(out):
-        out.backward()
-        synchronize(device)
-        return out
 
-    target, setup = {
-        "fwd": (forward, fresh),
-        "bwd": (backward, with_loss),
-        "fwd+bwd": (forward_backward, fresh),
-    }[pass_name]
-    return benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds)
+def pydistill_builder(loss: Callable) -> Callable:
+    """Decorator of a family's ``loss(case, backend, *args)``, the loss function of
+    pydistill's ``backend`` on one case (or why it cannot run, "skipped: ..."): it becomes
+    ``build_pydistill(backend, *args)``, an Impl's builder, skipped where the backend cannot
+    be timed on the device (``backend_unavailable``)."""
+
+    def build_pydistill(backend: str, *args):
+        def build(case, device: torch.device):
+            return backend_unavailable(backend, device) or loss(case, backend, *args)
+
+        return build
+
+    return build_pydistill
+
+
+def torch_loss(build_pydistill: Callable) -> Callable:
+    """``run_case``'s ``expected_loss`` of a family: the loss of its pydistill builder's
+    torch backend (float32 math, the chunked fallback) on the first input set, no autograd."""
+
+    def expected_loss(case, inputs) -> float:
+        with torch.no_grad():
+            return float(build_pydistill("torch")(case, inputs[0].device)(*inputs))
+
+    return expected_loss
 
 
 def backend_unavailable(backend: str, device: torch.device) -> Optional[str]:
@@ -901,6 +964,41 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(cell(row.get(k), fmt) for k, _, fmt in columns) + " |")
     return "\n".join(lines)
+
+
+def table(shape: Sequence, memory: Sequence[tuple] = (), floor: str = "bytes", ms: str = ".3f",
+          mib: str = ".0f") -> tuple:
+    """A family's results table (``markdown_table``'s columns) in the order of ``columns``:
+    impl, ``shape`` (a name is its own header, unformatted; else a (key, header, format)
+    triple), the pass and its time (format ``ms``), the ratio to the floor and the achieved
+    rate, the peak extra memory (format ``mib``) and ``memory``, reps, loss check, status."""
+    rate = {"bytes": ("achieved_gbps", "GB/s", ".1f"),
+            "flops": ("achieved_tflops", "TFLOP/s", ".3f")}[floor]
+    return (("impl", "impl", None), *((c, c, None) if isinstance(c, str) else c for c in shape),
+            ("pass", "pass", None), ("median_ms", "ms", ms), ("ratio_to_floor", "x floor", ".2f"),
+            rate, ("peak_extra_mib", "peak extra MiB", mib), *memory, ("reps", "reps", None),
+            ("loss_rel_diff", "loss rel diff", ".1e"), ("status", "status", None))
+
+
+def against_peers(rows, key: Callable, mine: Callable = lambda impl: impl.startswith("pydistill")):
+    """The ok fwd+bwd rows of the implementations ``mine(impl)`` accepts, in the order of
+    (``key(row)``, impl), each with ``peer(name)``: the same case's ok fwd+bwd row of
+    implementation ``name`` (None where it did not run)."""
+    done = {(*key(r), r["impl"]): r for r in rows if r["pass"] == "fwd+bwd" and r["status"] == "ok"}
+    for (*case, impl), r in sorted(done.items(), key=lambda kv: kv[0]):
+        if mine(impl):
+            yield r, lambda name, case=tuple(case): done.get((*case, name))
+
+
+def time_ratio(a: Optional[dict], b: Optional[dict]) -> Optional[float]:
+    """Row ``a``'s median time over row ``b``'s; None where either did not run."""
+    return None if a is None or b is None else a["median_ms"] / b["median_ms"]
+
+
+def report_head(title: str, script: str, prov: dict, argv) -> list:
+    """The first lines of a family script's Markdown report: title, provenance, command."""
+    return [f"# {title}", "", provenance_line(prov), "",
+            f"Command: `python -m pydistill.bench.{script} {' '.join(argv)}`", ""]
 
 
 def provenance_line(prov: dict) -> str:

@@ -33,10 +33,12 @@ import os
 import warnings
 from functools import lru_cache
 from types import SimpleNamespace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from pydistill.bench import harness
 
 KINDS = ("pydistill", "eager", "compile", "liger", "trl", "sdpa")
 
@@ -101,6 +103,20 @@ def compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
+def eager_and_compiled(naive: Callable) -> tuple:
+    """A family's ``eager`` and ``compile`` builders from ``naive(case)``, the loss as users
+    write it (or why there is none, "skipped: ..."): that loss, and its ``compiled``."""
+
+    def build_eager(case, device: torch.device):
+        return naive(case)
+
+    def build_compiled(case, device: torch.device):
+        fn = naive(case)
+        return fn if isinstance(fn, str) else compiled(fn)
+
+    return build_eager, build_compiled
+
+
 # --------------------------------------------------------------------------------------
 # Liger-Kernel
 # --------------------------------------------------------------------------------------
@@ -114,11 +130,6 @@ def liger_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
-def _one_line(exc: BaseException) -> str:
-    text = (f"{type(exc).__name__}: {exc}".strip().splitlines() or [type(exc).__name__])[0]
-    return text[:157] + "..." if len(text) > 160 else text
-
-
 def liger_softmax(case, device: torch.device):
     """kd_loss's Liger peer: LigerKLDIVLoss (kl), LigerJSD (jsd; reverse_kl as beta = 1),
     LigerTVDLoss (tvd), each after the log_softmax / softmax of s / T and t / T it needs."""
@@ -130,7 +141,7 @@ def liger_softmax(case, device: torch.device):
     try:
         from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss, LigerTVDLoss
     except Exception as exc:  # a broken install is a finding, not a crash
-        return f"skipped: liger-kernel does not import ({_one_line(exc)})"
+        return f"skipped: liger-kernel does not import ({harness.one_line(exc)})"
 
     temperature, t2 = case.temperature, case.temperature * case.temperature
     if case.divergence == "tvd":
@@ -175,7 +186,7 @@ def liger_fused_linear_jsd(case, device: torch.device):
     try:
         from liger_kernel.transformers import LigerFusedLinearJSD
     except Exception as exc:
-        return f"skipped: liger-kernel does not import ({_one_line(exc)})"
+        return f"skipped: liger-kernel does not import ({harness.one_line(exc)})"
 
     jsd = LigerFusedLinearJSD(jsd_beta=beta, temperature=case.temperature)
     t2 = case.temperature**2  # Liger's loss has no T^2 factor
@@ -194,7 +205,7 @@ def liger_chunked_jsd(case, device: torch.device):
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
     except Exception as exc:
-        return f"skipped: liger-kernel does not import ({_one_line(exc)})"
+        return f"skipped: liger-kernel does not import ({harness.one_line(exc)})"
 
     jsd = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
                                   temperature=case.temperature)
@@ -229,7 +240,7 @@ def _trl_generalized_jsd():
                 warnings.simplefilter("ignore")
                 module = importlib.import_module(name)
         except Exception as exc:  # TRL imports transformers, datasets, ...: any may fail
-            errors.append(f"{name}: {_one_line(exc)}")
+            errors.append(f"{name}: {harness.one_line(exc)}")
             continue
         trainer = getattr(module, "GKDTrainer", None)
         fn = getattr(trainer, "generalized_jsd_loss", None)
@@ -283,7 +294,7 @@ def _trl_gold_uld():
             from trl.experimental.gold.gold_trainer import ULDLoss
     except Exception as exc:  # TRL imports transformers, datasets, ...: any may fail
         return (f"skipped: trl {package_version('trl')} has no importable "
-                f"trl.experimental.gold ULDLoss ({_one_line(exc)})")
+                f"trl.experimental.gold ULDLoss ({harness.one_line(exc)})")
     return ULDLoss
 
 
@@ -333,7 +344,7 @@ def trl_chunked_divergence(case, device: torch.device):
         from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
     except Exception as exc:
         return (f"skipped: trl {package_version('trl')} has no importable "
-                f"trl.kernels.chunked_divergence (TRL >= 1.16; {_one_line(exc)})")
+                f"trl.kernels.chunked_divergence (TRL >= 1.16; {harness.one_line(exc)})")
     temperature, t2 = case.temperature, case.temperature**2
     # per-model logit transforms (bench_linear_kd's TRANSFORMS), in TRL's argument order
     t = getattr(case, "transforms", None) or {}

@@ -226,14 +226,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int,
                    help="torch intra-op threads on the CPU (default: torch's; the device "
                         "column records the number)")
-    p.add_argument("--budget-ms", type=float, help="time budget of one measurement's repetitions")
-    p.add_argument("--min-reps", type=int)
-    p.add_argument("--max-reps", type=int)
-    p.add_argument("--warmup", type=int, help="untimed calls before each measurement")
-    p.add_argument("--long-s", type=float,
-                   help="seconds: calls so slow that --min-reps of them exceed it get fewer reps")
-    p.add_argument("--time-limit", type=float, default=0.0,
-                   help="seconds; work not started by then is reported as skipped")
+    harness.add_repetition_options(p, "seconds; work not started by then is reported as skipped")
     p.add_argument("--out", type=Path,
                    help="the run's CSV (a path ending in .csv) or a folder for it; the .md and "
                         "plots go beside it (default: bench/results/ in the repository, "

@@ -48,8 +48,4 @@ def test_linear_kd_loss(benchmark, backend, grad_mode, chunk_size, n, h, v, pass
 
     benchmark.extra_info.update(device=str(DEVICE), dtype=str(DTYPE), N=n, H=h, V=v,
                                 chunk_size=chunk_size)
-    result = benchmark_pass(benchmark, loss, [student_hidden, student_weight], pass_name,
-                            DEVICE, ROUNDS)
-    assert torch.isfinite(result.detach()).all()
-    if pass_name != "fwd":
-        assert student_weight.grad is not None and torch.isfinite(student_weight.grad).all()
+    benchmark_pass(benchmark, loss, [student_hidden, student_weight], pass_name, DEVICE, ROUNDS)

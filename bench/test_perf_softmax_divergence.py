@@ -43,7 +43,4 @@ def test_kd_loss(benchmark, monkeypatch, backend, grad_mode, divergence, n, v, p
                                  temperature=TEMPERATURE, backend=backend)
 
     benchmark.extra_info.update(device=str(DEVICE), dtype=str(DTYPE), N=n, V=v)
-    result = benchmark_pass(benchmark, loss, [student], pass_name, DEVICE, ROUNDS)
-    assert torch.isfinite(result.detach()).all()
-    if pass_name != "fwd":
-        assert student.grad is not None and torch.isfinite(student.grad).all()
+    benchmark_pass(benchmark, loss, [student], pass_name, DEVICE, ROUNDS)

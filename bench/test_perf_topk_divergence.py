@@ -47,7 +47,4 @@ def test_topk_kd_loss(benchmark, monkeypatch, backend, grad_mode, tail, n, v, k,
                                       teacher_temperature=TEMPERATURE, backend=backend)
 
     benchmark.extra_info.update(device=str(DEVICE), dtype=str(DTYPE), N=n, V=v, K=k)
-    result = benchmark_pass(benchmark, loss, [student], pass_name, DEVICE, ROUNDS)
-    assert torch.isfinite(result.detach()).all()
-    if pass_name != "fwd":
-        assert student.grad is not None and torch.isfinite(student.grad).all()
+    benchmark_pass(benchmark, loss, [student], pass_name, DEVICE, ROUNDS)
