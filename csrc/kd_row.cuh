@@ -180,11 +180,12 @@ PD_HD bool kd_needs_pass2(const KDArgs& a) {
 }
 
 // loss = soft_scale D + hard_weight (lse(z_s) - z_s[y]); 0 for an ignored row. An
-// out-of-range label is never loaded: it gives NaN.
+// out-of-range label is never loaded: it gives NaN. Every divergence is >= 0: a negative D is
+// the rounding of sums (student ~ teacher) and counts as 0; NaN stays NaN (as the Triton kernel).
 template <typename T>
 PD_HD float kd_row_loss(const KDArgs& a, const T* s_row, const KDRowState& st) {
   if (!st.active) return 0.0f;
-  float loss = a.has_soft ? a.soft_scale * st.div : 0.0f;
+  float loss = a.has_soft ? a.soft_scale * (st.div < 0.0f ? 0.0f : st.div) : 0.0f;
   if (a.has_hard) {
     float z_y = NAN;
     if (st.label >= 0 && st.label < a.V) {

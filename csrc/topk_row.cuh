@@ -297,7 +297,11 @@ PD_HD void topk_row(const TopKArgs& a, int64_t row, TopKWork& w, G& g) {
     if (a.loss) {
       float loss = 0.0f;
       if (st.active) {
-        loss = a.has_soft ? a.soft_scale * st.div : 0.0f;
+        // a divergence over outcomes that sum to 1 (bucket, renormalize) is >= 0: a negative
+        // D is rounding and counts as 0 (NaN stays NaN); under ignore the support's masses do
+        // not sum to 1 and D may be negative
+        const bool rounding = a.tail != IGNORE && st.div < 0.0f;
+        loss = a.has_soft ? a.soft_scale * (rounding ? 0.0f : st.div) : 0.0f;
         if (a.has_hard) {
           float z_y = NAN;
           if (st.label >= 0 && st.label < a.V) {
