@@ -317,6 +317,22 @@ def test_value_is_not_negative_where_student_matches_teacher(backend, divergence
     assert (rows < 1e-6).all(), rows.tolist()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_large_vocabulary_value_is_precise(backend, divergence, temperature):
+    # V = 50257 logits of LLM-like spread, a hard term with its own logsumexp at T = 2: the
+    # row's sums (plain per chunk or thread, compensated where they are combined) keep the value
+    # at float32's precision
+    s = logits((2, 50257), scale=4.0, seed=31)
+    t = s + logits((2, 50257), scale=0.5, seed=32)
+    labels = torch.tensor([7, 50000], device=DEVICE)
+    kw = dict(divergence=divergence, temperature=temperature, hard_weight=0.5, reduction="none")
+    rows = pdl.kd_loss(s, t, labels=labels, backend=backend, **kw)
+    want = R.kd_loss(s.double(), t.double(), labels, pdl.functional.kd_config(**kw))
+    torch.testing.assert_close(rows.double(), want, rtol=1e-5, atol=0)
+
+
 @pytest.mark.skipif("cuda" not in TOPK_BACKENDS, reason="the cuda backend is not built")
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
 def test_topk_value_is_not_negative_where_student_matches_teacher(divergence):
