@@ -29,8 +29,10 @@
 
 namespace pydistill {
 
+// Two CTAs of 512 threads per SM need <= 64 registers: the plain variant fits by itself (held
+// to it, jsd spills), the others are held to it (unbounded they take 72..128).
 template <int DIV, typename T, int VAR>
-__global__ void __launch_bounds__(512) kd_kernel(KDArgs a) {
+__global__ void __launch_bounds__(512, VAR == KD_PLAIN ? 1 : 2) kd_kernel(KDArgs a) {
   __shared__ double scratch[33];
   BlockGroup g{scratch};
   for (int64_t row = blockIdx.x; row < a.n_rows; row += gridDim.x) kd_row<DIV, T, VAR>(a, row, g);

@@ -32,7 +32,7 @@
 
 namespace pydistill {
 
-constexpr int64_t kClusterSliceBytes = 96 * 1024;  // two CTAs per SM
+constexpr int64_t kClusterSliceBytes = 96 * 1024;  // two CTAs per SM (__launch_bounds__ below)
 constexpr int kClusterMax = 16;                    // 16 needs the non-portable attribute
 constexpr int kClusterThreads = 512;
 
@@ -43,7 +43,7 @@ struct KDClusterPartial {
 };
 
 template <int DIV, typename T>
-__global__ void __launch_bounds__(kClusterThreads) kd_cluster_kernel(KDArgs a, int64_t vec_per_cta) {
+__global__ void __launch_bounds__(kClusterThreads, 2) kd_cluster_kernel(KDArgs a, int64_t vec_per_cta) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   constexpr int N = Vec<T>::N;
