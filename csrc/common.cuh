@@ -30,6 +30,18 @@ enum Divergence : int { KL = 0, REVERSE_KL = 1, JSD = 2, TVD = 3, SKEW_KL = 4, S
 // math that resolves to the device intrinsics in device code and to libm on the host
 // ------------------------------------------------------------------------------------------
 PD_HD float pd_exp(float x) { return expf(x); }
+// 2^x for the hot loops' max-subtracted arguments (x <= 0 but for a +inf logit): the device's
+// ex2.approx.ftz (MUFU.EX2, 2 ulp; results below 2^-126 flush to 0), libm's exp2f on the host
+PD_HD float pd_exp2_fast(float x) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+constexpr double kLog2e = 1.4426950408889634;  // log2(e): e^x = 2^(x log2 e)
 PD_HD float pd_log(float x) { return logf(x); }
 PD_HD float pd_max(float a, float b) { return fmaxf(a, b); }  // NaN is dropped: see Pass1
 // A running max as the shift of e^{x - shift}: 0 where it is infinite. At -inf (nothing but
@@ -78,6 +90,14 @@ template <> PD_HD __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __fl
 // Elements per 16-byte vector.
 template <typename T> struct Vec { static constexpr int N = 16 / sizeof(T); };
 
+// A chunk's element count as a type: for_chunks hands it to its callable, whose arrays and
+// loops then have a compile-time size (a run-time count puts them in local memory). It also
+// converts to int.
+template <int K> struct Count {
+  static constexpr int value = K;
+  PD_HD constexpr operator int() const { return K; }
+};
+
 // A chunk is either one 16-byte vector (n == Vec<T>::N, aligned) or one element (n == 1).
 template <typename T>
 PD_HD void load_chunk(const T* p, int64_t j, int n, float* out) {
@@ -95,6 +115,13 @@ PD_HD void load_chunk(const T* p, int64_t j, int n, float* out) {
   } else {
     out[0] = to_float(p[j]);
   }
+}
+
+// load_chunk with a compile-time count
+template <typename T, int CNT>
+PD_HD void load_count(const T* p, int64_t j, float (&out)[CNT]) {
+  static_assert(CNT == 1 || CNT == Vec<T>::N, "a chunk is one element or one vector");
+  load_chunk(p, j, CNT, out);
 }
 
 template <typename T>
@@ -150,17 +177,40 @@ PD_HD RowSplit row_split(int64_t V, const void* a, const void* b, const void* c,
 
 // Calls f(col, n) for the chunks of a row that thread `tid` of `nthreads` owns: consecutive
 // threads take consecutive vectors (coalesced). `reverse` walks the vectors from the row's end
-// (a pass right after another one then starts on what is most likely still in L2).
-template <typename T, typename F>
-PD_HD void for_chunks(int64_t V, RowSplit sp, int tid, int nthreads, bool reverse, F&& f) {
+// (a pass right after another one then starts on what is most likely still in L2). n is a
+// Count<1> or Count<N>. flush() is called at the end and, on the host (one thread sums the
+// whole row), after every kStretch vectors: a caller that sums its terms plainly folds them into
+// a compensated sum there. A GPU thread sums a few dozen vectors (threads_for_row) plainly: its
+// rounding, independent of the other threads', averages out in the group's sum.
+constexpr int kStretch = 16;
+struct NoFlush {
+  PD_HD void operator()() const {}
+};
+
+template <typename T, typename F, typename Flush = NoFlush>
+PD_HD void for_chunks(int64_t V, RowSplit sp, int tid, int nthreads, bool reverse, F&& f,
+                      Flush&& flush = Flush()) {
   constexpr int N = Vec<T>::N;
-  for (int64_t j = tid; j < sp.head; j += nthreads) f(j, 1);
+  for (int64_t j = tid; j < sp.head; j += nthreads) f(j, Count<1>());
+  int k = 0;
+  (void)k;
   if (reverse) {
-    for (int64_t i = sp.nvec - 1 - tid; i >= 0; i -= nthreads) f(sp.head + i * N, N);
+    for (int64_t i = sp.nvec - 1 - tid; i >= 0; i -= nthreads) {
+      f(sp.head + i * N, Count<N>());
+#ifndef __CUDA_ARCH__
+      if (++k == kStretch) { k = 0; flush(); }
+#endif
+    }
   } else {
-    for (int64_t i = tid; i < sp.nvec; i += nthreads) f(sp.head + i * N, N);
+    for (int64_t i = tid; i < sp.nvec; i += nthreads) {
+      f(sp.head + i * N, Count<N>());
+#ifndef __CUDA_ARCH__
+      if (++k == kStretch) { k = 0; flush(); }
+#endif
+    }
   }
-  for (int64_t j = sp.head + sp.nvec * N + tid; j < V; j += nthreads) f(j, 1);
+  for (int64_t j = sp.head + sp.nvec * N + tid; j < V; j += nthreads) f(j, Count<1>());
+  flush();
 }
 
 // ------------------------------------------------------------------------------------------

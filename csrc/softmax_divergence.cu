@@ -16,9 +16,11 @@
 //                      the forward-with-gradient reads each once and writes the gradient once.
 //   host loop          the same row code on the CPU, one thread: the ops on CPU tensors (tests).
 //
-// Template parameters: divergence (6) x element type (3). Everything else (each model's logit
-// transform, hard term, labels, which gradients) is a run-time flag: uniform branches cost
-// nothing next to the memory traffic, and keep the instantiations (and the build) small.
+// Template parameters: divergence (6) x element type (3) x variant (3, kd_variant in kd_row.cuh:
+// the flags that shape the hot loops, soft term, logit caps, the hard term's own logsumexp).
+// The rest (labels, which gradients, transform scales) is read at run time. Pass 1 sums
+// 2^{(u - m) c} with ex2.approx, log2 e and 1/T folded into c, plain per-thread partial sums
+// compensated at flushes and in the group's reduction (KDPass1Thread).
 #include "kd_row.cuh"
 
 #include <cuda_runtime.h>
@@ -27,11 +29,23 @@
 
 namespace pydistill {
 
-template <int DIV, typename T>
-__global__ void __launch_bounds__(512) kd_kernel(KDArgs a) {
+// Two CTAs of 512 threads per SM need <= 64 registers: the plain variant fits by itself (held
+// to it, jsd spills), the others are held to it (unbounded they take 72..128).
+template <int DIV, typename T, int VAR>
+__global__ void __launch_bounds__(512, VAR == KD_PLAIN ? 1 : 2) kd_kernel(KDArgs a) {
   __shared__ double scratch[33];
   BlockGroup g{scratch};
-  for (int64_t row = blockIdx.x; row < a.n_rows; row += gridDim.x) kd_row<DIV, T>(a, row, g);
+  for (int64_t row = blockIdx.x; row < a.n_rows; row += gridDim.x) kd_row<DIV, T, VAR>(a, row, g);
+}
+
+// f(std::integral_constant-like) for the run-time variant
+template <typename F>
+const char* dispatch_variant(int var, F&& f) {
+  switch (var) {
+    case KD_PLAIN: return f(Count<KD_PLAIN>());
+    case KD_PLAIN_CE: return f(Count<KD_PLAIN_CE>());
+    default: return f(Count<KD_GENERIC>());
+  }
 }
 
 // grad[row] *= scale[row]; a row whose scale is exactly 1 is skipped on the device.
@@ -56,16 +70,19 @@ const char* kd_launch(const KDArgs& a, int divergence, DType dtype, int device, 
   return dispatch(divergence, dtype, [&](auto div, auto type) -> const char* {
     constexpr int DIV = decltype(div)::value;
     using T = typename decltype(type)::type;
-    if (device < 0) {
-      HostGroup g;
-      for (int64_t row = 0; row < a.n_rows; ++row) kd_row<DIV, T>(a, row, g);
-      return nullptr;
-    }
-    const int threads = threads_for_row(a.V, Vec<T>::N);
-    const int64_t grid = a.n_rows < INT_MAX ? a.n_rows : INT_MAX;
-    kd_kernel<DIV, T><<<static_cast<unsigned>(grid), threads, 0, static_cast<cudaStream_t>(stream)>>>(a);
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+    return dispatch_variant(kd_variant(a), [&](auto var) -> const char* {
+      constexpr int VAR = decltype(var)::value;
+      if (device < 0) {
+        HostGroup g;
+        for (int64_t row = 0; row < a.n_rows; ++row) kd_row<DIV, T, VAR>(a, row, g);
+        return nullptr;
+      }
+      const int threads = threads_for_row(a.V, Vec<T>::N);
+      const int64_t grid = a.n_rows < INT_MAX ? a.n_rows : INT_MAX;
+      kd_kernel<DIV, T, VAR><<<static_cast<unsigned>(grid), threads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+      const cudaError_t err = cudaGetLastError();
+      return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+    });
   });
 }
 

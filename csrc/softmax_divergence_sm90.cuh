@@ -32,7 +32,7 @@
 
 namespace pydistill {
 
-constexpr int64_t kClusterSliceBytes = 96 * 1024;  // two CTAs per SM
+constexpr int64_t kClusterSliceBytes = 96 * 1024;  // two CTAs per SM (__launch_bounds__ below)
 constexpr int kClusterMax = 16;                    // 16 needs the non-portable attribute
 constexpr int kClusterThreads = 512;
 
@@ -43,7 +43,7 @@ struct KDClusterPartial {
 };
 
 template <int DIV, typename T>
-__global__ void __launch_bounds__(kClusterThreads) kd_cluster_kernel(KDArgs a, int64_t vec_per_cta) {
+__global__ void __launch_bounds__(kClusterThreads, 2) kd_cluster_kernel(KDArgs a, int64_t vec_per_cta) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   constexpr int N = Vec<T>::N;
@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kClusterThreads) kd_cluster_kernel(KDArgs a, i
 
   if (st.active) {
     // ---- pass 1: global -> shared memory, folded into the statistics on the way -------------
-    KDPass1 p1;
+    KDPass1Thread<DIV, KD_GENERIC> p1(a);  // plain sums of a few vectors, flushed at the end
     for (int64_t i = v0 + tid; i < v1; i += nthreads) {
       float zs[N], zt[N];
       const uint4 us = reinterpret_cast<const uint4*>(s_row)[i];
@@ -93,9 +93,9 @@ __global__ void __launch_bounds__(kClusterThreads) kd_cluster_kernel(KDArgs a, i
         t_sm[i - v0] = ut;
         unpack(ut, a.teacher, zt);
       }
-      p1.template add<DIV>(zs, zt, N, a);
+      p1.add(zs, zt, a);
     }
-    const KDPass1 r = p1.template reduce<DIV>(g, a);
+    const KDPass1 r = p1.to_pass1(a).template reduce<DIV>(g, a);
     if (tid == 0) {
       part.s_m = r.s.m; part.s_l = r.s.l(); part.t_m = r.t.m; part.t_l = r.t.l();
       part.one_m = r.one.m; part.one_l = r.one.l(); part.acc = r.acc.value();
@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kClusterThreads) kd_cluster_kernel(KDArgs a, i
         float zs[N], zt[N];
         unpack(s_sm[i], a.student, zs);
         unpack(t_sm[i], a.teacher, zt);
-        p2.template add<DIV>(zs, zt, N, a, st);
+        p2.template add<DIV>(zs, zt, a, st);
       }
       float d, qh, pu;
       p2.reduce(g, d, qh, pu);
@@ -166,8 +166,8 @@ __global__ void __launch_bounds__(kClusterThreads) kd_cluster_kernel(KDArgs a, i
       float zs[N], zt[N];
       unpack(s_sm[i], a.student, zs);
       if (a.has_soft) unpack(t_sm[i], a.teacher, zt);
-      kd_grad_chunk<DIV>(zs, zt, N, (v0 + i) * N, a, st, scale, gs_row ? outs : nullptr,
-                         gt_row ? outt : nullptr);
+      kd_grad_chunk<DIV, KD_GENERIC>(zs, zt, (v0 + i) * N, a, st, scale, gs_row != nullptr,
+                                     gt_row != nullptr, outs, outt);
     } else {
       for (int k = 0; k < N; ++k) outs[k] = outt[k] = 0.0f;
     }

@@ -225,25 +225,31 @@ PD_HD void topk_row(const TopKArgs& a, int64_t row, TopKWork& w, G& g) {
       float e_off = 0.0f, n_off = 0.0f;
       if (masked || a.has_hard) {
         const RowSplit sp = row_split<T>(a.V, s_row, nullptr, nullptr, nullptr);
-        for_chunks<T>(a.V, sp, g.tid(), g.size(), false, [&](int64_t j, int n) {
-          float z[N], x[N];
-          load_chunk(s_row, j, n, z);
-          for (int i = 0; i < n; ++i) z[i] = transform_logit(a.student, z[i]);
+        for_chunks<T>(a.V, sp, g.tid(), g.size(), false, [&](int64_t j, auto n) {
+          constexpr int CNT = decltype(n)::value;  // compile-time: the arrays stay in registers
+          float z[CNT], x[CNT];
+          load_count(s_row, j, z);
+#pragma unroll
+          for (int i = 0; i < CNT; ++i) z[i] = transform_logit(a.student, z[i]);
           if (masked || !a.ce_separate) {
-            for (int i = 0; i < n; ++i) x[i] = z[i] * a.inv_t;
-            bool off[N];
-            for (int i = 0; i < n; ++i) off[i] = true;
+            // the support's columns in this chunk as a bit mask (a run-time index into x would
+            // put it in local memory)
+            unsigned support = 0u;
             if (masked) {
-              for (int64_t p = lower_bound(w.ids, a.K, j); p < a.K && w.ids[p] < j + n; ++p) {
-                x[w.ids[p] - j] = kNegInf;
-                off[w.ids[p] - j] = false;
-              }
+              for (int64_t p = lower_bound(w.ids, a.K, j); p < a.K && w.ids[p] < j + CNT; ++p)
+                support |= 1u << (w.ids[p] - j);
+            }
+            bool off[CNT];
+#pragma unroll
+            for (int i = 0; i < CNT; ++i) {
+              off[i] = ((support >> i) & 1u) == 0u;
+              x[i] = off[i] ? z[i] * a.inv_t : kNegInf;
             }
             const float m_old = all.m;
-            all.add(x, n);
-            if (tail_sum) fold_expm1(e_off, n_off, m_old, all.m, x, off, n);
+            all.add(x, CNT);
+            if (tail_sum) fold_expm1(e_off, n_off, m_old, all.m, x, off, CNT);
           }
-          if (a.ce_separate) one.add(z, n);
+          if (a.ce_separate) one.add(z, CNT);
         });
         const float m_thread = all.m;
         all = all.reduce(g);
@@ -297,7 +303,11 @@ PD_HD void topk_row(const TopKArgs& a, int64_t row, TopKWork& w, G& g) {
     if (a.loss) {
       float loss = 0.0f;
       if (st.active) {
-        loss = a.has_soft ? a.soft_scale * st.div : 0.0f;
+        // a divergence over outcomes that sum to 1 (bucket, renormalize) is >= 0: a negative
+        // D is rounding and counts as 0 (NaN stays NaN); under ignore the support's masses do
+        // not sum to 1 and D may be negative
+        const bool rounding = a.tail != IGNORE && st.div < 0.0f;
+        loss = a.has_soft ? a.soft_scale * (rounding ? 0.0f : st.div) : 0.0f;
         if (a.has_hard) {
           float z_y = NAN;
           if (st.label >= 0 && st.label < a.V) {
@@ -321,13 +331,16 @@ PD_HD void topk_row(const TopKArgs& a, int64_t row, TopKWork& w, G& g) {
   const float soft_coef = a.soft_scale * a.inv_t;
   const bool reads = masked || a.has_hard;
   const RowSplit sp = row_split<T>(a.V, s_row, g_row, nullptr, nullptr);
-  for_chunks<T>(a.V, sp, g.tid(), g.size(), true, [&](int64_t j, int n) {
-    float out[N];
-    for (int i = 0; i < n; ++i) out[i] = 0.0f;
+  for_chunks<T>(a.V, sp, g.tid(), g.size(), true, [&](int64_t j, auto n) {
+    constexpr int CNT = decltype(n)::value;
+    float out[CNT];
+#pragma unroll
+    for (int i = 0; i < CNT; ++i) out[i] = 0.0f;
     if (st.active && reads) {
-      float z[N];
-      load_chunk(s_row, j, n, z);
-      for (int i = 0; i < n; ++i) {
+      float z[CNT];
+      load_count(s_row, j, z);
+#pragma unroll
+      for (int i = 0; i < CNT; ++i) {
         z[i] = transform_logit(a.student, z[i]);
         float gv = 0.0f;
         if (masked) {
@@ -338,7 +351,7 @@ PD_HD void topk_row(const TopKArgs& a, int64_t row, TopKWork& w, G& g) {
         out[i] = gv * transform_slope(a.student, z[i]) * scale;
       }
     }
-    store_chunk(g_row, j, n, out);
+    store_chunk(g_row, j, CNT, out);
   });
   if (!st.active) return;
   // other threads of the group wrote some of these addresses above

@@ -110,9 +110,10 @@ def test_the_extension_is_built_for_sm80_and_sm90(ops):
             fields = dict(f.split(":", 1) for f in line.split())
             usage[(arch, function)] = (int(fields["REG"]), int(fields["SHARED"]))
     assert {a for a, _ in usage} == {"80", "90"}, sorted({a for a, _ in usage})
-    for name in ("kd_kernel", "topk_kernel", "kd_cluster_kernel"):
+    # divergence (6) x dtype (3); kd_kernel also x its variant (3: KDVariant in kd_row.cuh)
+    for name, count in (("kd_kernel", 54), ("topk_kernel", 18), ("kd_cluster_kernel", 18)):
         for arch in ("80", "90"):
-            assert sum(1 for a, f in usage if a == arch and name in f) == 18, (name, arch)
+            assert sum(1 for a, f in usage if a == arch and name in f) == count, (name, arch)
     for (arch, function), (regs, shared) in usage.items():
         if "kd_cluster_kernel" in function and arch == "90":
             assert regs > 16 and shared > 1024, (function, regs, shared)

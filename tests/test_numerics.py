@@ -301,6 +301,53 @@ def test_topk_beta_near_its_ends(backend, divergence, tail, beta):
 
 
 # ---------------------------------------------------------------------------------------------
+# a divergence is never negative, rounding included
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+def test_value_is_not_negative_where_student_matches_teacher(backend, divergence):
+    # the student within rounding of the teacher at V = 50257: the online value is a difference
+    # of O(1) sums whose rounding (~1e-7) was returned as a negative loss (cuda: kl -1.2e-7)
+    s = logits((4, 50257), scale=3.0, seed=21)
+    t = s + logits((4, 50257), scale=1e-6, seed=22)
+    rows = pdl.kd_loss(s, t, divergence=divergence, reduction="none", backend=backend)
+    assert (rows >= 0).all(), rows.tolist()
+    assert (rows < 1e-6).all(), rows.tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_large_vocabulary_value_is_precise(backend, divergence, temperature):
+    # V = 50257 logits of LLM-like spread, a hard term with its own logsumexp at T = 2: the
+    # row's sums (plain per chunk or thread, compensated where they are combined) keep the value
+    # at float32's precision
+    s = logits((2, 50257), scale=4.0, seed=31)
+    t = s + logits((2, 50257), scale=0.5, seed=32)
+    labels = torch.tensor([7, 50000], device=DEVICE)
+    kw = dict(divergence=divergence, temperature=temperature, hard_weight=0.5, reduction="none")
+    rows = pdl.kd_loss(s, t, labels=labels, backend=backend, **kw)
+    want = R.kd_loss(s.double(), t.double(), labels, pdl.functional.kd_config(**kw))
+    torch.testing.assert_close(rows.double(), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif("cuda" not in TOPK_BACKENDS, reason="the cuda backend is not built")
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+def test_topk_value_is_not_negative_where_student_matches_teacher(divergence):
+    # K = V with the bucket tail: the outcomes are the whole vocabulary, student = teacher; the
+    # plain terms' rounding (~1e-5 at T = 8) was returned as a negative loss. Under tail='ignore'
+    # the value is not a divergence (the support's masses do not sum to 1) and may be negative.
+    s = logits((2, 64), scale=3.0, seed=23)
+    lp, idx = torch.log_softmax(s.double() / 8, -1).float().topk(64, dim=-1)
+    rows = pdl.topk_kd_loss(s, lp, idx, divergence=divergence, temperature=8.0, tail="bucket",
+                            teacher_temperature=8.0, reduction="none", backend="cuda")
+    assert (rows >= 0).all(), rows.tolist()
+    assert (rows < 1e-4).all(), rows.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
 # the torch backend's memory: no (N, V) buffer it does not need
 # ---------------------------------------------------------------------------------------------
 
