@@ -10,7 +10,9 @@ Per row i (student logits s, teacher logits t, both of size V)::
 The transform is TRL's (``DistillationTrainer``): the logit scale a > 0 first (Cohere's
 ``logit_scale``, Granite's 1 / ``logits_scaling``; default 1), then the optional soft-cap
 cap(x) = c tanh(x / c) (Gemma-2's ``final_logit_softcapping``; -inf stays -inf), then the
-temperature. Its derivative, a (1 - (z / c)^2), multiplies each side's gradient.
+temperature. Its derivative, a (1 - (z / c)^2), multiplies each side's gradient; the closed
+forms compute it from the untransformed y as a sech^2(a y / c) (``softcap_slope``), which keeps
+its digits where the cap saturates (z / c rounds towards 1).
 
 with ``D`` one of ``DIVERGENCES`` (mixture weight ``beta``)::
 
