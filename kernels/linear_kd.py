@@ -59,8 +59,8 @@ def _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, row_mask, cols, 
                  softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
                  DOT_IN_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    # z = cap(scale (h[rows] W[cols]^T + b[cols])) in float32, -inf beyond V. Masked rows read
-    # zeros.
+    # (y, z): y = h[rows] W[cols]^T + b[cols] and z = cap(scale y) in float32, both -inf beyond
+    # V (y: what _transform_slope reads). Masked rows read zeros.
     offs_k = tl.arange(0, BLOCK_K)
     col_mask = cols < V
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
@@ -77,10 +77,11 @@ def _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, row_mask, cols, 
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    acc = acc * scale
+    z = acc * scale
     if HAS_SOFTCAP:
-        acc = _softcap(acc, softcap)
-    return tl.where(col_mask[None, :], acc, float("-inf"))
+        z = _softcap(z, softcap)
+    return (tl.where(col_mask[None, :], acc, float("-inf")),
+            tl.where(col_mask[None, :], z, float("-inf")))
 
 
 @triton.jit
@@ -90,7 +91,7 @@ def _teacher_tile(t_h_ptr, t_h_stride, t_w_ptr, t_w_stride, t_b_ptr, rows, row_m
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     # The teacher's logits tile: its own head, or its given (N, V_t) rows (t_h_ptr, t_h_stride).
     if T_HEAD:
-        z = _logits_tile(t_h_ptr, t_h_stride, t_w_ptr, t_w_stride, t_b_ptr, rows, row_mask, cols,
+        _, z = _logits_tile(t_h_ptr, t_h_stride, t_w_ptr, t_w_stride, t_b_ptr, rows, row_mask, cols,
                          V_t, H_t, t_scale, t_cap, T_HAS_BIAS, T_CAP, T_PRECISION, DOT_IN_FP32,
                          BLOCK_N, BLOCK_V, BLOCK_K)
     else:
@@ -112,8 +113,9 @@ def _tiles(h_ptr, h_stride, w_ptr, w_stride, b_ptr, t_h_ptr, t_h_stride, t_w_ptr
            PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
            DOT_IN_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
            BLOCK_K: tl.constexpr):
-    # The student's logits tile and, WITH_TEACHER, the teacher's (else the student's again).
-    z_s = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, row_mask, cols, V_s, H,
+    # The student's transformed logits tile and, WITH_TEACHER, the teacher's (else the
+    # student's again); then the student's untransformed tile.
+    y_s, z_s = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, b_ptr, rows, row_mask, cols, V_s, H,
                        s_scale, s_cap, HAS_BIAS, S_CAP, PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_V,
                        BLOCK_K)
     z_t = z_s
@@ -121,7 +123,7 @@ def _tiles(h_ptr, h_stride, w_ptr, w_stride, b_ptr, t_h_ptr, t_h_stride, t_w_ptr
         z_t = _teacher_tile(t_h_ptr, t_h_stride, t_w_ptr, t_w_stride, t_b_ptr, rows, row_mask,
                             cols, V_t, H_t, t_scale, t_cap, T_HEAD, T_HAS_BIAS, T_CAP, T_PRECISION,
                             DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_K)
-    return z_s, z_t
+    return z_s, z_t, y_s
 
 
 @triton.jit
@@ -194,11 +196,11 @@ def _linear_kd_fwd_kernel(
         p_acc = zero
         for tile in range(first, last):
             cols = tile * BLOCK_V + offs_v
-            z_s, z_t = _tiles(h_ptr, h_stride, w_ptr, w_stride, b_ptr, t_h_ptr, t_h_stride, t_w_ptr,
-                              t_w_stride, t_b_ptr, rows, active, cols, V_s, V_t, H, H_t, s_scale,
-                              s_cap, t_scale, t_cap, True, HAS_BIAS, T_HEAD, T_HAS_BIAS, S_CAP,
-                              T_CAP, PRECISION,
-                              T_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_K)
+            z_s, z_t, _ = _tiles(h_ptr, h_stride, w_ptr, w_stride, b_ptr, t_h_ptr, t_h_stride,
+                                 t_w_ptr, t_w_stride, t_b_ptr, rows, active, cols, V_s, V_t, H,
+                                 H_t, s_scale, s_cap, t_scale, t_cap, True, HAS_BIAS, T_HEAD,
+                                 T_HAS_BIAS, S_CAP, T_CAP, PRECISION, T_PRECISION, DOT_IN_FP32,
+                                 BLOCK_N, BLOCK_V, BLOCK_K)
             # (x - m) - log l, as the backward forms them: x - (m + log l) rounds m + log l
             # to ~eps |m| (2e-5 at |m| ~ 300), an error of every log-probability that the
             # gradient's q h - q S_q turns into one of S_q next to q ~ 1
@@ -222,11 +224,11 @@ def _linear_kd_fwd_kernel(
         z_y = zero
         for tile in range(first, last):
             cols = tile * BLOCK_V + offs_v
-            z_s, z_t = _tiles(h_ptr, h_stride, w_ptr, w_stride, b_ptr, t_h_ptr, t_h_stride, t_w_ptr,
-                              t_w_stride, t_b_ptr, rows, active, cols, V_s, V_t, H, H_t, s_scale,
-                              s_cap, t_scale, t_cap, HAS_SOFT, HAS_BIAS, T_HEAD, T_HAS_BIAS,
-                              S_CAP, T_CAP, PRECISION,
-                              T_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_K)
+            z_s, z_t, _ = _tiles(h_ptr, h_stride, w_ptr, w_stride, b_ptr, t_h_ptr, t_h_stride,
+                                 t_w_ptr, t_w_stride, t_b_ptr, rows, active, cols, V_s, V_t, H,
+                                 H_t, s_scale, s_cap, t_scale, t_cap, HAS_SOFT, HAS_BIAS, T_HEAD,
+                                 T_HAS_BIAS, S_CAP, T_CAP, PRECISION, T_PRECISION, DOT_IN_FP32,
+                                 BLOCK_N, BLOCK_V, BLOCK_K)
             x_s = z_s * inv_t
             m_s_new, l_s_new, e_s = _online_lse_rows(m_s, l_s, x_s)
             if ENTROPY:  # sum e^{x_s - m_s} (x_s - m_s): kl's update against a zero side
@@ -297,11 +299,10 @@ def _linear_kd_bwd_kernel(
     ll_s = tl.load(st + 1, mask=active, other=0.0)[:, None]
     scale = tl.load(scale_ptr + rows, mask=active, other=0.0)[:, None]
 
-    z_s, z_t = _tiles(h_ptr, h_stride, w_ptr, w_stride, b_ptr, t_h_ptr, t_h_stride, t_w_ptr,
-                      t_w_stride, t_b_ptr, rows, active, cols, V_s, V_t, H, H_t, s_scale, s_cap,
-                      t_scale, t_cap, HAS_SOFT, HAS_BIAS, T_HEAD, T_HAS_BIAS, S_CAP, T_CAP,
-                      PRECISION, T_PRECISION,
-                      DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_K)
+    z_s, z_t, y_s = _tiles(h_ptr, h_stride, w_ptr, w_stride, b_ptr, t_h_ptr, t_h_stride, t_w_ptr,
+                           t_w_stride, t_b_ptr, rows, active, cols, V_s, V_t, H, H_t, s_scale,
+                           s_cap, t_scale, t_cap, HAS_SOFT, HAS_BIAS, T_HEAD, T_HAS_BIAS, S_CAP,
+                           T_CAP, PRECISION, T_PRECISION, DOT_IN_FP32, BLOCK_N, BLOCK_V, BLOCK_K)
     x_s = z_s * inv_t
     g = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     if HAS_SOFT:
@@ -318,7 +319,7 @@ def _linear_kd_bwd_kernel(
         else:
             soft1 = tl.exp(x_s - m_s - ll_s)
         g += hard_weight * (soft1 - tl.where(cols[None, :] == label[:, None], 1.0, 0.0))
-    g = _transform_slope(g, z_s, s_scale, s_cap, S_CAP)
+    g = _transform_slope(g, y_s, s_scale, s_cap, S_CAP)
     col_in = cols < V_s
     g = tl.where(active[:, None] & col_in[None, :], g * scale, 0.0)
 

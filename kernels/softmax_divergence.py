@@ -42,7 +42,8 @@ Gradient. With h_j = dD/dq_j and u_j = dD/dp_j, the softmax chain rule gives
 
 so kl and reverse_kl need no pass 2 even for their gradient. The hard term adds
 hard_weight (softmax(z_s)_j - [j = y]); each model's transform multiplies its gradient by
-a (1 - (z / c)^2) (by a without a soft-cap). With ``ent`` the forward also writes the
+a sech^2(a y / c) = a (1 - (z / c)^2), taken from the untransformed y (by a without a
+soft-cap; _transform_slope). With ``ent`` the forward also writes the
 student's entropy -sum q log q = log l_s - B / l_s, B = sum e^{x_s - m_s} (x_s - m_s) kept
 online in pass 1 like the kl accumulator (no extra read).
 
@@ -96,8 +97,13 @@ def _load_logits(ptr, cols, mask, scale, softcap, HAS_SOFTCAP: tl.constexpr,
                  SCALED: tl.constexpr = True):
     # one model's transformed logits cap(scale * z); scale > 0 keeps -inf at -inf.
     # SCALED=False: the scale is 1 (the usual case), known to the compiler: no multiply.
-    z = tl.load(ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-    return _transform(z, scale, softcap, HAS_SOFTCAP, SCALED)
+    return _transform(_load_raw(ptr, cols, mask), scale, softcap, HAS_SOFTCAP, SCALED)
+
+
+@triton.jit
+def _load_raw(ptr, cols, mask):
+    # one model's untransformed logits in float32, -inf where masked: what _transform_slope reads
+    return tl.load(ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
 
 
 @triton.jit
@@ -121,12 +127,19 @@ def _load_tile(ptr, cols, V, scale, softcap, HAS_SOFTCAP: tl.constexpr, SCALED: 
 
 
 @triton.jit
-def _transform_slope(g, z, scale, softcap, HAS_SOFTCAP: tl.constexpr,
+def _transform_slope(g, raw, scale, softcap, HAS_SOFTCAP: tl.constexpr,
                      SCALED: tl.constexpr = True):
-    # g times d cap(scale x) / dx at the transformed z: scale (1 - (z / c)^2), 0 at -inf
+    # g times d cap(scale x) / dx at the untransformed logits raw: scale sech^2(scale raw / c)
+    # = scale 4 e / (1 + e)^2 with _softcap's e = exp(-2 |scale raw / c|) <= 1 (the same
+    # expression: the compiler reuses the forward's exp). 1 - (z / c)^2 from the capped z
+    # would cancel where the cap saturates (z / c rounds towards 1) and lose every digit there.
+    # 0 at -inf (masked) entries.
     if HAS_SOFTCAP:
-        th = z / softcap
-        g = g * tl.where(z == float("-inf"), 0.0, 1.0 - th * th)
+        y = raw
+        if SCALED:
+            y = raw * scale
+        e = _exp(-2.0 * tl.abs(y / softcap))
+        g = g * tl.where(raw == float("-inf"), 0.0, (4.0 * e) / ((1.0 + e) * (1.0 + e)))
     if SCALED:
         g = g * scale
     return g
@@ -336,12 +349,15 @@ def _grad_pass(
         cols = (n_tiles - 1 - k) * BLOCK_V + offs
         in_row = cols < V
         mask = in_row & active
-        z_s = _load_logits(s_row, cols, mask, s_scale, s_cap, S_CAP, S_SCALED)
+        raw_s = _load_raw(s_row, cols, mask)
+        z_s = _transform(raw_s, s_scale, s_cap, S_CAP, S_SCALED)
         x_s = _temper(z_s, inv_t, TEMPERED)
         g_s = tl.zeros([BLOCK_V], dtype=tl.float32)
         g_t = tl.zeros([BLOCK_V], dtype=tl.float32)
+        raw_t = raw_s
         if HAS_SOFT:
-            z_t = _load_logits(t_row, cols, mask, t_scale, t_cap, T_CAP, T_SCALED)
+            raw_t = _load_raw(t_row, cols, mask)
+            z_t = _transform(raw_t, t_scale, t_cap, T_CAP, T_SCALED)
             p, q, d, qh, pu = _pointwise_b(_temper(z_t, inv_t, TEMPERED) - m_t - ll_t, x_s - m_s - ll_s, beta, beta_c, DIV)
             g_s = soft_coef * (qh - q * s_q)
             g_t = soft_coef * (pu - p * s_p)
@@ -352,11 +368,11 @@ def _grad_pass(
                 soft1 = _exp(x_s - m_s - ll_s)
             g_s += hard_weight * (soft1 - tl.where(cols == label, 1.0, 0.0))
         if GRAD_S:
-            g_s = _transform_slope(g_s, z_s, s_scale, s_cap, S_CAP, S_SCALED)
+            g_s = _transform_slope(g_s, raw_s, s_scale, s_cap, S_CAP, S_SCALED)
             g_s = tl.where(active, g_s * row_scale, 0.0)
             tl.store(gs_row + cols, g_s.to(gs_row.dtype.element_ty), mask=in_row)
         if GRAD_T:
-            g_t = _transform_slope(g_t, z_t, t_scale, t_cap, T_CAP, T_SCALED)
+            g_t = _transform_slope(g_t, raw_t, t_scale, t_cap, T_CAP, T_SCALED)
             g_t = tl.where(active, g_t * row_scale, 0.0)
             tl.store(gt_row + cols, g_t.to(gt_row.dtype.element_ty), mask=in_row)
 

@@ -32,7 +32,7 @@ table evaluated at the outcomes, soft_coef = soft_scale / T:
     j off support    soft_coef e^{(x_j - m_off) - ll_off} c_off,
                      c_off = Q_tail h_tail - S_q Q_tail (bucket), -S_q Q_tail (ignore), none
                      (renormalize: the gradient lives on the support)
-    hard term        + hard_weight (softmax(z)_j - [j = y]);  transform: x a (1 - (z / c)^2)
+    hard term        + hard_weight (softmax(z)_j - [j = y]);  transform: x a sech^2(a s / c)
 
 The gradient pass writes every column with the off-support formula (a dense tile store; no
 reads at all for renormalize without a hard term), then, after a barrier (``tl.debug_barrier``:
@@ -63,6 +63,7 @@ from pydistill.kernels.softmax_divergence import (
     _finite_or_zero,
     _hard_ce,
     _load_logits,
+    _load_raw,
     _log1p_small,
     _online_lse_lanes,
     _temper,
@@ -112,7 +113,7 @@ def _row_support(row, s_ptr, idx_ptr, labels_ptr, n_inner, s_stride_outer, s_str
                  V, n_k, ignore_index, s_scale, s_cap,
                  S_CAP: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_K: tl.constexpr):
     # The row's student pointer, label, whether it counts, and its support: sorted ids, which
-    # of them are in the vocabulary, and the soft-capped student logits there (NaN for an id
+    # of them are in the vocabulary, and the transformed student logits there (NaN for an id
     # outside [0, V): never loaded, it poisons its row instead; nothing loaded for an ignored row).
     s_row = s_ptr + _row_offset(row, n_inner, s_stride_outer, s_stride_inner)
     label = tl.full([], -1, tl.int64)
@@ -237,11 +238,15 @@ def _soft_terms(lp_row, k_offs, t_mask, x_sup, V, n_k, power, beta, beta_c, m_al
 
 @triton.jit
 def _grad_pass(
-    s_row, g_row, idx, k_mask, in_vocab, z_sup, member, c_off, label, active, V, n_tiles,
+    s_row, g_row, idx, k_mask, in_vocab, member, c_off, label, active, V, n_tiles,
     inv_t, s_scale, s_cap, hard_weight, soft_coef, row_scale, m_off, ll_off, m_1, ll_1,
     TAIL: tl.constexpr, S_CAP: tl.constexpr, HAS_HARD: tl.constexpr,
     HAS_SOFT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # The support's raw logits, for the slope of its transform, re-read before any store: the
+    # gradient may overwrite the logits in place (linear_kd's chunks). Kept from the forward,
+    # they would be one more K-sized array live across its pass (spills at K = 4096).
+    raw_sup = _load_raw(s_row, idx, k_mask & in_vocab & active)
     # Every column with the off-support formula (zeros for an ignored row, whose loads are
     # masked off), tiles in reverse order (the first re-read are the last pass 1 read) ...
     offs = tl.arange(0, BLOCK_V)
@@ -250,25 +255,27 @@ def _grad_pass(
         in_row = cols < V
         g = tl.zeros([BLOCK_V], dtype=tl.float32)
         if (HAS_SOFT and TAIL != RENORMALIZE) or HAS_HARD:
-            z = _load_logits(s_row, cols, in_row & active, s_scale, s_cap, S_CAP)
+            raw = _load_raw(s_row, cols, in_row & active)
+            z = _transform(raw, s_scale, s_cap, S_CAP, True)
             if HAS_SOFT and TAIL != RENORMALIZE:
                 # q_j / Q_tail; 0 at masked entries and in a row with no off-support mass
                 x = z * inv_t
                 g = (soft_coef * c_off) * tl.where(x == float("-inf"), 0.0, _exp((x - m_off) - ll_off))
             if HAS_HARD:
                 g += hard_weight * (_exp((z - m_1) - ll_1) - tl.where(cols == label, 1.0, 0.0))
-            g = _transform_slope(g, z, s_scale, s_cap, S_CAP)
+            g = _transform_slope(g, raw, s_scale, s_cap, S_CAP)
             g = tl.where(active, g * row_scale, 0.0)
         tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=in_row)
     # ... then the support's own values over them. Other threads of this program wrote some of
     # these addresses above: the barrier orders their stores before these.
     tl.debug_barrier()
-    gm = tl.zeros_like(z_sup)
+    gm = tl.zeros_like(raw_sup)
     if HAS_SOFT:
         gm = soft_coef * member
     if HAS_HARD:
+        z_sup = _transform(raw_sup, s_scale, s_cap, S_CAP, True)
         gm += hard_weight * (_exp((z_sup - m_1) - ll_1) - tl.where(idx == label, 1.0, 0.0))
-    gm = _transform_slope(gm, z_sup, s_scale, s_cap, S_CAP)
+    gm = _transform_slope(gm, raw_sup, s_scale, s_cap, S_CAP)
     gm = tl.where(active, gm * row_scale, 0.0)
     tl.store(g_row + idx, gm.to(g_row.dtype.element_ty), mask=k_mask & in_vocab)
 
@@ -390,7 +397,7 @@ def _topk_fwd_kernel(
     if GRAD_S:
         row_scale = _row_scale(grad_scale, scale_ptr, row, scale_stride, HAS_SCALE_PTR)
         _grad_pass(
-            s_row, gs_ptr + row * V, idx, k_mask, in_vocab, z_sup, member, c_off, label, active,
+            s_row, gs_ptr + row * V, idx, k_mask, in_vocab, member, c_off, label, active,
             V, n_tiles, inv_t, s_scale, s_cap, hard_weight, soft_scale * inv_t, row_scale,
             m_off, ll_off, m_1, ll_1, TAIL, S_CAP, HAS_HARD, HAS_SOFT, BLOCK_V,
         )
@@ -426,7 +433,7 @@ def _topk_bwd_kernel(
         )
     row_scale = _row_scale(grad_scale, scale_ptr, row, scale_stride, HAS_SCALE_PTR)
     _grad_pass(
-        s_row, gs_ptr + row * V, idx, k_mask, in_vocab, z_sup, member, c_off, label, active,
+        s_row, gs_ptr + row * V, idx, k_mask, in_vocab, member, c_off, label, active,
         V, tl.cdiv(V, BLOCK_V), inv_t, s_scale, s_cap, hard_weight, soft_scale * inv_t, row_scale,
         m_off, ll_off, tl.load(st + 4), tl.load(st + 5), TAIL, S_CAP, HAS_HARD, HAS_SOFT,
         BLOCK_V,

@@ -66,6 +66,7 @@ from pydistill.reference.softmax_divergence import (
     reduce_rows,
     row_weights,
     transform_grad_,
+    zero_ignored_rows,
 )
 from pydistill.reference.topk_divergence import topk_chunk_loss_and_grads
 
@@ -457,15 +458,14 @@ def vocab_parallel_chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, 
     dtype = compute_dtype(s.dtype, t.dtype)
     counted = labels != cfg.ignore_index if labels is not None else None
 
-    def transformed(z, transform):  # ignored rows may hold anything, NaN included
-        z = transform(z.to(dtype))
-        return z.masked_fill(~counted[:, None], 0.0) if counted is not None else z
-
     soft, hard = cfg.has_soft, cfg.hard_weight != 0.0
     need_t = out_t is not None and soft
     inv_t = 1.0 / cfg.temperature
-    z_s = transformed(s, cfg.student_transform)
-    z_t = transformed(t, cfg.teacher_transform) if soft else None
+    s = zero_ignored_rows(s.to(dtype), counted)  # ignored rows may hold anything, NaN included
+    z_s = cfg.student_transform(s)
+    if soft:
+        t = zero_ignored_rows(t.to(dtype), counted)
+    z_t = cfg.teacher_transform(t) if soft else None
     xs = [z_s * inv_t, z_t * inv_t] if soft else []
     separate_ce = hard and (not soft or cfg.temperature != 1.0)
     if separate_ce:
@@ -504,11 +504,11 @@ def vocab_parallel_chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, 
             soft1 = log_1.exp().scatter_add_(-1, target, -owned.to(dtype)[:, None])
         hard_term = (ce, soft1)
     rows = finish_student_chunk(rows, g_s, coef, z_s, labels, counted, cfg, row_scale, out_s,
-                                hard=hard_term)
+                                hard=hard_term, raw=s)
     if out_t is not None:
         if need_t:
             g_t = pu.sub_(p.mul_(totals[:, 2, None])).mul_(coef)
-            transform_grad_(g_t, z_t, cfg.teacher_logit_scale, cfg.teacher_softcap)
+            transform_grad_(g_t, z_t, cfg.teacher_logit_scale, cfg.teacher_softcap, raw=t)
             torch.mul(g_t, row_weights(row_scale, counted), out=out_t)
         else:  # no divergence term: the teacher does not enter the loss
             out_t.zero_()

@@ -10,7 +10,9 @@ Per row i (student logits s, teacher logits t, both of size V)::
 The transform is TRL's (``DistillationTrainer``): the logit scale a > 0 first (Cohere's
 ``logit_scale``, Granite's 1 / ``logits_scaling``; default 1), then the optional soft-cap
 cap(x) = c tanh(x / c) (Gemma-2's ``final_logit_softcapping``; -inf stays -inf), then the
-temperature. Its derivative, a (1 - (z / c)^2), multiplies each side's gradient.
+temperature. Its derivative, a (1 - (z / c)^2), multiplies each side's gradient; the closed
+forms compute it from the untransformed y as a sech^2(a y / c) (``softcap_slope``), which keeps
+its digits where the cap saturates (z / c rounds towards 1).
 
 with ``D`` one of ``DIVERGENCES`` (mixture weight ``beta``)::
 
@@ -468,6 +470,13 @@ def softcap_slope(y: torch.Tensor, softcap: float) -> torch.Tensor:
     return torch.where(y == -math.inf, 0.0, 4.0 * e / (1.0 + e) ** 2)
 
 
+def zero_ignored_rows(x: torch.Tensor, counted: Optional[torch.Tensor]) -> torch.Tensor:
+    """x (rows, V) with its ignored rows (``counted`` False) zeroed: they may hold anything, NaN
+    included, and must reach neither the loss nor a gradient (0 * NaN). x itself without
+    labels."""
+    return x if counted is None else x.masked_fill(~counted[:, None], 0.0)
+
+
 def transform_grad_(g: torch.Tensor, z: torch.Tensor, scale: float, softcap: Optional[float],
                     raw: Optional[torch.Tensor] = None):
     """g *= d cap(scale x) / dx at the transformed logits z (in place): the chain rule of one
@@ -490,17 +499,15 @@ def chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out
     on the CPU the allocations cost as much as the arithmetic."""
     dtype = compute_dtype(s.dtype, t.dtype)
     counted = labels != cfg.ignore_index if labels is not None else None
-    z_s = cfg.student_transform(s.to(dtype))
-    if counted is not None:  # ignored rows may hold anything, NaN included
-        z_s = z_s.masked_fill(~counted[:, None], 0.0)
+    s = zero_ignored_rows(s.to(dtype), counted)  # ignored rows may hold anything, NaN included
+    z_s = cfg.student_transform(s)
     rows = torch.zeros(s.shape[0], dtype=dtype, device=s.device)
     g_s = None
     coef = cfg.soft_scale / cfg.temperature  # the soft gradient is carried without it
     need_t = out_t is not None and cfg.has_soft
     if cfg.has_soft:
-        z_t = cfg.teacher_transform(t.to(dtype))
-        if counted is not None:
-            z_t = z_t.masked_fill(~counted[:, None], 0.0)
+        t = zero_ignored_rows(t.to(dtype), counted)
+        z_t = cfg.teacher_transform(t)
         scaled = (lambda z: z) if cfg.temperature == 1.0 else (lambda z: z * (1.0 / cfg.temperature))
         log_q = torch.log_softmax(scaled(z_s), dim=-1)
         log_p = torch.log_softmax(scaled(z_t), dim=-1)
@@ -521,7 +528,7 @@ def chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out
                 g_s = qh.sub_(q * s_q[:, None])
             if need_t:
                 g_t = pu.sub_(p.mul_(s_p[:, None]))
-                transform_grad_(g_t, z_t, cfg.teacher_logit_scale, cfg.teacher_softcap)
+                transform_grad_(g_t, z_t, cfg.teacher_logit_scale, cfg.teacher_softcap, raw=t)
         rows.add_(div, alpha=cfg.soft_scale)
     if entropy is not None:
         if not cfg.has_soft:
@@ -529,7 +536,8 @@ def chunk_loss_and_grads(s, t, labels, cfg: KDConfig, row_scale, out_s=None, out
             entropy.copy_(_weighted(log_q.exp(), log_q).sum(-1).neg_())
         if counted is not None:
             entropy.masked_fill_(~counted, 0.0)
-    rows = finish_student_chunk(rows, g_s, coef, z_s, labels, counted, cfg, row_scale, out_s)
+    rows = finish_student_chunk(rows, g_s, coef, z_s, labels, counted, cfg, row_scale, out_s,
+                                raw=s)
     if out_t is not None:
         if need_t:
             weight = row_weights(row_scale, counted)
@@ -550,14 +558,16 @@ def row_weights(row_scale, counted):
 
 
 def finish_student_chunk(rows, g_s, coef, z_s, labels, counted, cfg: KDConfig, row_scale, out_s,
-                         hard=None):
+                         hard=None, raw=None):
     """How every chunk function ends, given the per-row losses so far and the student's soft
     gradient ``g_s`` (None if there is none) carried without its factor ``coef``: add the hard
     term (value, and gradient folded into g_s), zero the ignored rows, and write the student
     gradient times row_scale * coef (and the transform's slope at the transformed ``z_s``) into
     ``out_s``. Returns the per-row losses. ``hard``: the hard term's (per-row CE, its gradient
     or None) where the caller computes it (the vocabulary-parallel step of linear_kd, whose
-    logsumexp spans the ranks); by default ``hard_cross_entropy`` of ``z_s``."""
+    logsumexp spans the ranks); by default ``hard_cross_entropy`` of ``z_s``. ``raw``: the
+    untransformed logits z_s came from (finite on ignored rows: ``zero_ignored_rows``), from
+    which the soft-cap's slope is taken (``softcap_slope``); without them, from z_s."""
     if cfg.hard_weight != 0.0:
         ce, soft1 = hard if hard is not None else hard_cross_entropy(
             z_s, labels, counted, grad=out_s is not None)
@@ -573,7 +583,7 @@ def finish_student_chunk(rows, g_s, coef, z_s, labels, counted, cfg: KDConfig, r
         if g_s is None:
             out_s.zero_()
         else:
-            transform_grad_(g_s, z_s, cfg.student_logit_scale, cfg.student_softcap)
+            transform_grad_(g_s, z_s, cfg.student_logit_scale, cfg.student_softcap, raw=raw)
             torch.mul(g_s, row_weights(row_scale, counted) * coef, out=out_s)
     return rows
 

@@ -86,6 +86,7 @@ from pydistill.reference.softmax_divergence import (
     hard_cross_entropy,
     reduce_rows,
     row_chunks,
+    zero_ignored_rows,
 )
 
 TAILS = ("bucket", "renormalize", "ignore")
@@ -233,7 +234,8 @@ def topk_chunk_loss_and_grads(s, topk_logprobs, topk_indices, labels, cfg: TopKC
     vocab = s.shape[-1]
     lp, idx = topk_logprobs, topk_indices
     counted = labels != cfg.ignore_index if labels is not None else None
-    z = cfg.student_transform(s.to(dtype))
+    raw = zero_ignored_rows(s.to(dtype), counted)  # the soft-cap's slope is taken from it
+    z = cfg.student_transform(raw)
     if counted is not None:
         z, lp, idx = _sanitize_ignored(z, lp, idx, counted)
     rows = torch.zeros(s.shape[0], dtype=dtype, device=s.device)
@@ -285,7 +287,8 @@ def topk_chunk_loss_and_grads(s, topk_logprobs, topk_indices, labels, cfg: TopKC
                 g_s = x.sub_(shift[:, None]).exp_().mul_(c_off)
             g_s.scatter_(-1, ids, member)
         # the soft gradient is carried without its factor soft_scale / T until the end
-    return finish_student_chunk(rows, g_s, coef, z, labels, counted, cfg, row_scale, out_s)
+    return finish_student_chunk(rows, g_s, coef, z, labels, counted, cfg, row_scale, out_s,
+                                raw=raw)
 
 
 def _outcome_log_ratio(x, x_support, lse_off, topk_logprobs, ids, vocab: int, cfg: TopKConfig):
