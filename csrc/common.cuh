@@ -58,10 +58,13 @@ PD_HD float softcap(float z, float cap) {
   return z == kNegInf ? z : cap * th;
 }
 
-// d cap(x) / dx at cap(x) = z: 1 - (z / c)^2, and 0 at masked (-inf) entries.
-PD_HD float softcap_slope(float z, float cap) {
-  float th = z / cap;
-  return z == kNegInf ? 0.0f : 1.0f - th * th;
+// d cap(y) / dy = sech^2(y / c) from the uncapped y, as 4 e / (1 + e)^2 with
+// e = e^{-2 |y| / c} <= 1: no cancellation where the cap saturates (1 - (cap(y) / c)^2 loses
+// every digit there, cap(y) / c rounding towards 1); 0 at masked (-inf) entries.
+PD_HD float softcap_slope(float y, float cap) {
+  const float e = pd_exp(-2.0f * fabsf(y / cap));
+  const float d = 1.0f + e;
+  return y == kNegInf ? 0.0f : 4.0f * e / (d * d);
 }
 
 // One model's logit transform (args.h): cap(scale * x); -inf stays -inf (scale > 0).
@@ -70,9 +73,11 @@ PD_HD float transform_logit(const LogitTransform& f, float x) {
   return f.has_cap ? softcap(z, f.cap) : z;
 }
 
-// d z / d x at the transformed z: scale (1 - (z / c)^2) with a cap (0 at -inf), else scale.
-PD_HD float transform_slope(const LogitTransform& f, float z) {
-  return f.has_cap ? f.scale * softcap_slope(z, f.cap) : f.scale;
+// d z / d x at the untransformed logit x: scale sech^2(scale x / c) with a cap (0 at -inf),
+// else scale. Taken from x, not from z = cap(scale x), which has lost the slope's digits
+// where the cap saturates.
+PD_HD float transform_slope(const LogitTransform& f, float x) {
+  return f.has_cap ? f.scale * softcap_slope(f.scale * x, f.cap) : f.scale;
 }
 
 // ------------------------------------------------------------------------------------------

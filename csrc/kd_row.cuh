@@ -42,8 +42,8 @@ template <int VAR> PD_HD bool kd_ce(const KDArgs& a) {
 template <int VAR> PD_HD float kd_transform(const LogitTransform& f, float x) {
   return VAR == KD_GENERIC ? transform_logit(f, x) : f.scale * x;
 }
-template <int VAR> PD_HD float kd_slope(const LogitTransform& f, float z) {
-  return VAR == KD_GENERIC ? transform_slope(f, z) : f.scale;
+template <int VAR> PD_HD float kd_slope(const LogitTransform& f, float x) {
+  return VAR == KD_GENERIC ? transform_slope(f, x) : f.scale;  // at the raw logit x
 }
 
 // Loads a chunk's logits, transformed by their model's f (a.student or a.teacher).
@@ -336,32 +336,34 @@ PD_HD float kd_row_loss(const KDArgs& a, const T* s_row, const KDRowState& st) {
   return loss;
 }
 
-// The gradient of row_scale * loss for the chunk at col: zs, zt the transformed logits (zt
-// read only with the soft term), written to gs where want_s, to gt where want_t; each side's
-// gradient carries the slope of its own transform.
+// The gradient of row_scale * loss for the chunk at col: rs, rt the raw logits (rt read only
+// with the soft term), transformed here, written to gs where want_s, to gt where want_t; each
+// side's gradient carries the slope of its own transform, taken at the raw logit.
 template <int DIV, int VAR, int CNT>
-PD_HD void kd_grad_chunk(const float (&zs)[CNT], const float (&zt)[CNT], int64_t col, const KDArgs& a,
+PD_HD void kd_grad_chunk(const float (&rs)[CNT], const float (&rt)[CNT], int64_t col, const KDArgs& a,
                          const KDRowState& st, float row_scale, bool want_s, bool want_t,
                          float (&gs)[CNT], float (&gt)[CNT]) {
   const float soft_coef = a.soft_scale * a.inv_t;
   const bool soft = kd_soft<VAR>(a);
 #pragma unroll
   for (int i = 0; i < CNT; ++i) {
-    const float xs = zs[i] * a.inv_t;
+    const float zs_i = kd_transform<VAR>(a.student, rs[i]);
+    const float zt_i = soft ? kd_transform<VAR>(a.teacher, rt[i]) : 0.0f;  // rt unset without it
+    const float xs = zs_i * a.inv_t;
     float g_s = 0.0f, g_t = 0.0f;
     if (soft) {
-      const Terms r = pointwise<DIV>(zt[i] * a.inv_t - st.m_t - st.ll_t, xs - st.m_s - st.ll_s, a.beta,
+      const Terms r = pointwise<DIV>(zt_i * a.inv_t - st.m_t - st.ll_t, xs - st.m_s - st.ll_s, a.beta,
                                      a.beta_c);
       g_s = soft_coef * (r.qh - r.q * st.s_q);
       g_t = soft_coef * (r.pu - r.p * st.s_p);
     }
     if (a.has_hard) {
-      const float soft1 = kd_ce<VAR>(a) ? pd_exp(zs[i] - st.m_1 - st.ll_1) : pd_exp(xs - st.m_s - st.ll_s);
+      const float soft1 = kd_ce<VAR>(a) ? pd_exp(zs_i - st.m_1 - st.ll_1) : pd_exp(xs - st.m_s - st.ll_s);
       g_s += a.hard_weight * (soft1 - (col + i == st.label ? 1.0f : 0.0f));
     }
-    if (want_s) gs[i] = g_s * kd_slope<VAR>(a.student, zs[i]) * row_scale;
+    if (want_s) gs[i] = g_s * kd_slope<VAR>(a.student, rs[i]) * row_scale;
     if (want_t) {
-      if (soft) g_t *= kd_slope<VAR>(a.teacher, zt[i]);  // zt unset without it
+      if (soft) g_t *= kd_slope<VAR>(a.teacher, rt[i]);
       gt[i] = g_t * row_scale;
     }
   }
@@ -443,10 +445,10 @@ PD_HD void kd_row(const KDArgs& a, int64_t row, G& g) {
     constexpr int CNT = decltype(n)::value;
     float outs[CNT], outt[CNT];
     if (st.active) {
-      float zs[CNT], zt[CNT];
-      kd_load<VAR>(s_row, j, a.student, zs);
-      if (soft) kd_load<VAR>(t_row, j, a.teacher, zt);
-      kd_grad_chunk<DIV, VAR>(zs, zt, j, a, st, scale, gs_row != nullptr, gt_row != nullptr, outs, outt);
+      float rs[CNT], rt[CNT];
+      load_count(s_row, j, rs);
+      if (soft) load_count(t_row, j, rt);
+      kd_grad_chunk<DIV, VAR>(rs, rt, j, a, st, scale, gs_row != nullptr, gt_row != nullptr, outs, outt);
     } else {  // an ignored row: zeros, nothing read
 #pragma unroll
       for (int i = 0; i < CNT; ++i) outs[i] = outt[i] = 0.0f;

@@ -79,6 +79,12 @@ __global__ void __launch_bounds__(kClusterThreads, 2) kd_cluster_kernel(KDArgs a
 #pragma unroll
     for (int i = 0; i < N; ++i) z[i] = transform_logit(f, to_float(v[i]));
   };
+  auto unpack_raw = [&](const uint4& u, float* x) {
+    T v[N];
+    memcpy(v, &u, 16);
+#pragma unroll
+    for (int i = 0; i < N; ++i) x[i] = to_float(v[i]);
+  };
 
   if (st.active) {
     // ---- pass 1: global -> shared memory, folded into the statistics on the way -------------
@@ -163,10 +169,10 @@ __global__ void __launch_bounds__(kClusterThreads, 2) kd_cluster_kernel(KDArgs a
   for (int64_t i = tid; i < v1 - v0; i += nthreads) {
     float outs[N], outt[N];
     if (st.active) {
-      float zs[N], zt[N];
-      unpack(s_sm[i], a.student, zs);
-      if (a.has_soft) unpack(t_sm[i], a.teacher, zt);
-      kd_grad_chunk<DIV, KD_GENERIC>(zs, zt, (v0 + i) * N, a, st, scale, gs_row != nullptr,
+      float rs[N], rt[N];  // raw: kd_grad_chunk transforms them and takes the slopes there
+      unpack_raw(s_sm[i], rs);
+      if (a.has_soft) unpack_raw(t_sm[i], rt);
+      kd_grad_chunk<DIV, KD_GENERIC>(rs, rt, (v0 + i) * N, a, st, scale, gs_row != nullptr,
                                      gt_row != nullptr, outs, outt);
     } else {
       for (int k = 0; k < N; ++k) outs[k] = outt[k] = 0.0f;

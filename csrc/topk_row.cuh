@@ -341,14 +341,15 @@ PD_HD void topk_row(const TopKArgs& a, int64_t row, TopKWork& w, G& g) {
       load_count(s_row, j, z);
 #pragma unroll
       for (int i = 0; i < CNT; ++i) {
-        z[i] = transform_logit(a.student, z[i]);
+        const float raw = z[i];  // the slope is taken at the raw logit
+        z[i] = transform_logit(a.student, raw);
         float gv = 0.0f;
         if (masked) {
           const float x = z[i] * a.inv_t;
           gv = (soft_coef * st.c_off) * (x == kNegInf ? 0.0f : pd_exp((x - st.m_off) - st.ll_off));
         }
         if (a.has_hard) gv += a.hard_weight * (pd_exp((z[i] - st.m_1) - st.ll_1) - (j + i == st.label ? 1.0f : 0.0f));
-        out[i] = gv * transform_slope(a.student, z[i]) * scale;
+        out[i] = gv * transform_slope(a.student, raw) * scale;
       }
     }
     store_chunk(g_row, j, CNT, out);
@@ -362,7 +363,9 @@ PD_HD void topk_row(const TopKArgs& a, int64_t row, TopKWork& w, G& g) {
     const float z = w.z_sup[k];
     float gm = a.has_soft ? soft_coef * w.member[k] : 0.0f;
     if (a.has_hard) gm += a.hard_weight * (pd_exp((z - st.m_1) - st.ll_1) - (id == st.label ? 1.0f : 0.0f));
-    g_row[id] = from_float<T>(gm * transform_slope(a.student, z) * scale);
+    const float slope =
+        a.student.has_cap ? transform_slope(a.student, to_float(s_row[id])) : a.student.scale;
+    g_row[id] = from_float<T>(gm * slope * scale);
   }
   // the next row reuses the workspace
   g.sync();

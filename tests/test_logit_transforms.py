@@ -279,11 +279,8 @@ def test_bad_transform_types_and_topk_teacher():
 # the soft-cap's slope where the cap saturates
 # ---------------------------------------------------------------------------------------------
 
-# the CUDA C++ backend still takes the slope from the capped z
-SATURATED_BACKENDS = [pytest.param(b, marks=pytest.mark.xfail(
-    reason="csrc takes the soft-cap's slope from the capped z", strict=False))
-    if b == "cuda" else b for b in BACKENDS]
-SATURATED_TOPK = [b for b in SATURATED_BACKENDS if getattr(b, "values", (b,))[0] in TOPK_BACKENDS]
+SATURATED_BACKENDS = BACKENDS
+SATURATED_TOPK = [b for b in BACKENDS if b in TOPK_BACKENDS]
 
 
 def _entrywise_rel(got, want):
