@@ -16,6 +16,7 @@ from pydistill.offline import (OfflineCollator, QUANT_ERROR, StoreWriter, captur
                                from_sglang, from_vllm_prompt_logprobs, open_store,
                                tokenizer_fingerprint)
 from pydistill.offline import format as fmt
+from pydistill.bench.bench_offline import zipf_teacher_topk
 
 pytest.importorskip("pyarrow")
 transformers = pytest.importorskip("transformers")
@@ -616,23 +617,6 @@ def test_pydistill_capture_cli(tmp_path, teacher, sequences, capsys):
 
 
 # ------------------------------------------------------------------------------ the size
-
-
-def zipf_teacher_topk(n, vocab, k, seed=0, sharpness=(0.7, 2.5)):
-    """Top-k of a Zipf-like teacher: log p_r = -a log r (+ noise on the top k) - logsumexp over
-    the ranks r = 1..V, a ~ U[sharpness] per position (by default [0.7, 2.5]: confident and flat
-    positions both occur; [2, 4]: a confident teacher, top-1 p ~ 0.8); the k ids drawn without replacement with weights r**-0.5 (frequent tokens get small
-    ids in BPE vocabularies)."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.empty(n, 1, dtype=torch.float64).uniform_(*sharpness, generator=g)
-    logr = torch.arange(1, vocab + 1, dtype=torch.float64).log()
-    tail = torch.cat([torch.logsumexp(-a[i:i + 64] * logr[k:], -1) for i in range(0, n, 64)])
-    top = -a * logr[:k] + 0.3 * torch.randn(n, k, generator=g, dtype=torch.float64)
-    lse = torch.logaddexp(torch.logsumexp(top, -1), tail)
-    lp = top.sort(dim=-1, descending=True).values - lse[:, None]
-    ids = torch.multinomial(logr.mul(-0.5).exp().float().expand(n, vocab), k, replacement=False,
-                            generator=g)
-    return lp.float(), ids
 
 
 def test_bytes_per_entry_at_k64_v151936(tmp_path):
