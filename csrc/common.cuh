@@ -73,6 +73,23 @@ PD_HD float transform_logit(const LogitTransform& f, float x) {
   return f.has_cap ? softcap(z, f.cap) : z;
 }
 
+// cap(scale x) and, in slope, its derivative d z / d x, from one exp: the values of
+// transform_logit and transform_slope.
+PD_HD float transform_logit_slope(const LogitTransform& f, float x, float& slope) {
+  const float z = f.scale * x;
+  if (!f.has_cap) {
+    slope = f.scale;
+    return z;
+  }
+  const float y = z / f.cap;
+  const float e = pd_exp(-2.0f * fabsf(y));
+  const float d = 1.0f + e;
+  float th = (1.0f - e) / d;
+  th = y < 0.0f ? -th : th;
+  slope = z == kNegInf ? 0.0f : f.scale * (4.0f * e / (d * d));
+  return z == kNegInf ? z : f.cap * th;
+}
+
 // d z / d x at the untransformed logit x: scale sech^2(scale x / c) with a cap (0 at -inf),
 // else scale. Taken from x, not from z = cap(scale x), which has lost the slope's digits
 // where the cap saturates.

@@ -42,8 +42,11 @@ template <int VAR> PD_HD bool kd_ce(const KDArgs& a) {
 template <int VAR> PD_HD float kd_transform(const LogitTransform& f, float x) {
   return VAR == KD_GENERIC ? transform_logit(f, x) : f.scale * x;
 }
-template <int VAR> PD_HD float kd_slope(const LogitTransform& f, float x) {
-  return VAR == KD_GENERIC ? transform_slope(f, x) : f.scale;  // at the raw logit x
+// the transformed logit and, in slope, d z / d x at the raw logit x
+template <int VAR> PD_HD float kd_transform_slope(const LogitTransform& f, float x, float& slope) {
+  if (VAR == KD_GENERIC) return transform_logit_slope(f, x, slope);
+  slope = f.scale;
+  return f.scale * x;
 }
 
 // Loads a chunk's logits, transformed by their model's f (a.student or a.teacher).
@@ -347,8 +350,10 @@ PD_HD void kd_grad_chunk(const float (&rs)[CNT], const float (&rt)[CNT], int64_t
   const bool soft = kd_soft<VAR>(a);
 #pragma unroll
   for (int i = 0; i < CNT; ++i) {
-    const float zs_i = kd_transform<VAR>(a.student, rs[i]);
-    const float zt_i = soft ? kd_transform<VAR>(a.teacher, rt[i]) : 0.0f;  // rt unset without it
+    float slope_s, slope_t = 0.0f;
+    const float zs_i = kd_transform_slope<VAR>(a.student, rs[i], slope_s);
+    // rt is unset without the soft term
+    const float zt_i = soft ? kd_transform_slope<VAR>(a.teacher, rt[i], slope_t) : 0.0f;
     const float xs = zs_i * a.inv_t;
     float g_s = 0.0f, g_t = 0.0f;
     if (soft) {
@@ -361,9 +366,9 @@ PD_HD void kd_grad_chunk(const float (&rs)[CNT], const float (&rt)[CNT], int64_t
       const float soft1 = kd_ce<VAR>(a) ? pd_exp(zs_i - st.m_1 - st.ll_1) : pd_exp(xs - st.m_s - st.ll_s);
       g_s += a.hard_weight * (soft1 - (col + i == st.label ? 1.0f : 0.0f));
     }
-    if (want_s) gs[i] = g_s * kd_slope<VAR>(a.student, rs[i]) * row_scale;
+    if (want_s) gs[i] = g_s * slope_s * row_scale;
     if (want_t) {
-      if (soft) g_t *= kd_slope<VAR>(a.teacher, rt[i]);
+      if (soft) g_t *= slope_t;
       gt[i] = g_t * row_scale;
     }
   }
