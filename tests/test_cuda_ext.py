@@ -511,7 +511,8 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("PYDISTILL_CUDA_JIT", "1")
     monkeypatch.setattr(_cuda_ext, "toolchain_problem", lambda: "no CUDA toolkit found (test)")
     with pytest.raises(ValueError, match=r"not built and cannot be built here: no CUDA toolkit"):
-        pdl.topk_kd_loss(s, s[:, :2], torch.tensor([[0, 1], [2, 3]], device=DEVICE), backend="cuda", teacher_temperature=1.0)
+        pdl.topk_kd_loss(s, s[:, :2].log_softmax(-1), torch.tensor([[0, 1], [2, 3]], device=DEVICE), backend="cuda",
+                         teacher_temperature=1.0)
     # auto never builds and never picks it
     assert pdl.resolve_backend("kd_loss", s) in ("triton", "torch")
 
