@@ -180,6 +180,16 @@ def topk_config(*, tail="bucket", teacher_temperature=None, **kd_kwargs) -> TopK
     )
 
 
+def full_support_config(cfg: TopKConfig, k: int, vocab: int) -> TopKConfig:
+    """``tail="bucket"`` over a support of the whole vocabulary (k = V) is ``"renormalize"``:
+    no token is missing, so the bucket holds no teacher mass (1 - sum p is rounding alone) and
+    no student mass. Computed as ``renormalize``, whose sums keep float32's precision at large
+    T; the bucket's outcome of two zeros lost it as T^2 eps (10 % of the value at T = 100)."""
+    if cfg.tail != "bucket" or k < vocab:
+        return cfg
+    return TopKConfig(**{**config_fields(cfg), "tail": "renormalize"})
+
+
 def topk_kd_loss(
     student_logits: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
@@ -287,6 +297,7 @@ def topk_kd_loss(
         vocab=student_logits.shape[-1], ignore_index=cfg.ignore_index,
         check_range=cfg.hard_weight != 0.0,
     )
+    cfg = full_support_config(cfg, teacher_topk_logprobs.shape[-1], student_logits.shape[-1])
     backend = _dispatch.resolve(
         "topk_kd_loss", backend, student_logits.device,
         (student_logits.dtype, teacher_topk_logprobs.dtype),
@@ -484,6 +495,12 @@ def linear_kd_loss(
                                  f"give one form")
             kd_kwargs.update(softcap=None, student_softcap=softcap)
         cfg = topk_config(tail=tail, teacher_temperature=teacher_temperature, **kd_kwargs)
+        # (a vocabulary shard's rows are not V; malformed arguments are reported further on)
+        shapes_known = (isinstance(teacher_topk, (tuple, list)) and len(teacher_topk) == 2
+                        and isinstance(teacher_topk[0], torch.Tensor)
+                        and isinstance(student_weight, torch.Tensor) and student_weight.dim() == 2)
+        if process_group is None and shapes_known:
+            cfg = full_support_config(cfg, teacher_topk[0].shape[-1], student_weight.shape[0])
     else:
         cfg = kd_config(**kd_kwargs)
         check.choice("tail", tail, TAILS)

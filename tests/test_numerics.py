@@ -347,6 +347,45 @@ def test_topk_value_is_not_negative_where_student_matches_teacher(divergence):
     assert (rows < 1e-4).all(), rows.tolist()
 
 
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
+@pytest.mark.parametrize("temperature", [4.0, 100.0])
+def test_topk_bucket_over_the_whole_vocabulary_keeps_precision_at_large_t(backend, temperature):
+    # K = V: no token is missing, so the bucket is empty and the loss is renormalize's (kd_loss
+    # on the dense teacher). Summed with the bucket's outcome of two zeros the value lost
+    # T^2 eps: 1.9e-4 of it at T = 4, 10 % at T = 100 (every backend alike).
+    from pydistill.reference import topk_divergence as RT
+
+    s = logits((8, 128), scale=3.0, seed=31)
+    t = s + 0.3 * logits((8, 128), scale=1.0, seed=32)
+    lp, idx = torch.log_softmax(t.double(), -1).topk(128, dim=-1)
+    lp = lp.float()
+    for divergence in ("kl", "jsd"):
+        kw = dict(divergence=divergence, temperature=temperature, teacher_temperature=1.0,
+                  reduction="none")
+        x = s.clone().requires_grad_()
+        rows = pdl.topk_kd_loss(x, lp, idx, tail="bucket", backend=backend, **kw)
+        (g,) = torch.autograd.grad(rows.sum(), x)
+        a = s.double().requires_grad_()
+        want = RT.topk_kd_loss(a, lp.double(), idx, None, RT.TopKConfig(tail="bucket", **kw))
+        (gw,) = torch.autograd.grad(want.sum(), a)
+        torch.testing.assert_close(rows.double(), want, rtol=2e-5, atol=0)
+        # the gradient T (q - p): float32 rounds q = exp(x - lse) to ~eps |log q| q, times T
+        q_max = float(torch.softmax(s.double() / temperature, -1).max())
+        torch.testing.assert_close(g.double(), gw, rtol=0, atol=4e-6 * temperature * q_max)
+    if backend == "cuda":
+        return
+    # the fused-head form takes the same rule (V = the head's rows)
+    h, w = logits((8, 16), scale=1.0, seed=33), logits((128, 16), scale=1.0, seed=34)
+    z = (h.double() @ w.double().t())
+    lp, idx = torch.log_softmax(z + 0.3 * logits((8, 128), scale=1.0, seed=35).double(), -1).topk(128, dim=-1)
+    got = pdl.linear_kd_loss(h, w, teacher_topk=(lp.float(), idx), teacher_temperature=1.0,
+                             temperature=temperature, backend=backend, chunk_size=4)
+    want = RT.topk_kd_loss(h.double() @ w.double().t(), lp.float().double(), idx, None,
+                           RT.TopKConfig(tail="bucket", temperature=temperature,
+                                         teacher_temperature=1.0))
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # the torch backend's memory: no (N, V) buffer it does not need
 # ---------------------------------------------------------------------------------------------
