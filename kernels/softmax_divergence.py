@@ -57,6 +57,7 @@ is 3 (read s, read t, write the gradient).
 """
 import triton
 import triton.language as tl
+from packaging.version import Version
 
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3, "skew_kl": 4, "skew_reverse_kl": 5}
 # Globals read inside @triton.jit code must be constexpr.
@@ -792,10 +793,15 @@ def needs_pass2(divergence: str, temperature: float) -> bool:
 BREGMAN_BETA_EDGE = 0.01
 
 
+# Triton 3.9's compiler crashes (SIGSEGV) on the forward's pass 2 with the plain terms (jsd with
+# the stats stored, sm_90); the Bregman terms are exact at every T, so from 3.9 pass 2 takes them
+PLAIN_PASS2_CRASHES = Version(triton.__version__).release[:2] >= (3, 9)
+
+
 def bregman_sum(divergence: str, temperature: float, beta: float) -> bool:
     mixed = divergence in ("jsd", "skew_kl", "skew_reverse_kl")
     edge = mixed and min(beta, 1.0 - beta) < BREGMAN_BETA_EDGE
-    return temperature > ONE_PASS_MAX_T or edge
+    return PLAIN_PASS2_CRASHES or temperature > ONE_PASS_MAX_T or edge
 
 
 def kd_fwd(student, teacher, labels, cfg, divergence, *, grad_s=None, grad_t=None,

@@ -35,7 +35,7 @@ KERNELS = "pydistill.kernels.softmax_divergence"
 
 
 def kd_variants():
-    from pydistill.kernels.softmax_divergence import DIVERGENCE_CODES
+    from pydistill.kernels.softmax_divergence import DIVERGENCE_CODES, PLAIN_PASS2_CRASHES
 
     def ptrs(dt, labels="i64"):
         return {"s_ptr": dt, "t_ptr": dt, "gs_ptr": dt, "gt_ptr": dt, "labels_ptr": labels}
@@ -51,7 +51,9 @@ def kd_variants():
                      GRAD_T=full, BLOCK_V=4096)
         # kl / reverse_kl: pass 2 above T = 4 (kernels.softmax_divergence.needs_pass2); its
         # Bregman terms at large T or beta near 0 / 1 (bregman_sum)
-        fwd = dict(flags, NEEDS_PASS2=div not in ("kl", "reverse_kl") or full, BREGMAN=full,
+        # (Triton 3.9 and later: pass 2 always takes the Bregman terms, PLAIN_PASS2_CRASHES)
+        fwd = dict(flags, NEEDS_PASS2=div not in ("kl", "reverse_kl") or full,
+                   BREGMAN=full or PLAIN_PASS2_CRASHES,
                    STORE_STATS=not full, ENTROPY=full, LANE=8)
         tag = f"{div}-sm{arch}-{'all' if full else 'min'}"
         out.append(dict(name=f"fwd-{tag}", module=KERNELS, kernel="_kd_fwd_kernel", consts=fwd,
