@@ -51,4 +51,9 @@ def test_readme_block_runs(code, tmp_path):
         [str(README.parent), os.environ.get("PYTHONPATH", "")]), "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=240, cwd=tmp_path, env=env)
+    if out.returncode == -6 and out.stderr.strip() == "terminate called without an active exception":
+        # gloo's threads can abort the interpreter at exit after the block has finished (an
+        # intermittent teardown crash of the distributed block); the block is run once more
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=240, cwd=tmp_path, env=env)
     assert out.returncode == 0, f"{code}\n---\n{out.stderr[-3000:]}"
